@@ -1,0 +1,29 @@
+"""far_ho2: gradient-based bilevel optimization (hyperparameter optimization and meta-learning
+by hypergradients) in TensorFlow 2 / Keras; a TF2 port of FAR-HO (Franceschi et al., ICML 2017
+and 2018).
+
+    import far_ho2 as far
+    lr = far.get_hyperparameter('lr', 0.1)
+    run = far.HyperOptimizer().minimize(E, keras.optimizers.Adam(1e-2), L,
+                                        far.GradientDescentOptimizer(lr))
+    run(T, inner_objective_feed_dicts=train_batch, outer_objective_feed_dicts=valid_batch)
+"""
+
+from far_ho2 import dynamics
+from far_ho2.batches import Batches
+from far_ho2.hyper_optimizer import HyperOptimizer
+from far_ho2.hypergradients import HyperGrad, HyperGradient, ReverseHG, reverse_hypergradient
+from far_ho2.hyperparameters import HyperparameterComponents, get_hyperparameter, hyperparameters
+from far_ho2.inner_problem import InnerProblem
+from far_ho2.optimizer import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer, Optimizer
+
+OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` returns
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamOptimizer", "Batches", "GradientDescentOptimizer", "HyperGrad", "HyperGradient",
+    "HyperOptimizer", "HyperparameterComponents", "InnerProblem", "MomentumOptimizer", "Optimizer",
+    "OptimizerDict", "ReverseHG", "dynamics", "get_hyperparameter", "hyperparameters",
+    "reverse_hypergradient",
+]

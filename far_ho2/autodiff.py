@@ -1,0 +1,90 @@
+"""Tape plumbing shared by the hypergradient methods: vector-Jacobian products of the transition
+Φ and of the outer objective E, with the inner variables standing for the weights w."""
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+
+from far_ho2 import batches as batching
+from far_ho2.inner_problem import InnerProblem
+
+
+def zeros_for_none(grads: Sequence[Optional[tf.Tensor]], sources: Sequence[Any]) -> list[tf.Tensor]:
+    """``grads`` with ``None`` (unconnected) replaced by zeros shaped like the source."""
+    return [tf.zeros(s.shape, s.dtype) if g is None else tf.convert_to_tensor(g)
+            for g, s in zip(grads, sources)]
+
+
+def floating(structure: Any) -> list[tf.Tensor]:
+    """The floating-point tensors of a nest (what can be differentiated)."""
+    return [x for x in tf.nest.flatten(structure) if isinstance(x, tf.Tensor) and x.dtype.is_floating]
+
+
+class TransitionVJP(NamedTuple):
+    state: NamedTuple  # α_t = α_{t+1}ᵀ ∂Φ/∂s_t
+    hypers: list  # α_{t+1}ᵀ ∂Φ/∂λ (None where Φ does not depend on λ)
+    extra: list  # α_{t+1}ᵀ ∂Φ/∂x for the extra sources x (None where unconnected)
+
+
+def transition_vjp(problem: InnerProblem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
+                   cotangent: NamedTuple, hypers: Sequence[tf.Variable],
+                   extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
+    """The vector-Jacobian products of  s_{t+1} = Φ(s_t, λ, x)  at s_t with cotangent α_{t+1};
+    ``inputs()`` gives the objective's inputs, evaluated under the tape (features may read λ)."""
+    problem.load(state.w)
+    n_w = len(problem.var_list)
+    slots = tf.nest.flatten(state)[n_w:]
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(problem.var_list)
+        tape.watch(slots)
+        tape.watch(list(hypers))
+        tape.watch(list(extra))
+        new_state, _ = problem.transition(state, inputs(), step)
+    sources = problem.state_sources(state)
+    grads = tape.gradient(tf.nest.flatten(new_state), sources + list(hypers) + list(extra),
+                          output_gradients=tf.nest.flatten(cotangent))
+    n_s, n_h = len(sources), len(hypers)
+    alpha = tf.nest.pack_sequence_as(state, zeros_for_none(grads[:n_s], sources))
+    return TransitionVJP(alpha, grads[n_s:n_s + n_h], grads[n_s + n_h:])
+
+
+class OuterGradient(NamedTuple):
+    value: tf.Tensor  # E(w_T, λ)
+    weights: list[tf.Tensor]  # ∂E/∂w_T
+    hypers: list  # ∂E/∂λ, the direct term (None where E does not read λ)
+
+
+def outer_gradient(problem: InnerProblem, outer_objective: Callable, batch: Any,
+                   hypers: Sequence[tf.Variable]) -> OuterGradient:
+    """E and its gradients at the weights the inner variables hold."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(problem.var_list)
+        tape.watch(list(hypers))
+        value = tf.convert_to_tensor(batching.call_objective(outer_objective, batch))
+        if value.shape.rank != 0:
+            raise ValueError(f"The outer objective must return a scalar, got shape {value.shape}. For "
+                             f"a meta-batch stacked in one problem return the mean of the episodes' "
+                             f"losses.")
+    grads = tape.gradient(value, list(problem.var_list) + list(hypers))
+    n_w = len(problem.var_list)
+    return OuterGradient(value, zeros_for_none(grads[:n_w], problem.var_list), grads[n_w:])
+
+
+def state_cotangent(state: NamedTuple, weights: Sequence[tf.Tensor]) -> NamedTuple:
+    """The cotangent (∂E/∂w, 0, ..., 0) of a state whose slots E does not read."""
+    flat = tf.nest.flatten(state)
+    rest = [tf.zeros_like(x) for x in flat[len(weights):]]
+    return tf.nest.pack_sequence_as(state, list(weights) + rest)
+
+
+def accumulate(total: list, grads: Sequence[Optional[tf.Tensor]], connected: list) -> list:
+    """``total + grads`` (skipping ``None``), marking ``connected`` where a term exists; ``total``
+    entries are tensors. ``connected`` is filled at trace time: it is static."""
+    out = []
+    for i, (acc, g) in enumerate(zip(total, grads)):
+        if g is None:
+            out.append(acc)
+        else:
+            connected[i] = True
+            out.append(acc + tf.convert_to_tensor(g))
+    return out

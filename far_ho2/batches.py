@@ -1,0 +1,106 @@
+"""Batch suppliers: FAR-HO's feed dicts, as batches given to the objectives.
+
+A supplier is a batch (any nest of arrays or tensors), or a callable ``step -> batch``. The inner
+supplier is called with the inner step t (t = 0..T−1, continuing across ``online`` runs), the
+outer supplier with the hyper-iteration (``global_step``). Callable inner suppliers are called once
+per step before the compiled loop and stacked, so the reverse pass replays exactly the batch of
+every step (FAR-HO replayed step t with the batch of step t−1; see the migration guide).
+"""
+
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+class Batches(NamedTuple):
+    """The inner batches of one run: ``data`` is one batch used at every step, or (``per_step``)
+    the batches of all steps stacked on a leading axis; ``None`` for objectives without a batch."""
+
+    data: Any
+    per_step: bool
+
+    def at(self, t: tf.Tensor) -> Any:
+        """The batch of step ``t`` (relative to the start of the run)."""
+        if self.per_step:
+            return tf.nest.map_structure(lambda x: tf.gather(x, t), self.data)
+        return self.data
+
+
+def _to_tensors(batch: Any, argument: str) -> Any:
+    def convert(x):
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            return x
+        array = np.asarray(x)
+        if array.dtype == object:
+            raise TypeError(f"`{argument}` gave a batch element that is not an array: {type(x).__name__}.")
+        return tf.convert_to_tensor(array)
+    return tf.nest.map_structure(convert, batch)
+
+
+def inner_batches(supplier: Any, steps: int, offset: int = 0) -> Batches:
+    """The batches of steps ``offset .. offset+steps−1`` from an inner supplier."""
+    if supplier is None:
+        return Batches(None, False)
+    if not callable(supplier):
+        return Batches(_to_tensors(supplier, "inner_objective_feed_dicts"), False)
+    batches = [_to_tensors(supplier(offset + t), "inner_objective_feed_dicts") for t in range(steps)]
+    try:
+        for b in batches[1:]:
+            tf.nest.assert_same_structure(batches[0], b)
+        stacked = tf.nest.map_structure(lambda *xs: tf.stack(xs), *batches)
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
+        shapes = [tf.nest.map_structure(lambda x: tuple(x.shape), b) for b in batches]
+        first_bad = next(t for t, s in enumerate(shapes) if s != shapes[0])
+        raise ValueError(f"`inner_objective_feed_dicts` returned batches of different structures or "
+                         f"shapes at steps {offset} and {offset + first_bad}: {shapes[0]} vs "
+                         f"{shapes[first_bad]}. Every step's batch must have the same shapes.") from e
+    return Batches(stacked, True)
+
+
+def outer_batch(supplier: Any, global_step: int) -> Any:
+    """The outer batch of hyper-iteration ``global_step``."""
+    if supplier is None:
+        return None
+    batch = supplier(global_step) if callable(supplier) else supplier
+    return _to_tensors(batch, "outer_objective_feed_dicts")
+
+
+def takes_batch(objective: Callable, argument: str) -> Optional[bool]:
+    """Whether ``objective`` takes the batch: True (one required argument), False (none), None
+    (an optional argument: it takes the batch when one is given)."""
+    if not callable(objective):
+        raise TypeError(f"`{argument}` must be a callable returning a scalar tensor (TF2 has no "
+                        f"graph tensors to pass), got {type(objective).__name__}. Write "
+                        f"`lambda: loss` as `lambda batch: loss(batch)` or `lambda: loss()`; see "
+                        f"the migration guide in the README.")
+    try:
+        params = inspect.signature(objective).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) > 1:
+        raise TypeError(f"`{argument}` must take the batch or nothing, but it requires "
+                        f"{len(required)} arguments: {[p.name for p in required]}.")
+    if required:
+        return True
+    if positional or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return False
+
+
+def check_supplier(objective: Callable, supplier: Any, argument: str, supplier_argument: str) -> None:
+    """A clear error when a batch would be silently ignored, or is missing."""
+    takes = takes_batch(objective, argument)
+    if takes is False and supplier is not None:
+        raise TypeError(f"`{supplier_argument}` was given, but `{argument}` takes no argument, so "
+                        f"the batch would be ignored; define it as `lambda batch: ...`.")
+    if takes is True and supplier is None:
+        raise TypeError(f"`{argument}` takes a batch, but `{supplier_argument}` was not given.")
+
+
+def call_objective(objective: Callable, batch: Any) -> tf.Tensor:
+    """``objective(batch)``, or ``objective()`` when there is no batch."""
+    return objective() if batch is None else objective(batch)

@@ -1,0 +1,123 @@
+"""Differentiable inner-optimizer dynamics Φ, as pure functions.
+
+An inner optimizer is a pair ``Dynamics(init, step)``, like ``optax.GradientTransformation``:
+
+    s_0 = init(w_0),        s_{t+1} = step(s_t, ∇_w L_t(w_t, λ), hypers)
+
+where the state ``s`` holds the weights ``w`` (always the first field) and the optimizer's slots.
+``hypers`` is a NamedTuple of tensors (learning rate, momentum, ...). Every quantity in ``hypers``
+may depend on hyperparameters λ, so ``step`` is differentiable in ``s``, the gradients and
+``hypers``. Dtypes follow the inputs, so float64 works everywhere.
+"""
+
+from typing import Callable, NamedTuple
+
+import tensorflow as tf
+
+Tensors = list[tf.Tensor]
+
+
+class Dynamics(NamedTuple):
+    """An inner optimizer as a pure transition: ``init(w0) -> s0``, ``step(s, grads, hypers) -> s'``."""
+
+    init: Callable[[Tensors], NamedTuple]
+    step: Callable[[NamedTuple, Tensors, NamedTuple], NamedTuple]
+
+
+class GradientDescentState(NamedTuple):
+    w: Tensors  # weights
+
+
+class GradientDescentHypers(NamedTuple):
+    learning_rate: tf.Tensor  # η
+
+
+def gradient_descent_step(s: GradientDescentState, grads: Tensors,
+                          hypers: GradientDescentHypers) -> GradientDescentState:
+    """Gradient descent Φ:  w' = w − η·∇_w L(w, λ)."""
+    return GradientDescentState([w - hypers.learning_rate * g for w, g in zip(s.w, grads)])
+
+
+def gradient_descent() -> Dynamics:
+    """Plain gradient descent; the state is the weights alone."""
+    return Dynamics(lambda w0: GradientDescentState(list(w0)), gradient_descent_step)
+
+
+class MomentumState(NamedTuple):
+    w: Tensors  # weights
+    m: Tensors  # velocities
+
+
+class MomentumHypers(NamedTuple):
+    learning_rate: tf.Tensor  # η
+    momentum: tf.Tensor  # μ
+
+
+def momentum(*, nesterov: bool = False) -> Dynamics:
+    """Heavy-ball momentum (FAR-HO's ``MomentumOptimizer``), optionally Nesterov's variant.
+
+        m' = μ·m + ∇_w L(w, λ)
+        w' = w − η·m'                      (heavy ball)
+        w' = w − η·(∇_w L(w, λ) + μ·m')    (Nesterov)
+
+    With a constant η these are exactly the trajectories of ``keras.optimizers.SGD(η, μ,
+    nesterov)``, whose velocity is −η·m.
+    """
+    def init(w0: Tensors) -> MomentumState:
+        return MomentumState(list(w0), [tf.zeros_like(w) for w in w0])
+
+    def step(s: MomentumState, grads: Tensors, hypers: MomentumHypers) -> MomentumState:
+        m = [hypers.momentum * m_i + g for m_i, g in zip(s.m, grads)]
+        if nesterov:
+            direction = [g + hypers.momentum * m_i for g, m_i in zip(grads, m)]
+        else:
+            direction = m
+        return MomentumState([w - hypers.learning_rate * d for w, d in zip(s.w, direction)], m)
+
+    return Dynamics(init, step)
+
+
+class AdamState(NamedTuple):
+    w: Tensors  # weights
+    m: Tensors  # first moments
+    v: Tensors  # second moments
+    beta1_power: tf.Tensor  # β₁ᵗ
+    beta2_power: tf.Tensor  # β₂ᵗ
+
+
+class AdamHypers(NamedTuple):
+    learning_rate: tf.Tensor  # η
+    beta1: tf.Tensor  # β₁
+    beta2: tf.Tensor  # β₂
+    epsilon: tf.Tensor  # ε
+
+
+def adam() -> Dynamics:
+    """Adam as in FAR-HO: ε inside the square root, the powers βᵗ part of the state.
+
+        m' = β₁·m + (1 − β₁)·g,       v' = β₂·v + (1 − β₂)·g²
+        β₁ᵗ' = β₁ᵗ·β₁,  β₂ᵗ' = β₂ᵗ·β₂,  η_t = η·√(1 − β₂ᵗ') / (1 − β₁ᵗ')
+        w' = w − η_t·m' / √(v' + ε²)
+
+    Keras (and Kingma & Ba) put ε outside the root, ``m'/(√v' + ε)``; that has an infinite
+    derivative ∂w'/∂v' at v' = 0, which makes hypergradients NaN for weights whose gradient is
+    zero. Inside the root, ∂w'/∂v' is bounded by 1/(2ε³), so hypergradients stay finite; with
+    ε = 0 both forms coincide. The powers start at 1, so their derivative with respect to β₁
+    and β₂ is part of the hypergradient.
+    """
+    def init(w0: Tensors) -> AdamState:
+        zeros = [tf.zeros_like(w) for w in w0]
+        one = tf.ones((), w0[0].dtype)
+        return AdamState(list(w0), zeros, list(zeros), one, one)
+
+    def step(s: AdamState, grads: Tensors, hypers: AdamHypers) -> AdamState:
+        b1, b2 = hypers.beta1, hypers.beta2
+        m = [b1 * m_i + (1 - b1) * g for m_i, g in zip(s.m, grads)]
+        v = [b2 * v_i + (1 - b2) * g * g for v_i, g in zip(s.v, grads)]
+        beta1_power, beta2_power = s.beta1_power * b1, s.beta2_power * b2
+        eta_t = hypers.learning_rate * tf.sqrt(1 - beta2_power) / (1 - beta1_power)
+        eps2 = hypers.epsilon * hypers.epsilon
+        w = [w_i - eta_t * m_i / tf.sqrt(v_i + eps2) for w_i, m_i, v_i in zip(s.w, m, v)]
+        return AdamState(w, m, v, beta1_power, beta2_power)
+
+    return Dynamics(init, step)

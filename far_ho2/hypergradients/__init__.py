@@ -1,0 +1,4 @@
+"""Hypergradient methods: one module per method, each a pure function and a FAR-HO façade."""
+
+from far_ho2.hypergradients.base import HyperGrad, HyperGradient
+from far_ho2.hypergradients.reverse import ReverseHG, reverse_hypergradient

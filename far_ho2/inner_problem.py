@@ -1,0 +1,202 @@
+"""The inner problem  min_w L(w, λ),  solved by T steps of an optimizer's dynamics Φ.
+
+Objectives are Python callables that read variables (Keras models, inner variables,
+hyperparameters), as FAR-HO users wrote graph tensors. The hypergradient methods see the inner
+problem as the transition
+
+    s_{t+1} = Φ(s_t, ∇_w L_t(w_t, λ), η(λ)),       s_0 = Φ₀(λ)
+
+and evaluate it at any stored state s_t by loading w_t into the inner variables, as FAR-HO fed
+stored states through ``feed_dict``; under a tape that watches the variables, derivatives with
+respect to the variables are derivatives with respect to w_t.
+"""
+
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from far_ho2 import batches as batching
+from far_ho2.hyperparameters import HyperparameterComponents, as_tf_variable, variable_name
+from far_ho2.optimizer import Optimizer
+
+
+def _init_pairs(init_dynamics_dict: Any) -> list[tuple[tf.Variable, Any]]:
+    """``init_dynamics_dict`` as ``[(variable, initial), ...]``: it may be such pairs, or a dict
+    keyed by ``variable.ref()`` (TF2 variables are not hashable)."""
+    if init_dynamics_dict is None:
+        return []
+    if isinstance(init_dynamics_dict, dict):
+        items = []
+        for key, value in init_dynamics_dict.items():
+            if not hasattr(key, "deref"):
+                raise TypeError("`init_dynamics_dict` keys must be `variable.ref()` (TF2 variables "
+                                f"are not hashable), got {type(key).__name__}; or pass a list of "
+                                "(variable, initial_value) pairs.")
+            items.append((key.deref(), value))
+    else:
+        items = list(init_dynamics_dict)
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
+            raise TypeError("`init_dynamics_dict` must be a list of (variable, initial_value) pairs "
+                            "or a dict {variable.ref(): initial_value}.")
+    return [(as_tf_variable(v, "init_dynamics_dict"), init) for v, init in items]
+
+
+class InnerProblem:
+    """One inner problem (FAR-HO's ``OptimizerDict``): an objective, an optimizer, the inner
+    variables ``var_list`` and their initial values Φ₀.
+
+    Args:
+        objective: the inner objective L: a callable taking the batch, or nothing, and returning
+            a scalar. It reads the inner variables (and maybe hyperparameters).
+        optimizer: a ``far_ho2.Optimizer`` (its dynamics Φ).
+        var_list: the inner variables w. Defaults to the trainable variables ``objective`` reads
+            (found on the first ``run``), less the hyperparameters.
+        init_dynamics_dict: Φ₀ for some variables: ``[(variable, initial), ...]`` or
+            ``{variable.ref(): initial}``; ``initial`` is a tensor, a hyperparameter variable (a
+            learned initialisation) or a callable returning a tensor. Other variables start every
+            run from their values when the problem was created (or first run).
+        features: optional callable ``batch -> inputs``: the objective receives ``inputs`` instead
+            of the batch. It may read hyperparameters (a representation h_λ) but not the inner
+            variables; for a batch that is the same at every step it is evaluated and
+            differentiated once per run instead of once per step.
+    """
+
+    def __init__(self, objective: Callable, optimizer: Optimizer, var_list: Optional[Iterable] = None,
+                 init_dynamics_dict: Any = None, features: Optional[Callable] = None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError("`inner_objective_optimizer` must be a far_ho2 optimizer "
+                            "(far.GradientDescentOptimizer, far.MomentumOptimizer, "
+                            f"far.AdamOptimizer), got {type(optimizer).__name__}: Keras "
+                            "optimizers update in place and cannot be differentiated.")
+        batching.takes_batch(objective, "inner_objective")
+        if features is not None and not callable(features):
+            raise TypeError(f"`features` must be a callable batch -> inputs, got {type(features).__name__}.")
+        self.objective, self.optimizer, self.features = objective, optimizer, features
+        self.dynamics = optimizer.dynamics
+        self._init = _init_pairs(init_dynamics_dict)
+        self.var_list: Optional[list[tf.Variable]] = None
+        self._initial_values: list[Any] = []
+        if var_list is not None:
+            self._set_var_list(var_list)
+
+    # -- setting up -------------------------------------------------------------------------
+
+    @property
+    def resolved(self) -> bool:
+        return self.var_list is not None
+
+    def resolve(self, batch: Any, exclude: Sequence[tf.Variable]) -> None:
+        """Finds the default ``var_list`` by evaluating the objective once (eagerly) on ``batch``."""
+        if self.resolved:
+            return
+        excluded = {id(v) for v in exclude}
+        with tf.GradientTape() as tape:
+            batching.call_objective(self.objective, self.inputs(batch))
+        read = [v for v in tape.watched_variables() if id(v) not in excluded]
+        if not read:
+            raise ValueError("`var_list` is empty: the inner objective reads no trainable variable "
+                             "other than hyperparameters. Pass `var_list` explicitly.")
+        self._set_var_list(read)
+
+    def _set_var_list(self, var_list: Iterable) -> None:
+        if isinstance(var_list, (tf.Variable, keras.Variable)):
+            var_list = [var_list]
+        var_list = [as_tf_variable(v, "var_list") for v in var_list]
+        if not var_list:
+            raise ValueError("`var_list` is empty: the inner problem needs at least one variable.")
+        dtypes = {v.dtype for v in var_list}
+        if len(dtypes) > 1 or not var_list[0].dtype.is_floating:
+            raise TypeError(f"`var_list` variables must share one floating dtype, got "
+                            f"{sorted(d.name for d in dtypes)}.")
+        positions = {id(v): i for i, v in enumerate(var_list)}
+        initial: list[Any] = [None] * len(var_list)
+        for v, init in self._init:
+            if id(v) not in positions:
+                raise ValueError(f"`init_dynamics_dict` sets variable {variable_name(v)!r}, which "
+                                 f"is not in `var_list` {[variable_name(x) for x in var_list]}.")
+            if isinstance(init, (tf.Variable, keras.Variable)):
+                init = as_tf_variable(init, "init_dynamics_dict")
+            elif isinstance(init, HyperparameterComponents):
+                init = init.value
+            elif not callable(init):
+                init = tf.convert_to_tensor(init, v.dtype)
+            if hasattr(init, "shape") and tuple(init.shape) != tuple(v.shape):
+                raise ValueError(f"`init_dynamics_dict`: the initial value of {variable_name(v)!r} "
+                                 f"has shape {tuple(init.shape)}, the variable {tuple(v.shape)}.")
+            initial[positions[id(v)]] = init
+        for i, v in enumerate(var_list):
+            if initial[i] is None:  # Φ₀ = the value now, kept in a private variable
+                initial[i] = tf.Variable(v.read_value(), trainable=False, name=f"{variable_name(v)}_init")
+        self.var_list, self._initial_values = var_list, initial
+
+    # -- the transition, used by the hypergradient methods inside compiled code --------------------
+
+    @property
+    def dtype(self) -> tf.DType:
+        return self.var_list[0].dtype
+
+    def initial_weights(self) -> list[tf.Tensor]:
+        """w₀ = Φ₀(λ), differentiable in the hyperparameters it reads."""
+        values = []
+        for v, init in zip(self.var_list, self._initial_values):
+            value = tf.convert_to_tensor(init() if callable(init) else init)
+            if value.dtype != v.dtype:
+                value = tf.cast(value, v.dtype)
+            values.append(tf.ensure_shape(value, v.shape))
+        return values
+
+    def initial_state(self) -> NamedTuple:
+        """s₀ = Φ₀(λ): the initial weights and the optimizer's initial slots."""
+        return self.dynamics.init(self.initial_weights())
+
+    def load(self, weights: Sequence[tf.Tensor]) -> None:
+        """Writes w into the inner variables."""
+        for v, w in zip(self.var_list, weights):
+            v.assign(w)
+
+    def inputs(self, batch: Any) -> Any:
+        """What the objective receives: ``features(batch)``, or the batch."""
+        if self.features is None or batch is None:
+            return batch
+        return self.features(batch)
+
+    def loss(self, inputs: Any) -> tf.Tensor:
+        """L(w, λ) at the weights held by the variables."""
+        value = tf.convert_to_tensor(batching.call_objective(self.objective, inputs))
+        if value.shape.rank != 0:
+            raise ValueError(f"The inner objective must return a scalar, got shape {value.shape}. For "
+                             f"a meta-batch stacked in one problem return the sum of the episodes' "
+                             f"losses, so each episode's weights get their own gradient.")
+        return value
+
+    def transition(self, state: NamedTuple, inputs: Any, step: Any) -> tuple[NamedTuple, tf.Tensor]:
+        """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must
+        hold ``state.w``; differentiable in the variables, the slots and the hyperparameters."""
+        w = [tf.convert_to_tensor(v) for v in self.var_list]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.var_list)
+            loss = self.loss(inputs)
+        grads = tape.gradient(loss, self.var_list)
+        for v, g in zip(self.var_list, grads):
+            if g is None:
+                raise ValueError(f"The inner objective does not depend on {variable_name(v)!r}, which "
+                                 f"is in `var_list`; remove it from `var_list`.")
+        grads = [tf.convert_to_tensor(g) for g in grads]  # densify IndexedSlices
+        new_state = self.dynamics.step(state._replace(w=w), grads, self.optimizer.hypers(step, self.dtype))
+        return new_state, loss
+
+    def state_sources(self, state: NamedTuple) -> list:
+        """What to watch to differentiate with respect to the state: the inner variables in place
+        of w (they hold it), then the slot tensors."""
+        return list(self.var_list) + tf.nest.flatten(state)[len(self.var_list):]
+
+    def state_names(self, state: NamedTuple) -> list[str]:
+        """Readable names of the flattened state components, for error messages."""
+        names = []
+        for field, value in zip(state._fields, state):
+            if isinstance(value, (list, tuple)):
+                names += [f"{field} of {variable_name(v)!r}" for v in self.var_list]
+            else:
+                names.append(field)
+        return names
