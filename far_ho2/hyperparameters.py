@@ -80,9 +80,9 @@ def _initial_value(name: str, initializer: Any, shape, dtype) -> tf.Tensor:
                              f"is {'None' if initializer is None else 'an initializer'}.")
         initializer = initializer or keras.initializers.GlorotUniform()
         return tf.convert_to_tensor(initializer(shape=tf.TensorShape(shape), dtype=dtype or tf.float32))
-    if isinstance(initializer, float) and dtype is None:
-        dtype = tf.float32  # as TensorFlow: a Python float is float32
-    value = tf.convert_to_tensor(initializer, dtype_hint=tf.float32)
+    value = tf.convert_to_tensor(initializer)
+    if dtype is None and not value.dtype.is_floating:
+        dtype = tf.float32  # an int initializer (e.g. 1) makes a float32 hyperparameter
     if dtype is not None and value.dtype != tf.as_dtype(dtype):
         value = tf.cast(value, dtype)
     if shape is not None and tuple(value.shape) != tuple(shape):

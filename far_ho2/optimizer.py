@@ -82,6 +82,8 @@ class Optimizer:
                 value = spec(step) if self._steps[field] else spec()
             else:
                 value = spec
+            if isinstance(value, (int, float)):  # no float32 detour for float64 problems
+                value = tf.constant(value, dtype)
             value = tf.convert_to_tensor(value)
             values[field] = value if value.dtype == dtype else tf.cast(value, dtype)
         return self.hypers_type(**values)

@@ -1,0 +1,248 @@
+"""ReverseHG (full and truncated) against exact oracles: the closed form of unrolled gradient
+descent on ridge regression, float64 finite differences, and FAR-HO's published numbers."""
+
+from collections import deque
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import far_ho2 as far
+from far_ho2 import oracles
+from conftest import relative_error
+
+T, ETA, RHO = 20, 0.02, 0.3
+EXACT = 1e-8  # float64 closed form vs float64 reverse mode: agreement is at round-off (~1e-13)
+FD = 1e-6  # central differences in float64 with eps=1e-6 carry ~1e-9 relative error
+
+
+class Ridge:
+    """The paper's Example 3.4 in float64: features X H, ridge weights w, hyperparameters H (a
+    matrix), log ρ and η; E reads H directly as well (it uses Xv H)."""
+
+    def __init__(self, seed=0, with_batches=False, features=False):
+        self.data = oracles.ridge_data(seed=seed)
+        rng = np.random.default_rng(seed + 100)
+        self.H0 = np.eye(5) + 0.1 * rng.normal(size=(5, 5))
+        self.H = far.get_hyperparameter("H", self.H0)
+        self.log_rho = far.get_hyperparameter("log_rho", np.log(RHO))
+        self.eta = far.get_hyperparameter("eta", np.float64(ETA))
+        self.w = tf.Variable(np.zeros((5, 2)), name="w")
+        self.hypers = [self.H, self.log_rho, self.eta]
+        X, Y, Xv, Yv = (tf.constant(a) for a in self.data)
+        penalty = lambda: 0.5 * tf.exp(self.log_rho) * tf.reduce_sum(self.w ** 2)
+        if features:  # the batch's X H is computed once per run, not once per step
+            self.features = lambda batch: (batch[0] @ self.H, batch[1])
+            self.inner = lambda f: 0.5 * tf.reduce_sum((f[0] @ self.w - f[1]) ** 2) + penalty()
+        else:
+            self.features = None
+            self.inner = (lambda b: 0.5 * tf.reduce_sum((b[0] @ self.H @ self.w - b[1]) ** 2) + penalty()
+                          ) if with_batches else (
+                          lambda: 0.5 * tf.reduce_sum((X @ self.H @ self.w - Y) ** 2) + penalty())
+        self.outer = lambda: 0.5 * tf.reduce_sum((Xv @ self.H @ self.w - Yv) ** 2)
+
+    def hypergradients(self, method, steps=T, **run_kwargs):
+        ho = far.HyperOptimizer(method)
+        run = ho.minimize(self.outer, keras.optimizers.SGD(0.0), self.inner,
+                          far.GradientDescentOptimizer(self.eta), hyper_list=self.hypers,
+                          features=self.features)
+        run(steps, _skip_hyper_ts=True, **run_kwargs)
+        return ho, [g.numpy() for g, _ in ho.hypergradients()]
+
+    def expected(self, steps=T, w0=None):
+        exact = oracles.unrolled_ridge(self.data, self.H0, RHO, ETA, steps, w0)
+        return [exact.H, RHO * exact.rho, exact.eta]  # d/dlog ρ = ρ d/dρ
+
+
+@pytest.mark.parametrize("method", [far.ReverseHG(), far.ReverseHG.truncated(T),
+                                    far.ReverseHG(history=deque(maxlen=T + 1))],
+                         ids=["reverse", "truncated_K=T", "legacy_deque_K=T"])
+def test_unrolled_ridge_hypergradient_equals_closed_form(method):
+    ridge = Ridge()
+    _, grads = ridge.hypergradients(method)
+    for got, want in zip(grads, ridge.expected()):
+        assert relative_error(got, want) < EXACT
+
+
+@pytest.mark.parametrize("supplier", ["constant", "per_step"])
+def test_features_evaluated_once_give_the_same_hypergradient(supplier):
+    ridge = Ridge(features=True)
+    batch = tuple(tf.constant(a) for a in ridge.data[:2])
+    feed = batch if supplier == "constant" else (lambda t: batch)
+    _, grads = ridge.hypergradients(far.ReverseHG(), inner_objective_feed_dicts=feed)
+    for got, want in zip(grads, ridge.expected()):
+        assert relative_error(got, want) < EXACT
+
+
+def test_truncated_reverse_treats_the_state_at_T_minus_K_as_constant():
+    ridge, K = Ridge(), 7
+    _, grads = ridge.hypergradients(far.ReverseHG.truncated(K))
+    w_start = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, T - K).w
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, K, w0=w_start)
+    expected = [exact.H, RHO * exact.rho, exact.eta]  # E's direct term on H included; w_{T-K}: constant
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < EXACT
+    _, full = ridge.hypergradients(far.ReverseHG())
+    assert relative_error(grads[0], full[0]) > 1e-3  # truncation really drops a part
+
+
+def test_learned_initialisation_hypergradient_is_exact():
+    ridge = Ridge()
+    w0_value = np.random.default_rng(3).normal(size=(5, 2))
+    w0 = far.get_hyperparameter("w0", w0_value)
+    ho = far.HyperOptimizer()
+    run = ho.minimize(ridge.outer, keras.optimizers.SGD(0.0), ridge.inner,
+                      far.GradientDescentOptimizer(ridge.eta), hyper_list=ridge.hypers + [w0],
+                      init_dynamics_dict=[(ridge.w, w0)])
+    run(T, _skip_hyper_ts=True)
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, T, w0=w0_value)
+    grads = [g.numpy() for g, _ in ho.hypergradients()]
+    for got, want in zip(grads, [exact.H, RHO * exact.rho, exact.eta, exact.w0]):
+        assert relative_error(got, want) < EXACT
+    np.testing.assert_allclose(ridge.w.numpy(), exact.w, rtol=1e-10)  # the variables hold w_T
+
+
+def quadratic_setup(seed=0, n=8, d=3):
+    rng = np.random.default_rng(seed)
+    X, y = rng.normal(size=(n, d)), rng.normal(size=n)
+    Xv, yv = rng.normal(size=(n, d)), rng.normal(size=n)
+    X[:, -1] = 0.0  # the last weight gets a zero gradient: Adam's v stays 0 there
+    return X, y, Xv, yv
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "adam"])
+def test_optimizer_hyperparameters_match_finite_differences(optimizer):
+    X, y, Xv, yv = quadratic_setup()
+    steps, w_init = 15, np.array([0.5, -0.3, 0.0])
+    w = tf.Variable(w_init)
+    log_lr = far.get_hyperparameter("log_lr", np.log(0.05))
+    if optimizer == "adam":
+        b1 = far.get_hyperparameter("b1", np.float64(0.8))
+        b2 = far.get_hyperparameter("b2", np.float64(0.9))
+        hypers = [log_lr, b1, b2]
+        inner_opt = far.AdamOptimizer(lambda: tf.exp(log_lr), b1, b2, epsilon=1e-3)
+        x0 = np.array([np.log(0.05), 0.8, 0.9])
+        kwargs = lambda x: dict(optimizer="adam", lr=np.exp(x[0]), beta1=x[1], beta2=x[2], epsilon=1e-3)
+    else:
+        mu = far.get_hyperparameter("mu", np.float64(0.7))
+        hypers = [log_lr, mu]
+        inner_opt = far.MomentumOptimizer(lambda: tf.exp(log_lr), mu, use_nesterov=optimizer == "nesterov")
+        x0 = np.array([np.log(0.05), 0.7])
+        kwargs = lambda x: dict(optimizer="momentum", lr=np.exp(x[0]), momentum=x[1],
+                                nesterov=optimizer == "nesterov")
+    inner = lambda: 0.5 * tf.reduce_sum((X @ w[:, None] - y[:, None]) ** 2) + 0.05 * tf.reduce_sum(w ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((Xv @ w[:, None] - yv[:, None]) ** 2)
+    ho = far.HyperOptimizer()
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, inner_opt, hyper_list=hypers)(steps, _skip_hyper_ts=True)
+    grads = np.array([float(g) for g, _ in ho.hypergradients()])
+
+    def E(x):
+        wT = oracles.numpy_unroll(lambda w_, t: X.T @ (X @ w_ - y) + 0.1 * w_, w_init, steps, **kwargs(x))
+        return 0.5 * np.sum((Xv @ wT - yv) ** 2)
+    expected = oracles.central_difference(E, x0)
+    np.testing.assert_allclose(grads, expected, rtol=FD)
+    assert np.all(np.isfinite(grads))
+
+
+def test_learned_initialisation_with_momentum_matches_finite_differences():
+    """Φ₀ and optimizer hyperparameters together (the shape of FAR-HO's phi_0 notebook)."""
+    X, y, Xv, yv = quadratic_setup(seed=1, d=2)
+    X[:, -1] = np.random.default_rng(5).normal(size=X.shape[0])
+    w = tf.Variable(np.zeros(2))
+    w0 = far.get_hyperparameter("w0", np.array([0.3, -0.2]))
+    eta, mu = far.get_hyperparameter("eta", np.float64(0.05)), far.get_hyperparameter("mu", np.float64(0.6))
+    inner = lambda: 0.5 * tf.reduce_sum((X @ w[:, None] - y[:, None]) ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((Xv @ w[:, None] - yv[:, None]) ** 2) + 0.1 * tf.reduce_sum(w0 ** 2)
+    ho = far.HyperOptimizer()
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.MomentumOptimizer(eta, mu),
+                hyper_list=[w0, eta, mu], init_dynamics_dict={w.ref(): w0})(5, _skip_hyper_ts=True)
+    grads = np.concatenate([np.ravel(g.numpy()) for g, _ in ho.hypergradients()])
+
+    def E(x):
+        wT = oracles.numpy_unroll(lambda w_, t: X.T @ (X @ w_ - y), x[:2], 5, "momentum", x[2], x[3])
+        return 0.5 * np.sum((Xv @ wT - yv) ** 2) + 0.1 * np.sum(x[:2] ** 2)  # direct dependence
+    np.testing.assert_allclose(grads, oracles.central_difference(E, np.array([0.3, -0.2, 0.05, 0.6])), rtol=FD)
+
+
+def test_step_dependent_minibatches_are_replayed_exactly():
+    """A supplier giving a different mini-batch at every step: the reverse pass must replay the
+    batch of step t for the transition out of s_t (FAR-HO used the batch of step t−1)."""
+    X, y, Xv, yv = quadratic_setup(seed=2, n=12)
+    X[:, -1] = 1.0
+    steps, size = 9, 4
+    schedule = [np.random.default_rng(t).choice(12, size, replace=False) for t in range(steps)]
+    calls = []
+
+    def supplier(t):
+        calls.append(t)
+        return X[schedule[t]], y[schedule[t]]
+
+    w = tf.Variable(np.zeros(3))
+    log_lr = far.get_hyperparameter("log_lr", np.log(0.1))
+    inner = lambda b: 0.5 * tf.reduce_mean((b[0] @ w[:, None] - b[1][:, None]) ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((Xv @ w[:, None] - yv[:, None]) ** 2)
+    ho = far.HyperOptimizer()
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.GradientDescentOptimizer(lambda: tf.exp(log_lr)),
+                hyper_list=[log_lr])(steps, inner_objective_feed_dicts=supplier, _skip_hyper_ts=True)
+    assert calls == list(range(steps))
+
+    def E(x):
+        grad = lambda w_, t: X[schedule[t]].T @ (X[schedule[t]] @ w_ - y[schedule[t]]) / size
+        wT = oracles.numpy_unroll(grad, np.zeros(3), steps, "gd", np.exp(x[0]))
+        return 0.5 * np.sum((Xv @ wT - yv) ** 2)
+    expected = oracles.central_difference(E, np.array([np.log(0.1)]))
+    np.testing.assert_allclose(float(ho.hypergradients()[0][0]), expected[0], rtol=FD)
+
+
+def test_legacy_farho_check_forward_notebook_reverse_part():
+    """FAR-HO tests/check forward.ipynb (T1): ReverseHG hypergradients [λ0, λ1, λ2, η, μ]."""
+    v1 = tf.Variable([[1., -1., 1.], [2., 10., 2.]])
+    v2 = tf.Variable([-1., 1., 0.2])
+    lmbd = far.get_hyperparameter("lambda", initializer=tf.ones_initializer, shape=v2.shape, scalar=True)
+    cost = lambda: tf.reduce_mean(v1 ** 2) + tf.reduce_sum(lmbd * v2 ** 2)
+    eta, mu = far.get_hyperparameter("eta", 0.1), far.get_hyperparameter("mu", .5)
+    ho = far.HyperOptimizer(far.ReverseHG())
+    run = ho.minimize(lambda: tf.reduce_mean(v1 * v2), keras.optimizers.Adam(.01), cost,
+                      far.MomentumOptimizer(eta, mu), hyper_list=[lmbd, eta, mu])
+    run(10, _skip_hyper_ts=True)
+    published = [-0.0183935, 0.0551806, 0.0036787, 0.5387225, -0.0765422]
+    np.testing.assert_allclose([float(g) for g, _ in ho.hypergradients()], published, rtol=2e-6)  # float32
+
+
+def test_online_reverse_continues_the_state_and_the_step_count():
+    ridge = Ridge(with_batches=True)
+    batch = tuple(tf.constant(a) for a in ridge.data[:2])
+    seen = []
+
+    def supplier(t):
+        seen.append(t)
+        return batch
+
+    ho = far.HyperOptimizer(far.ReverseHG())
+    run = ho.minimize(ridge.outer, keras.optimizers.SGD(0.0), ridge.inner,
+                      far.GradientDescentOptimizer(ridge.eta), hyper_list=ridge.hypers)
+    run(8, inner_objective_feed_dicts=supplier, online=True, _skip_hyper_ts=True)
+    first_w = ridge.w.numpy()
+    run(8, inner_objective_feed_dicts=supplier, online=True, _skip_hyper_ts=True)
+    assert seen == list(range(16))
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 8, w0=first_w)  # s_8 is constant
+    np.testing.assert_allclose(ridge.w.numpy(), oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 16).w,
+                               rtol=1e-10)
+    for (got, _), want in zip(ho.hypergradients(), [exact.H, RHO * exact.rho, exact.eta]):
+        assert relative_error(got.numpy(), want) < EXACT
+    run(8, inner_objective_feed_dicts=supplier, _skip_hyper_ts=True)  # not online: restart at Φ₀
+    assert seen[16:] == list(range(8))
+    np.testing.assert_allclose(ridge.w.numpy(), oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 8).w,
+                               rtol=1e-10)
+
+
+def test_eager_execution_gives_the_same_hypergradient():
+    ridge = Ridge()
+    tf.config.run_functions_eagerly(True)
+    try:
+        _, grads = ridge.hypergradients(far.ReverseHG(), steps=5)
+    finally:
+        tf.config.run_functions_eagerly(False)
+    for got, want in zip(grads, ridge.expected(steps=5)):
+        assert relative_error(got, want) < EXACT
