@@ -28,6 +28,18 @@ class Batches(NamedTuple):
         return self.data
 
 
+def check_steps(T: Any) -> int:
+    """T as a positive int, or a clear error."""
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"`T` (the number of inner steps) must be a positive int, got {T!r}.")
+    return int(T)
+
+
+def first_batch(batches: Batches) -> Any:
+    """The batch of the first step."""
+    return tf.nest.map_structure(lambda x: x[0], batches.data) if batches.per_step else batches.data
+
+
 def _to_tensors(batch: Any, argument: str) -> Any:
     def convert(x):
         if isinstance(x, (tf.Tensor, tf.Variable)):

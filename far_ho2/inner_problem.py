@@ -17,7 +17,9 @@ import keras
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2.hyperparameters import HyperparameterComponents, as_tf_variable, variable_name
+from far_ho2 import unroll as unrolling
+from far_ho2.hyperparameters import (HyperparameterComponents, as_tf_variable, hyperparameters,
+                                     variable_name)
 from far_ho2.optimizer import Optimizer
 
 
@@ -77,6 +79,7 @@ class InnerProblem:
         self._init = _init_pairs(init_dynamics_dict)
         self.var_list: Optional[list[tf.Variable]] = None
         self._initial_values: list[Any] = []
+        self._compiled: dict = {}
         if var_list is not None:
             self._set_var_list(var_list)
 
@@ -129,6 +132,30 @@ class InnerProblem:
             if initial[i] is None:  # Φ₀ = the value now, kept in a private variable
                 initial[i] = tf.Variable(v.read_value(), trainable=False, name=f"{variable_name(v)}_init")
         self.var_list, self._initial_values = var_list, initial
+
+    def run(self, T: int, inner_objective_feed_dicts: Any = None) -> tf.Tensor:
+        """Solves the inner problem alone: resets the variables to Φ₀ and runs T steps of Φ
+        (compiled), leaving w_T in the variables; no hypergradient (e.g. to evaluate
+        hyperparameters). Returns the inner objective's values L_0 … L_{T−1}."""
+        T = batching.check_steps(T)
+        batching.check_supplier(self.objective, inner_objective_feed_dicts, "inner_objective",
+                                "inner_objective_feed_dicts")
+        batches = batching.inner_batches(inner_objective_feed_dicts, T)
+        self.resolve(batching.first_batch(batches), hyperparameters())
+        if batches.per_step not in self._compiled:
+            self._compiled[batches.per_step] = tf.function(
+                lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)),
+                reduce_retracing=True)
+        trajectory = self._compiled[batches.per_step](tf.constant(T), batches.data)
+        unrolling.raise_if_diverged(self, trajectory.final, trajectory.first_nonfinite)
+        return trajectory.losses
+
+    def _run(self, steps: tf.Tensor, batches: batching.Batches) -> "unrolling.Trajectory":
+        s0 = self.initial_state()
+        fixed = self.inputs(batches.data) if not batches.per_step else None
+        inputs_at = (lambda t: fixed) if not batches.per_step else (lambda t: self.inputs(batches.at(t)))
+        trajectory = unrolling.unroll(self, unrolling.empty_trajectory(s0, steps), inputs_at, 0, steps)
+        return trajectory._replace(losses=trajectory.losses.stack())
 
     # -- the transition, used by the hypergradient methods inside compiled code --------------------
 

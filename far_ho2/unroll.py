@@ -2,11 +2,13 @@
 optionally storing the states (Algorithm 1 stores s_0 … s_T, one state per step, never the
 activations), recording L_t and the first step at which each state component stops being finite."""
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
-from far_ho2.inner_problem import InnerProblem
+if TYPE_CHECKING:
+    from far_ho2.inner_problem import InnerProblem
 
 
 class Trajectory(NamedTuple):
@@ -34,7 +36,7 @@ def stored_state(trajectory: Trajectory, index: Any) -> NamedTuple:
     return tf.nest.pack_sequence_as(trajectory.final, [ta.read(index) for ta in trajectory.stored])
 
 
-def unroll(problem: InnerProblem, trajectory: Trajectory, inputs_at: Callable[[tf.Tensor], Any],
+def unroll(problem: "InnerProblem", trajectory: Trajectory, inputs_at: Callable[[tf.Tensor], Any],
            start: Any, stop: Any, offset: Any = 0, keep: bool = False) -> Trajectory:
     """Runs steps t = start … stop−1 from ``trajectory.final``; with ``keep``, s_{t+1} is written
     to ``trajectory.stored`` at index t + 1 − start (index 0 holds s_start, see ``store``)."""
@@ -59,3 +61,15 @@ def unroll(problem: InnerProblem, trajectory: Trajectory, inputs_at: Callable[[t
     final = tf.nest.pack_sequence_as(trajectory.final, flat)
     problem.load(final.w)
     return Trajectory(final, stored, losses, first_bad)
+
+
+def raise_if_diverged(problem: "InnerProblem", final_state: NamedTuple, first_nonfinite: tf.Tensor,
+                      offset: int = 0, where: str = "") -> None:
+    """A ``FloatingPointError`` naming the first step and state component that became NaN/Inf."""
+    bad = first_nonfinite.numpy()
+    if (bad >= 0).any():
+        i = int(np.argmin(np.where(bad >= 0, bad, np.iinfo(np.int32).max)))
+        raise FloatingPointError(
+            f"The inner dynamics{where} diverged: the state became NaN/Inf at inner step "
+            f"{offset + bad[i]} ({problem.state_names(final_state)[i]}). Lower the inner learning "
+            f"rate or check the inner objective; the hyperparameters were not updated.")

@@ -134,3 +134,14 @@ def test_get_hyperparameter_initializers_and_scalar_components():
         far.get_hyperparameter("g", np.zeros(3), shape=(4,))
     with pytest.raises(ValueError, match="shape"):
         far.get_hyperparameter("h", keras.initializers.Ones)
+
+
+def test_inner_problem_run_solves_the_inner_problem_alone():
+    data = DATA[0]
+    log_rho = far.get_hyperparameter("log_rho", np.log(0.5))
+    w, inner, outer = episode(data, log_rho, "w")
+    problem = far.GradientDescentOptimizer(ETA).minimize(inner, var_list=[w])
+    w.assign(np.ones((5, 2)))  # Φ₀ was captured when the problem was made: zeros
+    losses = problem.run(T).numpy()
+    np.testing.assert_allclose(w.numpy(), oracles.unrolled_ridge(data, np.eye(5), 0.5, ETA, T).w, rtol=1e-10)
+    assert losses.shape == (T,) and np.all(np.diff(losses) < 0)

@@ -16,6 +16,7 @@ from far_ho2 import batches as batching
 from far_ho2.hyperparameters import (flatten_hyperparameters, hyperparameter_pairs,
                                      hyperparameters, variable_name)
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.unroll import raise_if_diverged
 
 
 class HyperGrad(NamedTuple):
@@ -38,13 +39,6 @@ class _Registered(NamedTuple):
 
 def _mean(hypergradients: list) -> tf.Tensor:
     return tf.reduce_mean(tf.stack(hypergradients), axis=0)
-
-
-def check_steps(T: Any) -> int:
-    """T as a positive int, or a clear error."""
-    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"`T` (the number of inner steps) must be a positive int, got {T!r}.")
-    return int(T)
 
 
 class HyperGradient:
@@ -138,7 +132,7 @@ class HyperGradient:
         ``callback(step, inner_objective_values)`` is called for every inner step after the
         compiled run, with the inner objectives' values L_t (one per problem).
         """
-        T = check_steps(T)
+        T = batching.check_steps(T)
         if not self._registered:
             raise ValueError(f"{self.name} has no problem: call `HyperOptimizer.minimize` (or "
                              f"`compute_gradients`) first.")
@@ -170,7 +164,7 @@ class HyperGradient:
 
     def _resolve(self, inner: batching.Batches) -> None:
         every_hyper = [h for reg in self._registered for h in reg.hypers]
-        first = inner.data if not inner.per_step else tf.nest.map_structure(lambda x: x[0], inner.data)
+        first = batching.first_batch(inner)
         for reg in self._registered:
             reg.problem.resolve(first, every_hyper)
             hyper_ids = {id(h) for h in reg.hypers}
@@ -182,14 +176,7 @@ class HyperGradient:
     def _check_finite(self, results: list[HyperGrad], offset: int) -> None:
         for k, (reg, r) in enumerate(zip(self._registered, results)):
             where = f" of inner problem {k}" if len(results) > 1 else ""
-            bad = r.first_nonfinite.numpy()
-            if (bad >= 0).any():
-                names = reg.problem.state_names(r.final_state)
-                i = int(np.argmin(np.where(bad >= 0, bad, np.iinfo(np.int32).max)))
-                raise FloatingPointError(
-                    f"The inner dynamics{where} diverged: the state became NaN/Inf at inner step "
-                    f"{offset + bad[i]} ({names[i]}). Lower the inner learning rate or check the "
-                    f"inner objective; the hyperparameters were not updated.")
+            raise_if_diverged(reg.problem, r.final_state, r.first_nonfinite, offset, where)
             if not np.isfinite(r.value.numpy()):
                 raise FloatingPointError(f"The outer objective{where} is {r.value.numpy()} at the end "
                                          f"of the inner run; the hyperparameters were not updated.")
