@@ -12,7 +12,8 @@ and 2018).
 from far_ho2 import dynamics
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
-from far_ho2.hypergradients import HyperGrad, HyperGradient, ReverseHG, reverse_hypergradient
+from far_ho2.hypergradients import (ForwardHG, HyperGrad, HyperGradient, ReverseHG,
+                                   forward_hypergradient, reverse_hypergradient)
 from far_ho2.hyperparameters import HyperparameterComponents, get_hyperparameter, hyperparameters
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.optimizer import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer, Optimizer
@@ -22,8 +23,8 @@ OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` retu
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamOptimizer", "Batches", "GradientDescentOptimizer", "HyperGrad", "HyperGradient",
+    "AdamOptimizer", "Batches", "ForwardHG", "GradientDescentOptimizer", "HyperGrad", "HyperGradient",
     "HyperOptimizer", "HyperparameterComponents", "InnerProblem", "MomentumOptimizer", "Optimizer",
     "OptimizerDict", "ReverseHG", "dynamics", "get_hyperparameter", "hyperparameters",
-    "reverse_hypergradient",
+    "forward_hypergradient", "reverse_hypergradient",
 ]

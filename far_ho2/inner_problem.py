@@ -170,7 +170,10 @@ class InnerProblem:
             value = tf.convert_to_tensor(init() if callable(init) else init)
             if value.dtype != v.dtype:
                 value = tf.cast(value, v.dtype)
-            values.append(tf.ensure_shape(value, v.shape))
+            if not value.shape.is_compatible_with(v.shape):
+                raise ValueError(f"`init_dynamics_dict`: the initial value of {variable_name(v)!r} "
+                                 f"has shape {value.shape}, the variable {tuple(v.shape)}.")
+            values.append(value)
         return values
 
     def initial_state(self) -> NamedTuple:

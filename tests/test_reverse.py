@@ -56,8 +56,9 @@ class Ridge:
 
 
 @pytest.mark.parametrize("method", [far.ReverseHG(), far.ReverseHG.truncated(T),
-                                    far.ReverseHG(history=deque(maxlen=T + 1))],
-                         ids=["reverse", "truncated_K=T", "legacy_deque_K=T"])
+                                    far.ReverseHG(history=deque(maxlen=T + 1)),
+                                    far.ReverseHG(checkpoint_every=3)],
+                         ids=["reverse", "truncated_K=T", "legacy_deque_K=T", "checkpointed_k=3"])
 def test_unrolled_ridge_hypergradient_equals_closed_form(method):
     ridge = Ridge()
     _, grads = ridge.hypergradients(method)
@@ -77,7 +78,7 @@ def test_features_evaluated_once_give_the_same_hypergradient(supplier):
 
 def test_truncated_reverse_treats_the_state_at_T_minus_K_as_constant():
     ridge, K = Ridge(), 7
-    _, grads = ridge.hypergradients(far.ReverseHG.truncated(K))
+    _, grads = ridge.hypergradients(far.ReverseHG(truncate=K, checkpoint_every=3))
     w_start = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, T - K).w
     exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, K, w0=w_start)
     expected = [exact.H, RHO * exact.rho, exact.eta]  # E's direct term on H included; w_{T-K}: constant

@@ -27,6 +27,14 @@ class HyperGrad(NamedTuple):
     final_state: NamedTuple  # s_T
     inner_losses: tf.Tensor  # L_t(w_t), t = 0 … T−1
     first_nonfinite: tf.Tensor  # per state component, the first step making it non-finite (−1: none)
+    carry: Any = None  # what the method keeps for the next run (forward tangents Z, a warm start)
+
+
+class Previous(NamedTuple):
+    """A problem's last run, for online runs and warm starts."""
+
+    state: NamedTuple  # s_T
+    carry: Any  # HyperGrad.carry
 
 
 class _Registered(NamedTuple):
@@ -46,12 +54,14 @@ class HyperGradient:
 
     #: ``run``'s ``online`` values this method accepts besides False.
     online_modes: tuple = (True,)
+    #: whether ``_hypergradient`` receives the last run even when not online (warm starts).
+    uses_previous: bool = False
 
     def __init__(self, name: str):
         self.name = name
         self._registered: list[_Registered] = []
         self._results: Optional[list[HyperGrad]] = None
-        self._states: Optional[list] = None  # final states of the last run (online mode)
+        self._previous: Optional[list[Previous]] = None  # the last run, per problem
         self._steps_done = 0
         self._functions: dict = {}
         self._unconnected: set = set()  # registered by default, but nothing depends on them
@@ -90,19 +100,28 @@ class HyperGradient:
 
     def _hypergradient(self, problem: InnerProblem, outer_objective: Callable, hypers: list, *,
                        steps: tf.Tensor, inner_batches: batching.Batches, outer_batch: Any,
-                       initial_state: Any, offset: tf.Tensor) -> HyperGrad:
+                       previous: Optional[Previous], online: Any, offset: tf.Tensor,
+                       options: dict) -> HyperGrad:
+        """One problem's hypergradient, traced inside ``tf.function``. ``previous`` is the last
+        run (given when ``online`` or ``uses_previous``); ``online`` is False, True or a mode of
+        ``online_modes``; ``options`` are the tensors of ``_options``."""
         raise NotImplementedError
 
-    def _compiled(self, per_step: bool, online: bool) -> Callable:
-        key = (per_step, online)
+    def _options(self, global_step: int) -> dict:
+        """Per-run tensors given to ``_hypergradient`` (e.g. a tolerance schedule's value)."""
+        return {}
+
+    def _compiled(self, per_step: bool, online: Any, with_previous: bool) -> Callable:
+        key = (per_step, online, with_previous)
         if key not in self._functions:
-            def compute(steps, inner_data, outer_data, initial_states, offset):
+            def compute(steps, inner_data, outer_data, previous, offset, options):
                 results = []
                 for k, reg in enumerate(self._registered):
                     result = self._hypergradient(
                         reg.problem, reg.outer_objective, reg.hypers, steps=steps,
                         inner_batches=batching.Batches(inner_data, per_step), outer_batch=outer_data,
-                        initial_state=initial_states[k] if online else None, offset=offset)
+                        previous=previous[k] if with_previous else None, online=online, offset=offset,
+                        options=options)
                     results.append(self._check_connected(reg, result))
                 return results
             self._functions[key] = tf.function(compute, reduce_retracing=True)
@@ -139,7 +158,7 @@ class HyperGradient:
         if online is not False and online not in self.online_modes:
             raise ValueError(f"{self.name}: `online` must be False or one of {self.online_modes}, "
                              f"got {online!r}.")
-        continuing = online is not False and self._states is not None
+        continuing = online is not False and self._previous is not None
         offset = self._steps_done if continuing else 0
         for reg in self._registered:
             batching.check_supplier(reg.problem.objective, inner_objective_feed_dicts, "inner_objective",
@@ -149,12 +168,13 @@ class HyperGradient:
         inner = batching.inner_batches(inner_objective_feed_dicts, T, offset)
         outer = batching.outer_batch(outer_objective_feed_dicts, global_step)
         self._resolve(inner)
-        compute = self._compiled(inner.per_step, continuing)
-        results = compute(tf.constant(T), inner.data, outer, self._states if continuing else None,
-                          tf.constant(offset))
+        with_previous = self._previous is not None and (continuing or self.uses_previous)
+        compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
+        results = compute(tf.constant(T), inner.data, outer, self._previous if with_previous else None,
+                          tf.constant(offset), self._options(global_step))
         self._check_finite(results, offset)
         self._results = results
-        self._states = [r.final_state for r in results]
+        self._previous = [Previous(r.final_state, r.carry) for r in results]
         self._steps_done = offset + T
         if callback is not None:
             losses = np.stack([r.inner_losses.numpy() for r in results], axis=1)

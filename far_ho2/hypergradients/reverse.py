@@ -10,13 +10,14 @@ from far_ho2 import autodiff
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGrad, HyperGradient
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.unroll import empty_trajectory, store, stored_state, unroll
+from far_ho2.unroll import Trajectory, empty_trajectory, store, stored_state, unroll
 
 
 def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
                           hypers: Sequence[tf.Variable], *, steps: Any, inner_batches: Batches,
                           outer_batch: Any = None, truncate: Optional[int] = None,
-                          initial_state: Any = None, offset: Any = 0) -> HyperGrad:
+                          checkpoint_every: Optional[int] = None, initial_state: Any = None,
+                          offset: Any = 0) -> HyperGrad:
     """Hypergradient of E(w_T(λ), λ) by reverse mode through T steps of  s_{t+1} = Φ_t(s_t, λ):
 
         α_T = ∂E/∂s_T,     α_t = α_{t+1}ᵀ ∂Φ_t/∂s_t,
@@ -24,7 +25,9 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
 
     The forward pass stores the states s_{T−K} … s_T (one state per step, not the activations);
     the reverse pass loads each s_t back and differentiates one step, replaying its batch.
-    Memory O(K·|s|); time about three times the forward pass.
+    Memory O(K·|s|); time about three times the forward pass. With ``checkpoint_every`` = k the
+    forward pass stores one state every k steps and the reverse pass recomputes each segment
+    from its checkpoint: memory O((K/k + k)·|s|) (least at k ≈ √K) for one more forward pass.
 
     Args:
         problem: the inner problem (its variables, objective, dynamics Φ and Φ₀).
@@ -35,6 +38,8 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
         outer_batch: the batch of E.
         truncate: K; back-propagate through the last K steps only (Shaban et al., 2019,
             arXiv:1810.10667). Defaults to `None` (K = T).
+        checkpoint_every: k; store every k-th state and recompute the others. Defaults to `None`
+            (store them all).
         initial_state: s_0 when it does not come from Φ₀ (an online run continuing a previous
             one); it is then a constant.
         offset: the index of the first step in the stream of steps (online runs), given to
@@ -52,6 +57,9 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
     steps = tf.convert_to_tensor(steps, tf.int32)
     kept = steps if truncate is None else tf.minimum(tf.constant(truncate, tf.int32), steps)
     first = steps - kept
+    segment = kept if checkpoint_every is None else tf.minimum(tf.constant(checkpoint_every, tf.int32), kept)
+    n_segments = (kept + segment - 1) // segment
+    last_start = first + (n_segments - 1) * segment
     hoisted = problem.features is not None and not inner_batches.per_step
     with tf.GradientTape(watch_accessed_variables=False) as init_tape:
         init_tape.watch(hypers)
@@ -62,10 +70,27 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
     def inputs_at(t):
         return fixed_inputs if hoisted else problem.inputs(inner_batches.at(t))
 
+    # Forward: s_0 … s_{T−K} unstored, a checkpoint at each segment start, the last segment stored.
     trajectory = unroll(problem, empty_trajectory(s0, steps), inputs_at, 0, first, offset)
-    trajectory = trajectory._replace(stored=store(trajectory.final, kept + 1))
-    trajectory = unroll(problem, trajectory, inputs_at, first, steps, offset, keep=True)
+    checkpoints = [tf.TensorArray(x.dtype, size=n_segments, element_shape=x.shape)
+                   for x in tf.nest.flatten(trajectory.final)]  # the last segment's stays unused
 
+    def forward_segment(i, flat, checkpoints, losses, first_bad):
+        start = first + i * segment
+        checkpoints = [ta.write(i, x) for ta, x in zip(checkpoints, flat)]
+        part = unroll(problem, Trajectory(tf.nest.pack_sequence_as(s0, flat), [], losses, first_bad),
+                      inputs_at, start, start + segment, offset)
+        return i + 1, tf.nest.flatten(part.final), checkpoints, part.losses, part.first_nonfinite
+
+    _, flat, checkpoints, losses, first_bad = tf.while_loop(
+        lambda i, *_: i < n_segments - 1, forward_segment,
+        (tf.constant(0), tf.nest.flatten(trajectory.final), checkpoints, trajectory.losses,
+         trajectory.first_nonfinite))
+    last = Trajectory(tf.nest.pack_sequence_as(s0, flat), store(tf.nest.pack_sequence_as(s0, flat),
+                      steps - last_start + 1), losses, first_bad)
+    trajectory = unroll(problem, last, inputs_at, last_start, steps, offset, keep=True)
+
+    # Reverse: the last segment from the stored states, the others recomputed from checkpoints.
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
     alpha = autodiff.state_cotangent(trajectory.final, outer.weights)
     total = autodiff.accumulate(autodiff.zeros_for_none([None] * len(hypers), hypers),
@@ -73,15 +98,29 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
     total_x = [tf.zeros_like(x) for x in x_sources]
     x_connected = [False] * len(x_sources)
 
-    def body(t, alpha_flat, total, total_x):
-        s_t = stored_state(trajectory, t - first)
-        vjp = autodiff.transition_vjp(problem, s_t, lambda: inputs_at(t), t + offset,
-                                      tf.nest.pack_sequence_as(s0, alpha_flat), hypers, x_sources)
-        return (t - 1, tf.nest.flatten(vjp.state), autodiff.accumulate(total, vjp.hypers, connected),
-                autodiff.accumulate(total_x, vjp.extra, x_connected))
+    def reverse_segment(states, start, stop, alpha_flat, total, total_x):
+        def body(t, alpha_flat, total, total_x):
+            vjp = autodiff.transition_vjp(problem, stored_state(states, t - start), lambda: inputs_at(t),
+                                          t + offset, tf.nest.pack_sequence_as(s0, alpha_flat),
+                                          hypers, x_sources)
+            return (t - 1, tf.nest.flatten(vjp.state), autodiff.accumulate(total, vjp.hypers, connected),
+                    autodiff.accumulate(total_x, vjp.extra, x_connected))
+        _, alpha_flat, total, total_x = tf.while_loop(lambda t, *_: t >= start, body,
+                                                      (stop - 1, alpha_flat, total, total_x))
+        return alpha_flat, total, total_x
+
+    alpha_flat, total, total_x = reverse_segment(trajectory, last_start, steps, tf.nest.flatten(alpha),
+                                                 total, total_x)
+
+    def recomputed_segment(i, alpha_flat, total, total_x):
+        start = first + i * segment
+        s_start = tf.nest.pack_sequence_as(s0, [ta.read(i) for ta in checkpoints])
+        scratch = empty_trajectory(s_start, steps)._replace(stored=store(s_start, segment + 1))
+        states = unroll(problem, scratch, inputs_at, start, start + segment, offset, keep=True)
+        return (i - 1,) + reverse_segment(states, start, start + segment, alpha_flat, total, total_x)
 
     _, alpha_flat, total, total_x = tf.while_loop(
-        lambda t, *_: t >= first, body, (steps - 1, tf.nest.flatten(alpha), total, total_x))
+        lambda i, *_: i >= 0, recomputed_segment, (n_segments - 2, alpha_flat, total, total_x))
     reached_start = tf.cast(tf.equal(first, 0), alpha_flat[0].dtype)  # α_0 exists only if K = T
     cotangents = [a * reached_start for a in alpha_flat] + total_x
     total = autodiff.accumulate(total, init_tape.gradient(tf.nest.flatten(s0) + x_sources, hypers,
@@ -99,19 +138,24 @@ class ReverseHG(HyperGradient):
             means truncation to K steps, as ``ReverseHG.truncated(K)``.
         name: a name.
         truncate: K, back-propagate through the last K steps only. Defaults to `None` (all).
+        checkpoint_every: k, store one state every k steps and recompute the others in the
+            reverse pass (memory O(T/k + k) states instead of O(T), one more forward pass; for
+            long horizons). Defaults to `None` (store every state).
 
     ``run(..., online=True)`` continues the inner state of the previous run (FAR-HO's TRHO):
     each run back-propagates through its own T steps (all of them, unlike FAR-HO, which
     skipped the first transition of every chunk).
     """
 
-    def __init__(self, history: Any = None, name: str = "ReverseHG", truncate: Optional[int] = None):
+    def __init__(self, history: Any = None, name: str = "ReverseHG", truncate: Optional[int] = None,
+                 checkpoint_every: Optional[int] = None):
         super().__init__(name)
         if isinstance(history, deque) and history.maxlen is not None and truncate is None:
             truncate = history.maxlen - 1
-        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
-            raise ValueError(f"`truncate` (K, reverse iterations) must be a positive int or None, got {truncate!r}.")
-        self.truncate = truncate
+        for argument, value in (("truncate", truncate), ("checkpoint_every", checkpoint_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{argument}` must be a positive int or None, got {value!r}.")
+        self.truncate, self.checkpoint_every = truncate, checkpoint_every
 
     @staticmethod
     def truncated(reverse_iterations: int, name: str = "TruncatedReverseHG") -> "ReverseHG":
@@ -119,8 +163,8 @@ class ReverseHG(HyperGradient):
         return ReverseHG(name=name, truncate=reverse_iterations)
 
     def _hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch,
-                       initial_state, offset) -> HyperGrad:
+                       previous, online, offset, options) -> HyperGrad:
         return reverse_hypergradient(problem, outer_objective, hypers, steps=steps,
                                      inner_batches=inner_batches, outer_batch=outer_batch,
-                                     truncate=self.truncate, initial_state=initial_state,
-                                     offset=offset)
+                                     truncate=self.truncate, checkpoint_every=self.checkpoint_every,
+                                     initial_state=previous.state if previous else None, offset=offset)

@@ -1,0 +1,116 @@
+"""ForwardHG against the same oracles as ReverseHG, FAR-HO's published numbers, and the
+semantics of its online modes (RTHO and warm restart)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import far_ho2 as far
+from far_ho2 import oracles
+from conftest import relative_error
+from test_reverse import ETA, EXACT, RHO, T, Ridge
+
+
+def test_forward_equals_closed_form_for_matrix_scalar_and_learning_rate_hyperparameters():
+    ridge = Ridge()
+    _, grads = ridge.hypergradients(far.ForwardHG())
+    for got, want in zip(grads, ridge.expected()):
+        assert relative_error(got, want) < EXACT
+
+
+def test_forward_with_hoisted_features_and_learned_initialisation():
+    ridge = Ridge(features=True)
+    w0_value = np.random.default_rng(3).normal(size=(5, 2))
+    w0 = far.get_hyperparameter("w0", w0_value)
+    ho = far.HyperOptimizer(far.ForwardHG())
+    run = ho.minimize(ridge.outer, keras.optimizers.SGD(0.0), ridge.inner,
+                      far.GradientDescentOptimizer(ridge.eta), hyper_list=ridge.hypers + [w0],
+                      init_dynamics_dict=[(ridge.w, w0)], features=ridge.features)
+    run(T, inner_objective_feed_dicts=tuple(tf.constant(a) for a in ridge.data[:2]), _skip_hyper_ts=True)
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, T, w0=w0_value)
+    for (got, _), want in zip(ho.hypergradients(), [exact.H, RHO * exact.rho, exact.eta, exact.w0]):
+        assert relative_error(got.numpy(), want) < EXACT
+
+
+def momentum_problem(method, steps=12):
+    rng = np.random.default_rng(4)
+    X, y, Xv, yv = rng.normal(size=(10, 3)), rng.normal(size=10), rng.normal(size=(10, 3)), rng.normal(size=10)
+    w = tf.Variable(np.zeros(3))
+    log_lr = far.get_hyperparameter("log_lr", np.log(0.05))
+    mu = far.get_hyperparameter("mu", np.float64(0.7))
+    decay = far.get_hyperparameter("decay", np.array([0.1, 0.2, 0.3]))  # a small vector
+    inner = lambda: 0.5 * tf.reduce_sum((X @ w[:, None] - y[:, None]) ** 2) + 0.5 * tf.reduce_sum(decay * w ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((Xv @ w[:, None] - yv[:, None]) ** 2)
+    ho = far.HyperOptimizer(method)
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.MomentumOptimizer(lambda: tf.exp(log_lr), mu),
+                hyper_list=[log_lr, mu, decay])(steps, _skip_hyper_ts=True)
+    return [g.numpy() for g, _ in ho.hypergradients()]
+
+
+def test_forward_equals_reverse_for_momentum_hyperparameters():
+    forward, reverse = momentum_problem(far.ForwardHG()), momentum_problem(far.ReverseHG())
+    for f, r in zip(forward, reverse):
+        np.testing.assert_allclose(f, r, rtol=1e-10)  # two exact methods, round-off apart
+
+
+def test_legacy_farho_check_forward_notebook_forward_part():
+    """FAR-HO tests/check forward.ipynb (T1): ForwardHG hypergradients [λ0, λ1, λ2, η, μ]."""
+    v1 = tf.Variable([[1., -1., 1.], [2., 10., 2.]])
+    v2 = tf.Variable([-1., 1., 0.2])
+    lmbd = far.get_hyperparameter("lambda", initializer=tf.ones_initializer, shape=v2.shape, scalar=True)
+    cost = lambda: tf.reduce_mean(v1 ** 2) + tf.reduce_sum(lmbd * v2 ** 2)
+    eta, mu = far.get_hyperparameter("eta", 0.1), far.get_hyperparameter("mu", .5)
+    ho = far.HyperOptimizer(far.ForwardHG())
+    run = ho.minimize(lambda: tf.reduce_mean(v1 * v2), keras.optimizers.Adam(.01), cost,
+                      far.MomentumOptimizer(eta, mu), hyper_list=[lmbd, eta, mu])
+    run(10, _skip_hyper_ts=True)
+    published = [-0.018393533, 0.055180617, 0.003678706, 0.53872269, -0.076542266]
+    np.testing.assert_allclose([float(g) for g, _ in ho.hypergradients()], published, rtol=2e-6)  # float32
+
+
+def online_ridge():
+    """The ridge problem with the scalar hyperparameters log ρ and η (H fixed: fewer JVPs)."""
+    ridge = Ridge()
+    ho = far.HyperOptimizer(far.ForwardHG())
+    run = ho.minimize(ridge.outer, keras.optimizers.SGD(0.0), ridge.inner,
+                      far.GradientDescentOptimizer(ridge.eta), hyper_list=ridge.hypers[1:])
+    return ridge, ho, run
+
+
+def test_rtho_carries_the_state_and_the_tangents_over():
+    """Two online runs of 8 steps (hyperparameters unchanged) are one run of 16 steps: same
+    state, and the same hypergradient, which needs Z carried over, not reset."""
+    ridge, ho, run = online_ridge()
+    run(8, online=True, _skip_hyper_ts=True)
+    run(8, online=True, _skip_hyper_ts=True)
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 16)
+    np.testing.assert_allclose(ridge.w.numpy(), exact.w, rtol=1e-10)
+    for (got, _), want in zip(ho.hypergradients(), [RHO * exact.rho, exact.eta]):
+        assert relative_error(got.numpy(), want) < EXACT
+
+
+def test_warm_restart_carries_the_state_but_resets_the_tangents():
+    ridge, ho, run = online_ridge()
+    run(8, online="wr", _skip_hyper_ts=True)
+    w8 = ridge.w.numpy()
+    run(8, online="wr", _skip_hyper_ts=True)
+    exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 8, w0=w8)  # Z_8 = 0: w_8 constant
+    np.testing.assert_allclose(ridge.w.numpy(), exact.w, rtol=1e-10)
+    for (got, _), want in zip(ho.hypergradients(), [RHO * exact.rho, exact.eta]):
+        assert relative_error(got.numpy(), want) < EXACT
+    run(8, _skip_hyper_ts=True)  # offline again: from Φ₀
+    np.testing.assert_allclose(ridge.w.numpy(), oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, 8).w,
+                               rtol=1e-10)
+
+
+def test_rtho_updates_hyperparameters_between_chunks():
+    """Real-time HO: the learning rate changes every chunk while w keeps training."""
+    ridge, ho, run = online_ridge()
+    ho._groups[0] = (keras.optimizers.SGD(1e-3), [ridge.eta])  # only η moves, by plain SGD
+    etas = []
+    for _ in range(3):
+        run(5, online=True)
+        etas.append(float(ridge.eta))
+    assert len(set(etas)) == 3 and etas[0] != ETA
+    assert ho.hypergradient._steps_done == 15
