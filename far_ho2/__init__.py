@@ -9,22 +9,25 @@ and 2018).
     run(T, inner_objective_feed_dicts=train_batch, outer_objective_feed_dicts=valid_batch)
 """
 
-from far_ho2 import dynamics
+from far_ho2 import dynamics, linear_solve, oracles
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
-from far_ho2.hypergradients import (ForwardHG, HyperGrad, HyperGradient, ReverseHG,
-                                   forward_hypergradient, reverse_hypergradient)
+from far_ho2.hypergradients import (ForwardHG, HyperGrad, HyperGradient, ImplicitHG, ReverseHG,
+                                    forward_hypergradient, implicit_hypergradient,
+                                    reverse_hypergradient)
 from far_ho2.hyperparameters import HyperparameterComponents, get_hyperparameter, hyperparameters
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.optimizer import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer, Optimizer
 
 OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` returns
+ReverseHg = ReverseHG  # FAR-HO's deprecated spelling
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamOptimizer", "Batches", "ForwardHG", "GradientDescentOptimizer", "HyperGrad", "HyperGradient",
-    "HyperOptimizer", "HyperparameterComponents", "InnerProblem", "MomentumOptimizer", "Optimizer",
-    "OptimizerDict", "ReverseHG", "dynamics", "get_hyperparameter", "hyperparameters",
-    "forward_hypergradient", "reverse_hypergradient",
+    "AdamOptimizer", "Batches", "ForwardHG", "GradientDescentOptimizer", "HyperGrad",
+    "HyperGradient", "HyperOptimizer", "HyperparameterComponents", "ImplicitHG", "InnerProblem",
+    "MomentumOptimizer", "Optimizer", "OptimizerDict", "ReverseHG", "ReverseHg", "dynamics",
+    "forward_hypergradient", "get_hyperparameter", "hyperparameters", "implicit_hypergradient",
+    "linear_solve", "oracles", "reverse_hypergradient",
 ]

@@ -60,11 +60,7 @@ def outer_gradient(problem: InnerProblem, outer_objective: Callable, batch: Any,
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(problem.var_list)
         tape.watch(list(hypers))
-        value = tf.convert_to_tensor(batching.call_objective(outer_objective, batch))
-        if value.shape.rank != 0:
-            raise ValueError(f"The outer objective must return a scalar, got shape {value.shape}. For "
-                             f"a meta-batch stacked in one problem return the mean of the episodes' "
-                             f"losses.")
+        value = batching.scalar_objective(outer_objective, batch)
     grads = tape.gradient(value, list(problem.var_list) + list(hypers))
     n_w = len(problem.var_list)
     return OuterGradient(value, zeros_for_none(grads[:n_w], problem.var_list), grads[n_w:])
@@ -88,3 +84,30 @@ def accumulate(total: list, grads: Sequence[Optional[tf.Tensor]], connected: lis
             connected[i] = True
             out.append(acc + tf.convert_to_tensor(g))
     return out
+
+
+def hessian_vector_product(problem: InnerProblem, inputs: Any, v: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """∇²_w L(w, λ) · v at the weights the variables hold, forward-over-reverse (a JVP of the
+    gradient: about the cost of two gradients, no Hessian formed)."""
+    with tf.autodiff.ForwardAccumulator(problem.var_list, list(v)) as accumulator:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(problem.var_list)
+            loss = problem.loss(inputs)
+        grads = tape.gradient(loss, problem.var_list)
+    return [accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO) for g in grads]
+
+
+def mixed_vjp(problem: InnerProblem, inputs: Callable[[], Any], q: Sequence[tf.Tensor],
+              hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
+    """∂/∂λ ⟨∇_w L(w, λ), q⟩ = (∇²_{λw} L) q (and the same for the extra sources x), q fixed."""
+    with tf.GradientTape(watch_accessed_variables=False) as outer_tape:
+        outer_tape.watch(list(hypers))
+        outer_tape.watch(list(extra))
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(problem.var_list)
+            loss = problem.loss(inputs())
+        grads = tape.gradient(loss, problem.var_list)
+        inner_product = tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g) * tf.stop_gradient(qi))
+                                  for g, qi in zip(grads, q)])
+    terms = outer_tape.gradient(inner_product, list(hypers) + list(extra))
+    return TransitionVJP(None, terms[:len(hypers)], terms[len(hypers):])

@@ -116,3 +116,13 @@ def check_supplier(objective: Callable, supplier: Any, argument: str, supplier_a
 def call_objective(objective: Callable, batch: Any) -> tf.Tensor:
     """``objective(batch)``, or ``objective()`` when there is no batch."""
     return objective() if batch is None else objective(batch)
+
+
+def scalar_objective(objective: Callable, batch: Any) -> tf.Tensor:
+    """The objective's value; a non-scalar tensor is summed, as ``tf.gradients`` (FAR-HO) and
+    ``GradientTape.gradient`` do with non-scalar targets."""
+    value = tf.convert_to_tensor(call_objective(objective, batch))
+    if not value.dtype.is_floating:
+        raise TypeError(f"An objective returned a {value.dtype.name} tensor; objectives must be "
+                        f"floating point.")
+    return value if value.shape.rank == 0 else tf.reduce_sum(value)

@@ -192,13 +192,8 @@ class InnerProblem:
         return self.features(batch)
 
     def loss(self, inputs: Any) -> tf.Tensor:
-        """L(w, λ) at the weights held by the variables."""
-        value = tf.convert_to_tensor(batching.call_objective(self.objective, inputs))
-        if value.shape.rank != 0:
-            raise ValueError(f"The inner objective must return a scalar, got shape {value.shape}. For "
-                             f"a meta-batch stacked in one problem return the sum of the episodes' "
-                             f"losses, so each episode's weights get their own gradient.")
-        return value
+        """L(w, λ) at the weights held by the variables (summed if the objective is a tensor)."""
+        return batching.scalar_objective(self.objective, inputs)
 
     def transition(self, state: NamedTuple, inputs: Any, step: Any) -> tuple[NamedTuple, tf.Tensor]:
         """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must

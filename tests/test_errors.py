@@ -121,10 +121,15 @@ def test_supplier_mismatches():
         run2(3, inner_objective_feed_dicts=lambda t: np.ones(3 if t < 2 else 4))
 
 
-def test_non_scalar_objectives():
+def test_non_scalar_objectives_are_summed_and_integer_ones_rejected():
     w, rho, inner, outer, opt = problem()
-    run = far.HyperOptimizer().minimize(lambda: w, keras.optimizers.SGD(0.1), inner, opt, hyper_list=[rho])
-    with pytest.raises(ValueError, match="outer objective must return a scalar"):
+    ho = far.HyperOptimizer()
+    value = ho.minimize(lambda: tf.stack([outer(), outer()]), keras.optimizers.SGD(0.1), inner, opt,
+                        hyper_list=[rho])(3, _skip_hyper_ts=True)
+    assert float(value) == pytest.approx(2 * float(outer()))
+    run = far.HyperOptimizer().minimize(lambda: tf.constant(1), keras.optimizers.SGD(0.1), inner, opt,
+                                        hyper_list=[rho])
+    with pytest.raises(TypeError, match="floating"):
         run(3)
 
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import far_ho2 as far
-from far_ho2 import oracles
+import oracles
 from conftest import relative_error
 
 T, ETA = 15, 0.02
@@ -51,12 +51,12 @@ def test_meta_batch_of_inner_problems_aggregates_hypergradients(aggregation):
 
 def test_batched_meta_batch_equals_the_mean_of_separate_problems():
     """One inner problem holding every episode's weights on a leading axis: the inner objective
-    is the sum of the episodes' losses, the outer one their mean."""
+    is the sum of the episodes' losses (a vector is summed), the outer one their mean."""
     log_rho = far.get_hyperparameter("log_rho", np.log(0.5))
     X, Y, Xv, Yv = (tf.constant(np.stack(a)) for a in zip(*DATA))
     w = tf.Variable(np.zeros((len(DATA), 5, 2)))
     per_episode = lambda X_, Y_: 0.5 * tf.reduce_sum((X_ @ w - Y_) ** 2, axis=[1, 2])
-    inner = lambda: tf.reduce_sum(per_episode(X, Y) + 0.5 * tf.exp(log_rho) * tf.reduce_sum(w ** 2, axis=[1, 2]))
+    inner = lambda: per_episode(X, Y) + 0.5 * tf.exp(log_rho) * tf.reduce_sum(w ** 2, axis=[1, 2])
     outer = lambda: tf.reduce_mean(per_episode(Xv, Yv))
     ho = far.HyperOptimizer()
     ho.minimize(outer, keras.optimizers.SGD(0.1), inner, far.GradientDescentOptimizer(ETA),

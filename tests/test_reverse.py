@@ -1,5 +1,5 @@
-"""ReverseHG (full and truncated) against exact oracles: the closed form of unrolled gradient
-descent on ridge regression, float64 finite differences, and FAR-HO's published numbers."""
+"""ReverseHG (full, truncated, checkpointed) against exact oracles: the closed form of unrolled
+gradient descent on ridge regression, float64 finite differences, and FAR-HO's published numbers."""
 
 from collections import deque
 
@@ -9,50 +9,9 @@ import pytest
 import tensorflow as tf
 
 import far_ho2 as far
-from far_ho2 import oracles
+import oracles
 from conftest import relative_error
-
-T, ETA, RHO = 20, 0.02, 0.3
-EXACT = 1e-8  # float64 closed form vs float64 reverse mode: agreement is at round-off (~1e-13)
-FD = 1e-6  # central differences in float64 with eps=1e-6 carry ~1e-9 relative error
-
-
-class Ridge:
-    """The paper's Example 3.4 in float64: features X H, ridge weights w, hyperparameters H (a
-    matrix), log ρ and η; E reads H directly as well (it uses Xv H)."""
-
-    def __init__(self, seed=0, with_batches=False, features=False):
-        self.data = oracles.ridge_data(seed=seed)
-        rng = np.random.default_rng(seed + 100)
-        self.H0 = np.eye(5) + 0.1 * rng.normal(size=(5, 5))
-        self.H = far.get_hyperparameter("H", self.H0)
-        self.log_rho = far.get_hyperparameter("log_rho", np.log(RHO))
-        self.eta = far.get_hyperparameter("eta", np.float64(ETA))
-        self.w = tf.Variable(np.zeros((5, 2)), name="w")
-        self.hypers = [self.H, self.log_rho, self.eta]
-        X, Y, Xv, Yv = (tf.constant(a) for a in self.data)
-        penalty = lambda: 0.5 * tf.exp(self.log_rho) * tf.reduce_sum(self.w ** 2)
-        if features:  # the batch's X H is computed once per run, not once per step
-            self.features = lambda batch: (batch[0] @ self.H, batch[1])
-            self.inner = lambda f: 0.5 * tf.reduce_sum((f[0] @ self.w - f[1]) ** 2) + penalty()
-        else:
-            self.features = None
-            self.inner = (lambda b: 0.5 * tf.reduce_sum((b[0] @ self.H @ self.w - b[1]) ** 2) + penalty()
-                          ) if with_batches else (
-                          lambda: 0.5 * tf.reduce_sum((X @ self.H @ self.w - Y) ** 2) + penalty())
-        self.outer = lambda: 0.5 * tf.reduce_sum((Xv @ self.H @ self.w - Yv) ** 2)
-
-    def hypergradients(self, method, steps=T, **run_kwargs):
-        ho = far.HyperOptimizer(method)
-        run = ho.minimize(self.outer, keras.optimizers.SGD(0.0), self.inner,
-                          far.GradientDescentOptimizer(self.eta), hyper_list=self.hypers,
-                          features=self.features)
-        run(steps, _skip_hyper_ts=True, **run_kwargs)
-        return ho, [g.numpy() for g, _ in ho.hypergradients()]
-
-    def expected(self, steps=T, w0=None):
-        exact = oracles.unrolled_ridge(self.data, self.H0, RHO, ETA, steps, w0)
-        return [exact.H, RHO * exact.rho, exact.eta]  # d/dlog ρ = ρ d/dρ
+from oracles import EXACT, ETA, FD, RHO, T, T1_REVERSE, Ridge, legacy_t1
 
 
 @pytest.mark.parametrize("method", [far.ReverseHG(), far.ReverseHG.truncated(T),
@@ -197,18 +156,7 @@ def test_step_dependent_minibatches_are_replayed_exactly():
 
 
 def test_legacy_farho_check_forward_notebook_reverse_part():
-    """FAR-HO tests/check forward.ipynb (T1): ReverseHG hypergradients [λ0, λ1, λ2, η, μ]."""
-    v1 = tf.Variable([[1., -1., 1.], [2., 10., 2.]])
-    v2 = tf.Variable([-1., 1., 0.2])
-    lmbd = far.get_hyperparameter("lambda", initializer=tf.ones_initializer, shape=v2.shape, scalar=True)
-    cost = lambda: tf.reduce_mean(v1 ** 2) + tf.reduce_sum(lmbd * v2 ** 2)
-    eta, mu = far.get_hyperparameter("eta", 0.1), far.get_hyperparameter("mu", .5)
-    ho = far.HyperOptimizer(far.ReverseHG())
-    run = ho.minimize(lambda: tf.reduce_mean(v1 * v2), keras.optimizers.Adam(.01), cost,
-                      far.MomentumOptimizer(eta, mu), hyper_list=[lmbd, eta, mu])
-    run(10, _skip_hyper_ts=True)
-    published = [-0.0183935, 0.0551806, 0.0036787, 0.5387225, -0.0765422]
-    np.testing.assert_allclose([float(g) for g, _ in ho.hypergradients()], published, rtol=2e-6)  # float32
+    np.testing.assert_allclose(legacy_t1(far.ReverseHG()), T1_REVERSE, rtol=2e-6)  # float32 run
 
 
 def test_online_reverse_continues_the_state_and_the_step_count():

@@ -56,6 +56,8 @@ class HyperGradient:
     online_modes: tuple = (True,)
     #: whether ``_hypergradient`` receives the last run even when not online (warm starts).
     uses_previous: bool = False
+    #: what the error for a hyperparameter nothing depends on adds for this method.
+    unconnected_hint: str = ""
 
     def __init__(self, name: str):
         self.name = name
@@ -134,7 +136,7 @@ class HyperGradient:
             raise ValueError(f"Hyperparameter(s) {[variable_name(h) for h in unconnected]} in "
                              f"`hyper_list`: neither the inner objective, the optimizer, the initial "
                              f"dynamics nor the outer objective depend on them. Remove them from "
-                             f"`hyper_list` or use them.")
+                             f"`hyper_list` or use them.{self.unconnected_hint}")
         if len(unconnected) == len(reg.hypers):
             raise ValueError("None of the registered hyperparameters "
                              f"{[variable_name(h) for h in reg.hypers]} affects this problem; pass "
@@ -173,6 +175,7 @@ class HyperGradient:
         results = compute(tf.constant(T), inner.data, outer, self._previous if with_previous else None,
                           tf.constant(offset), self._options(global_step))
         self._check_finite(results, offset)
+        self._after_run(results, global_step)
         self._results = results
         self._previous = [Previous(r.final_state, r.carry) for r in results]
         self._steps_done = offset + T
@@ -181,6 +184,9 @@ class HyperGradient:
             for t in range(T):
                 callback(offset + t, list(losses[t]))
         return results
+
+    def _after_run(self, results: list[HyperGrad], global_step: int) -> None:
+        """A hook for methods to report on a run (e.g. a linear solver's residual)."""
 
     def _resolve(self, inner: batching.Batches) -> None:
         every_hyper = [h for reg in self._registered for h in reg.hypers]

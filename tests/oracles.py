@@ -1,0 +1,97 @@
+"""The test oracles every hypergradient method is checked against: small TensorFlow bilevel
+problems whose hypergradients are known exactly (closed forms of ``far_ho2.oracles``, in float64)
+or were published by FAR-HO (float32 notebooks)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import far_ho2 as far
+from far_ho2.oracles import (central_difference, numpy_unroll, quadratic_bilevel,  # noqa: F401
+                             quadratic_hypergradient, ridge_bilevel, ridge_data, ridge_per_feature,
+                             unrolled_ridge)
+
+T, ETA, RHO = 20, 0.02, 0.3
+EXACT = 1e-8  # float64 closed form vs float64 autodiff: agreement is at round-off (~1e-13)
+FD = 1e-6  # central differences in float64 with eps=1e-6 carry ~1e-9 relative error
+
+
+def hypergradients(ho: far.HyperOptimizer) -> list[np.ndarray]:
+    """The last run's hypergradients, in ``hyper_list`` order, as arrays."""
+    return [g.numpy() for g, _ in ho.hypergradients()]
+
+
+class Ridge:
+    """The paper's Example 3.4 in float64: features X H, ridge weights w, hyperparameters H (a
+    matrix), log ρ and η; E reads H directly as well (it uses Xv H)."""
+
+    def __init__(self, seed=0, with_batches=False, features=False):
+        self.data = ridge_data(seed=seed)
+        rng = np.random.default_rng(seed + 100)
+        self.H0 = np.eye(5) + 0.1 * rng.normal(size=(5, 5))
+        self.H = far.get_hyperparameter("H", self.H0)
+        self.log_rho = far.get_hyperparameter("log_rho", np.log(RHO))
+        self.eta = far.get_hyperparameter("eta", np.float64(ETA))
+        self.w = tf.Variable(np.zeros((5, 2)), name="w")
+        self.hypers = [self.H, self.log_rho, self.eta]
+        X, Y, Xv, Yv = (tf.constant(a) for a in self.data)
+        penalty = lambda: 0.5 * tf.exp(self.log_rho) * tf.reduce_sum(self.w ** 2)
+        if features:  # the batch's X H is computed once per run, not once per step
+            self.features = lambda batch: (batch[0] @ self.H, batch[1])
+            self.inner = lambda f: 0.5 * tf.reduce_sum((f[0] @ self.w - f[1]) ** 2) + penalty()
+        else:
+            self.features = None
+            self.inner = (lambda b: 0.5 * tf.reduce_sum((b[0] @ self.H @ self.w - b[1]) ** 2) + penalty()
+                          ) if with_batches else (
+                          lambda: 0.5 * tf.reduce_sum((X @ self.H @ self.w - Y) ** 2) + penalty())
+        self.outer = lambda: 0.5 * tf.reduce_sum((Xv @ self.H @ self.w - Yv) ** 2)
+
+    def hypergradients(self, method, steps=T, **run_kwargs):
+        ho = far.HyperOptimizer(method)
+        run = ho.minimize(self.outer, keras.optimizers.SGD(0.0), self.inner,
+                          far.GradientDescentOptimizer(self.eta), hyper_list=self.hypers,
+                          features=self.features)
+        run(steps, _skip_hyper_ts=True, **run_kwargs)
+        return ho, hypergradients(ho)
+
+    def expected(self, steps=T, w0=None):
+        exact = unrolled_ridge(self.data, self.H0, RHO, ETA, steps, w0)
+        return [exact.H, RHO * exact.rho, exact.eta]  # d/dlog ρ = ρ d/dρ
+
+
+
+# FAR-HO tests/check forward.ipynb (T1): hypergradients [λ0, λ1, λ2, η, μ] after 10 momentum steps.
+T1_REVERSE = [-0.018393531, 0.055180617, 0.0036787055, 0.53872281, -0.076542258]
+T1_FORWARD = [-0.018393533, 0.055180617, 0.003678706, 0.53872269, -0.076542266]
+
+
+def legacy_t1(method: far.HyperGradient) -> list[float]:
+    """The T1 problem: cost = mean(v1²) + Σ λ·v2² with λ = three scalar hyperparameters,
+    momentum (η = .1, μ = .5, both hyperparameters), E = mean(v1·v2), T = 10 (float32)."""
+    v1 = tf.Variable([[1., -1., 1.], [2., 10., 2.]])
+    v2 = tf.Variable([-1., 1., 0.2])
+    lmbd = far.get_hyperparameter("lambda", initializer=tf.ones_initializer, shape=v2.shape, scalar=True)
+    cost = lambda: tf.reduce_mean(v1 ** 2) + tf.reduce_sum(lmbd * v2 ** 2)
+    eta, mu = far.get_hyperparameter("eta", 0.1), far.get_hyperparameter("mu", .5)
+    ho = far.HyperOptimizer(method)
+    run = ho.minimize(lambda: tf.reduce_mean(v1 * v2), keras.optimizers.Adam(.01), cost,
+                      far.MomentumOptimizer(eta, mu), hyper_list=[lmbd, eta, mu])
+    run(10, _skip_hyper_ts=True)
+    return [float(g) for g in hypergradients(ho)]
+
+
+# FAR-HO tests/on implicitHG.ipynb (T3): reverse at T = 100 and 1000 and implicit at T = 1000.
+T3_PUBLISHED = [0.0, 0.2829068, 36.6, 51.6605]
+
+
+def legacy_t3(method: far.HyperGradient, steps: int) -> np.ndarray:
+    """The T3 problem: w_0 = [1, 2, −1, −5], hyperparameter e = [3, 1.1, 1, .1],
+    L = Σ e·w² + (w − [0, −1, 12, 18])², E = Σ (w − [.1, −1.1, 12.1, 18.1])², GD with η = .1."""
+    w = tf.Variable([1., 2., -1., -5.])
+    e = far.get_hyperparameter("e", initializer=[3., 1.1, 1., 0.1])
+    io = lambda: e * w ** 2 + (w - [0., -1., 12., 18.]) ** 2  # a vector, summed as in TF1
+    oo = lambda: (w - [0.1, -1.1, 12.1, 18.1]) ** 2
+    ho = far.HyperOptimizer(method)
+    ho.minimize(oo, far.GradientDescentOptimizer(0.1), io, far.GradientDescentOptimizer(0.1),
+                hyper_list=[e])(steps, _skip_hyper_ts=True)
+    return hypergradients(ho)[0]
