@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from far_ho2 import batches as batching
 from far_ho2 import unroll as unrolling
+from far_ho2.compiled import compiled
 from far_ho2.hyperparameters import (HyperparameterComponents, as_tf_variable, hyperparameters,
                                      variable_name)
 from far_ho2.optimizer import Optimizer
@@ -143,9 +144,8 @@ class InnerProblem:
         batches = batching.inner_batches(inner_objective_feed_dicts, T)
         self.resolve(batching.first_batch(batches), hyperparameters())
         if batches.per_step not in self._compiled:
-            self._compiled[batches.per_step] = tf.function(
-                lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)),
-                reduce_retracing=True)
+            self._compiled[batches.per_step] = compiled(
+                lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)))
         trajectory = self._compiled[batches.per_step](tf.constant(T), batches.data)
         unrolling.raise_if_diverged(self, trajectory.final, trajectory.first_nonfinite)
         return trajectory.losses

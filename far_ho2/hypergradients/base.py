@@ -15,6 +15,7 @@ import tensorflow as tf
 from far_ho2 import batches as batching
 from far_ho2.hyperparameters import (flatten_hyperparameters, hyperparameter_pairs,
                                      hyperparameters, variable_name)
+from far_ho2.compiled import compiled
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.unroll import raise_if_diverged
 
@@ -126,7 +127,7 @@ class HyperGradient:
                         options=options)
                     results.append(self._check_connected(reg, result))
                 return results
-            self._functions[key] = tf.function(compute, reduce_retracing=True)
+            self._functions[key] = compiled(compute)
         return self._functions[key]
 
     def _check_connected(self, reg: _Registered, result: HyperGrad) -> HyperGrad:
