@@ -1,0 +1,1 @@
+"""Launchers, one per paper experiment: ``python -m flags.<name>`` from the repository root."""

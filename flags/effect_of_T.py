@@ -1,0 +1,455 @@
+"""The effect of T (Franceschi et al., ICML 2018, §5.1, Figures 3 and 4, Table 2).
+
+A linear representation H (d×d, λ = H, initialised to the identity) is tuned for ridge heads:
+
+    L(w, H) = ½‖X H w − Y‖² + (ρ/2)‖w‖²        inner, on the training set
+    E(w, H) = ½‖Xv H w − Yv‖²                   outer, on the validation set
+
+either through T steps of gradient descent from w₀ = 0 (the hypergradient of
+f_T(H) = E(w_T(H), H) by far_ho2's ``ReverseHG``), or exactly through the bilevel solution
+
+    w*(H) = ((XH)ᵀXH + ρI)⁻¹(XH)ᵀY,     f(H) = E(w*(H), H)
+
+(autodiff through ``tf.linalg.solve``). Each T in ``--T`` (and ``exact``) is a separate run
+with its own H. Every hyper-iteration logs f(H), f_T(H) (what the T-step method sees), the test
+accuracy of the classifier argmax(X_test H w_T) and the seconds taken by the hypergradient and
+the update; figure3.png plots f and f_T, figure4.png the test accuracy, table2.csv the time per
+hyper-iteration. The inner learning rate is fixed: η = eta_scale / (σ_max(X)² + ρ), i.e. half
+the stability limit 2/ℓ of L at H = I for eta_scale = 1.
+
+Data (float64): ``--features`` (an .npz with X_train, Y_train, X_val, Y_val, X_test, Y_test;
+Y one-hot or integer labels), else Omniglot pixels from ``--data_dir`` (the paper: 100 classes,
+3 training and 3 validation images per class, the rest of a class's 20 drawings for test), or
+``--data synthetic`` (class means plus noise, for tests).
+
+    python -m flags.effect_of_T --logdir /tmp/effect_of_T --T 1,4,16,64,256,exact
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+import far_ho2 as far
+from flags import common
+
+EXACT = "exact"
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment; the defaults are the paper's §5.1 setting on Omniglot pixels."""
+
+    T: tuple[str, ...] = ("1", "4", "16", "64", "256", EXACT)  # inner steps, or "exact"
+    hyper_iterations: int = 100
+    outer_optimizer: str = "adam"  # "adam" or "sgd", on H
+    outer_lr: float = 1e-3
+    rho: float = 0.1  # ρ, the ridge penalty
+    eta_scale: float = 1.0  # η = eta_scale / (σ_max(X)² + ρ)
+    data: str = "omniglot"  # "omniglot" or "synthetic" (ignored with `features`)
+    data_dir: str = "data/omniglot"
+    features: Optional[str] = None  # an .npz of features, instead of `data`
+    classes: int = 100
+    train_per_class: int = 3
+    val_per_class: int = 3
+    test_per_class: int = 15  # at most what is left of a class's images
+    dim: int = 0  # project inputs to `dim` features (Gaussian); 0: keep them
+    seed: int = 0
+
+
+class Data(NamedTuple):
+    """Inputs [n, d] and one-hot targets [n, c] of each split, float64."""
+
+    X_train: np.ndarray
+    Y_train: np.ndarray
+    X_val: np.ndarray
+    Y_val: np.ndarray
+    X_test: np.ndarray
+    Y_test: np.ndarray
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def one_hot(y: np.ndarray, classes: Optional[int] = None) -> np.ndarray:
+    """Integer labels as one-hot rows; one-hot rows unchanged."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return y.astype(np.float64)
+    return np.eye(classes or int(y.max()) + 1)[y.astype(np.int64)]
+
+
+def load_features(path: str) -> Data:
+    """An .npz with the six arrays of ``Data`` (Y one-hot or integer labels)."""
+    with np.load(common.check_file(path, "features")) as npz:
+        missing = [k for k in Data._fields if k not in npz]
+        if missing:
+            raise ValueError(f"--features={path} lacks the arrays {missing}; it needs "
+                             f"{list(Data._fields)}.")
+        arrays = {k: np.asarray(npz[k]) for k in Data._fields}
+    classes = max(int(arrays[f"Y_{s}"].max()) + 1 if arrays[f"Y_{s}"].ndim == 1
+                  else arrays[f"Y_{s}"].shape[1] for s in SPLITS)
+    return Data(**{k: (one_hot(v, classes) if k.startswith("Y") else
+                       v.reshape(len(v), -1).astype(np.float64)) for k, v in arrays.items()})
+
+
+def synthetic_data(config: Config) -> Data:
+    """Class means (unit Gaussian, in ``dim`` or 64 dimensions) plus Gaussian noise."""
+    rng = np.random.default_rng(config.seed)
+    d = config.dim or 64
+    means = rng.normal(size=(config.classes, d))
+    per_class = (config.train_per_class, config.val_per_class, config.test_per_class)
+    arrays = []
+    for n in per_class:
+        labels = np.repeat(np.arange(config.classes), n)
+        arrays += [means[labels] + rng.normal(size=(len(labels), d)), one_hot(labels, config.classes)]
+    return Data(*arrays)
+
+
+def omniglot_data(config: Config) -> Data:
+    """Omniglot pixels (ink in [0, 1], 784 per image) of ``classes`` random characters
+    (unrotated), each split into train/val/test images at random."""
+    from hyper_repr.data import load_omniglot  # noqa: PLC0415 (only this data source needs it)
+    split = load_omniglot(config.data_dir, test_alphabets=[], seed=config.seed).train
+    characters = np.arange(0, len(split.class_names), 4)  # class 4i + r is character i at 90r°
+    if config.classes > len(characters):
+        raise ValueError(f"--classes={config.classes}: the Omniglot images in {config.data_dir} "
+                         f"have only {len(characters)} characters.")
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(characters, config.classes, replace=False))
+    wanted = (config.train_per_class, config.val_per_class, config.test_per_class)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    labels: list[list[np.ndarray]] = [[], [], []]
+    for label, c in enumerate(chosen):
+        start, stop = split.class_starts[c], split.class_starts[c + 1]
+        if stop - start <= sum(wanted[:2]):
+            raise ValueError(f"Omniglot class {split.class_names[c]} has {stop - start} images, "
+                             f"fewer than --train_per_class + --val_per_class + 1.")
+        order = start + rng.permutation(stop - start)
+        cuts = np.cumsum(wanted)
+        for k, indices in enumerate(np.split(order, cuts)[:3]):
+            parts[k].append(np.sort(indices))
+            labels[k].append(np.full(len(indices), label))
+    images = np.asarray(split.images).reshape(len(split.images), -1)
+    arrays = []
+    for k in range(3):
+        arrays += [images[np.concatenate(parts[k])] / 255.0,
+                   one_hot(np.concatenate(labels[k]), config.classes)]
+    return Data(*arrays)
+
+
+def project(data: Data, dim: int, seed: int) -> Data:
+    """Inputs times a Gaussian matrix [d, dim] / √dim (a random projection)."""
+    P = np.random.default_rng([seed, 1]).normal(size=(data.X_train.shape[1], dim)) / np.sqrt(dim)
+    return data._replace(**{f"X_{s}": getattr(data, f"X_{s}") @ P for s in SPLITS})
+
+
+def load_data(config: Config) -> Data:
+    """The data the configuration names (see the module docstring)."""
+    if config.features:
+        data = load_features(config.features)
+    elif config.data == "synthetic":
+        return synthetic_data(config)
+    elif config.data == "omniglot":
+        data = omniglot_data(config)
+    else:
+        raise ValueError(f"--data must be 'omniglot' or 'synthetic', got {config.data!r}.")
+    return project(data, config.dim, config.seed) if config.dim else data
+
+
+# -- the two hypergradient methods -------------------------------------------------------------
+
+
+def exact_weights(H: tf.Tensor, X: tf.Tensor, Y: tf.Tensor, rho: tf.Tensor) -> tf.Tensor:
+    """w*(H) = ((XH)ᵀXH + ρI)⁻¹(XH)ᵀY."""
+    A = X @ H
+    gram = tf.matmul(A, A, transpose_a=True) + rho * tf.eye(tf.shape(H)[1], dtype=H.dtype)
+    return tf.linalg.solve(gram, tf.matmul(A, Y, transpose_a=True))
+
+
+def outer_objective(H: tf.Tensor, w: tf.Tensor, X: tf.Tensor, Y: tf.Tensor) -> tf.Tensor:
+    """E(w, H) = ½‖X H w − Y‖²."""
+    return 0.5 * tf.reduce_sum((X @ H @ w - Y) ** 2)
+
+
+@tf.function(reduce_retracing=True)
+def exact_objective(H: tf.Tensor, X: tf.Tensor, Y: tf.Tensor, Xv: tf.Tensor, Yv: tf.Tensor,
+                    rho: tf.Tensor) -> tf.Tensor:
+    """f(H) = E(w*(H), H), the exact bilevel objective."""
+    return outer_objective(H, exact_weights(H, X, Y, rho), Xv, Yv)
+
+
+def accuracy(H: tf.Tensor, w: tf.Tensor, X: tf.Tensor, Y: tf.Tensor) -> tf.Tensor:
+    """The fraction of rows where argmax(X H w) is the class of Y."""
+    hits = tf.equal(tf.argmax(X @ H @ w, axis=1), tf.argmax(Y, axis=1))
+    return tf.reduce_mean(tf.cast(hits, tf.float64))
+
+
+def inner_learning_rate(data: Data, rho: float, eta_scale: float) -> float:
+    """η = eta_scale / ℓ, ℓ = σ_max(X)² + ρ the Lipschitz constant of ∇_w L at H = I."""
+    return eta_scale / (np.linalg.norm(data.X_train, 2) ** 2 + rho)
+
+
+class Method(NamedTuple):
+    """One run's hyper-iteration ``step() -> (f_T, w_T)`` (both at H before the update)."""
+
+    name: str
+    step: Callable[[], tuple[tf.Tensor, tf.Tensor]]
+
+
+def unrolled_method(T: int, H: tf.Variable, tensors: Data, rho: float, eta: float,
+                    optimizer: keras.optimizers.Optimizer) -> Method:
+    """T steps of GD from w₀ = 0, reverse-mode hypergradient (far_ho2 ``ReverseHG``)."""
+    X, Y, Xv, Yv = tensors.X_train, tensors.Y_train, tensors.X_val, tensors.Y_val
+    w = tf.Variable(tf.zeros((H.shape[1], Y.shape[1]), tf.float64), name="w")
+    inner = lambda f: 0.5 * tf.reduce_sum((f[0] @ w - f[1]) ** 2) + 0.5 * rho * tf.reduce_sum(w ** 2)
+    run = far.HyperOptimizer(far.ReverseHG()).minimize(
+        lambda: outer_objective(H, w, Xv, Yv), optimizer, inner, far.GradientDescentOptimizer(eta),
+        hyper_list=[H], var_list=[w], features=lambda batch: (batch[0] @ H, batch[1]))
+
+    def step():
+        value = run(T, inner_objective_feed_dicts=(X, Y))
+        return value, tf.identity(w)
+    return Method(f"T{T}", step)
+
+
+def exact_method(H: tf.Variable, tensors: Data, rho: float,
+                 optimizer: keras.optimizers.Optimizer) -> Method:
+    """The exact bilevel hypergradient ∇f(H), by autodiff through ``tf.linalg.solve``."""
+    X, Y, Xv, Yv = tensors.X_train, tensors.Y_train, tensors.X_val, tensors.Y_val
+
+    @tf.function
+    def value_and_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(H)  # hyperparameters are not trainable variables
+            w = exact_weights(H, X, Y, rho)
+            value = outer_objective(H, w, Xv, Yv)
+        return value, w, tape.gradient(value, H)
+
+    def step():
+        value, w, grad = value_and_grad()
+        optimizer.apply_gradients([(grad, H)])
+        return value, w
+    return Method(EXACT, step)
+
+
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    if config.outer_optimizer == "adam":
+        return keras.optimizers.Adam(config.outer_lr)
+    if config.outer_optimizer == "sgd":
+        return keras.optimizers.SGD(config.outer_lr)
+    raise ValueError(f"--outer_optimizer must be 'adam' or 'sgd', got {config.outer_optimizer!r}.")
+
+
+def parse_T(values: Sequence[str]) -> list[Any]:
+    """``--T`` as positive ints and the string "exact"."""
+    parsed = []
+    for v in values:
+        v = str(v).strip()
+        if v == EXACT:
+            parsed.append(EXACT)
+        elif v.isdigit() and int(v) > 0:
+            parsed.append(int(v))
+        else:
+            raise ValueError(f"--T: each value must be a positive int or '{EXACT}', got {v!r}.")
+    if not parsed:
+        raise ValueError("--T is empty: give at least one value, e.g. --T=1,4,16,exact.")
+    return parsed
+
+
+def check_config(config: Config) -> list[Any]:
+    """Validates the configuration; returns the parsed T values."""
+    if config.hyper_iterations < 1:
+        raise ValueError(f"--hyper_iterations must be positive, got {config.hyper_iterations}.")
+    for name in ("outer_lr", "rho", "eta_scale"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
+    if config.eta_scale >= 2:
+        raise ValueError(f"--eta_scale={config.eta_scale}: GD diverges at H = I for η ≥ 2/ℓ; "
+                         "use a value in (0, 2).")
+    for name in ("classes", "train_per_class", "val_per_class", "test_per_class"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
+    return parse_T(config.T)
+
+
+# -- the experiment ----------------------------------------------------------------------------
+
+
+def train_run(method_T: Any, config: Config, data: Data, logdir: common.Logdir) -> None:
+    """One T (or "exact"): ``hyper_iterations`` hypergradient steps on a fresh H = I, resuming
+    from the run's checkpoint. Logs f, f_T, accuracies and seconds per hyper-iteration."""
+    tensors = Data(*(tf.constant(a, tf.float64) for a in data))
+    d = data.X_train.shape[1]
+    H = far.get_hyperparameter("H", np.eye(d))
+    optimizer = make_optimizer(config)
+    optimizer.build([H])
+    if method_T == EXACT:
+        method = exact_method(H, tensors, config.rho, optimizer)
+    else:
+        eta = inner_learning_rate(data, config.rho, config.eta_scale)
+        method = unrolled_method(method_T, H, tensors, config.rho, eta, optimizer)
+    checkpointer = logdir.checkpointer(method.name, H=H, optimizer=optimizer)
+    start = logdir.resume_run(checkpointer, method.name)
+    for i in common.progress(range(start, config.hyper_iterations), config.hyper_iterations,
+                             label=method.name):
+        H_i = tf.identity(H)
+        f = exact_objective(H_i, tensors.X_train, tensors.Y_train, tensors.X_val, tensors.Y_val,
+                            tf.constant(config.rho, tf.float64))
+        seconds = time.perf_counter()
+        f_T, w = method.step()
+        seconds = time.perf_counter() - seconds
+        logdir.log(i, {"f": f, "f_T": f_T, "seconds": seconds,
+                       "test_accuracy": accuracy(H_i, w, tensors.X_test, tensors.Y_test),
+                       "val_accuracy": accuracy(H_i, w, tensors.X_val, tensors.Y_val)}, run=method.name)
+        checkpointer.save(i + 1)
+
+
+def final_metrics(rows: list[dict], names: Sequence[str]) -> dict:
+    """Per run: the last logged f, f_T, accuracies, and the median seconds per hyper-iteration
+    (the first, which traces the compiled functions, excluded when there are others)."""
+    results = {}
+    for name in names:
+        mine = sorted((r for r in rows if r["run"] == name), key=lambda r: int(r["step"]))
+        last = mine[-1]
+        seconds = [float(r["seconds"]) for r in mine]
+        timed = seconds[1:] or seconds
+        results[name] = {"f": float(last["f"]), "f_T": float(last["f_T"]),
+                         "test_accuracy": float(last["test_accuracy"]),
+                         "val_accuracy": float(last["val_accuracy"]),
+                         "seconds_median": float(np.median(timed)),
+                         "seconds_mean": float(np.mean(timed)), "seconds_first": seconds[0],
+                         "hyper_iterations": len(mine)}
+    return results
+
+
+def plot_figures(rows: list[dict], names: Sequence[str], results: dict, path: Any) -> None:
+    """figure3.png (f solid, f_T dashed vs hyper-iterations) and figure4.png (test accuracy vs
+    hyper-iterations, and the final one vs T)."""
+    plt = common.pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = {n: sorted((r for r in rows if r["run"] == n), key=lambda r: int(r["step"]))
+              for n in names}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, name in enumerate(names):
+        steps = [int(r["step"]) for r in series[name]]
+        color = colors[k % len(colors)]
+        ax.plot(steps, [float(r["f"]) for r in series[name]], color=color, label=f"{name}: f")
+        if name != EXACT:
+            ax.plot(steps, [float(r["f_T"]) for r in series[name]], "--", color=color,
+                    label=f"{name}: f_T")
+    ax.set(xlabel="hyper-iteration", ylabel="validation objective", yscale="log",
+           title="Figure 3: f (solid) and f_T (dashed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path / "figure3.png", dpi=100)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, name in enumerate(names):
+        left.plot([int(r["step"]) for r in series[name]],
+                  [float(r["test_accuracy"]) for r in series[name]], color=colors[k % len(colors)],
+                  label=name)
+    left.set(xlabel="hyper-iteration", ylabel="test accuracy", title="Figure 4: test accuracy")
+    left.legend(fontsize=7)
+    unrolled = [n for n in names if n != EXACT]
+    right.plot([int(n[1:]) for n in unrolled], [results[n]["test_accuracy"] for n in unrolled],
+               "o-", label="T steps")
+    if EXACT in names:
+        right.axhline(results[EXACT]["test_accuracy"], color="k", ls=":", label="exact")
+    right.set(xscale="log", xlabel="T", ylabel="final test accuracy", title="vs T")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path / "figure4.png", dpi=100)
+    plt.close(fig)
+
+
+def timing_table(results: dict) -> list[dict]:
+    """Table 2: seconds per hyper-iteration per T."""
+    return [{"T": name[1:] if name != EXACT else EXACT,
+             "seconds_median": results[name]["seconds_median"],
+             "seconds_mean": results[name]["seconds_mean"],
+             "seconds_first": results[name]["seconds_first"]} for name in results]
+
+
+def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
+                   data: Optional[Data] = None) -> dict:
+    """Runs (or resumes) every T of ``config`` in ``logdir``; writes metrics.csv, results.json,
+    figure3.png, figure4.png and table2.csv, prints Table 2. Returns the results.
+
+    Args:
+        data: the data, if already loaded. Defaults to `None`: ``load_data(config)``.
+
+    Raises:
+        ValueError: for a bad configuration; FileNotFoundError for missing data.
+    """
+    values = check_config(config)
+    data = load_data(config) if data is None else data
+    logging.info("Data: %s", {k: v.shape for k, v in data._asdict().items()})
+    common.set_seed(config.seed)
+    out = common.Logdir(logdir, config, resume=resume)
+    names = [EXACT if v == EXACT else f"T{v}" for v in values]
+    for value in values:
+        train_run(value, config, data, out)
+    rows = out.read_metrics()
+    results = final_metrics(rows, names)
+    plot_figures(rows, names, results, out.path)
+    table = timing_table(results)
+    common.write_csv(out.path / "table2.csv", table)
+    common.print_table("Table 2: seconds per hyper-iteration", table)
+    return out.write_results(results)
+
+
+# -- flags -------------------------------------------------------------------------------------
+
+
+def define_flags() -> dict:
+    """The launcher's flags (one per ``Config`` field) and the common ones."""
+    defaults = Config()
+    holders = common.define_common_flags()._asdict()
+    holders.update(
+        T=flags.DEFINE_list("T", list(defaults.T), "Inner GD steps T, and/or 'exact'."),
+        hyper_iterations=flags.DEFINE_integer("hyper_iterations", defaults.hyper_iterations,
+                                              "Hyper-iterations per T."),
+        outer_optimizer=flags.DEFINE_enum("outer_optimizer", defaults.outer_optimizer,
+                                          ["adam", "sgd"], "Optimizer of H."),
+        outer_lr=flags.DEFINE_float("outer_lr", defaults.outer_lr, "Learning rate of H."),
+        rho=flags.DEFINE_float("rho", defaults.rho, "Ridge penalty ρ."),
+        eta_scale=flags.DEFINE_float("eta_scale", defaults.eta_scale,
+                                     "Inner lr η = eta_scale / (σ_max(X)² + ρ)."),
+        data=flags.DEFINE_enum("data", defaults.data, ["omniglot", "synthetic"], "Data source."),
+        data_dir=flags.DEFINE_string("data_dir", defaults.data_dir, "Omniglot folder."),
+        features=flags.DEFINE_string("features", None, ".npz of X_/Y_ train/val/test "
+                                     "(overrides --data)."),
+        classes=flags.DEFINE_integer("classes", defaults.classes, "Number of classes."),
+        train_per_class=flags.DEFINE_integer("train_per_class", defaults.train_per_class, "."),
+        val_per_class=flags.DEFINE_integer("val_per_class", defaults.val_per_class, "."),
+        test_per_class=flags.DEFINE_integer("test_per_class", defaults.test_per_class, "."),
+        dim=flags.DEFINE_integer("dim", defaults.dim, "Random projection to dim features (0: "
+                                 "none)."))
+    return holders
+
+
+_FLAGS: dict = {}
+
+
+def main(argv: list[str]) -> None:
+    common.check_no_arguments(argv)
+    values = {k: h.value for k, h in _FLAGS.items()}
+    logdir, resume = values.pop("logdir"), values.pop("resume")
+    config = Config(**{**values, "T": tuple(values["T"])})
+    common.usage_errors(check_config, config)
+    data = common.usage_errors(load_data, config)
+    run_experiment(config, logdir, resume=resume, data=data)
+
+
+if __name__ == "__main__":
+    _FLAGS.update(define_flags())
+    app.run(main)

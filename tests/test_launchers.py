@@ -1,0 +1,243 @@
+"""The launchers end to end on tiny data: the files they write, resume (k iterations, then
+resume to 2k, equals 2k uninterrupted, checkpoint included), and the command line (flag
+parsing, ``--noresume``, exit codes and messages for bad flags and missing data)."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from matplotlib import image as mpimg
+
+from flags import common
+from flags import effect_of_T
+from flags import hyper_cleaning
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EOT = effect_of_T.Config(data="synthetic", classes=4, dim=6, train_per_class=3, val_per_class=3,
+                         test_per_class=5, T=("3", "exact"), hyper_iterations=4, outer_lr=0.05)
+TIMING = {"seconds", "seconds_median", "seconds_mean", "seconds_first"}  # differ between runs
+
+
+def fake_mnist(path: pathlib.Path, n_train: int = 120, n_test: int = 40, seed: int = 0) -> pathlib.Path:
+    """A Keras-format MNIST .npz: 28×28 uint8 images of 10 random templates plus noise."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(10, 28, 28))
+
+    def images(n):
+        y = rng.integers(0, 10, size=n).astype(np.uint8)
+        x = np.clip(0.6 * templates[y] + rng.normal(0, 60, size=(n, 28, 28)), 0, 255)
+        return x.astype(np.uint8), y
+    (x_train, y_train), (x_test, y_test) = images(n_train), images(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture
+def mnist(tmp_path) -> pathlib.Path:
+    return fake_mnist(tmp_path / "mnist.npz")
+
+
+def cleaning_config(data: pathlib.Path, hyper_iterations: int = 4) -> hyper_cleaning.Config:
+    return hyper_cleaning.Config(data=str(data), n_train=60, n_val=30, corruption=0.3,
+                                 model="softmax", T=20, hyper_iterations=hyper_iterations,
+                                 outer_lr=0.1, inner_lr=0.3)
+
+
+def rows(logdir: pathlib.Path) -> list[dict]:
+    with (logdir / common.METRICS).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(table: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in table]
+
+
+def checkpoint_values(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor in the latest checkpoint of ``directory`` (save counter excluded)."""
+    reader = tf.train.load_checkpoint(str(directory))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith("save_counter") and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def assert_same_checkpoints(first: pathlib.Path, second: pathlib.Path) -> None:
+    a, b = checkpoint_values(first), checkpoint_values(second)
+    assert sorted(a) == sorted(b)
+    assert any("optimizer" in name for name in a)  # the outer optimizer's state is saved
+    for name in a:  # same computations in the same order: equal to round-off
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def assert_png(path: pathlib.Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+def assert_resumed_equals_uninterrupted(run, config, tmp_path, k: int) -> dict:
+    """Runs k then 2k iterations (with a row logged after the last checkpoint, as after a
+    crash, which resume must drop), and 2k at once; compares metrics.csv and checkpoints."""
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    run(dataclasses.replace(config, hyper_iterations=k), resumed)
+    stale = rows(resumed)[-1]
+    with (resumed / common.METRICS).open("a", newline="") as f:  # logged, never checkpointed
+        csv.DictWriter(f, fieldnames=list(stale)).writerow({**stale, "step": k})
+    run(dataclasses.replace(config, hyper_iterations=2 * k), resumed)
+    results = run(dataclasses.replace(config, hyper_iterations=2 * k), straight)
+    order = lambda r: (r["run"], int(r["step"]))  # runs interleave differently when resumed
+    got, want = sorted(rows(resumed), key=order), sorted(rows(straight), key=order)
+    assert [(r["run"], r["step"]) for r in got] == [(r["run"], r["step"]) for r in want]
+    for a, b in zip(without_timing(got), without_timing(want)):
+        for key in a:
+            if key not in ("run", "step"):
+                np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-9, err_msg=key)
+    for folder in sorted((straight / "checkpoints").iterdir()):
+        assert_same_checkpoints(resumed / "checkpoints" / folder.name, folder)
+    return results
+
+
+def test_effect_of_T_writes_outputs_and_resumes_exactly(tmp_path):
+    run = lambda config, logdir: effect_of_T.run_experiment(config, logdir)
+    results = assert_resumed_equals_uninterrupted(run, EOT, tmp_path, k=2)
+    logdir = tmp_path / "straight"
+    saved = json.loads((logdir / common.RESULTS).read_text())
+    assert saved["config"]["T"] == ["3", "exact"] and saved["config"]["hyper_iterations"] == 4
+    assert set(saved["metrics"]) == {"T3", "exact"}
+    for name, metrics in saved["metrics"].items():
+        assert metrics["hyper_iterations"] == 4
+        assert all(math.isfinite(metrics[k]) for k in ("f", "f_T", "seconds_median"))
+        assert metrics["f"] > 0 and metrics["f_T"] > 0
+        assert 0 <= metrics["test_accuracy"] <= 1 and metrics["seconds_median"] >= 0
+    assert saved["metrics"]["exact"]["f"] == saved["metrics"]["exact"]["f_T"]  # same objective
+    assert results["metrics"] == saved["metrics"]
+    exact = [float(r["f"]) for r in rows(logdir) if r["run"] == "exact"]
+    assert exact[-1] < exact[0]  # the exact hypergradient lowers f
+    assert len(rows(logdir)) == 8  # 4 hyper-iterations × 2 runs, no duplicates
+    for png in ("figure3.png", "figure4.png"):
+        assert_png(logdir / png)
+    table = list(csv.DictReader((logdir / "table2.csv").open()))
+    assert [r["T"] for r in table] == ["3", "exact"]
+    assert json.loads((logdir / common.CONFIG).read_text())["dim"] == 6
+    assert list((logdir / "tensorboard" / "T3").glob("events.out.tfevents.*"))
+
+
+def test_effect_of_T_features_file_is_read(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"X_{s}": rng.normal(size=(8, 5)) for s in effect_of_T.SPLITS}
+    arrays.update({f"Y_{s}": np.arange(8) % 2 for s in effect_of_T.SPLITS})
+    np.savez(tmp_path / "features.npz", **arrays)
+    data = effect_of_T.load_data(effect_of_T.Config(features=str(tmp_path / "features.npz")))
+    assert data.X_train.shape == (8, 5) and data.Y_test.shape == (8, 2)
+    np.savez(tmp_path / "bad.npz", X_train=arrays["X_train"])
+    with pytest.raises(ValueError, match="lacks the arrays"):
+        effect_of_T.load_data(effect_of_T.Config(features=str(tmp_path / "bad.npz")))
+
+
+def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
+    run = lambda config, logdir: hyper_cleaning.run_experiment(config, logdir)
+    assert_resumed_equals_uninterrupted(run, cleaning_config(mnist), tmp_path, k=2)
+    logdir = tmp_path / "straight"
+    saved = json.loads((logdir / common.RESULTS).read_text())
+    metrics = saved["metrics"]
+    for key in ("test_accuracy", "baseline_test_accuracy", "oracle_test_accuracy", "precision",
+                "recall", "f1", "weight_corrupted", "weight_clean", "val_accuracy"):
+        assert 0 <= metrics[key] <= 1, (key, metrics[key])
+    assert 1e-5 <= metrics["lr"] <= 1  # the constraint holds
+    assert metrics["lr"] != 0.1  # the learning rate was tuned
+    assert saved["config"]["model"] == "softmax" and saved["config"]["n_train"] == 60
+    table = rows(logdir)
+    assert [int(r["step"]) for r in table] == [0, 1, 2, 3]
+    assert float(table[-1]["val_loss"]) < float(table[0]["val_loss"])
+    assert_png(logdir / "weights.png")
+
+
+def test_hyper_cleaning_data_is_split_and_corrupted(mnist):
+    config = cleaning_config(mnist)
+    data = hyper_cleaning.load_data(config)
+    assert data.x_train.shape == (60, 784) and data.x_val.shape == (30, 784)
+    assert data.x_test.shape == (40, 784) and data.x_train.max() <= 1
+    assert data.corrupted.sum() == 18  # 30% of 60
+    y = np.arange(1000) % 10
+    noisy, corrupted = hyper_cleaning.corrupt(y, 0.25, np.random.default_rng(0))
+    assert corrupted.sum() == 250 and np.all(noisy[corrupted] != y[corrupted])
+    assert np.all(noisy[~corrupted] == y[~corrupted]) and noisy.max() < 10
+
+
+def test_detection_scores():
+    corrupted = np.array([True, True, False, False])
+    scores = hyper_cleaning.detection(np.array([0.1, 0.9, 0.2, 0.8]), corrupted, 0.5)
+    assert scores == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert hyper_cleaning.detection(np.ones(4), corrupted, 0.5)["f1"] == 0.0  # nothing flagged
+
+
+def test_logdir_resume_drops_rows_and_noresume_clears(tmp_path):
+    out = common.Logdir(tmp_path, {"a": 1})
+    for step in range(3):
+        out.log(step, {"x": step})
+    common.Logdir(tmp_path, {"a": 1}).resume_run(common.Checkpointer(tmp_path / "none"))
+    assert [r["step"] for r in rows(tmp_path)] == []  # no checkpoint: iteration 0, rows dropped
+    out.log(0, {"x": 0.5, "y": 2.0})  # a new metric extends the header
+    assert rows(tmp_path) == [{"run": "main", "step": "0", "x": "0.5", "y": "2.0"}]
+    common.Logdir(tmp_path, {"a": 2}, resume=False)
+    assert not (tmp_path / common.METRICS).exists()
+    assert json.loads((tmp_path / common.CONFIG).read_text()) == {"a": 2}
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def launch(module: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", f"flags.{module}", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+def test_command_lines(tmp_path, mnist):
+    """Both launchers from the command line, and their errors; started together to overlap."""
+    eot_dir, hc_dir = tmp_path / "eot", tmp_path / "hc"
+    eot_dir.mkdir()
+    (eot_dir / common.METRICS).write_text("run,step\nstale,0\n")  # --noresume deletes it
+    processes = {
+        "eot": launch("effect_of_T", f"--logdir={eot_dir}", "--data=synthetic", "--classes=3",
+                      "--dim=4", "--T=2,exact", "--hyper_iterations=2", "--noresume"),
+        "hc": launch("hyper_cleaning", f"--logdir={hc_dir}", f"--data={mnist}", "--n_train=40",
+                     "--n_val=20", "--T=5", "--hyper_iterations=2", "--model=mlp", "--hidden=8",
+                     "--noresume"),
+        "bad_T": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--data=synthetic", "--T=0,abc"),
+        "unknown_flag": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--no_such_flag=1"),
+        "bad_enum": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", f"--data={mnist}",
+                           "--model=resnet"),
+        "missing_data": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}",
+                               f"--data={tmp_path / 'missing.npz'}"),
+        "missing_features": launch("effect_of_T", f"--logdir={tmp_path / 'x'}",
+                                   f"--features={tmp_path / 'missing.npz'}"),
+        "no_logdir": launch("hyper_cleaning", f"--data={mnist}"),
+    }
+    results = {name: finish(p) for name, p in processes.items()}
+    expected_errors = {"bad_T": "--T: each value must be a positive int", "unknown_flag": "no_such_flag",
+                       "bad_enum": "--model", "missing_data": "missing.npz: no such file",
+                       "missing_features": "--features=", "no_logdir": "--logdir"}
+    for name, message in expected_errors.items():
+        code, _, stderr = results[name]
+        assert code != 0, name
+        assert message in stderr, (name, stderr[-2000:])
+        assert "Traceback" not in stderr, (name, stderr[-2000:])
+    for name, logdir in (("eot", eot_dir), ("hc", hc_dir)):
+        code, stdout, stderr = results[name]
+        assert code == 0, stderr[-3000:]
+        assert json.loads((logdir / common.RESULTS).read_text())["metrics"]
+    assert "stale" not in (eot_dir / common.METRICS).read_text()
+    assert "Table 2" in results["eot"][1] and "test_accuracy" in results["hc"][1]
+    assert not (tmp_path / "x").exists()  # errors are caught before anything is written
