@@ -11,8 +11,10 @@ constraints.
 
 from typing import Any, Callable, Optional, Sequence
 
+import keras
 import tensorflow as tf
 
+from far_ho2.compiled import compiled
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hypergradients.reverse import ReverseHG
 from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters
@@ -34,6 +36,7 @@ class HyperOptimizer:
         self._hypergradient = hypergradient or ReverseHG()
         self._groups: list[tuple[Any, list]] = []  # (outer optimizer, its hyperparameters)
         self._finalized: Optional[tuple] = None
+        self._updates: dict = {}  # compiled outer updates, per (optimizer, variables)
         self.global_step = 0
 
     @property
@@ -125,10 +128,26 @@ class HyperOptimizer:
         if not _skip_hyper_ts:
             aggregation_fn, process_fn = self._finalized
             for optimizer, group in self._groups:
-                optimizer.apply_gradients(self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
-                apply_constraints(flatten_hyperparameters(group))
+                self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
             self.global_step += 1
         return value
+
+    def _update(self, optimizer: Any, pairs: list) -> None:
+        """λ ← P(λ − step): the outer optimizer's update, then the constraints' projections. A
+        Keras optimizer's update is compiled after its first (eager, slot-building) call: eager
+        Keras updates cost tens of milliseconds for a network's variables."""
+        grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+        key = (id(optimizer), tuple(id(v) for v in variables))
+        if key in self._updates:
+            self._updates[key](grads)
+            return
+        optimizer.apply_gradients(pairs)
+        apply_constraints(flatten_hyperparameters(variables))
+        if isinstance(optimizer, keras.optimizers.Optimizer):
+            def update(grads):
+                optimizer.apply_gradients(zip(grads, variables))
+                apply_constraints(flatten_hyperparameters(variables))
+            self._updates[key] = compiled(update)
 
     def hypergradients(self) -> list[tuple[tf.Tensor, Any]]:
         """The last run's ``[(hypergradient, hyperparameter), ...]``, aggregated and processed."""

@@ -1,0 +1,240 @@
+"""Meta-training loop of hyper-representation: ``meta_train(config, workdir, splits)``.
+
+``workdir`` holds
+
+    config.json    the `Config`
+    metrics.csv    a row per evaluation: iteration, elapsed seconds, mean train outer loss since
+                   the previous row, validation accuracy and its 95% CI
+    checkpoints/   tf.train.Checkpoint of the network, the outer Adam, the learned η, the
+                   classifier ('classic'), the iteration, the elapsed time, the best validation
+                   accuracy, the evaluations since it and the best weights
+    results.json   test accuracies and CIs (best-validation weights) next to the baselines:
+                   raw pixels and the untrained network (the initial weights)
+
+A checkpoint in ``workdir`` means resume. Meta-batch i holds episodes i·B … i·B + B − 1 of the
+stream ``seed`` (``data.episode_dataset(first_episode=i·B)``), and 'classic' batch i is drawn by
+``default_rng([seed, i])``, so a resumed run sees the same data as an uninterrupted one.
+Training stops after ``iterations``, when validation accuracy has not improved for ``patience``
+evaluations, or when ``time_budget_seconds`` of training (over all runs) are spent.
+"""
+
+import csv
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from hyper_repr import data, meta_learner
+from hyper_repr.models import build_network
+
+_RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
+_METRICS = ("iteration", "elapsed_seconds", "train_outer_loss", "val_accuracy", "val_ci")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a meta-training run (defaults: Omniglot 5-way 1-shot, the FAR-HO
+    example's meta-optimiser: meta-lr 1e-3, decay 1e-5, meta-batch 4)."""
+
+    network: str = "omniglot"  # models.build_network name
+    batch_norm_scale: bool = False  # learn the normalisation scale γ too
+    dtype: str = "float32"
+    ways: int = 5  # N
+    shots: int = 1  # k, support images per class
+    queries: int = 15  # q, query images per class
+    legacy_sampling: bool = False  # support images may reappear in the query set (original)
+    steps: int = 5  # T, head GD steps (meta-training and evaluation)
+    learning_rate: float = 0.1  # η, head learning rate (initial value if learned)
+    learn_lr: bool = False
+    meta_batch_size: int = 4  # B
+    meta_lr: float = 1e-3
+    meta_lr_decay: float = 1e-5  # inverse-time decay rate per iteration
+    clip: Optional[float] = None  # hypergradient clipping value
+    variant: str = "hyper"  # meta_learner.VARIANTS
+    iterations: int = 50_000
+    eval_every: int = 500  # iterations between validation evaluations (and checkpoints)
+    eval_episodes: int = 600  # validation episodes
+    test_episodes: int = 600
+    test_shots: tuple = ()  # shots of the test evaluations; () means (shots,)
+    eval_batch_size: int = 50  # episodes per compiled evaluation call
+    patience: int = 20  # evaluations without improvement before stopping
+    seed: int = 0
+    time_budget_seconds: Optional[float] = None  # of training, over all runs
+
+
+def classic_batch(split: data.Split, seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch ``index`` of 'classic' training: ``size`` images drawn uniformly from ``split`` by
+    ``default_rng([seed, index])``, with their class numbers as labels."""
+    rng = np.random.default_rng([seed, index])
+    indices = np.sort(rng.choice(int(split.class_starts[-1]), size=size, replace=False))
+    labels = np.searchsorted(split.class_starts, indices, side="right") - 1
+    return np.asarray(split.images[indices], np.float32) / 255.0, labels.astype(np.int32)
+
+
+class _Progress(tf.Module):
+    """The loop's state that a checkpoint restores besides the learner's."""
+
+    def __init__(self, weights: list):
+        super().__init__()
+        self.iteration = tf.Variable(0, dtype=tf.int64)
+        self.elapsed = tf.Variable(0.0, dtype=tf.float64)
+        self.best_accuracy = tf.Variable(-1.0, dtype=tf.float64)
+        self.evaluations_since_best = tf.Variable(0, dtype=tf.int64)
+        self.best_weights = [tf.Variable(w, trainable=False) for w in weights]
+
+
+def _write_config(config: Config, workdir: pathlib.Path) -> None:
+    path, fields = workdir / "config.json", dataclasses.asdict(config)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in fields if k not in _RESUMABLE
+                         and json.loads(json.dumps(fields[k])) != saved.get(k))
+        if changed:
+            raise ValueError(f"`workdir` {str(workdir)!r} holds a run with another config "
+                             f"(fields {changed} differ); only {_RESUMABLE} may change on resume. "
+                             f"Use a new workdir.")
+    path.write_text(json.dumps(fields, indent=2))
+
+
+def _truncate_metrics(path: pathlib.Path, iteration: int) -> None:
+    """Creates metrics.csv, or drops rows written after the restored checkpoint."""
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, _METRICS)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["iteration"]) <= iteration)
+
+
+def _episodes(split: data.Split, config: Config, *, shots: int, num_episodes: int) -> Any:
+    return data.evaluation_episodes(split, ways=config.ways, shots=shots, queries=config.queries,
+                                    num_episodes=num_episodes, seed=config.seed,
+                                    meta_batch_size=config.eval_batch_size,
+                                    legacy_sampling=config.legacy_sampling)
+
+
+def _train_batches(splits: data.Splits, config: Config, first: int):
+    """Meta-batches (or 'classic' batches) first, first + 1, …"""
+    if config.variant in ("classic", "multiclass"):
+        size = config.meta_batch_size * config.ways * (config.shots + config.queries)
+        index = first
+        while True:
+            yield classic_batch(splits.train, config.seed, index, size)
+            index += 1
+    yield from data.episode_dataset(splits.train, ways=config.ways, shots=config.shots,
+                                    queries=config.queries, seed=config.seed,
+                                    meta_batch_size=config.meta_batch_size,
+                                    legacy_sampling=config.legacy_sampling,
+                                    first_episode=first * config.meta_batch_size)
+
+
+def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
+    """Meta-trains, resuming from ``workdir`` if it holds a checkpoint; then meta-tests.
+
+    Args:
+        config: the settings.
+        workdir: output folder (created).
+        splits: train / val / test splits (``data.load_omniglot`` ...).
+
+    Returns:
+        The content of results.json.
+
+    Raises:
+        ValueError: if ``workdir`` holds a run with another config, or the config is invalid.
+    """
+    if config.eval_every < 1 or config.iterations < 0:
+        raise ValueError(f"`eval_every` must be ≥ 1 and `iterations` ≥ 0, got "
+                         f"{config.eval_every} and {config.iterations}.")
+    root = pathlib.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_config(config, root)
+    input_shape = tuple(splits.train.images.shape[1:])
+    network = build_network(config.network, input_shape, seed=config.seed, dtype=config.dtype,
+                            batch_norm_scale=config.batch_norm_scale)
+    initial_weights = [v.numpy() for v in network.trainable_variables]
+    classic = config.variant in ("classic", "multiclass")
+    learner = meta_learner.MetaLearner(
+        network, ways=config.ways, meta_batch_size=config.meta_batch_size, steps=config.steps,
+        learning_rate=config.learning_rate, learn_lr=config.learn_lr, meta_lr=config.meta_lr,
+        meta_lr_decay=config.meta_lr_decay, clip=config.clip, variant=config.variant,
+        num_classes=len(splits.train.class_names) if classic else None)
+    learned = learner.hypers[:len(learner.hypers) - len(learner.classifier)]  # λ (+ η)
+    progress = _Progress([v.numpy() for v in learned])
+    checkpoint = tf.train.Checkpoint(network=network, optimizer=learner.optimizer, progress=progress,
+                                     classifier=learner.classifier,
+                                     learning_rate=learned[len(network.trainable_variables):])
+    manager = tf.train.CheckpointManager(checkpoint, root / "checkpoints", max_to_keep=2)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed %s at iteration %d.", manager.latest_checkpoint, int(progress.iteration))
+    metrics_path = root / "metrics.csv"
+    _truncate_metrics(metrics_path, int(progress.iteration))
+    validation = _episodes(splits.val, config, shots=config.shots, num_episodes=config.eval_episodes)
+
+    start, first = time.time(), int(progress.iteration)
+    elapsed0 = float(progress.elapsed)
+    losses: list[float] = []
+    batches = _train_batches(splits, config, first)
+    budget = config.time_budget_seconds
+    while (progress.iteration < config.iterations
+           and progress.evaluations_since_best < config.patience
+           and (budget is None or elapsed0 + time.time() - start < budget)):
+        losses.append(learner.meta_step(next(batches)))
+        progress.iteration.assign_add(1)
+        iteration = int(progress.iteration)
+        if iteration % config.eval_every == 0 or iteration == config.iterations:
+            accuracy, ci = learner.evaluate(validation)
+            if accuracy > float(progress.best_accuracy):
+                progress.best_accuracy.assign(accuracy)
+                progress.evaluations_since_best.assign(0)
+                for best, v in zip(progress.best_weights, learned):
+                    best.assign(v)
+            else:
+                progress.evaluations_since_best.assign_add(1)
+            elapsed = elapsed0 + time.time() - start
+            progress.elapsed.assign(elapsed)
+            with metrics_path.open("a", newline="") as f:
+                csv.writer(f).writerow([iteration, f"{elapsed:.2f}", f"{np.mean(losses):.6g}",
+                                        f"{accuracy:.6g}", f"{ci:.6g}"])
+            rate = (iteration - first) / (time.time() - start)
+            logging.info("it %d/%d  %.1f it/s (%.1f episodes/s)  ETA %.0f s  loss %.4f  "
+                         "val %.2f%% ± %.2f", iteration, config.iterations, rate,
+                         rate * config.meta_batch_size, (config.iterations - iteration) / rate,
+                         np.mean(losses), 100 * accuracy, 100 * ci)
+            losses = []
+            manager.save()
+    progress.elapsed.assign(elapsed0 + time.time() - start)
+    manager.save()  # the stopping point (budget, patience or the last iteration)
+
+    if float(progress.best_accuracy) >= 0:  # test the best-validation weights
+        for v, best in zip(learned, progress.best_weights):
+            v.assign(best)
+    untrained = build_network(config.network, input_shape, seed=config.seed, dtype=config.dtype,
+                              batch_norm_scale=config.batch_norm_scale)
+    for v, w in zip(untrained.trainable_variables, initial_weights):
+        v.assign(w)
+    eta = learner.learning_rate
+    results: dict[str, Any] = {"iterations": int(progress.iteration),
+                               "elapsed_seconds": float(progress.elapsed),
+                               "best_val_accuracy": float(progress.best_accuracy),
+                               "learning_rate": float(eta), "test": {}}
+    for shots in config.test_shots or (config.shots,):
+        test = _episodes(splits.test, config, shots=shots, num_episodes=config.test_episodes)
+        scores = {
+            config.variant: learner.evaluate(test),
+            "pixels": meta_learner.evaluate(meta_learner.pixel_features, test, ways=config.ways,
+                                            steps=config.steps, learning_rate=eta),
+            "untrained": meta_learner.evaluate(
+                lambda x: meta_learner.episode_features(untrained, x), test, ways=config.ways,
+                steps=config.steps, learning_rate=eta),
+        }
+        results["test"][f"{config.ways}way_{shots}shot"] = {
+            name: {"accuracy": m, "ci": c} for name, (m, c) in scores.items()}
+        logging.info("test %d-way %d-shot: %s", config.ways, shots,
+                     {k: f"{100 * m:.2f} ± {100 * c:.2f}" for k, (m, c) in scores.items()})
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    return results
