@@ -1,0 +1,630 @@
+"""Cost of one reverse-mode hypergradient: far_ho2 ``ReverseHG`` against the plain inner loop and JAX.
+
+The problem is the hyper-representation ridge regression of Franceschi et al. (ICML 2018,
+Example 3.4 and §5.1), with the paper's shape: d = 256 features, c = 100 classes, 3 training and
+3 validation examples per class (n = 300 each), x = class mean + noise, Y one-hot:
+
+    L(w, λ) = ½‖X H w − Y‖² + (ρ/2)‖w‖²,           λ = (H, log ρ),  H ∈ R^{256×256}, ρ = 0.1
+    E(w, λ) = ½‖Xv H w − Yv‖²                        (E reads H directly as well)
+    w_0 = 0,   w_{t+1} = w_t − η ∇_w L(w_t, λ),      t = 0 … T−1,   w ∈ R^{256×100}
+    η = 1/ℒ,   ℒ = σ_max(X H_0)² + ρ                 (the smoothness constant of L; fixed, not learned)
+    hypergradient  g_T = d E(w_T(λ), λ) / dλ         (by reverse mode through the T steps)
+
+The inner gradient ∇_w L is taken by autodiff, as a generic library does. Every subject runs in
+float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own process:
+
+* ``far_ho2``: ``HyperOptimizer.run(T, batch, _skip_hyper_ts=True)`` with ``features=`` (X·H is
+  evaluated once per run); ``far_ho2_nofeat``: the same problem written without ``features=``.
+* ``inner`` / ``inner_nofeat``: ``InnerProblem.run(T, batch)`` of the same problems: the T-step
+  inner loop alone, compiled, without hypergradient. The cheap-gradient principle bounds the
+  hypergradient's cost by a small multiple of it (target: ≤ 3).
+* ``jax_naive`` / ``jax_hoisted``: ``jax.jit(jax.value_and_grad(E(w_T)))`` through
+  ``lax.fori_loop``, with X·H inside the loop body / computed once before the loop.
+
+Reported per T: median ms per call (after warm-up calls), ratios, ms per inner step, peak memory
+(peak RSS above the process's baseline after imports and data set-up, one fresh process per
+subject and T), the memory growth per inner step between the two largest T in units of one
+inner state (w: 256×100 float32 = 0.1 MB; Algorithm 1 stores one state per step), and the
+relative errors ‖g_T − g‖/‖g‖ of the hypergradients to the float64 closed forms of
+``far_ho2.oracles.unrolled_ridge``: the exact bilevel hypergradient (T → ∞) and the exact unrolled
+hypergradient of the same T (float32 round-off, ~1e-5: it checks the fast path).
+
+Run from the repository root (a few minutes; JAX is optional, ``pip install -e .[bench]``):
+
+    python benchmarks/hypergradient_cost.py                     # T ∈ {1, 4, 16, 64, 256}
+    python benchmarks/hypergradient_cost.py --steps 16 256 1024 --rounds 3
+    python benchmarks/hypergradient_cost.py --quick             # smoke run: T ∈ {1, 4}, 1 repeat
+
+Between T = 64 and 256 the stored states grow by only 19 MB, about the size of the RSS noise, so
+the hypergradient subjects also run once at the larger ``--memory-steps`` (default 1024 and 2048;
+pass the flag with no value to skip), and the memory growth per step is read between the two
+largest T measured. These processes run with glibc's ``MALLOC_ARENA_MAX=1``: with the default
+per-thread arenas the peak RSS of identical far_ho2 runs at T ≥ 1024 varied by ±60 MB (it depends
+on which thread frees which buffer), more than the growth being measured; with one arena it
+repeats to ±3 MB. JAX's peaks are the same either way.
+
+Progress goes to stderr, the tables to stdout; the results are written to
+``benchmarks/results/hypergradient_cost[_quick].{csv,json}``. The worker mode
+(``--worker SUBJECT --steps T``) is internal: it prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+D, C, PER_CLASS, RHO = 256, 100, 3, 0.1
+STATE_MB = D * C * 4 / 2**20  # one inner state w, float32, in MiB
+DEFAULT_STEPS, QUICK_STEPS = (1, 4, 16, 64, 256), (1, 4)
+DEFAULT_MEMORY_STEPS = (1024, 2048)  # one process each, for the memory growth per step
+HYPERGRADIENT_SUBJECTS = ("far_ho2", "jax_naive", "jax_hoisted")  # measured at --memory-steps
+MEMORY_ENV = {"MALLOC_ARENA_MAX": "1"}  # for the --memory-steps processes (see the docstring)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# After the first (tracing) call, warm-up calls for this long: TF's first calls after tracing are
+# up to 2x slower than its steady state, JAX's are not. Then at least `--repeats` timed calls, and
+# more for fast calls, up to this many seconds or calls.
+WARMUP_SECONDS, TIMED_SECONDS, MAX_TIMED_CALLS = 0.3, 0.5, 100
+
+# Targets (see the module docstring); the machine's noise is up to 25% (perf.md).
+MAX_COST_RATIO = 3.0  # hypergradient / inner loop: the cheap-gradient bound
+NOISE = 1.25  # a far_ho2 / JAX ratio up to this is "the same" on this machine
+MAX_STATES_PER_STEP = 1.5  # "about one state per step"
+MAX_UNROLLED_ERROR = 1e-4  # float32 against the float64 closed form of the same T (expected ~1e-5)
+MIN_RESOLVABLE_MB = 50.0  # RSS peaks vary by ~10 MB between runs: resolve growth ≥ 5x that
+ZERO = 1e-12  # a float64 reference hypergradient this small is zero up to round-off
+
+
+# -- the problem, shared by every subject ----------------------------------------------------------
+
+class Problem(NamedTuple):
+    """The float32 arrays every subject reads, and the fixed scalars."""
+
+    X: np.ndarray  # training inputs, n × d
+    Y: np.ndarray  # one-hot training targets, n × c
+    Xv: np.ndarray  # validation inputs
+    Yv: np.ndarray  # one-hot validation targets
+    H0: np.ndarray  # the hyperparameter H, d × d, near the identity
+    log_rho: np.float32  # the hyperparameter log ρ
+    eta: np.float32  # the inner learning rate η = 1/ℒ (fixed)
+
+
+def make_problem(seed: int = 0) -> Problem:
+    """The §5.1 shape: class means ~ N(0, I/d), x = mean + N(0, I/(4d)), H_0 = I + N(0, 0.01·I/d)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(C, D)) / np.sqrt(D)
+
+    def split() -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(C), PER_CLASS)
+        x = means[labels] + 0.5 / np.sqrt(D) * rng.normal(size=(len(labels), D))
+        return x.astype(np.float32), np.eye(C, dtype=np.float32)[labels]
+
+    (X, Y), (Xv, Yv) = split(), split()
+    H0 = (np.eye(D) + 0.1 / np.sqrt(D) * rng.normal(size=(D, D))).astype(np.float32)
+    smoothness = np.linalg.norm(X.astype(np.float64) @ H0, ord=2) ** 2 + RHO
+    return Problem(X, Y, Xv, Yv, H0, np.float32(np.log(RHO)), np.float32(1.0 / smoothness))
+
+
+def inner_objective(Z: Any, w: Any, Y: Any, rho: Any, reduce_sum: Callable) -> Any:
+    """L = ½‖Z w − Y‖² + (ρ/2)‖w‖² with Z = X H, for TF and JAX alike."""
+    return 0.5 * reduce_sum((Z @ w - Y) ** 2) + 0.5 * rho * reduce_sum(w ** 2)
+
+
+def outer_objective(Zv: Any, w: Any, Yv: Any, reduce_sum: Callable) -> Any:
+    """E = ½‖Zv w − Yv‖² with Zv = Xv H."""
+    return 0.5 * reduce_sum((Zv @ w - Yv) ** 2)
+
+
+def load_oracles() -> Any:
+    """``far_ho2.oracles`` (NumPy only) without importing the package, which imports TensorFlow:
+    JAX workers stay free of TF."""
+    package_dir = importlib.util.find_spec("far_ho2").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("far_ho2_oracles", Path(package_dir) / "oracles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_hypergradient(problem: Problem, steps: Optional[int]) -> tuple[np.ndarray, float]:
+    """(dE/dH, dE/dlog ρ) in float64 on the same (float32-rounded) numbers; ``steps=None``: the
+    exact bilevel hypergradient (T → ∞), else the exact hypergradient of T unrolled steps."""
+    oracles = load_oracles()
+    data = oracles.RidgeData(*(a.astype(np.float64) for a in problem[:4]))
+    rho = float(np.exp(np.float64(problem.log_rho)))
+    exact = oracles.unrolled_ridge(data, problem.H0.astype(np.float64), rho, float(problem.eta), steps)
+    return exact.H, rho * exact.rho  # dE/dlog ρ = ρ·dE/dρ
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """‖actual − expected‖ / ‖expected‖ (Frobenius, float64); the absolute error ‖actual‖ when the
+    reference is zero up to round-off (dE/dlog ρ at T = 1: ρ enters ∇L only through ρ·w_0 = 0)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / (scale if scale > ZERO else 1.0))
+
+
+# -- the subjects ------------------------------------------------------------------------------------
+
+class Built(NamedTuple):
+    """A subject ready to run: ``call()`` does one measured call and returns when its result is
+    computed; ``hypergradient()`` reads (dE/dH, dE/dlog ρ) of the last call (None: not a
+    hypergradient)."""
+
+    call: Callable[[], None]
+    hypergradient: Optional[Callable[[], tuple[np.ndarray, float]]]
+
+
+def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient: bool) -> Built:
+    """The problem through far_ho2's public API, as a user writes it: hyperparameters from
+    ``far.get_hyperparameter``, objectives as closures over the variables, the training batch fed
+    to ``run``. With ``features``, X·H is a feature map evaluated once per run."""
+    import keras
+    import tensorflow as tf
+
+    import far_ho2 as far
+
+    X, Y, Xv, Yv = (tf.constant(a) for a in problem[:4])
+    H = far.get_hyperparameter("H", problem.H0)
+    log_rho = far.get_hyperparameter("log_rho", problem.log_rho)
+    w = tf.Variable(tf.zeros((D, C)), name="w")
+    if features:
+        feature_map = lambda batch: (batch[0] @ H, batch[1])  # noqa: E731
+        inner = lambda f: inner_objective(f[0], w, f[1], tf.exp(log_rho), tf.reduce_sum)  # noqa: E731
+    else:
+        feature_map = None
+        inner = lambda b: inner_objective(b[0] @ H, w, b[1], tf.exp(log_rho), tf.reduce_sum)  # noqa: E731
+    outer = lambda: outer_objective(Xv @ H, w, Yv, tf.reduce_sum)  # noqa: E731
+
+    ho = far.HyperOptimizer(far.ReverseHG())
+    inner_problem = ho.inner_problem(inner, far.GradientDescentOptimizer(float(problem.eta)),
+                                     var_list=[w], features=feature_map)
+    ho.outer_problem(outer, inner_problem, keras.optimizers.SGD(0.0), hyper_list=[H, log_rho])
+    run = ho.finalize()
+    batch = (X, Y)
+
+    def call() -> None:  # both calls end with .numpy() checks: the result is computed on return
+        if hypergradient:
+            run(steps, batch, _skip_hyper_ts=True)
+        else:
+            inner_problem.run(steps, batch)
+
+    def read() -> tuple[np.ndarray, float]:
+        grads = {id(v): g for g, v in ho.hypergradients()}
+        return grads[id(H)].numpy(), float(grads[id(log_rho)])
+    return Built(call, read if hypergradient else None)
+
+
+def build_jax(problem: Problem, steps: int, *, hoist: bool) -> Built:
+    """``jit(value_and_grad)`` of E(w_T) through ``lax.fori_loop``; ``hoist`` computes X·H once
+    before the loop instead of in every step's body."""
+    import jax
+    import jax.numpy as jnp
+
+    X, Y, Xv, Yv, H0 = (jnp.asarray(a) for a in problem[:5])
+    log_rho0, eta = jnp.asarray(problem.log_rho), float(problem.eta)
+    inner_gradient = jax.grad(inner_objective, argnums=1)
+
+    def validation_loss(H: jax.Array, log_rho: jax.Array) -> jax.Array:
+        rho = jnp.exp(log_rho)
+        Z = X @ H if hoist else None
+
+        def step(_: int, w: jax.Array) -> jax.Array:
+            return w - eta * inner_gradient(Z if hoist else X @ H, w, Y, rho, jnp.sum)
+        w_T = jax.lax.fori_loop(0, steps, step, jnp.zeros((D, C), X.dtype))
+        return outer_objective(Xv @ H, w_T, Yv, jnp.sum)
+
+    value_and_grad = jax.jit(jax.value_and_grad(validation_loss, argnums=(0, 1)))
+    last: list = []
+
+    def call() -> None:
+        last[:] = [jax.block_until_ready(value_and_grad(H0, log_rho0)[1])]
+    return Built(call, lambda: (np.asarray(last[0][0]), float(last[0][1])))
+
+
+class Subject(NamedTuple):
+    framework: str  # the distribution the subject needs
+    label: str
+    build: Callable[[Problem, int], Built]
+
+
+SUBJECTS: dict[str, Subject] = {
+    "far_ho2": Subject("tensorflow-cpu", "far_ho2 ReverseHG, features=",
+                       lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
+    "far_ho2_nofeat": Subject("tensorflow-cpu", "far_ho2 ReverseHG, X·H in L",
+                              lambda p, T: build_far_ho2(p, T, features=False, hypergradient=True)),
+    "inner": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, features=",
+                     lambda p, T: build_far_ho2(p, T, features=True, hypergradient=False)),
+    "inner_nofeat": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, X·H in L",
+                            lambda p, T: build_far_ho2(p, T, features=False, hypergradient=False)),
+    "jax_naive": Subject("jax", "JAX jit(grad) fori_loop, X·H in body",
+                         lambda p, T: build_jax(p, T, hoist=False)),
+    "jax_hoisted": Subject("jax", "JAX jit(grad) fori_loop, X·H hoisted",
+                           lambda p, T: build_jax(p, T, hoist=True)),
+}
+
+
+# -- the worker: one subject, one T, in a fresh process ------------------------------------------------
+
+@dataclasses.dataclass
+class Measurement:
+    subject: str
+    steps: int
+    round: int
+    times_ms: list[float]  # the timed calls, after the warm-up calls
+    first_call_s: float  # trace/compile + run
+    baseline_mb: float  # max RSS after imports, data and set-up
+    memory_mb: float  # peak RSS above the baseline
+    error_exact_H: Optional[float] = None  # relative errors of the hypergradient
+    error_exact_log_rho: Optional[float] = None
+    error_unrolled_H: Optional[float] = None
+    error_unrolled_log_rho: Optional[float] = None
+    load_average: float = 0.0  # 1-min load average at the end of the timed calls (other processes)
+    malloc_arena_max: Optional[str] = None  # the process's MALLOC_ARENA_MAX (None: glibc's default)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def timed(call: Callable[[], None]) -> float:
+    """Seconds taken by one call."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(subject: str, steps: int, repeats: int, round_: int = 0) -> Measurement:
+    """The first call, warm-up calls, timed calls (see ``WARMUP_SECONDS``), peak memory; then
+    (outside the measurement) the hypergradient's errors against the float64 references."""
+    problem = make_problem()
+    built = SUBJECTS[subject].build(problem, steps)
+    baseline = max_rss_mb()
+    first = timed(built.call)
+    warm_until = time.perf_counter() + WARMUP_SECONDS
+    built.call()
+    while time.perf_counter() < warm_until:
+        built.call()
+    times, timed_until = [], time.perf_counter() + TIMED_SECONDS
+    while len(times) < repeats or (time.perf_counter() < timed_until and len(times) < MAX_TIMED_CALLS):
+        times.append(1e3 * timed(built.call))
+    result = Measurement(subject, steps, round_, times, first, baseline, max_rss_mb() - baseline,
+                         load_average=os.getloadavg()[0], malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"))
+    if built.hypergradient is not None:
+        dH, dlog_rho = built.hypergradient()
+        for name, reference_steps in (("exact", None), ("unrolled", steps)):
+            ref_H, ref_log_rho = reference_hypergradient(problem, reference_steps)
+            setattr(result, f"error_{name}_H", relative_error(dH, ref_H))
+            setattr(result, f"error_{name}_log_rho", relative_error(dlog_rho, ref_log_rho))
+    return result
+
+
+def run_worker(subject: str, steps: int, repeats: int, round_: int, env: Optional[dict] = None) -> Measurement:
+    """``measure`` in a fresh Python process, so that memory baselines and peaks are its own;
+    ``env`` adds environment variables."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", subject,
+               "--steps", str(steps), "--repeats", str(repeats), "--round", str(round_)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {subject} T={steps} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return Measurement(**json.loads(lines[-1]))
+
+
+# -- the driver: interleaved rounds, then tables -------------------------------------------------------
+
+def available_subjects() -> list[str]:
+    has_jax = importlib.util.find_spec("jax") is not None
+    return [name for name, s in SUBJECTS.items() if s.framework != "jax" or has_jax]
+
+
+def run_all(subjects: Sequence[str], steps: Sequence[int], repeats: int, rounds: int,
+            memory_steps: Sequence[int] = ()) -> list[Measurement]:
+    """Every (subject, T) once per round. Subjects alternate at each T and their order flips
+    every round, so slow drifts of the shared machine hit them alike. Then the hypergradient
+    subjects once at each of ``memory_steps`` (one timed call, one malloc arena: for memory)."""
+    schedule = [(r, T, name, repeats, None) for r in range(rounds) for T in steps
+                for name in (subjects if r % 2 == 0 else list(reversed(subjects)))]
+    schedule += [(0, T, name, 1, MEMORY_ENV) for T in memory_steps for name in subjects
+                 if name in HYPERGRADIENT_SUBJECTS]
+    results, start = [], time.perf_counter()
+    for i, (r, T, name, calls, env) in enumerate(schedule, 1):
+        m = run_worker(name, T, calls, r, env)
+        results.append(m)
+        print(f"[{i:3d}/{len(schedule)}] {'memory ' if T in memory_steps else f'round {r + 1}/{rounds}'}  "
+              f"T={T:<5d} {name:<15s} {statistics.median(m.times_ms):9.2f} ms  first {m.first_call_s:5.2f} s  "
+              f"+{m.memory_mb:6.1f} MB  load {m.load_average:4.2f}  ({time.perf_counter() - start:4.0f} s)",
+              file=sys.stderr, flush=True)
+    return results
+
+
+class Summary(NamedTuple):
+    """One (subject, T) over all rounds."""
+
+    subject: str
+    steps: int
+    ms: float  # median over every timed call of every round
+    ms_per_step: float
+    first_call_s: float  # median over rounds
+    memory_mb: float  # median over rounds
+    samples: int
+    load_average: float  # mean over rounds of the 1-min load average (other processes)
+    error_exact_H: Optional[float]
+    error_exact_log_rho: Optional[float]
+    error_unrolled_H: Optional[float]
+    error_unrolled_log_rho: Optional[float]
+
+
+def summarize(results: Sequence[Measurement]) -> dict[tuple[str, int], Summary]:
+    groups: dict[tuple[str, int], list[Measurement]] = {}
+    for m in results:
+        groups.setdefault((m.subject, m.steps), []).append(m)
+    out = {}
+    for (name, T), ms in groups.items():
+        times = [t for m in ms for t in m.times_ms]
+        median = statistics.median(times)
+        out[name, T] = Summary(name, T, median, median / T, statistics.median(m.first_call_s for m in ms),
+                               statistics.median(m.memory_mb for m in ms), len(times),
+                               statistics.mean(m.load_average for m in ms),
+                               ms[0].error_exact_H, ms[0].error_exact_log_rho,
+                               ms[0].error_unrolled_H, ms[0].error_unrolled_log_rho)
+    return out
+
+
+def best_jax(summary: dict, T: int) -> Optional[Summary]:
+    candidates = [summary[n, T] for n in ("jax_naive", "jax_hoisted") if (n, T) in summary]
+    return min(candidates, key=lambda s: s.ms) if candidates else None
+
+
+class Growth(NamedTuple):
+    """Memory growth per inner step between the two largest T measured for a subject."""
+
+    low: int
+    high: int
+    states_per_step: float  # in inner states (w, 0.1 MB)
+    resolvable: bool  # the stored states alone would grow by ≥ MIN_RESOLVABLE_MB
+
+
+def memory_growth(summary: dict, name: str) -> Optional[Growth]:
+    steps = sorted(T for n, T in summary if n == name)
+    if len(steps) < 2:
+        return None
+    low, high = summary[name, steps[-2]], summary[name, steps[-1]]
+    per_step = (high.memory_mb - low.memory_mb) / (high.steps - low.steps) / STATE_MB
+    return Growth(low.steps, high.steps, per_step, (high.steps - low.steps) * STATE_MB >= MIN_RESOLVABLE_MB)
+
+
+def verdict(ok: bool, near: bool = False) -> str:
+    return "PASS" if ok else ("PASS~" if near else "FAIL")
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def source_state() -> str:
+    """The repository's commit, and the far_ho2 files changed since (read-only git queries)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout
+        changed = [line[3:] for line in git("status", "--porcelain", "--", "far_ho2").splitlines()]
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        return commit + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def machine_info() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = models[0] if models else platform.processor()
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "far_ho2_source": source_state(),
+            "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+            **{dist: version(dist) for dist in ("tensorflow-cpu", "keras", "jax", "jaxlib", "numpy")},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class Report(NamedTuple):
+    """A section of the printed report and its verdicts."""
+
+    lines: list[str]
+    verdicts: dict[str, str]
+
+
+def overall(verdicts: Sequence[str]) -> str:
+    return "FAIL" if "FAIL" in verdicts else "PASS~" if "PASS~" in verdicts else "PASS"
+
+
+def header(info: dict, problem: Problem, args: argparse.Namespace, has_jax: bool) -> list[str]:
+    lines = [
+        "Hypergradient cost: far_ho2 ReverseHG vs the plain inner loop and JAX (Franceschi et al. 2018, §5.1)",
+        f"  L = ½‖XHw − Y‖² + (ρ/2)‖w‖²,  E = ½‖XvHw − Yv‖²,  λ = (H ∈ R^{D}×{D}, log ρ),  w ∈ R^{D}×{C}, w0 = 0,",
+        f"  n = {C * PER_CLASS} train / {C * PER_CLASS} validation, T steps of GD with η = 1/(σmax(XH0)² + ρ) = "
+        f"{problem.eta:.4f}, ρ = {RHO}; float32.",
+        f"  Python {info['python']}, TF {info['tensorflow-cpu']}, Keras {info['keras']}, JAX {info['jax']}, "
+        f"NumPy {info['numpy']}; {info['cpu_count']} CPUs ({info['cpu']}); 1-min load average "
+        f"{info['load_average'][0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end; far_ho2 at "
+        f"{info['far_ho2_source']}.",
+        f"  Times: median over {args.rounds} round(s) of ≥ {args.repeats} calls (fast calls: {TIMED_SECONDS:g} s of "
+        f"calls) after {WARMUP_SECONDS:g} s of warm-up; each (subject, T) in a fresh process, subjects interleaved.",
+        "  Memory: peak RSS above the process baseline (after imports and data set-up), same processes.",
+    ]
+    if not has_jax:
+        lines.append("  JAX is not installed: the JAX columns were skipped (pip install -e .[bench]).")
+    return lines
+
+
+def time_section(summary: dict, steps: Sequence[int]) -> Report:
+    rows, cost, vs_jax = [], [], []
+    for T in steps:
+        hg, nofeat, inner, inner_nf, naive, hoisted = (
+            summary.get((n, T)) for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
+                                          "jax_hoisted"))
+        best = best_jax(summary, T)
+        ratio, ratio_nf = hg.ms / inner.ms, nofeat.ms / inner_nf.ms
+        cost.append(verdict(ratio <= MAX_COST_RATIO))
+        jax_cell = "-"
+        if best is not None:
+            r = hg.ms / best.ms
+            vs_jax.append(verdict(r <= 1, r <= NOISE))
+            jax_cell = f"{r:.2f} {vs_jax[-1]}"
+        load = statistics.mean(v.load_average for (_, t), v in summary.items() if t == T)
+        rows.append([str(T), f"{hg.ms:.2f}", f"{nofeat.ms:.2f}", f"{inner.ms:.2f}", f"{inner_nf.ms:.2f}",
+                     f"{ratio:.2f} {cost[-1]}", f"{ratio_nf:.2f}", f"{hg.ms_per_step:.3f}",
+                     f"{inner.ms_per_step:.3f}", fmt(naive and naive.ms, ".2f"), fmt(hoisted and hoisted.ms, ".2f"),
+                     best.subject.removeprefix("jax_") if best else "-", jax_cell, f"{load:.1f}"])
+    lines = ["", "Time (ms per call; targets: ReverseHG/inner ≤ 3, far_ho2/JAX ≤ 1; PASS~: within the 25% noise)",
+             table(["T", "ReverseHG", "(no feat.)", "inner", "(no feat.)", "HG/inner", "(no feat.)", "HG ms/step",
+                    "inner ms/step", "JAX naive", "JAX hoisted", "best JAX", "far_ho2/JAX", "load"], rows),
+             "  (no feat.): the problem written without features=;  load: mean 1-min load average of the "
+             "machine during the measurements (2 CPUs)"]
+    return Report(lines, {
+        f"ReverseHG / inner loop ≤ {MAX_COST_RATIO:g} at every T": overall(cost),
+        "far_ho2 ≤ best JAX at every T (PASS~: within the 25% noise)": overall(vs_jax) if vs_jax else
+        "skipped (no JAX)"})
+
+
+def memory_section(summary: dict, steps: Sequence[int]) -> tuple[Report, dict]:
+    names = [n for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive", "jax_hoisted")
+             if (n, steps[0]) in summary]
+    all_steps = sorted({T for _, T in summary})
+    rows = [[f"{T}{'' if T in steps else '*'}"] + [fmt(summary[n, T].memory_mb if (n, T) in summary else None, ".1f")
+                                                   for n in names] for T in all_steps]
+    growth = {n: memory_growth(summary, n) for n in names}
+    rows.append(["states/step"] + [f"{g.states_per_step:.2f}" if g and g.resolvable else "n/a"
+                                   for g in growth.values()])
+    rows.append(["between T"] + [f"{g.low}→{g.high}" if g else "-" for g in growth.values()])
+    lines = ["", "Peak memory (MB above the process baseline). states/step: growth per inner step between the two "
+                 "largest T,", f"  in states w of {STATE_MB:.3f} MB (n/a: the states of that span are < "
+                 f"{MIN_RESOLVABLE_MB:g} MB, the RSS noise); target ≈ 1 state per step",
+             table(["T"] + names, rows)]
+    extra = [T for T in all_steps if T not in steps and ("far_ho2", T) in summary]
+    if extra:
+        lines.append("  * --memory-steps: one process each, MALLOC_ARENA_MAX=1 (see the module docstring)")
+        lines.append(f"  at T = {', '.join(map(str, extra))} (1 timed call), ms/step: " + "; ".join(
+            f"{n} " + " / ".join(fmt(summary[n, T].ms_per_step if (n, T) in summary else None, ".2f") for T in extra)
+            for n in HYPERGRADIENT_SUBJECTS if (n, extra[0]) in summary))
+    far = growth.get("far_ho2")
+    result = (f"{verdict(far.states_per_step <= MAX_STATES_PER_STEP)} ({far.states_per_step:.2f})"
+              if far and far.resolvable else "n/a (T span too small)")
+    name = f"far_ho2 memory ≤ {MAX_STATES_PER_STEP:g} states per inner step"
+    return Report(lines, {name: result}), {n: g and g._asdict() for n, g in growth.items()}
+
+
+def error_section(summary: dict, steps: Sequence[int]) -> Report:
+    rows, checks = [], []
+    worst = lambda s: max(s.error_unrolled_H, s.error_unrolled_log_rho)  # noqa: E731
+    for T in steps:
+        hg, nofeat, best = summary[("far_ho2", T)], summary[("far_ho2_nofeat", T)], best_jax(summary, T)
+        checks.append(verdict(worst(hg) <= MAX_UNROLLED_ERROR))
+        rows.append([str(T), f"{hg.error_exact_H:.3g}", f"{hg.error_exact_log_rho:.3g}",
+                     f"{hg.error_unrolled_H:.2e}", f"{hg.error_unrolled_log_rho:.2e}", checks[-1],
+                     f"{worst(nofeat):.2e}", f"{worst(best):.2e}" if best else "-"])
+    lines = ["", "Relative error ‖g_T − g‖/‖g‖ of the float32 hypergradient (g: float64 closed forms; target vs "
+                 f"unrolled T ≤ {MAX_UNROLLED_ERROR:g};",
+             "  at T = 1 the unrolled dE/dlog ρ is 0, as ρ enters ∇L only through ρ·w0 = 0: absolute error)",
+             table(["T", "vs exact: H", "log ρ", "vs unrolled T: H", "log ρ", "", "no feat. (max)",
+                    "best JAX (max)"], rows)]
+    return Report(lines, {f"error vs the unrolled hypergradient ≤ {MAX_UNROLLED_ERROR:g}": overall(checks)})
+
+
+def report(summary: dict, steps: Sequence[int], info: dict, problem: Problem, args: argparse.Namespace,
+           has_jax: bool) -> tuple[str, dict]:
+    """The printed report, and the verdicts and memory growths for the JSON file."""
+    memory, growth = memory_section(summary, steps)
+    sections = [time_section(summary, steps), memory, error_section(summary, steps)]
+    targets = {name: result for section in sections for name, result in section.verdicts.items()}
+    lines = header(info, problem, args, has_jax) + [line for section in sections for line in section.lines]
+    lines += ["", "Targets"] + [f"  {name:<62s} {result}" for name, result in targets.items()]
+    return "\n".join(lines), {"targets": targets, "memory_growth": growth}
+
+
+def write_results(prefix: Path, summary: dict, results: Sequence[Measurement], meta: dict) -> None:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(Summary._fields) + ["label"]
+    with open(prefix.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for s in sorted(summary.values(), key=lambda s: (s.steps, s.subject)):
+            writer.writerow({**s._asdict(), "label": SUBJECTS[s.subject].label})
+    with open(prefix.with_suffix(".json"), "w") as f:
+        json.dump({**meta, "summary": [s._asdict() for s in summary.values()],
+                   "measurements": [dataclasses.asdict(m) for m in results]}, f, indent=1)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, nargs="+", help=f"the T values (default {DEFAULT_STEPS})")
+    parser.add_argument("--repeats", type=int, help="least timed calls per process after the warm-up; fast calls "
+                        f"are repeated for {TIMED_SECONDS} s, up to {MAX_TIMED_CALLS} (default 5)")
+    parser.add_argument("--rounds", type=int, help="processes per (subject, T), interleaved (default 2)")
+    parser.add_argument("--memory-steps", type=int, nargs="*",
+                        help=f"larger T for the memory growth, hypergradients only (default {DEFAULT_MEMORY_STEPS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: T in {QUICK_STEPS}, 1 repeat, 1 round (unless given)")
+    parser.add_argument("--worker", choices=list(SUBJECTS), help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = sorted(set(args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)))
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    if args.memory_steps is None:
+        args.memory_steps = [] if args.quick else list(DEFAULT_MEMORY_STEPS)
+    args.memory_steps = sorted(set(args.memory_steps) - set(args.steps))
+    if min(args.steps + args.memory_steps) < 1 or args.repeats < 1 or args.rounds < 1:
+        parser.error("--steps, --memory-steps, --repeats and --rounds must be positive")
+    return args
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    if args.worker:  # internal: one measurement in this fresh process
+        print(json.dumps(dataclasses.asdict(measure(args.worker, args.steps[0], args.repeats, args.round))))
+        return
+    subjects = available_subjects()
+    has_jax = any(SUBJECTS[n].framework == "jax" for n in subjects)
+    if not has_jax:
+        print("JAX is not installed: the JAX subjects are skipped (pip install -e .[bench]).", file=sys.stderr)
+    info = machine_info()
+    results = run_all(subjects, args.steps, args.repeats, args.rounds, args.memory_steps)
+    summary = summarize(results)
+    text, verdicts = report(summary, args.steps, info, make_problem(), args, has_jax)
+    print(text)
+    prefix = RESULTS_DIR / ("hypergradient_cost_quick" if args.quick else "hypergradient_cost")
+    write_results(prefix, summary, results, {"machine": info, "steps": args.steps, "repeats": args.repeats,
+                                             "rounds": args.rounds, "memory_steps": args.memory_steps,
+                                             **verdicts})
+    print(f"\nWrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
