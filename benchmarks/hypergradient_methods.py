@@ -51,7 +51,6 @@ import csv
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,8 +60,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from hypergradient_cost import (Problem, inner_objective, make_problem, outer_objective,
-                                reference_hypergradient, relative_error)
+from hypergradient_cost import (Problem, inner_objective, make_problem, max_rss_mb, outer_objective,
+                                reference_hypergradient, relative_error, timed)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORKER_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -219,15 +218,6 @@ class Measurement:
     def ms(self) -> float:
         return statistics.median(self.times_ms)
 
-
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def timed(call: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def errors(read: tuple, exact: tuple[np.ndarray, float]) -> tuple[Optional[float], float]:
