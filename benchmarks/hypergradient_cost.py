@@ -20,6 +20,10 @@ float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own proce
   hypergradient's cost by a small multiple of it (target: ≤ 3).
 * ``jax_naive`` / ``jax_hoisted``: ``jax.jit(jax.value_and_grad(E(w_T)))`` through
   ``lax.fori_loop``, with X·H inside the loop body / computed once before the loop.
+* ``jax_inner``: ``jax.jit`` of the hoisted T-step inner loop alone, for JAX's own
+  hypergradient / inner-loop ratio: how much of the ratio is the algorithm (reverse mode through
+  T steps of GD costs a Hessian-vector and a mixed product per step, about three inner steps),
+  not the library.
 
 Reported per T: median ms per call (after warm-up calls), ratios, ms per inner step, peak memory
 (peak RSS above the process's baseline after imports and data set-up, one fresh process per
@@ -208,9 +212,10 @@ def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient
     return Built(call, read if hypergradient else None)
 
 
-def build_jax(problem: Problem, steps: int, *, hoist: bool) -> Built:
+def build_jax(problem: Problem, steps: int, *, hoist: bool, hypergradient: bool = True) -> Built:
     """``jit(value_and_grad)`` of E(w_T) through ``lax.fori_loop``; ``hoist`` computes X·H once
-    before the loop instead of in every step's body."""
+    before the loop instead of in every step's body. ``hypergradient=False``: ``jit`` of the
+    inner loop alone (w_T)."""
     import jax
     import jax.numpy as jnp
 
@@ -218,14 +223,23 @@ def build_jax(problem: Problem, steps: int, *, hoist: bool) -> Built:
     log_rho0, eta = jnp.asarray(problem.log_rho), float(problem.eta)
     inner_gradient = jax.grad(inner_objective, argnums=1)
 
-    def validation_loss(H: jax.Array, log_rho: jax.Array) -> jax.Array:
+    def inner_loop(H: jax.Array, log_rho: jax.Array) -> jax.Array:
         rho = jnp.exp(log_rho)
         Z = X @ H if hoist else None
 
         def step(_: int, w: jax.Array) -> jax.Array:
             return w - eta * inner_gradient(Z if hoist else X @ H, w, Y, rho, jnp.sum)
-        w_T = jax.lax.fori_loop(0, steps, step, jnp.zeros((D, C), X.dtype))
-        return outer_objective(Xv @ H, w_T, Yv, jnp.sum)
+        return jax.lax.fori_loop(0, steps, step, jnp.zeros((D, C), X.dtype))
+
+    if not hypergradient:
+        compiled_loop = jax.jit(inner_loop)
+
+        def call_loop() -> None:
+            jax.block_until_ready(compiled_loop(H0, log_rho0))
+        return Built(call_loop, None)
+
+    def validation_loss(H: jax.Array, log_rho: jax.Array) -> jax.Array:
+        return outer_objective(Xv @ H, inner_loop(H, log_rho), Yv, jnp.sum)
 
     value_and_grad = jax.jit(jax.value_and_grad(validation_loss, argnums=(0, 1)))
     last: list = []
@@ -254,6 +268,8 @@ SUBJECTS: dict[str, Subject] = {
                          lambda p, T: build_jax(p, T, hoist=False)),
     "jax_hoisted": Subject("jax", "JAX jit(grad) fori_loop, X·H hoisted",
                            lambda p, T: build_jax(p, T, hoist=True)),
+    "jax_inner": Subject("jax", "JAX jit fori_loop inner loop alone, X·H hoisted",
+                         lambda p, T: build_jax(p, T, hoist=True, hypergradient=False)),
 }
 
 
@@ -485,9 +501,9 @@ def header(info: dict, problem: Problem, args: argparse.Namespace, has_jax: bool
 def time_section(summary: dict, steps: Sequence[int]) -> Report:
     rows, cost, vs_jax = [], [], []
     for T in steps:
-        hg, nofeat, inner, inner_nf, naive, hoisted = (
+        hg, nofeat, inner, inner_nf, naive, hoisted, jax_inner = (
             summary.get((n, T)) for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
-                                          "jax_hoisted"))
+                                          "jax_hoisted", "jax_inner"))
         best = best_jax(summary, T)
         ratio, ratio_nf = hg.ms / inner.ms, nofeat.ms / inner_nf.ms
         cost.append(verdict(ratio <= MAX_COST_RATIO))
@@ -500,12 +516,15 @@ def time_section(summary: dict, steps: Sequence[int]) -> Report:
         rows.append([str(T), f"{hg.ms:.2f}", f"{nofeat.ms:.2f}", f"{inner.ms:.2f}", f"{inner_nf.ms:.2f}",
                      f"{ratio:.2f} {cost[-1]}", f"{ratio_nf:.2f}", f"{hg.ms_per_step:.3f}",
                      f"{inner.ms_per_step:.3f}", fmt(naive and naive.ms, ".2f"), fmt(hoisted and hoisted.ms, ".2f"),
+                     fmt(jax_inner and jax_inner.ms, ".2f"),
+                     fmt(hoisted and jax_inner and hoisted.ms / jax_inner.ms, ".2f"),
                      best.subject.removeprefix("jax_") if best else "-", jax_cell, f"{load:.1f}"])
     lines = ["", "Time (ms per call; targets: ReverseHG/inner ≤ 3, far_ho2/JAX ≤ 1; PASS~: within the 25% noise)",
              table(["T", "ReverseHG", "(no feat.)", "inner", "(no feat.)", "HG/inner", "(no feat.)", "HG ms/step",
-                    "inner ms/step", "JAX naive", "JAX hoisted", "best JAX", "far_ho2/JAX", "load"], rows),
-             "  (no feat.): the problem written without features=;  load: mean 1-min load average of the "
-             "machine during the measurements (2 CPUs)"]
+                    "inner ms/step", "JAX naive", "JAX hoisted", "JAX inner", "JAX HG/inner", "best JAX",
+                    "far_ho2/JAX", "load"], rows),
+             "  (no feat.): the problem written without features=;  JAX HG/inner: JAX's own ratio (hoisted);  "
+             "load: mean 1-min load", "  average of the machine during the measurements (2 CPUs)"]
     return Report(lines, {
         f"ReverseHG / inner loop ≤ {MAX_COST_RATIO:g} at every T": overall(cost),
         "far_ho2 ≤ best JAX at every T (PASS~: within the 25% noise)": overall(vs_jax) if vs_jax else
@@ -513,7 +532,8 @@ def time_section(summary: dict, steps: Sequence[int]) -> Report:
 
 
 def memory_section(summary: dict, steps: Sequence[int]) -> tuple[Report, dict]:
-    names = [n for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive", "jax_hoisted")
+    names = [n for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive", "jax_hoisted",
+                         "jax_inner")
              if (n, steps[0]) in summary]
     all_steps = sorted({T for _, T in summary})
     rows = [[f"{T}{'' if T in steps else '*'}"] + [fmt(summary[n, T].memory_mb if (n, T) in summary else None, ".1f")

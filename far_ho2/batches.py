@@ -103,9 +103,9 @@ def takes_batch(objective: Callable, argument: str) -> Optional[bool]:
     return False
 
 
-def check_supplier(objective: Callable, supplier: Any, argument: str, supplier_argument: str) -> None:
-    """A clear error when a batch would be silently ignored, or is missing."""
-    takes = takes_batch(objective, argument)
+def check_supplier(takes: Optional[bool], supplier: Any, argument: str, supplier_argument: str) -> None:
+    """A clear error when a batch would be silently ignored, or is missing; ``takes`` is
+    ``takes_batch`` of the objective named ``argument``."""
     if takes is False and supplier is not None:
         raise TypeError(f"`{supplier_argument}` was given, but `{argument}` takes no argument, so "
                         f"the batch would be ignored; define it as `lambda batch: ...`.")

@@ -124,7 +124,8 @@ class HyperOptimizer:
         if not _only_hyper_ts:
             results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
                                               self.global_step, online, callback)
-            value = tf.reduce_mean(tf.stack([r.value for r in results]))
+            value = (results[0].value if len(results) == 1 else  # no eager ops when there is one
+                     tf.reduce_mean(tf.stack([r.value for r in results])))
         if not _skip_hyper_ts:
             aggregation_fn, process_fn = self._finalized
             for optimizer, group in self._groups:

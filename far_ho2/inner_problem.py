@@ -72,7 +72,7 @@ class InnerProblem:
                             "(far.GradientDescentOptimizer, far.MomentumOptimizer, "
                             f"far.AdamOptimizer), got {type(optimizer).__name__}: Keras "
                             "optimizers update in place and cannot be differentiated.")
-        batching.takes_batch(objective, "inner_objective")
+        self.takes_batch = batching.takes_batch(objective, "inner_objective")
         if features is not None and not callable(features):
             raise TypeError(f"`features` must be a callable batch -> inputs, got {type(features).__name__}.")
         self.objective, self.optimizer, self.features = objective, optimizer, features
@@ -139,7 +139,7 @@ class InnerProblem:
         (compiled), leaving w_T in the variables; no hypergradient (e.g. to evaluate
         hyperparameters). Returns the inner objective's values L_0 … L_{T−1}."""
         T = batching.check_steps(T)
-        batching.check_supplier(self.objective, inner_objective_feed_dicts, "inner_objective",
+        batching.check_supplier(self.takes_batch, inner_objective_feed_dicts, "inner_objective",
                                 "inner_objective_feed_dicts")
         batches = batching.inner_batches(inner_objective_feed_dicts, T)
         self.resolve(batching.first_batch(batches), hyperparameters())

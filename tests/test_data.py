@@ -209,6 +209,12 @@ def test_omniglot_split_arguments_are_checked(tmp_path):
         load_omniglot(tmp_path, split_sizes=(6, 0, 0), test_alphabets=["Beta"])
     with pytest.raises(ValueError, match=r"write \['Beta'\]"):
         load_omniglot(tmp_path, test_alphabets="Beta")
+    with pytest.raises(ValueError, match="val_characters` needs `test_alphabets"):
+        load_omniglot(tmp_path, val_characters=2)
+    with pytest.raises(ValueError, match="either `val_alphabets` or `val_characters`"):
+        load_omniglot(tmp_path, test_alphabets=["Beta"], val_alphabets=["Alpha"], val_characters=1)
+    with pytest.raises(ValueError, match=r"`val_characters` must be an int in 1 … \d+"):
+        load_omniglot(tmp_path, test_alphabets=["Beta"], val_characters=100)
 
 
 # ---------------------------------------------------------------- bundled Omniglot data
@@ -242,6 +248,20 @@ def test_bundled_omniglot_alphabet_split_is_disjoint(bundled):
     assert not (train & val or train & test or val & test)
     with pytest.raises(ValueError, match=r"has 20 images, fewer than shots \+ queries = 21"):
         episode_dataset(splits.test, ways=5, shots=5, queries=16, seed=0)
+
+
+def test_bundled_omniglot_validation_characters_come_from_training_alphabets(bundled):
+    _, cache_dir = bundled
+    load = lambda seed: load_omniglot(REAL_OMNIGLOT, test_alphabets=["Sanskrit", "Tagalog"],  # noqa: E731
+                                      val_characters=24, seed=seed, cache_dir=cache_dir)
+    splits = load(0)
+    train, val, test = map(characters_of, splits)
+    assert len(val) == 24 and len(train) == 242 - 24 - len(test)
+    assert not (train & val or train & test or val & test)
+    alphabets = lambda names: {c.split("/")[0] for c in names}  # noqa: E731
+    assert alphabets(val) <= alphabets(train) and alphabets(test) == {"Sanskrit", "Tagalog"}
+    assert len(alphabets(train)) == 6
+    assert characters_of(load(0).val) == val and characters_of(load(1).val) != val
 
 
 def test_bundled_omniglot_count_split(bundled):

@@ -44,6 +44,14 @@ class _Registered(NamedTuple):
     hypers: list  # tf.Variable
     originals: list  # what the user passed, per hyper (a keras.Variable stays one)
     explicit: bool  # hyper_list was given (else: the registered hyperparameters)
+    outer_takes_batch: Optional[bool]  # batches.takes_batch(outer_objective)
+
+
+def _all_finite(result: HyperGrad) -> tf.Tensor:
+    """Whether the inner states, E and every hypergradient of ``result`` are finite (in-graph)."""
+    checks = [tf.reduce_all(result.first_nonfinite < 0), tf.reduce_all(tf.math.is_finite(result.value))]
+    checks += [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
+    return tf.reduce_all(tf.stack(checks))
 
 
 def _mean(hypergradients: list) -> tf.Tensor:
@@ -79,7 +87,7 @@ class HyperGradient:
         if not isinstance(optimizer_dict, InnerProblem):
             raise TypeError("`optimizer_dict` must be the InnerProblem returned by "
                             f"`HyperOptimizer.inner_problem`, got {type(optimizer_dict).__name__}.")
-        batching.takes_batch(outer_objective, "outer_objective")
+        outer_takes_batch = batching.takes_batch(outer_objective, "outer_objective")
         explicit = hyper_list is not None
         pairs = hyperparameter_pairs(hyper_list if explicit else hyperparameters())
         if not pairs:
@@ -87,7 +95,7 @@ class HyperGradient:
                              "No hyperparameters: create them with `far.get_hyperparameter` or pass "
                              "`hyper_list`.")
         self._registered.append(_Registered(optimizer_dict, outer_objective, [v for v, _ in pairs],
-                                            [o for _, o in pairs], explicit))
+                                            [o for _, o in pairs], explicit, outer_takes_batch))
         self._functions.clear()
         return [o for _, o in pairs]
 
@@ -126,7 +134,7 @@ class HyperGradient:
                         previous=previous[k] if with_previous else None, online=online, offset=offset,
                         options=options)
                     results.append(self._check_connected(reg, result))
-                return results
+                return results, tf.reduce_all(tf.stack([_all_finite(r) for r in results]))
             self._functions[key] = compiled(compute)
         return self._functions[key]
 
@@ -164,18 +172,20 @@ class HyperGradient:
         continuing = online is not False and self._previous is not None
         offset = self._steps_done if continuing else 0
         for reg in self._registered:
-            batching.check_supplier(reg.problem.objective, inner_objective_feed_dicts, "inner_objective",
+            batching.check_supplier(reg.problem.takes_batch, inner_objective_feed_dicts, "inner_objective",
                                     "inner_objective_feed_dicts")
-            batching.check_supplier(reg.outer_objective, outer_objective_feed_dicts, "outer_objective",
+            batching.check_supplier(reg.outer_takes_batch, outer_objective_feed_dicts, "outer_objective",
                                     "outer_objective_feed_dicts")
         inner = batching.inner_batches(inner_objective_feed_dicts, T, offset)
         outer = batching.outer_batch(outer_objective_feed_dicts, global_step)
         self._resolve(inner)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
         compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
-        results = compute(tf.constant(T), inner.data, outer, self._previous if with_previous else None,
-                          tf.constant(offset), self._options(global_step))
-        self._check_finite(results, offset)
+        results, finite = compute(tf.constant(T), inner.data, outer,
+                                  self._previous if with_previous else None, tf.constant(offset),
+                                  self._options(global_step))
+        if not finite.numpy():  # one flag to read; the details only when something is wrong
+            self._check_finite(results, offset)
         self._after_run(results, global_step)
         self._results = results
         self._previous = [Previous(r.final_state, r.carry) for r in results]

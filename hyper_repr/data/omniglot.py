@@ -181,25 +181,32 @@ def split_characters(characters: Sequence[tuple[str, str]], *,
                      split_sizes: Optional[Sequence[int]] = None,
                      test_alphabets: Optional[Iterable[str]] = None,
                      val_alphabets: Optional[Iterable[str]] = None,
+                     val_characters: Optional[int] = None,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disjoint train, val and test indices into ``characters`` (each sorted).
 
     With ``test_alphabets`` or ``val_alphabets``, the characters of those alphabets are test
-    (val), the rest train. Otherwise ``np.random.RandomState(seed).permutation`` of the sorted
-    characters is cut into ``split_sizes`` (default `STANDARD_SPLIT_SIZES`).
+    (val), the rest train; ``val_characters`` instead of ``val_alphabets`` draws that many
+    validation characters from the training alphabets (``RandomState(seed)``), so that every
+    alphabet not held out for test is seen in training. Otherwise
+    ``np.random.RandomState(seed).permutation`` of the sorted characters is cut into
+    ``split_sizes`` (default `STANDARD_SPLIT_SIZES`).
 
     Args:
         characters: sorted (alphabet, character) names.
         split_sizes: numbers of train, val and test characters, summing to ``len(characters)``.
         test_alphabets: alphabets held out for meta-testing.
         val_alphabets: alphabets held out for meta-validation.
-        seed: seed of the shuffle; unused with alphabets.
+        val_characters: validation characters drawn from the non-test alphabets.
+        seed: seed of the shuffle and of the ``val_characters`` draw.
 
     Raises:
         ValueError: if the sizes do not sum to the number of characters (the message gives it),
             an alphabet is unknown or in both lists, or sizes and alphabets are both given.
     """
     alphabets = np.array([a for a, _ in characters])
+    if val_characters is not None and test_alphabets is None:
+        raise ValueError("`val_characters` needs `test_alphabets`; otherwise use `split_sizes`.")
     if test_alphabets is not None or val_alphabets is not None:
         if split_sizes is not None:
             raise ValueError("Give either `split_sizes` or `test_alphabets`/`val_alphabets`, "
@@ -209,6 +216,14 @@ def split_characters(characters: Sequence[tuple[str, str]], *,
         if np.any(test & val):
             raise ValueError(f"Alphabets {sorted(set(alphabets[test & val]))} are in both "
                              f"`test_alphabets` and `val_alphabets`.")
+        if val_characters is not None:
+            if val_alphabets is not None:
+                raise ValueError("Give either `val_alphabets` or `val_characters`, not both.")
+            rest = np.flatnonzero(~test)
+            if not isinstance(val_characters, (int, np.integer)) or not 0 < val_characters < len(rest):
+                raise ValueError(f"`val_characters` must be an int in 1 … {len(rest) - 1} (the "
+                                 f"{len(rest)} non-test characters), got {val_characters!r}.")
+            val[np.random.RandomState(seed).choice(rest, val_characters, replace=False)] = True
         return np.flatnonzero(~test & ~val), np.flatnonzero(val), np.flatnonzero(test)
     sizes = tuple(STANDARD_SPLIT_SIZES if split_sizes is None else split_sizes)
     if len(sizes) != 3 or any(not isinstance(s, (int, np.integer)) or s < 0 for s in sizes):
@@ -258,8 +273,8 @@ def rotated_split(images: np.ndarray, class_starts: np.ndarray,
 
 def load_omniglot(data_dir: cache.PathLike, *, split_sizes: Optional[Sequence[int]] = None,
                   test_alphabets: Optional[Iterable[str]] = None,
-                  val_alphabets: Optional[Iterable[str]] = None, seed: int = 0,
-                  image_size: int = 28, use_cache: bool = True,
+                  val_alphabets: Optional[Iterable[str]] = None,
+                  val_characters: Optional[int] = None, seed: int = 0, image_size: int = 28, use_cache: bool = True,
                   cache_dir: Optional[cache.PathLike] = None) -> Splits:
     """Omniglot train, val and test splits of rotation classes (see the module docstring).
 
@@ -272,7 +287,9 @@ def load_omniglot(data_dir: cache.PathLike, *, split_sizes: Optional[Sequence[in
             `STANDARD_SPLIT_SIZES`, unless alphabets are held out.
         test_alphabets: alphabets held out for test (the rest is train). Defaults to `None`.
         val_alphabets: alphabets held out for validation. Defaults to `None`.
-        seed: seed of the count split. Defaults to `0`.
+        val_characters: with ``test_alphabets``, this many validation characters drawn from the
+            other alphabets instead of ``val_alphabets``. Defaults to `None`.
+        seed: seed of the count split and of the ``val_characters`` draw. Defaults to `0`.
         image_size: side of the square images. Defaults to `28`.
         use_cache: read and write the decoded-image cache. Defaults to `True`.
         cache_dir: folder of the cache. Defaults to `None`: `cache.default_cache_dir()`.
@@ -294,7 +311,8 @@ def load_omniglot(data_dir: cache.PathLike, *, split_sizes: Optional[Sequence[in
     data_dir = pathlib.Path(data_dir)
     found = catalog(data_dir)
     parts = split_characters(found.characters, split_sizes=split_sizes,
-                             test_alphabets=test_alphabets, val_alphabets=val_alphabets, seed=seed)
+                             test_alphabets=test_alphabets, val_alphabets=val_alphabets,
+                             val_characters=val_characters, seed=seed)
     key = cache.fingerprint(found.records + (_CACHE_FORMAT, f"image_size={image_size}"))
     path = cache.cache_file("omniglot", key, use_cache=use_cache, cache_dir=cache_dir)
     images = cache.cached_array(path, (len(found.images), image_size, image_size, 1), np.uint8,
