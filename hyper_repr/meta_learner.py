@@ -332,9 +332,9 @@ class MetaLearner:
         """h_λ of each episode: [B, n, H, W, C] -> [B, n, d]."""
         return episode_features(self.network, images)
 
-    def evaluate(self, episodes: Iterable, *, steps: Optional[int] = None,
+    def evaluate(self, episodes: Iterable, *, ways: Optional[int] = None, steps: Optional[int] = None,
                  learning_rate: Optional[float] = None) -> tuple[float, float]:
-        """``evaluate`` with this representation; T and η default to the meta-training ones."""
+        """``evaluate`` with this representation; N, T and η default to the meta-training ones."""
         eta = self.learning_rate if learning_rate is None else learning_rate
-        return evaluate(self.features, episodes, ways=self.ways, steps=steps or self.steps,
+        return evaluate(self.features, episodes, ways=ways or self.ways, steps=steps or self.steps,
                         learning_rate=tf.convert_to_tensor(eta, self.heads_dtype))

@@ -11,9 +11,11 @@
     results.json   test accuracies and CIs (best-validation weights) next to the baselines:
                    raw pixels and the untrained network (the initial weights)
 
-A checkpoint in ``workdir`` means resume. Meta-batch i holds episodes i·B … i·B + B − 1 of the
-stream ``seed`` (``data.episode_dataset(first_episode=i·B)``), and 'classic' batch i is drawn by
-``default_rng([seed, i])``, so a resumed run sees the same data as an uninterrupted one.
+A checkpoint in ``workdir`` means resume; ``meta_test(config, workdir, splits)`` tests a run's
+best checkpoint again without training (and rewrites results.json). Meta-batch i holds episodes
+i·B … i·B + B − 1 of the stream ``seed`` (``data.episode_dataset(first_episode=i·B)``), and
+'classic' batch i is drawn by ``default_rng([seed, i])``, so a resumed run sees the same data as
+an uninterrupted one.
 Training stops after ``iterations``, when validation accuracy has not improved for ``patience``
 evaluations, or when ``time_budget_seconds`` of training (over all runs) are spent.
 """
@@ -23,7 +25,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -44,11 +46,13 @@ class Config:
     network: str = "omniglot"  # models.build_network name
     batch_norm_scale: bool = False  # learn the normalisation scale γ too
     dtype: str = "float32"
-    ways: int = 5  # N
+    ways: int = 5  # N of the meta-training episodes
+    test_ways: Optional[int] = None  # N of the validation and test episodes; None: ways
     shots: int = 1  # k, support images per class
     queries: int = 15  # q, query images per class
     legacy_sampling: bool = False  # support images may reappear in the query set (original)
-    steps: int = 5  # T, head GD steps (meta-training and evaluation)
+    steps: int = 5  # T, head GD steps of meta-training
+    test_steps: Optional[int] = None  # T of validation and test; None: steps
     learning_rate: float = 0.1  # η, head learning rate (initial value if learned)
     learn_lr: bool = False
     meta_batch_size: int = 4  # B
@@ -111,10 +115,18 @@ def _truncate_metrics(path: pathlib.Path, iteration: int) -> None:
 
 
 def _episodes(split: data.Split, config: Config, *, shots: int, num_episodes: int) -> Any:
-    return data.evaluation_episodes(split, ways=config.ways, shots=shots, queries=config.queries,
+    return data.evaluation_episodes(split, ways=_test_ways(config), shots=shots, queries=config.queries,
                                     num_episodes=num_episodes, seed=config.seed,
                                     meta_batch_size=config.eval_batch_size,
                                     legacy_sampling=config.legacy_sampling)
+
+
+def _test_ways(config: Config) -> int:
+    return config.test_ways or config.ways
+
+
+def _test_steps(config: Config) -> int:
+    return config.test_steps or config.steps
 
 
 def _train_batches(splits: data.Splits, config: Config, first: int):
@@ -132,26 +144,19 @@ def _train_batches(splits: data.Splits, config: Config, first: int):
                                     first_episode=first * config.meta_batch_size)
 
 
-def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
-    """Meta-trains, resuming from ``workdir`` if it holds a checkpoint; then meta-tests.
+class _Run(NamedTuple):
+    """The learner of a run and the state its checkpoints hold (see `_restore`)."""
 
-    Args:
-        config: the settings.
-        workdir: output folder (created).
-        splits: train / val / test splits (``data.load_omniglot`` ...).
+    learner: meta_learner.MetaLearner
+    learned: list  # λ (+ η): the variables whose best-validation values are kept
+    progress: _Progress
+    manager: tf.train.CheckpointManager
+    initial_weights: list  # the network's weights before meta-training (the 'untrained' baseline)
 
-    Returns:
-        The content of results.json.
 
-    Raises:
-        ValueError: if ``workdir`` holds a run with another config, or the config is invalid.
-    """
-    if config.eval_every < 1 or config.iterations < 0:
-        raise ValueError(f"`eval_every` must be ≥ 1 and `iterations` ≥ 0, got "
-                         f"{config.eval_every} and {config.iterations}.")
-    root = pathlib.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_config(config, root)
+def _restore(config: Config, root: pathlib.Path, splits: data.Splits) -> _Run:
+    """Builds the network and the learner of ``config``; restores the latest checkpoint in
+    ``root``, if any."""
     input_shape = tuple(splits.train.images.shape[1:])
     network = build_network(config.network, input_shape, seed=config.seed, dtype=config.dtype,
                             batch_norm_scale=config.batch_norm_scale)
@@ -171,6 +176,34 @@ def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed %s at iteration %d.", manager.latest_checkpoint, int(progress.iteration))
+    return _Run(learner, learned, progress, manager, initial_weights)
+
+
+def meta_train(config: Config, workdir: str, splits: data.Splits,
+               callback: Optional[Callable[[dict], None]] = None) -> dict:
+    """Meta-trains, resuming from ``workdir`` if it holds a checkpoint; then meta-tests.
+
+    Args:
+        config: the settings.
+        workdir: output folder (created).
+        splits: train / val / test splits (``data.load_omniglot`` ...).
+        callback: called with each row of metrics.csv as a dict of numbers (e.g. to write
+            TensorBoard scalars). Defaults to `None`.
+
+    Returns:
+        The content of results.json.
+
+    Raises:
+        ValueError: if ``workdir`` holds a run with another config, or the config is invalid.
+    """
+    if config.eval_every < 1 or config.iterations < 0:
+        raise ValueError(f"`eval_every` must be ≥ 1 and `iterations` ≥ 0, got "
+                         f"{config.eval_every} and {config.iterations}.")
+    root = pathlib.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_config(config, root)
+    run = _restore(config, root, splits)
+    learner, learned, progress, manager = run.learner, run.learned, run.progress, run.manager
     metrics_path = root / "metrics.csv"
     _truncate_metrics(metrics_path, int(progress.iteration))
     validation = _episodes(splits.val, config, shots=config.shots, num_episodes=config.eval_episodes)
@@ -187,7 +220,7 @@ def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
         progress.iteration.assign_add(1)
         iteration = int(progress.iteration)
         if iteration % config.eval_every == 0 or iteration == config.iterations:
-            accuracy, ci = learner.evaluate(validation)
+            accuracy, ci = learner.evaluate(validation, ways=_test_ways(config), steps=_test_steps(config))
             if accuracy > float(progress.best_accuracy):
                 progress.best_accuracy.assign(accuracy)
                 progress.evaluations_since_best.assign(0)
@@ -200,24 +233,60 @@ def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
             with metrics_path.open("a", newline="") as f:
                 csv.writer(f).writerow([iteration, f"{elapsed:.2f}", f"{np.mean(losses):.6g}",
                                         f"{accuracy:.6g}", f"{ci:.6g}"])
+            if callback is not None:
+                callback(dict(zip(_METRICS, (iteration, elapsed, float(np.mean(losses)), accuracy,
+                                             ci))))
             rate = (iteration - first) / (time.time() - start)
+            eta = (config.iterations - iteration) / rate
+            if budget is not None:  # the budget may stop the run first
+                eta = max(0.0, min(eta, budget - elapsed))
             logging.info("it %d/%d  %.1f it/s (%.1f episodes/s)  ETA %.0f s  loss %.4f  "
                          "val %.2f%% ± %.2f", iteration, config.iterations, rate,
-                         rate * config.meta_batch_size, (config.iterations - iteration) / rate,
+                         rate * config.meta_batch_size, eta,
                          np.mean(losses), 100 * accuracy, 100 * ci)
             losses = []
             manager.save()
     progress.elapsed.assign(elapsed0 + time.time() - start)
     manager.save()  # the stopping point (budget, patience or the last iteration)
+    return _test(config, root, splits, run)
 
+
+def meta_test(config: Config, workdir: str, splits: data.Splits) -> dict:
+    """Meta-tests the run in ``workdir`` without training, as ``meta_train`` does after
+    training (its best-validation weights, next to the baselines); rewrites results.json.
+
+    Args:
+        config: the run's settings (its config.json); the evaluation fields (``test_*``,
+            ``eval_batch_size``) may differ.
+        workdir: the folder of a ``meta_train`` run.
+        splits: train / val / test splits; ``test`` is evaluated.
+
+    Returns:
+        The content of results.json.
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no checkpoint.
+    """
+    root = pathlib.Path(workdir)
+    if tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
+        raise FileNotFoundError(f"`workdir` {str(root)!r} holds no checkpoint to test; "
+                                f"meta-train first.")
+    return _test(config, root, splits, _restore(config, root, splits))
+
+
+def _test(config: Config, root: pathlib.Path, splits: data.Splits, run: _Run) -> dict:
+    """Tests the best-validation weights of ``run`` (the last ones if it was never validated)
+    and the baselines on ``splits.test``; writes results.json."""
+    learner, learned, progress = run.learner, run.learned, run.progress
     if float(progress.best_accuracy) >= 0:  # test the best-validation weights
         for v, best in zip(learned, progress.best_weights):
             v.assign(best)
-    untrained = build_network(config.network, input_shape, seed=config.seed, dtype=config.dtype,
+    untrained = build_network(config.network, tuple(splits.train.images.shape[1:]),
+                              seed=config.seed, dtype=config.dtype,
                               batch_norm_scale=config.batch_norm_scale)
-    for v, w in zip(untrained.trainable_variables, initial_weights):
+    for v, w in zip(untrained.trainable_variables, run.initial_weights):
         v.assign(w)
-    eta = learner.learning_rate
+    eta, ways, steps = learner.learning_rate, _test_ways(config), _test_steps(config)
     results: dict[str, Any] = {"iterations": int(progress.iteration),
                                "elapsed_seconds": float(progress.elapsed),
                                "best_val_accuracy": float(progress.best_accuracy),
@@ -225,16 +294,16 @@ def meta_train(config: Config, workdir: str, splits: data.Splits) -> dict:
     for shots in config.test_shots or (config.shots,):
         test = _episodes(splits.test, config, shots=shots, num_episodes=config.test_episodes)
         scores = {
-            config.variant: learner.evaluate(test),
-            "pixels": meta_learner.evaluate(meta_learner.pixel_features, test, ways=config.ways,
-                                            steps=config.steps, learning_rate=eta),
+            config.variant: learner.evaluate(test, ways=ways, steps=steps),
+            "pixels": meta_learner.evaluate(meta_learner.pixel_features, test, ways=ways,
+                                            steps=steps, learning_rate=eta),
             "untrained": meta_learner.evaluate(
-                lambda x: meta_learner.episode_features(untrained, x), test, ways=config.ways,
-                steps=config.steps, learning_rate=eta),
+                lambda x: meta_learner.episode_features(untrained, x), test, ways=ways,
+                steps=steps, learning_rate=eta),
         }
-        results["test"][f"{config.ways}way_{shots}shot"] = {
+        results["test"][f"{ways}way_{shots}shot"] = {
             name: {"accuracy": m, "ci": c} for name, (m, c) in scores.items()}
-        logging.info("test %d-way %d-shot: %s", config.ways, shots,
+        logging.info("test %d-way %d-shot: %s", ways, shots,
                      {k: f"{100 * m:.2f} ± {100 * c:.2f}" for k, (m, c) in scores.items()})
     (root / "results.json").write_text(json.dumps(results, indent=2))
     return results

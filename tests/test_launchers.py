@@ -16,9 +16,14 @@ import pytest
 import tensorflow as tf
 from matplotlib import image as mpimg
 
+from absl import flags
+
 from flags import common
 from flags import effect_of_T
+from flags import few_shot
 from flags import hyper_cleaning
+from flags import miniimagenet
+from flags import omniglot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOT = effect_of_T.Config(data="synthetic", classes=4, dim=6, train_per_class=3, val_per_class=3,
@@ -241,3 +246,142 @@ def test_command_lines(tmp_path, mnist):
     assert "stale" not in (eot_dir / common.METRICS).read_text()
     assert "Table 2" in results["eot"][1] and "test_accuracy" in results["hc"][1]
     assert not (tmp_path / "x").exists()  # errors are caught before anything is written
+
+
+# -- the few-shot launchers (flags.omniglot, flags.miniimagenet) -----------------------------------
+
+TINY = dict(ways=3, shots=1, queries=2, steps=1, meta_batch_size=2, eval_every=2, eval_episodes=4,
+            test_episodes=4, eval_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def omniglot_splits(tmp_path_factory):
+    """The bundled Omniglot, split as the launcher's default (decoded into a private cache)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        yield omniglot.load_splits(omniglot.DATA_DIR)
+
+
+def few_shot_checkpoint(logdir: pathlib.Path) -> dict[str, np.ndarray]:
+    """``checkpoint_values`` but the wall-clock time."""
+    return {k: v for k, v in checkpoint_values(logdir / "checkpoints").items()
+            if not k.startswith("progress/elapsed")}
+
+
+def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
+    assert (omniglot.PRESET.network, miniimagenet.PRESET.network) == ("omniglot", "c4l")
+    for preset in (omniglot.PRESET, miniimagenet.PRESET):  # farho.md §7.1-§7.2
+        assert (preset.ways, preset.shots, preset.queries, preset.steps) == (5, 1, 15, 5)
+        assert (preset.meta_batch_size, preset.meta_lr, preset.meta_lr_decay) == (4, 1e-3, 1e-5)
+        assert preset.learn_lr and preset.learning_rate == 0.1 and preset.test_episodes == 600
+
+    def parse(preset, *args):
+        values = flags.FlagValues()
+        holders = few_shot.define_flags(preset, data_dir="data", flag_values=values)
+        values(["launcher", *args])
+        return few_shot.config_from_flags({k: h.value for k, h in holders.items()}, preset)
+
+    assert parse(omniglot.PRESET) == omniglot.PRESET
+    assert parse(miniimagenet.PRESET) == miniimagenet.PRESET
+    config = parse(miniimagenet.PRESET, "--nolearn_lr", "--T=3", "--test_T=4", "--lr=0.4",
+                   "--hyper_iterations=7", "--test_shots=1,5", "--network=rn", "--clip=0.5",
+                   "--time_budget=60", "--ways=20")
+    assert config == dataclasses.replace(
+        miniimagenet.PRESET, learn_lr=False, steps=3, test_steps=4, learning_rate=0.4, iterations=7,
+        test_shots=(1, 5), network="rn", clip=0.5, time_budget_seconds=60.0, ways=20)
+    for bad in ("--network=vgg", "--ways=0", "--mode=eval", "--lr=-1"):
+        with pytest.raises(flags.Error):
+            parse(omniglot.PRESET, bad)
+    with pytest.raises(ValueError, match="--test_shots must be positive ints"):
+        parse(omniglot.PRESET, "--test_shots=1,x")
+
+
+def test_omniglot_split_rule(omniglot_splits):
+    alphabets = [{name.split("/")[0] for name in split.class_names} for split in omniglot_splits]
+    assert alphabets[1:] == [{"Early_Aramaic"}, {"Sanskrit", "Tagalog"}]  # 'auto': not 1623
+    drawn = omniglot.load_splits(omniglot.DATA_DIR, val_characters=10)
+    assert len(drawn.val.class_names) == 40  # 10 characters × 4 rotations
+    assert not {name.split("/")[0] for name in drawn.val.class_names} & alphabets[2]
+    with pytest.raises(ValueError, match="Found 242 Omniglot characters"):
+        omniglot.load_splits(omniglot.DATA_DIR, split="standard")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        omniglot.load_splits(ROOT / "no_such_folder")
+
+
+def test_omniglot_launcher_writes_outputs_resumes_exactly_and_tests(tmp_path, omniglot_splits,
+                                                                    capsys):
+    config = dataclasses.replace(omniglot.PRESET, **TINY, iterations=2)
+    longer = dataclasses.replace(config, iterations=4)
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    few_shot.run(config, resumed, omniglot_splits)  # k = 2 iterations
+    few_shot.run(longer, resumed, omniglot_splits)  # resumed to 2k
+    results = few_shot.run(longer, straight, omniglot_splits, flag_values={"ways": 3})
+    a, b = few_shot_checkpoint(resumed), few_shot_checkpoint(straight)
+    assert sorted(a) == sorted(b) and any("optimizer" in name for name in a)
+    for name in a:  # the same float32 operations in the same order
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, err_msg=name)
+    elapsed = lambda logdir: [{k: v for k, v in r.items() if k != "elapsed_seconds"}
+                              for r in rows(logdir)]
+    assert elapsed(resumed) == elapsed(straight)
+    assert [r["iteration"] for r in rows(straight)] == ["2", "4"]
+
+    saved = json.loads((straight / "results.json").read_text())
+    assert saved["test"] == results["test"] and saved["flags"] == {"ways": 3}
+    assert saved["config"] == json.loads((straight / "config.json").read_text())
+    assert saved["iterations"] == 4 and 0 <= saved["best_val_accuracy"] <= 1
+    assert abs(saved["learning_rate"] - 0.1) > 1e-4  # η is learned by default
+    scores = saved["test"]["3way_1shot"]
+    assert set(scores) == {"hyper", "pixels", "untrained"}
+    assert all(0 <= s["accuracy"] <= 1 and s["ci"] >= 0 for s in scores.values())
+    assert json.loads((resumed / "results.json").read_text())["test"] == saved["test"]
+    assert_png(straight / few_shot.PLOT)
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert "3-way 1-shot: " in capsys.readouterr().out
+
+    # --mode=test: the model's settings come from config.json (steps=3 is ignored)
+    tested = few_shot.run(dataclasses.replace(longer, steps=3), straight, omniglot_splits,
+                          mode="test")
+    assert tested["test"] == saved["test"] and tested["config"]["steps"] == 1
+    with pytest.raises(FileNotFoundError, match="no trained run"):
+        few_shot.run(config, tmp_path / "empty", omniglot_splits, mode="test")
+
+
+def write_tiny_mini_imagenet(data_dir: pathlib.Path, size: int = 16, per_class: int = 4) -> None:
+    """{train,val,test}.h5 of 4, 3 and 3 classes: a colour per class plus noise, size×size."""
+    import h5py  # noqa: PLC0415 (only this test writes h5 files)
+    rng = np.random.default_rng(0)
+    data_dir.mkdir()
+    for split, classes in (("train", 4), ("val", 3), ("test", 3)):
+        colours = rng.integers(0, 256, size=(classes, 1, 1, 3))
+        images = np.repeat(colours, per_class, axis=0) + rng.normal(0, 40, (classes * per_class,
+                                                                            size, size, 3))
+        with h5py.File(data_dir / f"{split}.h5", "w") as f:
+            f["X"] = np.clip(images, 0, 255).astype(np.uint8)
+
+
+def test_few_shot_command_lines(tmp_path):
+    """flags.miniimagenet end to end on tiny h5 files (--nolearn_lr, --noresume); a missing
+    data folder; started together to overlap."""
+    data_dir, logdir = tmp_path / "mini", tmp_path / "mini_run"
+    write_tiny_mini_imagenet(data_dir)
+    (logdir / "checkpoints").mkdir(parents=True)
+    (logdir / "metrics.csv").write_text("iteration\n999\n")  # --noresume deletes it
+    processes = {
+        "mini": launch("miniimagenet", f"--logdir={logdir}", f"--data_dir={data_dir}",
+                       "--image_size=16", "--images_per_class=4", "--ways=3", "--queries=2",
+                       "--T=1", "--meta_batch_size=2", "--hyper_iterations=2", "--eval_every=1",
+                       "--eval_episodes=2", "--test_episodes=2", "--eval_batch_size=2",
+                       "--nolearn_lr", "--lr=0.2", "--noresume"),
+        "missing": launch("omniglot", f"--logdir={tmp_path / 'x'}",
+                          f"--data_dir={tmp_path / 'missing'}"),
+    }
+    (code, stdout, stderr), (error_code, _, error) = (finish(p) for p in processes.values())
+    assert code == 0, stderr[-3000:]
+    assert "3-way 1-shot: " in stdout and "baselines: pixels" in stdout
+    assert [r["iteration"] for r in rows(logdir)] == ["1", "2"]
+    saved = json.loads((logdir / "results.json").read_text())
+    assert saved["flags"]["learn_lr"] is False and saved["config"]["learn_lr"] is False
+    assert saved["config"]["network"] == "c4l" and saved["learning_rate"] == pytest.approx(0.2)
+    assert error_code == 1 and "Traceback" not in error
+    assert f"{tmp_path / 'missing'}' does not exist" in error, error[-2000:]
+    assert not (tmp_path / "x").exists()
