@@ -40,7 +40,7 @@ References:
 """
 
 import functools
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import keras
 import numpy as np

@@ -3,7 +3,6 @@ semantics of its online modes (RTHO and warm restart)."""
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import far_ho2 as far
