@@ -48,7 +48,8 @@ PRESET = train.Config(ways=5, shots=1, queries=15, steps=5, learning_rate=0.1, l
                       eval_every=250, eval_episodes=600, test_episodes=600, patience=40)
 MODES = ("train", "test")
 NETWORKS = ("omniglot", "c4l", "rn")  # models.build_network names
-EVALUATION = ("test_ways", "test_steps", "test_shots", "test_episodes", "eval_batch_size")
+EVALUATION = ("test_ways", "test_steps", "test_shots", "test_queries", "test_episodes",
+              "eval_batch_size")
 PLOT = "metrics.png"
 # flag name -> train.Config field, where they differ (the flags keep FAR-HO's and the other
 # launchers' names); every other setting flag is named after its field.
@@ -68,6 +69,7 @@ _SETTINGS = (
     ("shots", int, "k, support images per class."),
     ("test_shots", list, "k of the test evaluations, e.g. 1,5 (default: --shots)."),
     ("queries", int, "Query images per class."),
+    ("test_queries", int, "Query images per class at validation and test (default: --queries)."),
     ("legacy_sampling", bool, "Support images may reappear as queries (the original sampler)."),
     ("T", int, "Inner GD steps of the heads in meta-training."),
     ("test_T", int, "Head GD steps at validation and test (default: --T)."),

@@ -35,6 +35,7 @@ from hyper_repr import data, meta_learner
 from hyper_repr.models import build_network
 
 _RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
+PROGRESS_SECONDS = 30.0  # a progress line at least this often between validations
 _METRICS = ("iteration", "elapsed_seconds", "train_outer_loss", "val_accuracy", "val_ci")
 
 
@@ -49,7 +50,8 @@ class Config:
     ways: int = 5  # N of the meta-training episodes
     test_ways: Optional[int] = None  # N of the validation and test episodes; None: ways
     shots: int = 1  # k, support images per class
-    queries: int = 15  # q, query images per class
+    queries: int = 15  # q, query images per class of the meta-training episodes
+    test_queries: Optional[int] = None  # q of the validation and test episodes; None: queries
     legacy_sampling: bool = False  # support images may reappear in the query set (original)
     steps: int = 5  # T, head GD steps of meta-training
     test_steps: Optional[int] = None  # T of validation and test; None: steps
@@ -115,7 +117,8 @@ def _truncate_metrics(path: pathlib.Path, iteration: int) -> None:
 
 
 def _episodes(split: data.Split, config: Config, *, shots: int, num_episodes: int) -> Any:
-    return data.evaluation_episodes(split, ways=_test_ways(config), shots=shots, queries=config.queries,
+    return data.evaluation_episodes(split, ways=_test_ways(config), shots=shots,
+                                    queries=config.test_queries or config.queries,
                                     num_episodes=num_episodes, seed=config.seed,
                                     meta_batch_size=config.eval_batch_size,
                                     legacy_sampling=config.legacy_sampling)
@@ -210,9 +213,18 @@ def meta_train(config: Config, workdir: str, splits: data.Splits,
 
     start, first = time.time(), int(progress.iteration)
     elapsed0 = float(progress.elapsed)
+    last_line, budget = start, config.time_budget_seconds
+
+    def speed(iteration: int) -> str:  # "it i/n  r it/s (e episodes/s)  ETA s"
+        rate = (iteration - first) / (time.time() - start)
+        eta = (config.iterations - iteration) / rate
+        if budget is not None:  # the budget may stop the run first
+            eta = max(0.0, min(eta, budget - elapsed0 - (time.time() - start)))
+        return (f"it {iteration}/{config.iterations}  {rate:.1f} it/s "
+                f"({rate * config.meta_batch_size:.1f} episodes/s)  ETA {eta:.0f} s")
+
     losses: list[float] = []
     batches = _train_batches(splits, config, first)
-    budget = config.time_budget_seconds
     while (progress.iteration < config.iterations
            and progress.evaluations_since_best < config.patience
            and (budget is None or elapsed0 + time.time() - start < budget)):
@@ -236,16 +248,14 @@ def meta_train(config: Config, workdir: str, splits: data.Splits,
             if callback is not None:
                 callback(dict(zip(_METRICS, (iteration, elapsed, float(np.mean(losses)), accuracy,
                                              ci))))
-            rate = (iteration - first) / (time.time() - start)
-            eta = (config.iterations - iteration) / rate
-            if budget is not None:  # the budget may stop the run first
-                eta = max(0.0, min(eta, budget - elapsed))
-            logging.info("it %d/%d  %.1f it/s (%.1f episodes/s)  ETA %.0f s  loss %.4f  "
-                         "val %.2f%% ± %.2f", iteration, config.iterations, rate,
-                         rate * config.meta_batch_size, eta,
-                         np.mean(losses), 100 * accuracy, 100 * ci)
+            logging.info("%s  loss %.4f  val %.2f%% ± %.2f", speed(iteration), np.mean(losses),
+                         100 * accuracy, 100 * ci)
             losses = []
             manager.save()
+            last_line = time.time()
+        elif time.time() - last_line >= PROGRESS_SECONDS:
+            logging.info("%s  loss %.4f", speed(iteration), np.mean(losses))
+            last_line = time.time()
     progress.elapsed.assign(elapsed0 + time.time() - start)
     manager.save()  # the stopping point (budget, patience or the last iteration)
     return _test(config, root, splits, run)
