@@ -12,7 +12,7 @@ steps, then an outer Adam step on the network's weights and the learned head lea
 Episodes are those of training: 5-way 1-shot with 15 queries per class, drawn by the real
 ``hyper_repr.data.episode_dataset`` from the bundled Omniglot (``data/omniglot`` of the repository;
 test alphabets Sanskrit and Tagalog, validation alphabet Early_Aramaic, as
-``examples/omniglot_hyper_representation.py``, whose learner settings are used too: η = 0.1,
+the bundled-data run of ``flags/omniglot.py``, whose default learner settings are used too: η = 0.1,
 learned). Measured for every meta-batch size B ∈ {4, 16} and T ∈ {1, 5, 10}, each in a fresh
 process:
 
@@ -85,7 +85,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 DATA_DIR = REPOSITORY / "data" / "omniglot"
 TEST_ALPHABETS, VAL_ALPHABETS = ("Sanskrit", "Tagalog"), ("Early_Aramaic",)
 WAYS, SHOTS, QUERIES, SEED = 5, 1, 15, 0
-LEARNING_RATE, LEARN_LR = 0.1, True  # as examples/omniglot_hyper_representation.py
+LEARNING_RATE, LEARN_LR = 0.1, True  # flags/omniglot.py's defaults
 DEFAULT_BATCH_SIZES, DEFAULT_STEPS = (4, 16), (1, 5, 10)
 QUICK_BATCH_SIZES, QUICK_STEPS = (4,), (1, 5)
 REFERENCE = {"name": "PyTorch + higher", "meta_batch_size": 4, "steps": 5, "episodes_per_second": 36.0}
