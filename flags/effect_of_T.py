@@ -18,14 +18,21 @@ hyper-iteration. The inner learning rate is fixed: η = eta_scale / (σ_max(X)²
 the stability limit 2/ℓ of L at H = I for eta_scale = 1.
 
 Data (float64): ``--features`` (an .npz with X_train, Y_train, X_val, Y_val, X_test, Y_test;
-Y one-hot or integer labels), else Omniglot pixels from ``--data_dir`` (the paper: 100 classes,
-3 training and 3 validation images per class, the rest of a class's 20 drawings for test), or
-``--data synthetic`` (class means plus noise, for tests).
+Y one-hot or integer labels); else ``--representation LOGDIR``: the 256 features of the
+representation learned by ``flags.omniglot`` in LOGDIR (its best-validation weights), on classes
+of that run's test split, which it never saw in training (rotation classes, as in its episodes;
+the network normalises each split's images as one batch, as it normalises an episode's support
+or query set); else Omniglot pixels from ``--data_dir`` (unrotated characters); or ``--data
+synthetic`` (class means plus noise, for tests). The paper's sizes: 100 classes, 3 training and
+3 validation images per class, the rest of a class's 20 drawings for test.
 
     python -m flags.effect_of_T --logdir /tmp/effect_of_T --T 1,4,16,64,256,exact
+    python -m flags.effect_of_T --logdir /tmp/effect_of_T --representation runs/omniglot
 """
 
 import dataclasses
+import json
+import pathlib
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -56,6 +63,7 @@ class Config:
     data: str = "omniglot"  # "omniglot" or "synthetic" (ignored with `features`)
     data_dir: str = "data/omniglot"
     features: Optional[str] = None  # an .npz of features, instead of `data`
+    representation: Optional[str] = None  # a flags.omniglot logdir, instead of `data`
     classes: int = 100
     train_per_class: int = 3
     val_per_class: int = 3
@@ -113,17 +121,16 @@ def synthetic_data(config: Config) -> Data:
     return Data(*arrays)
 
 
-def omniglot_data(config: Config) -> Data:
-    """Omniglot pixels (ink in [0, 1], 784 per image) of ``classes`` random characters
-    (unrotated), each split into train/val/test images at random."""
-    from hyper_repr.data import load_omniglot  # noqa: PLC0415 (only this data source needs it)
-    split = load_omniglot(config.data_dir, test_alphabets=[], seed=config.seed).train
-    characters = np.arange(0, len(split.class_names), 4)  # class 4i + r is character i at 90r°
-    if config.classes > len(characters):
-        raise ValueError(f"--classes={config.classes}: the Omniglot images in {config.data_dir} "
-                         f"have only {len(characters)} characters.")
+def split_classes(split: Any, candidates: np.ndarray, config: Config,
+                  features: Callable[[np.ndarray], np.ndarray]) -> Data:
+    """``classes`` random classes among ``candidates`` (class indices of ``split``), the images of
+    each split at random into train / val / test (``*_per_class``); the inputs of a split are
+    ``features(images)`` of its uint8 images [n, H, W, C]."""
+    if config.classes > len(candidates):
+        raise ValueError(f"--classes={config.classes}: the Omniglot images give only "
+                         f"{len(candidates)} classes here.")
     rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(characters, config.classes, replace=False))
+    chosen = np.sort(rng.choice(candidates, config.classes, replace=False))
     wanted = (config.train_per_class, config.val_per_class, config.test_per_class)
     parts: list[list[np.ndarray]] = [[], [], []]
     labels: list[list[np.ndarray]] = [[], [], []]
@@ -133,16 +140,45 @@ def omniglot_data(config: Config) -> Data:
             raise ValueError(f"Omniglot class {split.class_names[c]} has {stop - start} images, "
                              f"fewer than --train_per_class + --val_per_class + 1.")
         order = start + rng.permutation(stop - start)
-        cuts = np.cumsum(wanted)
-        for k, indices in enumerate(np.split(order, cuts)[:3]):
+        for k, indices in enumerate(np.split(order, np.cumsum(wanted))[:3]):
             parts[k].append(np.sort(indices))
             labels[k].append(np.full(len(indices), label))
-    images = np.asarray(split.images).reshape(len(split.images), -1)
+    images = np.asarray(split.images)
     arrays = []
     for k in range(3):
-        arrays += [images[np.concatenate(parts[k])] / 255.0,
+        arrays += [np.asarray(features(images[np.concatenate(parts[k])]), np.float64),
                    one_hot(np.concatenate(labels[k]), config.classes)]
     return Data(*arrays)
+
+
+def omniglot_data(config: Config) -> Data:
+    """Omniglot pixels (ink in [0, 1], 784 per image) of ``classes`` random characters
+    (unrotated), each split into train/val/test images at random."""
+    from hyper_repr.data import load_omniglot  # noqa: PLC0415 (only this data source needs it)
+    split = load_omniglot(config.data_dir, test_alphabets=[], seed=config.seed).train
+    characters = np.arange(0, len(split.class_names), 4)  # class 4i + r is character i at 90r°
+    return split_classes(split, characters, config, lambda x: x.reshape(len(x), -1) / 255.0)
+
+
+def representation_data(config: Config) -> Data:
+    """The features h_λ(x) of the representation learned by ``flags.omniglot`` in
+    ``config.representation`` (best-validation weights), on ``classes`` classes of that run's
+    test split; each split's images are normalised as one batch (transductive, as episodes)."""
+    from flags import omniglot  # noqa: PLC0415 (only this data source needs them)
+    from hyper_repr import train  # noqa: PLC0415
+    results = pathlib.Path(config.representation) / common.RESULTS
+    if not results.is_file():
+        raise FileNotFoundError(f"--representation={config.representation}: no {common.RESULTS}; "
+                                f"give the --logdir of a finished `python -m flags.omniglot` run.")
+    run_flags = json.loads(results.read_text()).get("flags", {})
+    splits = omniglot.load_splits(run_flags.get("data_dir", config.data_dir),
+                                  split=run_flags.get("split", "auto"),
+                                  test_alphabets=run_flags.get("test_alphabets", ("Sanskrit", "Tagalog")),
+                                  val_alphabets=run_flags.get("val_alphabets", ("Early_Aramaic",)),
+                                  val_characters=run_flags.get("val_characters", 0))
+    network = train.load_representation(config.representation, splits)
+    return split_classes(splits.test, np.arange(len(splits.test.class_names)), config,
+                         lambda x: network(tf.constant(x, network.dtype) / 255.0).numpy())
 
 
 def project(data: Data, dim: int, seed: int) -> Data:
@@ -155,6 +191,8 @@ def load_data(config: Config) -> Data:
     """The data the configuration names (see the module docstring)."""
     if config.features:
         data = load_features(config.features)
+    elif config.representation:
+        data = representation_data(config)
     elif config.data == "synthetic":
         return synthetic_data(config)
     elif config.data == "omniglot":
@@ -426,6 +464,9 @@ def define_flags() -> dict:
                                      "Inner lr η = eta_scale / (σ_max(X)² + ρ)."),
         data=flags.DEFINE_enum("data", defaults.data, ["omniglot", "synthetic"], "Data source."),
         data_dir=flags.DEFINE_string("data_dir", defaults.data_dir, "Omniglot folder."),
+        representation=flags.DEFINE_string("representation", None, "--logdir of a finished "
+                                           "flags.omniglot run: its learned features (overrides "
+                                           "--data)."),
         features=flags.DEFINE_string("features", None, ".npz of X_/Y_ train/val/test "
                                      "(overrides --data)."),
         classes=flags.DEFINE_integer("classes", defaults.classes, "Number of classes."),

@@ -27,6 +27,7 @@ import pathlib
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -284,13 +285,42 @@ def meta_test(config: Config, workdir: str, splits: data.Splits) -> dict:
     return _test(config, root, splits, _restore(config, root, splits))
 
 
+def _use_best_weights(run: _Run) -> None:
+    """Loads the best-validation weights of ``run`` into its learner (none if never validated)."""
+    if float(run.progress.best_accuracy) >= 0:
+        for v, best in zip(run.learned, run.progress.best_weights):
+            v.assign(best)
+
+
+def load_representation(workdir: str, splits: data.Splits) -> keras.Model:
+    """The representation h_λ of the ``meta_train`` run in ``workdir``, with its best-validation
+    weights (its last ones if it was never validated).
+
+    Args:
+        workdir: the folder of a ``meta_train`` run (config.json, checkpoints/).
+        splits: the run's data (for the input shape, and the class count of 'classic').
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no config.json or no checkpoint.
+    """
+    root = pathlib.Path(workdir)
+    path = root / "config.json"
+    if not path.is_file() or tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
+        raise FileNotFoundError(f"{str(root)!r} holds no meta-training run (config.json and a "
+                                f"checkpoint in checkpoints/): train one first.")
+    names = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in json.loads(path.read_text()).items() if k in names}
+    run = _restore(Config(**saved), root, splits)
+    _use_best_weights(run)
+    return run.learner.network
+
+
 def _test(config: Config, root: pathlib.Path, splits: data.Splits, run: _Run) -> dict:
     """Tests the best-validation weights of ``run`` (the last ones if it was never validated)
     and the baselines on ``splits.test``; writes results.json."""
-    learner, learned, progress = run.learner, run.learned, run.progress
-    if float(progress.best_accuracy) >= 0:  # test the best-validation weights
-        for v, best in zip(learned, progress.best_weights):
-            v.assign(best)
+    learner, progress = run.learner, run.progress
+    _use_best_weights(run)
     untrained = build_network(config.network, tuple(splits.train.images.shape[1:]),
                               seed=config.seed, dtype=config.dtype,
                               batch_norm_scale=config.batch_norm_scale)

@@ -350,6 +350,20 @@ def test_omniglot_launcher_writes_outputs_resumes_exactly_and_tests(tmp_path, om
     with pytest.raises(FileNotFoundError, match="no trained run"):
         few_shot.run(config, tmp_path / "empty", omniglot_splits, mode="test")
 
+    # flags.effect_of_T on the representation learned here: 256 features of test-split classes
+    eot = dataclasses.replace(EOT, representation=str(straight), data_dir=str(omniglot.DATA_DIR),
+                              classes=5, test_per_class=4, dim=0, hyper_iterations=2)
+    data = effect_of_T.load_data(eot)
+    assert [x.shape for x in data] == [(15, 256), (15, 5), (15, 256), (15, 5), (20, 256), (20, 5)]
+    assert np.isfinite(data.X_train).all() and data.X_train.std() > 0
+    assert not np.allclose(data.X_train, effect_of_T.load_data(
+        dataclasses.replace(eot, seed=1)).X_train)  # the seed draws other classes and images
+    eot_results = effect_of_T.run_experiment(eot, tmp_path / "eot", data=data)
+    assert set(eot_results["metrics"]) == {"T3", "exact"}
+    assert eot_results["config"]["representation"] == str(straight)
+    with pytest.raises(FileNotFoundError, match="--representation="):
+        effect_of_T.load_data(dataclasses.replace(eot, representation=str(tmp_path / "empty")))
+
 
 def write_tiny_mini_imagenet(data_dir: pathlib.Path, size: int = 16, per_class: int = 4) -> None:
     """{train,val,test}.h5 of 4, 3 and 3 classes: a colour per class plus noise, size×size."""
