@@ -19,8 +19,9 @@ results.json gains every flag value ("flags") and the `train.Config` used ("conf
 per tested shot goes to stdout: ``5-way 1-shot: 87.6 ± 0.7 % (600 episodes); baselines: …``.
 
 TensorFlow runs on a GPU whenever one is visible. ``--xla`` turns on XLA auto-clustering
-(``tf.config.optimizer.set_jit``), which acts on GPUs only. Mixed precision is not offered: the
-networks take one explicit dtype for weights and computation (``--dtype``).
+(``tf.config.optimizer.set_jit``), which acts on GPUs only. ``--dtype=mixed_bfloat16`` is mixed
+precision: float32 weights and heads, bfloat16 convolutions (float16 would need loss scaling in
+the hypergradient, not implemented); it helps on accelerators with bfloat16 units, not on CPUs.
 """
 
 import csv
@@ -63,7 +64,9 @@ _SETTINGS = (
     ("network", NETWORKS, "Representation h_λ: omniglot (conv-4, stride 2), c4l (conv-4, 32 "
                           "filters, max-pool) or rn (residual network)."),
     ("batch_norm_scale", bool, "Learn the normalisation scale γ too."),
-    ("dtype", ("float32", "float64"), "Dtype of the network."),
+    ("dtype", ("float32", "float64", "mixed_bfloat16"), "Dtype of the network; mixed_bfloat16: "
+              "float32 weights, bfloat16 computation (mixed precision, for GPUs/TPUs with "
+              "bfloat16 units)."),
     ("ways", int, "N, classes per meta-training episode."),
     ("test_ways", int, "N of the validation and test episodes (default: --ways)."),
     ("shots", int, "k, support images per class."),

@@ -64,8 +64,8 @@ def episode_features(network: keras.Model, images: tf.Tensor) -> tf.Tensor:
     ``tf.vectorized_map`` over the episode axis keeps per-episode normalisation statistics (one
     batched convolution per layer, not B of them); the images are cast to the network's dtype.
     """
-    images = tf.cast(images, network.trainable_variables[0].dtype)
-    return tf.vectorized_map(network, images)
+    dtype = network.trainable_variables[0].dtype  # the computation may be in half precision
+    return tf.cast(tf.vectorized_map(network, tf.cast(images, dtype)), dtype)
 
 
 def pixel_features(images: tf.Tensor) -> tf.Tensor:

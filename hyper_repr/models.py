@@ -95,27 +95,40 @@ class TransductiveBatchNormalization(keras.layers.Layer):
                       if self.scale else None)
 
     def call(self, inputs):
-        axes = tuple(range(len(inputs.shape) - 1))
-        mean = keras.ops.mean(inputs, axis=axes, keepdims=True)
-        centred = inputs - mean
+        # the statistics in the variables' dtype (float32 under mixed precision, as Keras's own)
+        x = keras.ops.cast(inputs, self.variable_dtype)
+        axes = tuple(range(len(x.shape) - 1))
+        mean = keras.ops.mean(x, axis=axes, keepdims=True)
+        centred = x - mean
         variance = keras.ops.mean(keras.ops.square(centred), axis=axes, keepdims=True)
         normalised = centred * keras.ops.rsqrt(variance + self.epsilon)
         if self.gamma is not None:
-            normalised = normalised * self.gamma
-        return normalised + self.beta
+            normalised = normalised * keras.ops.cast(self.gamma, self.variable_dtype)
+        return keras.ops.cast(normalised + keras.ops.cast(self.beta, self.variable_dtype),
+                              self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "epsilon": self.epsilon}
+
+
+# dtype policies: weights in float32, computation in bfloat16 (keras.mixed_precision; float16
+# would need loss scaling in the hypergradient, which is not implemented)
+MIXED_PRECISION = ("mixed_bfloat16",)
 
 
 class _LayerFactory:
     """Makes the layers of one network: one dtype, one normalisation option, one seed stream."""
 
     def __init__(self, seed: int | None, dtype: str | None, batch_norm_scale: bool):
-        dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
-        if not dtype.startswith(("float", "bfloat")):
-            raise ValueError(f"`dtype` must be a floating-point type such as 'float64', "
-                             f"got {dtype!r}.")
+        if dtype not in MIXED_PRECISION:
+            try:
+                standard = keras.backend.standardize_dtype(dtype or keras.config.floatx())
+            except ValueError:
+                standard = None
+            if standard is None or not standard.startswith(("float", "bfloat")):
+                raise ValueError(f"`dtype` must be a floating-point type such as 'float64', or "
+                                 f"one of {MIXED_PRECISION}, got {dtype!r}.")
+            dtype = standard
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
             raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
         self.dtype, self.batch_norm_scale = dtype, batch_norm_scale
@@ -144,7 +157,8 @@ def _input(input_shape: Shape, factory: _LayerFactory, min_size: int) -> keras.K
             or min(shape[:2]) < min_size):
         raise ValueError(f"`input_shape` must be (height, width, channels) of positive ints with "
                          f"height and width ≥ {min_size}, got {input_shape!r}.")
-    return keras.Input(shape=shape, dtype=factory.dtype, name="images")
+    return keras.Input(shape=shape, dtype=keras.DTypePolicy(factory.dtype).variable_dtype,
+                       name="images")
 
 
 def _conv4_network(input_shape: Shape, *, filters: int, strides: int, max_pool: bool, name: str,
@@ -175,7 +189,8 @@ def omniglot_network(input_shape: Shape = (28, 28, 1), *, batch_norm_scale: bool
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
         seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
             (fresh random weights).
-        dtype: dtype of the weights and the computation. Defaults to `None`
+        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
+            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).
         name: the model's name. Defaults to `"omniglot_network"`.
 
@@ -211,7 +226,8 @@ def c4l_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool = Fa
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
         seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
             (fresh random weights).
-        dtype: dtype of the weights and the computation. Defaults to `None`
+        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
+            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).
         name: the model's name. Defaults to `"c4l_network"`.
 
@@ -266,7 +282,8 @@ def residual_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
         seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
             (fresh random weights).
-        dtype: dtype of the weights and the computation. Defaults to `None`
+        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
+            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).
         name: the model's name. Defaults to `"residual_network"`.
 
@@ -311,7 +328,8 @@ def build_network(name: str, input_shape: Shape | None = None, *, batch_norm_sca
             and (84, 84, 3) for 'c4l' and 'rn'.
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
         seed: seeds the kernel initialisers. Defaults to `None` (fresh random weights).
-        dtype: dtype of the weights and the computation. Defaults to `None`
+        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
+            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).
 
     Returns:

@@ -344,3 +344,19 @@ def test_normalisation_rejects_bad_epsilon_and_inputs_without_channels():
         TransductiveBatchNormalization(epsilon=0.0)
     with pytest.raises(ValueError, match="channels"):
         TransductiveBatchNormalization()(tf.ones((3,)))
+
+
+def test_mixed_bfloat16_keeps_float32_weights_and_matches_float32_features():
+    full = models.build_network("omniglot", seed=0, dtype="float32")
+    mixed = models.build_network("omniglot", seed=0, dtype="mixed_bfloat16")
+    assert {v.dtype for v in mixed.trainable_variables} == {"float32"}
+    assert {layer.compute_dtype for layer in mixed.layers[1:]} == {"bfloat16"}
+    images = tf.random.stateless_uniform((20, 28, 28, 1), seed=(1, 2))
+    expected = full(images).numpy()
+    actual = mixed(images)
+    assert actual.dtype == tf.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: relative error ~2⁻⁸ per operation, not float32's 1e-7
+    error = np.linalg.norm(actual.numpy().astype(np.float32) - expected) / np.linalg.norm(expected)
+    assert 1e-5 < error < 0.05
+    with pytest.raises(ValueError, match="mixed_bfloat16"):
+        models.build_network("omniglot", dtype="mixed_float16")
