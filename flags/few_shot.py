@@ -21,7 +21,7 @@ per tested shot goes to stdout: ``5-way 1-shot: 87.6 ± 0.7 % (600 episodes); ba
 TensorFlow runs on a GPU whenever one is visible. ``--xla`` turns on XLA auto-clustering
 (``tf.config.optimizer.set_jit``), which acts on GPUs only. ``--dtype=mixed_bfloat16`` is mixed
 precision: float32 weights and heads, bfloat16 convolutions (float16 would need loss scaling in
-the hypergradient, not implemented); it helps on accelerators with bfloat16 units, not on CPUs.
+the hypergradient, not implemented), meant for accelerators with bfloat16 units.
 """
 
 import csv
