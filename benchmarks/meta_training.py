@@ -42,8 +42,7 @@ instrumented from outside: its ``_restore``, ``_train_batches`` and ``_test`` ar
 learner's ``meta_step`` and ``evaluate``, the checkpoint manager's ``save`` and every training
 batch are timed (wall and CPU); hyper_repr is not modified. Reported: the loop's episodes/s
 (overall, by meta_train's own elapsed time and its logged rates), each component's time, the
-residual Python per iteration (and a replica of the loop's counter and condition lines, timed
-alone), the loop's time beyond N × (median step + median batch) by cause, the same learner's step
+residual Python per iteration, the loop's time beyond N × (median step + median batch) by cause, the same learner's step
 outside the loop in the same process, and the projected rate of a 780-s run (the README example's
 budget) from the measured components.
 
@@ -270,7 +269,6 @@ class LoopMeasurement:
     load_average: float
     outside_ms: list[float]  # the same learner's meta_step(next batch) after meta_train, per call
     outside_cpu_ms: float  # CPU ms per call of those
-    bookkeeping_ms: float  # the loop's counter and condition lines alone, per iteration
 
 
 def clock() -> tuple[float, float]:
@@ -285,7 +283,7 @@ def measure_loop(settings: LoopSettings) -> LoopMeasurement:
     ``next_batch`` (the next training meta-batch), ``evaluate`` (validation), ``save`` (checkpoints,
     the final one included), ``callback`` (meta_train's metrics callback, a list append here); the
     meta-test's own evaluations are excluded from them. Then, in the same process, the same
-    learner's ``meta_step(next batch)`` outside the loop, and a replica of the loop's bookkeeping.
+    learner's ``meta_step(next batch)`` outside the loop.
     """
     import_tensorflow("cpu")
     from hyper_repr import train
@@ -365,23 +363,7 @@ def measure_loop(settings: LoopSettings) -> LoopMeasurement:
                            loop_end_cpu - loop_start_cpu, marks["test_end"][0] - loop_end, total_s,
                            results["elapsed_seconds"], logged, checkpoint_mb, baseline, loop_peak[0] - baseline,
                            memory_mb,
-                           os.getloadavg()[0], outside, outside_cpu_ms, bookkeeping_ms(train, settings))
-
-
-def bookkeeping_ms(train: Any, settings: LoopSettings, iterations: int = 2000) -> float:
-    """ms per iteration of ``meta_train``'s loop without its step and batch: a replica of its
-    condition and counter lines (hyper_repr/train.py, ``while progress.iteration < …``, eager ops on
-    ``tf.Variable``s), on a ``train._Progress``."""
-    progress, budget, start = train._Progress([]), None, time.time()
-    iteration, t0 = 0, time.perf_counter()
-    while (progress.iteration < iterations
-           and progress.evaluations_since_best < 20
-           and (budget is None or time.time() - start < budget)):
-        progress.iteration.assign_add(1)
-        iteration = int(progress.iteration)
-        if iteration % settings.eval_every == 0 or iteration == iterations:
-            pass
-    return 1e3 * (time.perf_counter() - t0) / iteration
+                           os.getloadavg()[0], outside, outside_cpu_ms)
 
 
 # -- the driver ----------------------------------------------------------------------------------------
@@ -514,7 +496,6 @@ def loop_breakdown(m: LoopMeasurement) -> dict:
             "save": (sum(d["save"]), sum(c["save"]), len(d["save"])),
             "callback": (sum(d["callback"]), sum(c["callback"]), len(d["callback"])),
             "other": (other, other_cpu, iterations),
-            "bookkeeping": (m.bookkeeping_ms * iterations / 1e3, None, iterations),
         },
         "meta_step_ms": step_ms,
         "meta_step_cpu_ms": step_cpu_ms,
@@ -553,8 +534,6 @@ def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary]) -> li
             row("checkpoint save", "save", " / ".join(f"{x:.3f}" for x in sv) + " s"),
             row("metrics callback", "callback", "-"),
             row("rest: Python, tf.Variable ops, csv", "other", f"{b['other_ms_per_iteration']:.2f} ms / iteration"),
-            row("  of which counter and condition", "bookkeeping",
-                f"{m.bookkeeping_ms:.3f} ms / iteration (replica)"),
             ["loop", f"{m.loop_s:.2f}", f"{m.loop_cpu_s:.2f}", "100%", "", ""]]
     reference = REFERENCE["episodes_per_second"]
     rates = [("meta_train loop overall", b["loop_episodes_per_s"]),

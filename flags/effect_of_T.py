@@ -170,12 +170,10 @@ def representation_data(config: Config) -> Data:
     if not results.is_file():
         raise FileNotFoundError(f"--representation={config.representation}: no {common.RESULTS}; "
                                 f"give the --logdir of a finished `python -m flags.omniglot` run.")
-    run_flags = json.loads(results.read_text()).get("flags", {})
+    run_flags = json.loads(results.read_text()).get("flags", {})  # the run's split, if it had flags
+    split_flags = ("split", "test_alphabets", "val_alphabets", "val_characters")
     splits = omniglot.load_splits(run_flags.get("data_dir", config.data_dir),
-                                  split=run_flags.get("split", "auto"),
-                                  test_alphabets=run_flags.get("test_alphabets", ("Sanskrit", "Tagalog")),
-                                  val_alphabets=run_flags.get("val_alphabets", ("Early_Aramaic",)),
-                                  val_characters=run_flags.get("val_characters", 0))
+                                  **{k: run_flags[k] for k in split_flags if k in run_flags})
     network = train.load_representation(config.representation, splits)
     return split_classes(splits.test, np.arange(len(splits.test.class_names)), config,
                          lambda x: network(tf.constant(x, network.dtype) / 255.0).numpy())

@@ -26,7 +26,6 @@ the hypergradient, not implemented), meant for accelerators with bfloat16 units.
 
 import csv
 import dataclasses
-import json
 import pathlib
 import shutil
 import sys
@@ -167,20 +166,14 @@ def saved_config(logdir: pathlib.Path, config: train.Config) -> train.Config:
     Raises:
         FileNotFoundError: if ``logdir`` holds no config.json.
     """
-    path = logdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--logdir={logdir} holds no trained run (no config.json); "
-                                f"train one first with --mode=train.")
-    names = {f.name for f in dataclasses.fields(train.Config)}
-    saved = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in json.loads(path.read_text()).items() if k in names}
-    tested = dataclasses.replace(config, **{k: v for k, v in saved.items() if k not in EVALUATION})
+    saved = train.read_config(str(logdir))
+    tested = dataclasses.replace(saved, **{k: getattr(config, k) for k in EVALUATION})
     flag_of = {field: flag for flag, field in _FIELDS.items()}
-    ignored = sorted(f"--{flag_of.get(k, k)}" for k in names
-                     if getattr(tested, k) != getattr(config, k))
+    ignored = sorted(f"--{flag_of.get(f.name, f.name)}" for f in dataclasses.fields(train.Config)
+                     if getattr(tested, f.name) != getattr(config, f.name))
     if ignored:
         logging.info("--mode=test takes the trained model's settings from %s, not from the flags "
-                     "(flags that differ: %s).", path, ", ".join(ignored))
+                     "(flags that differ: %s).", logdir / "config.json", ", ".join(ignored))
     return tested
 
 

@@ -279,10 +279,29 @@ def meta_test(config: Config, workdir: str, splits: data.Splits) -> dict:
         FileNotFoundError: if ``workdir`` holds no checkpoint.
     """
     root = pathlib.Path(workdir)
-    if tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
-        raise FileNotFoundError(f"`workdir` {str(root)!r} holds no checkpoint to test; "
+    return _test(config, root, splits, _restore_trained(config, root, splits))
+
+
+def read_config(workdir: str) -> Config:
+    """The `Config` of the run in ``workdir`` (its config.json).
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no config.json.
+    """
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(workdir)!r} holds no trained run (no config.json): "
                                 f"meta-train first.")
-    return _test(config, root, splits, _restore(config, root, splits))
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v
+                     for k, v in json.loads(path.read_text()).items() if k in names})
+
+
+def _restore_trained(config: Config, root: pathlib.Path, splits: data.Splits) -> _Run:
+    """``_restore``, for a run that must have a checkpoint."""
+    if tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
+        raise FileNotFoundError(f"{str(root)!r} holds no checkpoint: meta-train first.")
+    return _restore(config, root, splits)
 
 
 def _use_best_weights(run: _Run) -> None:
@@ -303,15 +322,7 @@ def load_representation(workdir: str, splits: data.Splits) -> keras.Model:
     Raises:
         FileNotFoundError: if ``workdir`` holds no config.json or no checkpoint.
     """
-    root = pathlib.Path(workdir)
-    path = root / "config.json"
-    if not path.is_file() or tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
-        raise FileNotFoundError(f"{str(root)!r} holds no meta-training run (config.json and a "
-                                f"checkpoint in checkpoints/): train one first.")
-    names = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in json.loads(path.read_text()).items() if k in names}
-    run = _restore(Config(**saved), root, splits)
+    run = _restore_trained(read_config(workdir), pathlib.Path(workdir), splits)
     _use_best_weights(run)
     return run.learner.network
 
