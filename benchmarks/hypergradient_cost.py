@@ -14,7 +14,14 @@ The inner gradient ∇_w L is taken by autodiff, as a generic library does. Ever
 float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own process:
 
 * ``far_ho2``: ``HyperOptimizer.run(T, batch, _skip_hyper_ts=True)`` with ``features=`` (X·H is
-  evaluated once per run); ``far_ho2_nofeat``: the same problem written without ``features=``.
+  evaluated once per run) and ``far.ReverseHG()``, which unrolls runs of T ≤ 16 steps into the
+  graph keeping each step's tape and runs longer ones in a compiled loop storing one state per
+  step; ``far_ho2_nofeat``: the same problem written without ``features=``;
+  ``far_ho2_unrolled``: ``far.ReverseHG(unroll=T)``, measured where T > 16 (it is ``far_ho2``
+  below).
+* ``far_ho2_vs_jax``: ``far_ho2`` and ``jax_hoisted`` built in one process and called
+  alternately; the median ratio of adjacent calls is the side-by-side far_ho2 / JAX figure (the
+  medians of separate processes drift by up to 25 % on this shared machine).
 * ``inner`` / ``inner_nofeat``: ``InnerProblem.run(T, batch)`` of the same problems: the T-step
   inner loop alone, compiled, without hypergradient. The cheap-gradient principle bounds the
   hypergradient's cost by a small multiple of it (target: ≤ 3).
@@ -87,6 +94,7 @@ WARMUP_SECONDS, TIMED_SECONDS, MAX_TIMED_CALLS = 0.3, 0.5, 100
 # Targets (see the module docstring); the machine's noise is up to 25% (perf.md).
 MAX_COST_RATIO = 3.0  # hypergradient / inner loop: the cheap-gradient bound
 NOISE = 1.25  # a far_ho2 / JAX ratio up to this is "the same" on this machine
+DEFAULT_UNROLL = 16  # far.ReverseHG() unrolls T ≤ 16: far_ho2_unrolled differs from far_ho2 only above
 MAX_STATES_PER_STEP = 1.5  # "about one state per step"
 MAX_UNROLLED_ERROR = 1e-4  # float32 against the float64 closed form of the same T (expected ~1e-5)
 MIN_RESOLVABLE_MB = 50.0  # RSS peaks vary by ~10 MB between runs: resolve growth ≥ 5x that
@@ -172,10 +180,12 @@ class Built(NamedTuple):
     hypergradient: Optional[Callable[[], tuple[np.ndarray, float]]]
 
 
-def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient: bool) -> Built:
+def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient: bool,
+                  unroll: Optional[int] = None) -> Built:
     """The problem through far_ho2's public API, as a user writes it: hyperparameters from
     ``far.get_hyperparameter``, objectives as closures over the variables, the training batch fed
-    to ``run``. With ``features``, X·H is a feature map evaluated once per run."""
+    to ``run``. With ``features``, X·H is a feature map evaluated once per run; ``unroll`` is
+    ``ReverseHG``'s (default: the library's)."""
     import keras
     import tensorflow as tf
 
@@ -193,7 +203,7 @@ def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient
         inner = lambda b: inner_objective(b[0] @ H, w, b[1], tf.exp(log_rho), tf.reduce_sum)  # noqa: E731
     outer = lambda: outer_objective(Xv @ H, w, Yv, tf.reduce_sum)  # noqa: E731
 
-    ho = far.HyperOptimizer(far.ReverseHG())
+    ho = far.HyperOptimizer(far.ReverseHG() if unroll is None else far.ReverseHG(unroll=unroll))
     inner_problem = ho.inner_problem(inner, far.GradientDescentOptimizer(float(problem.eta)),
                                      var_list=[w], features=feature_map)
     ho.outer_problem(outer, inner_problem, keras.optimizers.SGD(0.0), hyper_list=[H, log_rho])
@@ -258,6 +268,10 @@ class Subject(NamedTuple):
 SUBJECTS: dict[str, Subject] = {
     "far_ho2": Subject("tensorflow-cpu", "far_ho2 ReverseHG, features=",
                        lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
+    "far_ho2_unrolled": Subject("tensorflow-cpu", "far_ho2 ReverseHG(unroll=T), features=",
+                                lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True, unroll=T)),
+    "far_ho2_vs_jax": Subject("jax", "far_ho2 ReverseHG and JAX hoisted, alternating in one process",
+                              lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
     "far_ho2_nofeat": Subject("tensorflow-cpu", "far_ho2 ReverseHG, X·H in L",
                               lambda p, T: build_far_ho2(p, T, features=False, hypergradient=True)),
     "inner": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, features=",
@@ -290,6 +304,7 @@ class Measurement:
     error_unrolled_log_rho: Optional[float] = None
     load_average: float = 0.0  # 1-min load average at the end of the timed calls (other processes)
     malloc_arena_max: Optional[str] = None  # the process's MALLOC_ARENA_MAX (None: glibc's default)
+    ratios: Optional[list[float]] = None  # far_ho2_vs_jax: far_ho2 / JAX of each pair of adjacent calls
 
 
 def max_rss_mb() -> float:
@@ -303,9 +318,30 @@ def timed(call: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def measure_side_by_side(steps: int, repeats: int, round_: int) -> Measurement:
+    """far_ho2 (``ReverseHG()``) and JAX (hoisted) built in one process and called alternately:
+    the ratio of two adjacent calls cancels the drifts of the shared machine, which move the
+    medians of separate processes by up to 25 %. ``times_ms`` are far_ho2's."""
+    problem = make_problem()
+    far, jax_ = SUBJECTS["far_ho2_vs_jax"].build(problem, steps), build_jax(problem, steps, hoist=True)
+    for built in (far, jax_):
+        built.call()
+        warm_until = time.perf_counter() + WARMUP_SECONDS
+        while time.perf_counter() < warm_until:
+            built.call()
+    far_ms, jax_ms, timed_until = [], [], time.perf_counter() + 2 * TIMED_SECONDS
+    while len(far_ms) < repeats or (time.perf_counter() < timed_until and len(far_ms) < MAX_TIMED_CALLS):
+        far_ms.append(1e3 * timed(far.call))
+        jax_ms.append(1e3 * timed(jax_.call))
+    return Measurement("far_ho2_vs_jax", steps, round_, far_ms, 0.0, 0.0, 0.0, load_average=os.getloadavg()[0],
+                       ratios=[f / j for f, j in zip(far_ms, jax_ms)])
+
+
 def measure(subject: str, steps: int, repeats: int, round_: int = 0) -> Measurement:
     """The first call, warm-up calls, timed calls (see ``WARMUP_SECONDS``), peak memory; then
     (outside the measurement) the hypergradient's errors against the float64 references."""
+    if subject == "far_ho2_vs_jax":
+        return measure_side_by_side(steps, repeats, round_)
     problem = make_problem()
     built = SUBJECTS[subject].build(problem, steps)
     baseline = max_rss_mb()
@@ -354,7 +390,8 @@ def run_all(subjects: Sequence[str], steps: Sequence[int], repeats: int, rounds:
     every round, so slow drifts of the shared machine hit them alike. Then the hypergradient
     subjects once at each of ``memory_steps`` (one timed call, one malloc arena: for memory)."""
     schedule = [(r, T, name, repeats, None) for r in range(rounds) for T in steps
-                for name in (subjects if r % 2 == 0 else list(reversed(subjects)))]
+                for name in (subjects if r % 2 == 0 else list(reversed(subjects)))
+                if name != "far_ho2_unrolled" or T > DEFAULT_UNROLL]
     schedule += [(0, T, name, 1, MEMORY_ENV) for T in memory_steps for name in subjects
                  if name in HYPERGRADIENT_SUBJECTS]
     results, start = [], time.perf_counter()
@@ -383,6 +420,7 @@ class Summary(NamedTuple):
     error_exact_log_rho: Optional[float]
     error_unrolled_H: Optional[float]
     error_unrolled_log_rho: Optional[float]
+    side_by_side: Optional[float] = None  # far_ho2_vs_jax: median far_ho2 / JAX of adjacent calls
 
 
 def summarize(results: Sequence[Measurement]) -> dict[tuple[str, int], Summary]:
@@ -397,7 +435,8 @@ def summarize(results: Sequence[Measurement]) -> dict[tuple[str, int], Summary]:
                                statistics.median(m.memory_mb for m in ms), len(times),
                                statistics.mean(m.load_average for m in ms),
                                ms[0].error_exact_H, ms[0].error_exact_log_rho,
-                               ms[0].error_unrolled_H, ms[0].error_unrolled_log_rho)
+                               ms[0].error_unrolled_H, ms[0].error_unrolled_log_rho,
+                               statistics.median(r for m in ms for r in m.ratios) if ms[0].ratios else None)
     return out
 
 
@@ -499,35 +538,45 @@ def header(info: dict, problem: Problem, args: argparse.Namespace, has_jax: bool
 
 
 def time_section(summary: dict, steps: Sequence[int]) -> Report:
-    rows, cost, vs_jax = [], [], []
+    rows, cost, vs_jax, best_vs_jax = [], [], [], []
     for T in steps:
-        hg, nofeat, inner, inner_nf, naive, hoisted, jax_inner = (
+        hg, nofeat, inner, inner_nf, naive, hoisted, jax_inner, unrolled, pair = (
             summary.get((n, T)) for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
-                                          "jax_hoisted", "jax_inner"))
+                                          "jax_hoisted", "jax_inner", "far_ho2_unrolled", "far_ho2_vs_jax"))
         best = best_jax(summary, T)
         ratio, ratio_nf = hg.ms / inner.ms, nofeat.ms / inner_nf.ms
         cost.append(verdict(ratio <= MAX_COST_RATIO))
-        jax_cell = "-"
+        jax_cell = unrolled_cell = pair_cell = "-"
         if best is not None:
-            r = hg.ms / best.ms
-            vs_jax.append(verdict(r <= 1, r <= NOISE))
-            jax_cell = f"{r:.2f} {vs_jax[-1]}"
+            r = min(hg.ms, unrolled.ms if unrolled else hg.ms) / best.ms
+            best_vs_jax.append(verdict(r <= 1, r <= NOISE))
+            jax_cell = f"{hg.ms / best.ms:.2f}"
+            unrolled_cell = f"{unrolled.ms / best.ms:.2f}" if unrolled else "="
+        if pair is not None:
+            vs_jax.append(verdict(pair.side_by_side <= 1, pair.side_by_side <= NOISE))
+            pair_cell = f"{pair.side_by_side:.2f} {vs_jax[-1]}"
         load = statistics.mean(v.load_average for (_, t), v in summary.items() if t == T)
-        rows.append([str(T), f"{hg.ms:.2f}", f"{nofeat.ms:.2f}", f"{inner.ms:.2f}", f"{inner_nf.ms:.2f}",
-                     f"{ratio:.2f} {cost[-1]}", f"{ratio_nf:.2f}", f"{hg.ms_per_step:.3f}",
-                     f"{inner.ms_per_step:.3f}", fmt(naive and naive.ms, ".2f"), fmt(hoisted and hoisted.ms, ".2f"),
-                     fmt(jax_inner and jax_inner.ms, ".2f"),
+        rows.append([str(T), f"{hg.ms:.2f}", fmt(unrolled and unrolled.ms, ".2f"), f"{nofeat.ms:.2f}",
+                     f"{inner.ms:.2f}", f"{inner_nf.ms:.2f}", f"{ratio:.2f} {cost[-1]}", f"{ratio_nf:.2f}",
+                     f"{hg.ms_per_step:.3f}", f"{inner.ms_per_step:.3f}", fmt(naive and naive.ms, ".2f"),
+                     fmt(hoisted and hoisted.ms, ".2f"), fmt(jax_inner and jax_inner.ms, ".2f"),
                      fmt(hoisted and jax_inner and hoisted.ms / jax_inner.ms, ".2f"),
-                     best.subject.removeprefix("jax_") if best else "-", jax_cell, f"{load:.1f}"])
+                     best.subject.removeprefix("jax_") if best else "-", jax_cell, unrolled_cell, pair_cell,
+                     f"{load:.1f}"])
     lines = ["", "Time (ms per call; targets: ReverseHG/inner ≤ 3, far_ho2/JAX ≤ 1; PASS~: within the 25% noise)",
-             table(["T", "ReverseHG", "(no feat.)", "inner", "(no feat.)", "HG/inner", "(no feat.)", "HG ms/step",
-                    "inner ms/step", "JAX naive", "JAX hoisted", "JAX inner", "JAX HG/inner", "best JAX",
-                    "far_ho2/JAX", "load"], rows),
-             "  (no feat.): the problem written without features=;  JAX HG/inner: JAX's own ratio (hoisted);  "
-             "load: mean 1-min load", "  average of the machine during the measurements (2 CPUs)"]
+             table(["T", "ReverseHG", "unroll=T", "(no feat.)", "inner", "(no feat.)", "HG/inner", "(no feat.)",
+                    "HG ms/step", "inner ms/step", "JAX naive", "JAX hoisted", "JAX inner", "JAX HG/inner",
+                    "best JAX", "far_ho2/JAX", "unroll=T/JAX", "side by side", "load"], rows),
+             f"  ReverseHG: far.ReverseHG(), which unrolls T ≤ {DEFAULT_UNROLL} keeping each step's tape and stores "
+             "one state per step above;", "  unroll=T: far.ReverseHG(unroll=T) (= ReverseHG where T ≤ "
+             f"{DEFAULT_UNROLL});  (no feat.): the problem written without features=;",
+             "  far_ho2/JAX: medians of separate processes;  side by side: median far_ho2 / JAX hoisted of adjacent "
+             "calls in one process;", "  JAX HG/inner: JAX's own ratio (hoisted);  load: mean 1-min load average "
+             "of the machine during the measurements (2 CPUs)"]
     return Report(lines, {
         f"ReverseHG / inner loop ≤ {MAX_COST_RATIO:g} at every T": overall(cost),
-        "far_ho2 ≤ best JAX at every T (PASS~: within the 25% noise)": overall(vs_jax) if vs_jax else
+        "far.ReverseHG() ≤ JAX side by side at every T": overall(vs_jax) if vs_jax else "skipped (no JAX)",
+        "best far_ho2 setting ≤ best JAX at every T": overall(best_vs_jax) if best_vs_jax else
         "skipped (no JAX)"})
 
 
@@ -564,14 +613,16 @@ def error_section(summary: dict, steps: Sequence[int]) -> Report:
     worst = lambda s: max(s.error_unrolled_H, s.error_unrolled_log_rho)  # noqa: E731
     for T in steps:
         hg, nofeat, best = summary[("far_ho2", T)], summary[("far_ho2_nofeat", T)], best_jax(summary, T)
-        checks.append(verdict(worst(hg) <= MAX_UNROLLED_ERROR))
+        unrolled = summary.get(("far_ho2_unrolled", T))
+        checks += [verdict(worst(s) <= MAX_UNROLLED_ERROR) for s in (unrolled, hg) if s is not None]
         rows.append([str(T), f"{hg.error_exact_H:.3g}", f"{hg.error_exact_log_rho:.3g}",
                      f"{hg.error_unrolled_H:.2e}", f"{hg.error_unrolled_log_rho:.2e}", checks[-1],
-                     f"{worst(nofeat):.2e}", f"{worst(best):.2e}" if best else "-"])
+                     fmt(unrolled and worst(unrolled), ".2e"), f"{worst(nofeat):.2e}",
+                     f"{worst(best):.2e}" if best else "-"])
     lines = ["", "Relative error ‖g_T − g‖/‖g‖ of the float32 hypergradient (g: float64 closed forms; target vs "
                  f"unrolled T ≤ {MAX_UNROLLED_ERROR:g};",
              "  at T = 1 the unrolled dE/dlog ρ is 0, as ρ enters ∇L only through ρ·w0 = 0: absolute error)",
-             table(["T", "vs exact: H", "log ρ", "vs unrolled T: H", "log ρ", "", "no feat. (max)",
+             table(["T", "vs exact: H", "log ρ", "vs unrolled T: H", "log ρ", "", "unroll=T (max)", "no feat. (max)",
                     "best JAX (max)"], rows)]
     return Report(lines, {f"error vs the unrolled hypergradient ≤ {MAX_UNROLLED_ERROR:g}": overall(checks)})
 

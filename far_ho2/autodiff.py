@@ -26,26 +26,45 @@ class TransitionVJP(NamedTuple):
     extra: list  # α_{t+1}ᵀ ∂Φ/∂x for the extra sources x (None where unconnected)
 
 
+class RecordedTransition(NamedTuple):
+    tape: tf.GradientTape  # recorded s_{t+1} = Φ(s_t, λ, x), watching w_t (the variables), slots, λ, x
+    state: NamedTuple  # s_t
+    new_state: NamedTuple  # s_{t+1}
+    loss: tf.Tensor  # L_t(w_t)
+
+
+def record_transition(problem: InnerProblem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
+                      hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> RecordedTransition:
+    """One step  s_{t+1} = Φ(s_t, λ, x)  from s_t, recorded for ``pull_back``; ``inputs()`` gives
+    the objective's inputs, evaluated under the tape (features may read λ)."""
+    problem.load(state.w)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(problem.var_list)
+        tape.watch(tf.nest.flatten(state)[len(problem.var_list):])
+        tape.watch(list(hypers))
+        tape.watch(list(extra))
+        new_state, loss = problem.transition(state, inputs(), step)
+    return RecordedTransition(tape, state, new_state, loss)
+
+
+def pull_back(problem: InnerProblem, recorded: RecordedTransition, cotangent: NamedTuple,
+              hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
+    """The vector-Jacobian products of a recorded step with cotangent α_{t+1}."""
+    sources = problem.state_sources(recorded.state)
+    grads = recorded.tape.gradient(tf.nest.flatten(recorded.new_state), sources + list(hypers) + list(extra),
+                                   output_gradients=tf.nest.flatten(cotangent))
+    n_s, n_h = len(sources), len(hypers)
+    alpha = tf.nest.pack_sequence_as(recorded.state, zeros_for_none(grads[:n_s], sources))
+    return TransitionVJP(alpha, grads[n_s:n_s + n_h], grads[n_s + n_h:])
+
+
 def transition_vjp(problem: InnerProblem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
                    cotangent: NamedTuple, hypers: Sequence[tf.Variable],
                    extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
-    """The vector-Jacobian products of  s_{t+1} = Φ(s_t, λ, x)  at s_t with cotangent α_{t+1};
-    ``inputs()`` gives the objective's inputs, evaluated under the tape (features may read λ)."""
-    problem.load(state.w)
-    n_w = len(problem.var_list)
-    slots = tf.nest.flatten(state)[n_w:]
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(problem.var_list)
-        tape.watch(slots)
-        tape.watch(list(hypers))
-        tape.watch(list(extra))
-        new_state, _ = problem.transition(state, inputs(), step)
-    sources = problem.state_sources(state)
-    grads = tape.gradient(tf.nest.flatten(new_state), sources + list(hypers) + list(extra),
-                          output_gradients=tf.nest.flatten(cotangent))
-    n_s, n_h = len(sources), len(hypers)
-    alpha = tf.nest.pack_sequence_as(state, zeros_for_none(grads[:n_s], sources))
-    return TransitionVJP(alpha, grads[n_s:n_s + n_h], grads[n_s + n_h:])
+    """The vector-Jacobian products of  s_{t+1} = Φ(s_t, λ, x)  at s_t with cotangent α_{t+1}
+    (the step recomputed from s_t, then pulled back)."""
+    return pull_back(problem, record_transition(problem, state, inputs, step, hypers, extra), cotangent,
+                     hypers, extra)
 
 
 class OuterGradient(NamedTuple):

@@ -36,6 +36,12 @@ def stored_state(trajectory: Trajectory, index: Any) -> NamedTuple:
     return tf.nest.pack_sequence_as(trajectory.final, [ta.read(index) for ta in trajectory.stored])
 
 
+def mark_nonfinite(first_bad: tf.Tensor, t: Any, new_flat: list) -> tf.Tensor:
+    """``first_bad`` with step t recorded for the components of s_{t+1} that are NaN/Inf first now."""
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in new_flat])
+    return tf.where((first_bad < 0) & ~finite, tf.cast(t, tf.int32), first_bad)
+
+
 def unroll(problem: "InnerProblem", trajectory: Trajectory, inputs_at: Callable[[tf.Tensor], Any],
            start: Any, stop: Any, offset: Any = 0, keep: bool = False) -> Trajectory:
     """Runs steps t = start … stop−1 from ``trajectory.final``; with ``keep``, s_{t+1} is written
@@ -48,8 +54,7 @@ def unroll(problem: "InnerProblem", trajectory: Trajectory, inputs_at: Callable[
         problem.load(s.w)
         new, loss = problem.transition(s, inputs_at(t), t + offset)
         new_flat = tf.nest.flatten(new)
-        finite = tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in new_flat])
-        first_bad = tf.where((first_bad < 0) & ~finite, t, first_bad)
+        first_bad = mark_nonfinite(first_bad, t, new_flat)
         if keep:
             stored = [ta.write(t + 1 - start, x) for ta, x in zip(stored, new_flat)]
         return t + 1, new_flat, stored, losses.write(t, loss), first_bad

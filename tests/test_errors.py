@@ -34,12 +34,14 @@ def test_default_hyper_list_ignores_unrelated_hyperparameters():
     assert float(unrelated) == 1.0
 
 
-def test_diverging_inner_loop_names_the_step_and_keeps_hyperparameters():
+@pytest.mark.parametrize("learning_rate, T", [(50.0, 400), (1e100, 8)],
+                         ids=["stored_states", "unrolled_tapes"])
+def test_diverging_inner_loop_names_the_step_and_keeps_hyperparameters(learning_rate, T):
     w, rho, inner, outer, _ = problem()
     run = far.HyperOptimizer().minimize(outer, keras.optimizers.SGD(0.1), inner,
-                                        far.GradientDescentOptimizer(50.0), hyper_list=[rho])
+                                        far.GradientDescentOptimizer(learning_rate), hyper_list=[rho])
     with pytest.raises(FloatingPointError, match=r"inner step \d+ \(w of 'w'\)"):
-        run(400)
+        run(T)
     assert float(rho) == pytest.approx(0.1)
 
 
@@ -143,5 +145,8 @@ def test_lifecycle_errors():
         ho.finalize()
     with pytest.raises(ValueError, match="truncate"):
         far.ReverseHG.truncated(0)
+    for unroll in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="unroll"):
+            far.ReverseHG(unroll=unroll)
     with pytest.raises(ValueError, match="online"):
         ho.run(3, online="wr")  # warm restart is ForwardHG's

@@ -14,10 +14,11 @@ from conftest import relative_error
 from oracles import EXACT, ETA, FD, RHO, T, T1_REVERSE, Ridge, legacy_t1
 
 
-@pytest.mark.parametrize("method", [far.ReverseHG(), far.ReverseHG.truncated(T),
+@pytest.mark.parametrize("method", [far.ReverseHG(unroll=T), far.ReverseHG(unroll=0), far.ReverseHG.truncated(T),
                                     far.ReverseHG(history=deque(maxlen=T + 1)),
                                     far.ReverseHG(checkpoint_every=3)],
-                         ids=["reverse", "truncated_K=T", "legacy_deque_K=T", "checkpointed_k=3"])
+                         ids=["unrolled_tapes", "stored_states", "truncated_K=T", "legacy_deque_K=T",
+                              "checkpointed_k=3"])
 def test_unrolled_ridge_hypergradient_equals_closed_form(method):
     ridge = Ridge()
     _, grads = ridge.hypergradients(method)
@@ -25,19 +26,22 @@ def test_unrolled_ridge_hypergradient_equals_closed_form(method):
         assert relative_error(got, want) < EXACT
 
 
+@pytest.mark.parametrize("unroll", [T, 0], ids=["unrolled_tapes", "stored_states"])
 @pytest.mark.parametrize("supplier", ["constant", "per_step"])
-def test_features_evaluated_once_give_the_same_hypergradient(supplier):
+def test_features_evaluated_once_give_the_same_hypergradient(supplier, unroll):
     ridge = Ridge(features=True)
     batch = tuple(tf.constant(a) for a in ridge.data[:2])
     feed = batch if supplier == "constant" else (lambda t: batch)
-    _, grads = ridge.hypergradients(far.ReverseHG(), inner_objective_feed_dicts=feed)
+    _, grads = ridge.hypergradients(far.ReverseHG(unroll=unroll), inner_objective_feed_dicts=feed)
     for got, want in zip(grads, ridge.expected()):
         assert relative_error(got, want) < EXACT
 
 
-def test_truncated_reverse_treats_the_state_at_T_minus_K_as_constant():
+@pytest.mark.parametrize("options", [{"unroll": T}, {"unroll": 0}, {"checkpoint_every": 3}],
+                         ids=["unrolled_tapes", "stored_states", "checkpointed_k=3"])
+def test_truncated_reverse_treats_the_state_at_T_minus_K_as_constant(options):
     ridge, K = Ridge(), 7
-    _, grads = ridge.hypergradients(far.ReverseHG(truncate=K, checkpoint_every=3))
+    _, grads = ridge.hypergradients(far.ReverseHG(truncate=K, **options))
     w_start = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, T - K).w
     exact = oracles.unrolled_ridge(ridge.data, ridge.H0, RHO, ETA, K, w0=w_start)
     expected = [exact.H, RHO * exact.rho, exact.eta]  # E's direct term on H included; w_{T-K}: constant

@@ -110,13 +110,18 @@ class HyperGradient:
     # -- the method ---------------------------------------------------------------------------
 
     def _hypergradient(self, problem: InnerProblem, outer_objective: Callable, hypers: list, *,
-                       steps: tf.Tensor, inner_batches: batching.Batches, outer_batch: Any,
+                       steps: Any, inner_batches: batching.Batches, outer_batch: Any,
                        previous: Optional[Previous], online: Any, offset: tf.Tensor,
                        options: dict) -> HyperGrad:
         """One problem's hypergradient, traced inside ``tf.function``. ``previous`` is the last
         run (given when ``online`` or ``uses_previous``); ``online`` is False, True or a mode of
         ``online_modes``; ``options`` are the tensors of ``_options``."""
         raise NotImplementedError
+
+    def _steps(self, T: int) -> Any:
+        """T as ``_hypergradient`` receives it: an int32 tensor (one trace serves every T), or
+        the Python int where the method unrolls the steps into the graph (one trace per T)."""
+        return tf.constant(T)
 
     def _options(self, global_step: int) -> dict:
         """Per-run tensors given to ``_hypergradient`` (e.g. a tolerance schedule's value)."""
@@ -181,7 +186,7 @@ class HyperGradient:
         self._resolve(inner)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
         compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
-        results, finite = compute(tf.constant(T), inner.data, outer,
+        results, finite = compute(self._steps(T), inner.data, outer,
                                   self._previous if with_previous else None, tf.constant(offset),
                                   self._options(global_step))
         if not finite.numpy():  # one flag to read; the details only when something is wrong

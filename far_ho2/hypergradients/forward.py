@@ -10,7 +10,7 @@ from far_ho2 import autodiff
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGrad, HyperGradient
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.unroll import empty_trajectory
+from far_ho2.unroll import empty_trajectory, mark_nonfinite
 
 
 class Direction(NamedTuple):
@@ -110,9 +110,7 @@ def forward_hypergradient(problem: InnerProblem, outer_objective: Callable,
                 new, loss = problem.transition(s, inputs_at(t), t + offset)
             new_z.append(_jvps(acc, tf.nest.flatten(new), connected, j))
         new_flat = tf.nest.flatten(new)
-        finite = tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in new_flat])
-        first_bad = tf.where((first_bad < 0) & ~finite, t, first_bad)
-        return t + 1, new_flat, new_z, losses.write(t, loss), first_bad
+        return t + 1, new_flat, new_z, losses.write(t, loss), mark_nonfinite(first_bad, t, new_flat)
 
     trajectory = empty_trajectory(s0, steps)
     _, flat, z, losses, first_bad = tf.while_loop(
