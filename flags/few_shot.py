@@ -58,7 +58,9 @@ _FIELDS = {"T": "steps", "test_T": "test_steps", "lr": "learning_rate",
 
 
 # A flag per `train.Config` field but seed (the common --seed): (name, type or enum values, help).
-# Ints must be ≥ 1, floats ≥ 0; defaults come from the launcher's preset.
+# Ints must be ≥ 1 (those of _COUNTS ≥ 0), floats ≥ 0; defaults come from the launcher's
+# preset.
+_COUNTS = ("augment_shift",)
 _SETTINGS = (
     ("network", NETWORKS, "Representation h_λ: omniglot (conv-4, stride 2), c4l (conv-4, 32 "
                           "filters, max-pool) or rn (residual network)."),
@@ -73,6 +75,8 @@ _SETTINGS = (
     ("queries", int, "Query images per class."),
     ("test_queries", int, "Query images per class at validation and test (default: --queries)."),
     ("legacy_sampling", bool, "Support images may reappear as queries (the original sampler)."),
+    ("augment_shift", int, "Translate every meta-training image by up to this many pixels at "
+                           "random (augmentation; 0: none)."),
     ("T", int, "Inner GD steps of the heads in meta-training."),
     ("test_T", int, "Head GD steps at validation and test (default: --T)."),
     ("lr", float, "η, the heads' learning rate (its initial value if learned)."),
@@ -115,7 +119,8 @@ def define_flags(preset: train.Config, *, data_dir: Optional[str],
         elif kind is bool:
             holders[name] = flags.DEFINE_boolean(name, default, help_, flag_values=flag_values)
         elif kind is int:
-            holders[name] = flags.DEFINE_integer(name, default, help_, lower_bound=1,
+            holders[name] = flags.DEFINE_integer(name, default, help_,
+                                                 lower_bound=0 if name in _COUNTS else 1,
                                                  flag_values=flag_values)
         else:
             holders[name] = flags.DEFINE_float(name, default, help_, lower_bound=0.0,

@@ -54,6 +54,7 @@ class Config:
     queries: int = 15  # q, query images per class of the meta-training episodes
     test_queries: Optional[int] = None  # q of the validation and test episodes; None: queries
     legacy_sampling: bool = False  # support images may reappear in the query set (original)
+    augment_shift: int = 0  # random translations of the meta-training images, in pixels
     steps: int = 5  # T, head GD steps of meta-training
     test_steps: Optional[int] = None  # T of validation and test; None: steps
     learning_rate: float = 0.1  # η, head learning rate (initial value if learned)
@@ -145,7 +146,8 @@ def _train_batches(splits: data.Splits, config: Config, first: int):
                                     queries=config.queries, seed=config.seed,
                                     meta_batch_size=config.meta_batch_size,
                                     legacy_sampling=config.legacy_sampling,
-                                    first_episode=first * config.meta_batch_size)
+                                    first_episode=first * config.meta_batch_size,
+                                    shift=config.augment_shift)
 
 
 class _Run(NamedTuple):

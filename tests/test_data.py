@@ -14,7 +14,7 @@ import tensorflow as tf
 from hyper_repr.data import (default_cache_dir, episode_dataset, evaluation_episodes,
                              load_mini_imagenet, load_omniglot, split_from_array)
 from hyper_repr.data import mini_imagenet, omniglot
-from hyper_repr.data.episodes import Split
+from hyper_repr.data.episodes import Split, random_shift
 
 REAL_OMNIGLOT = pathlib.Path(__file__).parent.parent / "data" / "omniglot"
 CHARACTERS = [(a, f"character{c:02d}") for a in ("Alpha", "Beta", "Gamma") for c in (1, 2)]
@@ -334,6 +334,45 @@ def test_episodes_are_deterministic_and_meta_batches_stack_consecutive_episodes(
             np.testing.assert_array_equal(value, expected)
     resumed = next(iter(episode_dataset(split, seed=7, first_episode=4, **args)))
     np.testing.assert_array_equal(resumed.query_x, single[4][2])
+
+
+def test_random_shift_translates_each_image_within_the_bound():
+    rng = np.random.default_rng(0)
+    images = (rng.random((40, 7, 9, 1)) < 0.3).astype(np.float32)
+    key = tf.constant([3, 4], tf.int64)
+    shifted = random_shift(tf.constant(images), 2, key).numpy()
+    np.testing.assert_array_equal(shifted, random_shift(tf.constant(images), 2, key).numpy())
+    padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    offsets = []
+    for image, out in zip(padded, shifted):  # out is a 7×9 window of the zero-padded image
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if np.array_equal(image[dy:dy + 7, dx:dx + 9], out)]
+        assert windows, "not a translated copy"
+        offsets.append(windows[0])
+    assert len(set(offsets)) > 5  # each image draws its own offset
+    with pytest.raises(ValueError, match="shift"):
+        episode_dataset(labelled_split(), ways=2, shots=1, queries=1, seed=0, shift=-1)
+
+
+def test_shifted_episodes_keep_labels_and_images_of_the_same_episode():
+    pixels = np.random.default_rng(1).random((4, 6, 8, 8, 1)) * 255
+    split = split_from_array(pixels.astype(np.uint8))
+    args = dict(ways=3, shots=2, queries=2, seed=4)
+    plain = list(episode_dataset(split, **args).take(3))
+    shifted = list(episode_dataset(split, shift=2, **args).take(3))
+    again = list(episode_dataset(split, shift=2, **args).take(3))
+    for p, s_, a in zip(plain, shifted, again):
+        np.testing.assert_array_equal(p.support_y, s_.support_y)
+        np.testing.assert_array_equal(p.query_y, s_.query_y)
+        np.testing.assert_array_equal(s_.query_x, a.query_x)  # deterministic for the seed
+        assert s_.support_x.shape == p.support_x.shape and s_.support_x.dtype == tf.float32
+        assert 0.0 <= float(tf.reduce_min(s_.query_x)) and float(tf.reduce_max(s_.query_x)) <= 1.0
+        # each query image is the same image, moved
+        for x_plain, x_shifted in zip(np.asarray(p.query_x), np.asarray(s_.query_x)):
+            padded = np.pad(x_plain, [(2, 2), (2, 2), (0, 0)])
+            assert any(np.array_equal(padded[dy:dy + 8, dx:dx + 8], x_shifted)
+                       for dy in range(5) for dx in range(5))
+    assert any(not np.array_equal(p.query_x, s_.query_x) for p, s_ in zip(plain, shifted))
 
 
 def test_evaluation_episodes_are_fixed():

@@ -285,11 +285,13 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
     assert parse(miniimagenet.PRESET) == miniimagenet.PRESET
     config = parse(miniimagenet.PRESET, "--nolearn_lr", "--T=3", "--test_T=4", "--lr=0.4",
                    "--hyper_iterations=7", "--test_shots=1,5", "--network=rn", "--clip=0.5",
-                   "--time_budget=60", "--ways=20")
+                   "--time_budget=60", "--ways=20", "--augment_shift=2")
     assert config == dataclasses.replace(
         miniimagenet.PRESET, learn_lr=False, steps=3, test_steps=4, learning_rate=0.4, iterations=7,
-        test_shots=(1, 5), network="rn", clip=0.5, time_budget_seconds=60.0, ways=20)
-    for bad in ("--network=vgg", "--ways=0", "--mode=eval", "--lr=-1"):
+        test_shots=(1, 5), network="rn", clip=0.5, time_budget_seconds=60.0, ways=20,
+        augment_shift=2)
+    assert omniglot.PRESET.augment_shift == 0
+    for bad in ("--network=vgg", "--ways=0", "--mode=eval", "--lr=-1", "--augment_shift=-1"):
         with pytest.raises(flags.Error):
             parse(omniglot.PRESET, bad)
     with pytest.raises(ValueError, match="--test_shots must be positive ints"):
@@ -298,7 +300,8 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
                    "--time_budget=180")  # the README's runs on the bundled data
     assert recipe == dataclasses.replace(
         omniglot.PRESET, ways=40, queries=5, test_ways=5, test_queries=15, steps=1, learning_rate=1.0,
-        meta_lr=0.002, eval_every=300, eval_episodes=400, time_budget_seconds=180.0, test_shots=(1, 5))
+        meta_lr=0.002, eval_every=300, eval_episodes=400, time_budget_seconds=180.0,
+        test_shots=(1, 5), augment_shift=2)
 
 
 def test_omniglot_split_rule(omniglot_splits):

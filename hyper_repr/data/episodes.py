@@ -143,7 +143,7 @@ def episode_indices(class_starts: np.ndarray, key: tf.Tensor, *, ways: int, shot
 
 def episode_dataset(split: Split, *, ways: int, shots: int, queries: int, seed: int,
                     meta_batch_size: Optional[int] = None, legacy_sampling: bool = False,
-                    first_episode: int = 0) -> tf.data.Dataset:
+                    first_episode: int = 0, shift: int = 0) -> tf.data.Dataset:
     """Endless stream of episodes ``first_episode, first_episode + 1, …`` of the stream ``seed``.
 
     Episodes are built in parallel (deterministic order) and prefetched. The pipeline holds the
@@ -161,6 +161,8 @@ def episode_dataset(split: Split, *, ways: int, shots: int, queries: int, seed: 
             did (see the module docstring). Defaults to `False` (disjoint).
         first_episode: index of the first episode, e.g. ``iteration · meta_batch_size`` to
             resume meta-training without replaying earlier episodes. Defaults to `0`.
+        shift: augmentation: translate every image by a random (dy, dx) ∈ [−shift, shift]²
+            pixels, drawn from the episode's key (see `random_shift`). Defaults to `0` (none).
 
     Returns:
         A `tf.data.Dataset` of `Episode` tuples of float32 images and int32 labels.
@@ -177,7 +179,7 @@ def episode_dataset(split: Split, *, ways: int, shots: int, queries: int, seed: 
     indices = tf.data.Dataset.counter(start=first_episode)
     return _episodes(split, indices, ways=ways, shots=shots, queries=queries, seed=seed,
                      meta_batch_size=meta_batch_size, legacy_sampling=legacy_sampling,
-                     drop_remainder=True)
+                     drop_remainder=True, shift=shift)
 
 
 def evaluation_episodes(split: Split, *, ways: int, shots: int, queries: int,
@@ -213,7 +215,7 @@ def evaluation_episodes(split: Split, *, ways: int, shots: int, queries: int,
 
 def _episodes(split: Split, indices: tf.data.Dataset, *, ways: int, shots: int, queries: int,
               seed: int, meta_batch_size: Optional[int], legacy_sampling: bool,
-              drop_remainder: bool) -> tf.data.Dataset:
+              drop_remainder: bool, shift: int = 0) -> tf.data.Dataset:
     """Maps episode indices to episodes, then batches (``drop_remainder`` gives a static
     meta-batch axis) and prefetches."""
     check_episode_size(split, ways=ways, shots=shots, queries=queries,
@@ -224,6 +226,8 @@ def _episodes(split: Split, indices: tf.data.Dataset, *, ways: int, shots: int, 
                          f"got {meta_batch_size!r}.")
     if not isinstance(seed, (int, np.integer)):
         raise ValueError(f"`seed` must be an int, got {seed!r}.")
+    if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
+        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
 
     images = tf.convert_to_tensor(np.asarray(split.images))  # reads an h5 split here
     support_y = tf.repeat(tf.range(ways, dtype=tf.int32), shots)
@@ -233,12 +237,33 @@ def _episodes(split: Split, indices: tf.data.Dataset, *, ways: int, shots: int, 
         key = tf.stack([tf.constant(seed, tf.int64), index])
         support, query = episode_indices(split.class_starts, key, ways=ways, shots=shots,
                                          queries=queries, legacy_sampling=legacy_sampling)
-        return Episode(_pixels(images, support), support_y, _pixels(images, query), query_y)
+        support_x, query_x = _pixels(images, support), _pixels(images, query)
+        if shift:
+            support_key, query_key = tf.unstack(tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(key, 1), 2))
+            support_x = random_shift(support_x, shift, support_key)
+            query_x = random_shift(query_x, shift, query_key)
+        return Episode(support_x, support_y, query_x, query_y)
 
     episodes = indices.map(to_episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if meta_batch_size is not None:
         episodes = episodes.batch(meta_batch_size, drop_remainder=drop_remainder)
     return episodes.prefetch(tf.data.AUTOTUNE)
+
+
+def random_shift(images: tf.Tensor, shift: int, key: tf.Tensor) -> tf.Tensor:
+    """Each image of ``images`` [n, H, W, C] translated by its own (dy, dx) ~ U{−s … s}², drawn
+    from the stateless ``key``; pixels shifted in are 0 (background):
+
+        out[i, y, x] = padded[i, y + s + dy_i, x + s + dx_i],   padded = images with s zeros around
+    """
+    n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    offsets = tf.random.stateless_uniform([n, 2], seed=key, minval=0, maxval=2 * shift + 1,
+                                          dtype=tf.int32)
+    padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[None]  # [n, H] rows of padded
+    cols = offsets[:, 1:] + tf.range(width)[None]  # [n, W]
+    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
 
 
 def _pixels(images: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
