@@ -28,7 +28,7 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -242,11 +242,7 @@ class Logdir:
     def _scalars(self, run: str, step: int, metrics: dict) -> None:
         if run not in self._writers:
             self._writers[run] = tf.summary.create_file_writer(str(self.path / "tensorboard" / run))
-        with self._writers[run].as_default(step=int(step)):
-            for name, value in metrics.items():
-                tf.summary.write(name, tf.constant(float(value), tf.float32),
-                                 metadata=_SCALAR_METADATA)
-        self._writers[run].flush()
+        write_scalars(self._writers[run], step, metrics)
 
     def write_results(self, metrics: dict) -> dict:
         """Writes results.json: ``{"metrics": …, "config": …}``; returns it."""
@@ -258,6 +254,14 @@ class Logdir:
 # What `tf.summary.scalar` writes; it needs the tensorboard package, `tf.summary.write` does not.
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+def write_scalars(writer: tf.summary.SummaryWriter, step: int, metrics: Mapping[str, float]) -> None:
+    """Writes each ``name: value`` of ``metrics`` as a TensorBoard scalar at ``step``, flushed."""
+    with writer.as_default(step=int(step)):
+        for name, value in metrics.items():
+            tf.summary.write(name, tf.constant(float(value), tf.float32), metadata=_SCALAR_METADATA)
+    writer.flush()
 
 
 def _merged(first: list[str], second: list[str]) -> list[str]:

@@ -190,12 +190,8 @@ class TensorBoardScalars:
         self._writer = tf.summary.create_file_writer(str(directory))
 
     def __call__(self, row: Mapping[str, float]) -> None:
-        with self._writer.as_default(step=int(row["iteration"])):
-            for name, value in row.items():
-                if name != "iteration":
-                    tf.summary.write(name, tf.constant(float(value), tf.float32),
-                                     metadata=common._SCALAR_METADATA)
-        self._writer.flush()
+        common.write_scalars(self._writer, row["iteration"],
+                             {name: value for name, value in row.items() if name != "iteration"})
 
 
 def plot_metrics(logdir: pathlib.Path) -> None:
@@ -265,8 +261,11 @@ def run(config: train.Config, logdir: Any, splits: data.Splits, *, mode: str = "
     else:
         if not resume:
             clear(path)
-        results = train.meta_train(config, str(path), splits,
-                                   callback=TensorBoardScalars(path / "tensorboard"))
+        try:
+            results = train.meta_train(config, str(path), splits,
+                                       callback=TensorBoardScalars(path / "tensorboard"))
+        except train.ConfigMismatchError as error:
+            raise ValueError(f"{error} (or --noresume: delete it and restart)") from None
     plot_metrics(path)
     results = {**results, "config": dataclasses.asdict(config), "flags": dict(flag_values or {})}
     common.write_json(path / "results.json", results)

@@ -96,6 +96,10 @@ class _Progress(tf.Module):
         self.best_weights = [tf.Variable(w, trainable=False) for w in weights]
 
 
+class ConfigMismatchError(ValueError):
+    """Resuming a workdir whose run has another config."""
+
+
 def _write_config(config: Config, workdir: pathlib.Path) -> None:
     path, fields = workdir / "config.json", dataclasses.asdict(config)
     if path.exists():
@@ -103,7 +107,7 @@ def _write_config(config: Config, workdir: pathlib.Path) -> None:
         changed = sorted(k for k in fields if k not in _RESUMABLE
                          and json.loads(json.dumps(fields[k])) != saved.get(k))
         if changed:
-            raise ValueError(f"`workdir` {str(workdir)!r} holds a run with another config "
+            raise ConfigMismatchError(f"`workdir` {str(workdir)!r} holds a run with another config "
                              f"(fields {changed} differ); only {_RESUMABLE} may change on resume. "
                              f"Use a new workdir.")
     path.write_text(json.dumps(fields, indent=2))

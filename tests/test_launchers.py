@@ -382,18 +382,18 @@ def write_tiny_mini_imagenet(data_dir: pathlib.Path, size: int = 16, per_class: 
 
 
 def test_few_shot_command_lines(tmp_path):
-    """flags.miniimagenet end to end on tiny h5 files (--nolearn_lr, --noresume); a missing
-    data folder; started together to overlap."""
+    """flags.miniimagenet end to end on tiny h5 files (--nolearn_lr, --noresume), then
+    relaunched with another T; a missing data folder; started together to overlap."""
     data_dir, logdir = tmp_path / "mini", tmp_path / "mini_run"
     write_tiny_mini_imagenet(data_dir)
     (logdir / "checkpoints").mkdir(parents=True)
     (logdir / "metrics.csv").write_text("iteration\n999\n")  # --noresume deletes it
+    mini = ("miniimagenet", f"--logdir={logdir}", f"--data_dir={data_dir}", "--image_size=16",
+            "--images_per_class=4", "--ways=3", "--queries=2", "--meta_batch_size=2",
+            "--hyper_iterations=2", "--eval_every=1", "--eval_episodes=2", "--test_episodes=2",
+            "--eval_batch_size=2", "--nolearn_lr", "--lr=0.2")
     processes = {
-        "mini": launch("miniimagenet", f"--logdir={logdir}", f"--data_dir={data_dir}",
-                       "--image_size=16", "--images_per_class=4", "--ways=3", "--queries=2",
-                       "--T=1", "--meta_batch_size=2", "--hyper_iterations=2", "--eval_every=1",
-                       "--eval_episodes=2", "--test_episodes=2", "--eval_batch_size=2",
-                       "--nolearn_lr", "--lr=0.2", "--noresume"),
+        "mini": launch(*mini, "--T=1", "--noresume"),
         "missing": launch("omniglot", f"--logdir={tmp_path / 'x'}",
                           f"--data_dir={tmp_path / 'missing'}"),
     }
@@ -407,3 +407,6 @@ def test_few_shot_command_lines(tmp_path):
     assert error_code == 1 and "Traceback" not in error
     assert f"{tmp_path / 'missing'}' does not exist" in error, error[-2000:]
     assert not (tmp_path / "x").exists()
+    code, _, error = finish(launch(*mini, "--T=2"))  # resuming the run with another T
+    assert code == 1 and "Traceback" not in error
+    assert "fields ['steps'] differ" in error and "--noresume" in error, error[-2000:]

@@ -214,7 +214,7 @@ def split_characters(characters: Sequence[tuple[str, str]], *,
         test = _alphabet_mask(alphabets, test_alphabets, "test_alphabets")
         val = _alphabet_mask(alphabets, val_alphabets, "val_alphabets")
         if np.any(test & val):
-            raise ValueError(f"Alphabets {sorted(set(alphabets[test & val]))} are in both "
+            raise ValueError(f"Alphabets {sorted(set(alphabets[test & val].tolist()))} are in both "
                              f"`test_alphabets` and `val_alphabets`.")
         if val_characters is not None:
             if val_alphabets is not None:
@@ -248,7 +248,7 @@ def _alphabet_mask(alphabets: np.ndarray, names: Optional[Iterable[str]],
     unknown = sorted(set(names) - set(alphabets))
     if unknown:
         raise ValueError(f"`{argument}` names unknown alphabets {unknown}; the data has "
-                         f"{sorted(set(alphabets))}.")
+                         f"{sorted(set(alphabets.tolist()))}.")
     return np.isin(alphabets, list(names))
 
 
