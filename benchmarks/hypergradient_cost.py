@@ -18,10 +18,11 @@ float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own proce
   graph keeping each step's tape and runs longer ones in a compiled loop storing one state per
   step; ``far_ho2_nofeat``: the same problem written without ``features=``;
   ``far_ho2_unrolled``: ``far.ReverseHG(unroll=T)``, measured where T > 16 (it is ``far_ho2``
-  below).
-* ``far_ho2_vs_jax``: ``far_ho2`` and ``jax_hoisted`` built in one process and called
-  alternately; the median ratio of adjacent calls is the side-by-side far_ho2 / JAX figure (the
-  medians of separate processes drift by up to 25 % on this shared machine).
+  below); ``far_ho2_xla``: ``far.ReverseHG(jit_compile=True)``, compiled by XLA.
+* ``far_ho2_vs_jax`` / ``far_ho2_xla_vs_jax``: ``far_ho2`` / ``far_ho2_xla`` and ``jax_hoisted``
+  built in one process and called alternately; the median ratio of adjacent calls is the
+  side-by-side far_ho2 / JAX figure (the medians of separate processes drift by up to 25 % on
+  this shared machine).
 * ``inner`` / ``inner_nofeat``: ``InnerProblem.run(T, batch)`` of the same problems: the T-step
   inner loop alone, compiled, without hypergradient. The cheap-gradient principle bounds the
   hypergradient's cost by a small multiple of it (target: ≤ 3).
@@ -40,7 +41,8 @@ relative errors ‖g_T − g‖/‖g‖ of the hypergradients to the float64 clo
 ``far_ho2.oracles.unrolled_ridge``: the exact bilevel hypergradient (T → ∞) and the exact unrolled
 hypergradient of the same T (float32 round-off, ~1e-5: it checks the fast path).
 
-Run from the repository root (a few minutes; JAX is optional, ``pip install -e .[bench]``):
+Run from the repository root (about 25 minutes on 2 cores: 112 processes; JAX is optional,
+``pip install -e .[bench]``):
 
     python benchmarks/hypergradient_cost.py                     # T ∈ {1, 4, 16, 64, 256}
     python benchmarks/hypergradient_cost.py --steps 16 256 1024 --rounds 3
@@ -83,7 +85,7 @@ D, C, PER_CLASS, RHO = 256, 100, 3, 0.1
 STATE_MB = D * C * 4 / 2**20  # one inner state w, float32, in MiB
 DEFAULT_STEPS, QUICK_STEPS = (1, 4, 16, 64, 256), (1, 4)
 DEFAULT_MEMORY_STEPS = (1024, 2048)  # one process each, for the memory growth per step
-HYPERGRADIENT_SUBJECTS = ("far_ho2", "jax_naive", "jax_hoisted")  # measured at --memory-steps
+HYPERGRADIENT_SUBJECTS = ("far_ho2", "far_ho2_xla", "jax_naive", "jax_hoisted")  # at --memory-steps
 MEMORY_ENV = {"MALLOC_ARENA_MAX": "1"}  # for the --memory-steps processes (see the docstring)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # After the first (tracing) call, warm-up calls for this long: TF's first calls after tracing are
@@ -181,11 +183,11 @@ class Built(NamedTuple):
 
 
 def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient: bool,
-                  unroll: Optional[int] = None) -> Built:
+                  unroll: Optional[int] = None, jit_compile: bool = False) -> Built:
     """The problem through far_ho2's public API, as a user writes it: hyperparameters from
     ``far.get_hyperparameter``, objectives as closures over the variables, the training batch fed
-    to ``run``. With ``features``, X·H is a feature map evaluated once per run; ``unroll`` is
-    ``ReverseHG``'s (default: the library's)."""
+    to ``run``. With ``features``, X·H is a feature map evaluated once per run; ``unroll`` and
+    ``jit_compile`` are ``ReverseHG``'s (default: the library's)."""
     import keras
     import tensorflow as tf
 
@@ -203,7 +205,8 @@ def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient
         inner = lambda b: inner_objective(b[0] @ H, w, b[1], tf.exp(log_rho), tf.reduce_sum)  # noqa: E731
     outer = lambda: outer_objective(Xv @ H, w, Yv, tf.reduce_sum)  # noqa: E731
 
-    ho = far.HyperOptimizer(far.ReverseHG() if unroll is None else far.ReverseHG(unroll=unroll))
+    options = {"jit_compile": jit_compile, **({} if unroll is None else {"unroll": unroll})}
+    ho = far.HyperOptimizer(far.ReverseHG(**options))
     inner_problem = ho.inner_problem(inner, far.GradientDescentOptimizer(float(problem.eta)),
                                      var_list=[w], features=feature_map)
     ho.outer_problem(outer, inner_problem, keras.optimizers.SGD(0.0), hyper_list=[H, log_rho])
@@ -270,8 +273,15 @@ SUBJECTS: dict[str, Subject] = {
                        lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
     "far_ho2_unrolled": Subject("tensorflow-cpu", "far_ho2 ReverseHG(unroll=T), features=",
                                 lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True, unroll=T)),
+    "far_ho2_xla": Subject("tensorflow-cpu", "far_ho2 ReverseHG(jit_compile=True), features=",
+                           lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True,
+                                                      jit_compile=True)),
     "far_ho2_vs_jax": Subject("jax", "far_ho2 ReverseHG and JAX hoisted, alternating in one process",
                               lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
+    "far_ho2_xla_vs_jax": Subject("jax", "far_ho2 ReverseHG(jit_compile=True) and JAX hoisted, "
+                                  "alternating in one process",
+                                  lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True,
+                                                             jit_compile=True)),
     "far_ho2_nofeat": Subject("tensorflow-cpu", "far_ho2 ReverseHG, X·H in L",
                               lambda p, T: build_far_ho2(p, T, features=False, hypergradient=True)),
     "inner": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, features=",
@@ -304,7 +314,7 @@ class Measurement:
     error_unrolled_log_rho: Optional[float] = None
     load_average: float = 0.0  # 1-min load average at the end of the timed calls (other processes)
     malloc_arena_max: Optional[str] = None  # the process's MALLOC_ARENA_MAX (None: glibc's default)
-    ratios: Optional[list[float]] = None  # far_ho2_vs_jax: far_ho2 / JAX of each pair of adjacent calls
+    ratios: Optional[list[float]] = None  # *_vs_jax: far_ho2 / JAX of each pair of adjacent calls
 
 
 def max_rss_mb() -> float:
@@ -318,12 +328,12 @@ def timed(call: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def measure_side_by_side(steps: int, repeats: int, round_: int) -> Measurement:
-    """far_ho2 (``ReverseHG()``) and JAX (hoisted) built in one process and called alternately:
-    the ratio of two adjacent calls cancels the drifts of the shared machine, which move the
-    medians of separate processes by up to 25 %. ``times_ms`` are far_ho2's."""
+def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) -> Measurement:
+    """far_ho2 (``subject``'s ``ReverseHG``) and JAX (hoisted) built in one process and called
+    alternately: the ratio of two adjacent calls cancels the drifts of the shared machine, which
+    move the medians of separate processes by up to 25 %. ``times_ms`` are far_ho2's."""
     problem = make_problem()
-    far, jax_ = SUBJECTS["far_ho2_vs_jax"].build(problem, steps), build_jax(problem, steps, hoist=True)
+    far, jax_ = SUBJECTS[subject].build(problem, steps), build_jax(problem, steps, hoist=True)
     for built in (far, jax_):
         built.call()
         warm_until = time.perf_counter() + WARMUP_SECONDS
@@ -333,15 +343,15 @@ def measure_side_by_side(steps: int, repeats: int, round_: int) -> Measurement:
     while len(far_ms) < repeats or (time.perf_counter() < timed_until and len(far_ms) < MAX_TIMED_CALLS):
         far_ms.append(1e3 * timed(far.call))
         jax_ms.append(1e3 * timed(jax_.call))
-    return Measurement("far_ho2_vs_jax", steps, round_, far_ms, 0.0, 0.0, 0.0, load_average=os.getloadavg()[0],
+    return Measurement(subject, steps, round_, far_ms, 0.0, 0.0, 0.0, load_average=os.getloadavg()[0],
                        ratios=[f / j for f, j in zip(far_ms, jax_ms)])
 
 
 def measure(subject: str, steps: int, repeats: int, round_: int = 0) -> Measurement:
     """The first call, warm-up calls, timed calls (see ``WARMUP_SECONDS``), peak memory; then
     (outside the measurement) the hypergradient's errors against the float64 references."""
-    if subject == "far_ho2_vs_jax":
-        return measure_side_by_side(steps, repeats, round_)
+    if subject.endswith("_vs_jax"):
+        return measure_side_by_side(subject, steps, repeats, round_)
     problem = make_problem()
     built = SUBJECTS[subject].build(problem, steps)
     baseline = max_rss_mb()
@@ -420,7 +430,7 @@ class Summary(NamedTuple):
     error_exact_log_rho: Optional[float]
     error_unrolled_H: Optional[float]
     error_unrolled_log_rho: Optional[float]
-    side_by_side: Optional[float] = None  # far_ho2_vs_jax: median far_ho2 / JAX of adjacent calls
+    side_by_side: Optional[float] = None  # *_vs_jax: median far_ho2 / JAX of adjacent calls
 
 
 def summarize(results: Sequence[Measurement]) -> dict[tuple[str, int], Summary]:
@@ -538,51 +548,63 @@ def header(info: dict, problem: Problem, args: argparse.Namespace, has_jax: bool
 
 
 def time_section(summary: dict, steps: Sequence[int]) -> Report:
-    rows, cost, vs_jax, best_vs_jax = [], [], [], []
+    rows, cost, vs_jax, xla_vs_jax, best_vs_jax = [], [], [], [], []
+
+    def side_by_side(pair: Optional[Summary], verdicts: list) -> str:
+        if pair is None:
+            return "-"
+        verdicts.append(verdict(pair.side_by_side <= 1, pair.side_by_side <= NOISE))
+        return f"{pair.side_by_side:.2f} {verdicts[-1]}"
+
     for T in steps:
-        hg, nofeat, inner, inner_nf, naive, hoisted, jax_inner, unrolled, pair = (
+        hg, nofeat, inner, inner_nf, naive, hoisted, jax_inner, unrolled, xla = (
             summary.get((n, T)) for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
-                                          "jax_hoisted", "jax_inner", "far_ho2_unrolled", "far_ho2_vs_jax"))
+                                          "jax_hoisted", "jax_inner", "far_ho2_unrolled", "far_ho2_xla"))
         best = best_jax(summary, T)
         ratio, ratio_nf = hg.ms / inner.ms, nofeat.ms / inner_nf.ms
         cost.append(verdict(ratio <= MAX_COST_RATIO))
-        jax_cell = unrolled_cell = pair_cell = "-"
+        jax_cell = unrolled_cell = xla_cell = "-"
         if best is not None:
-            r = min(hg.ms, unrolled.ms if unrolled else hg.ms) / best.ms
+            r = min(s.ms for s in (hg, unrolled, xla) if s is not None) / best.ms
             best_vs_jax.append(verdict(r <= 1, r <= NOISE))
             jax_cell = f"{hg.ms / best.ms:.2f}"
             unrolled_cell = f"{unrolled.ms / best.ms:.2f}" if unrolled else "="
-        if pair is not None:
-            vs_jax.append(verdict(pair.side_by_side <= 1, pair.side_by_side <= NOISE))
-            pair_cell = f"{pair.side_by_side:.2f} {vs_jax[-1]}"
+            xla_cell = fmt(xla and xla.ms / best.ms, ".2f")
+        pair_cell = side_by_side(summary.get(("far_ho2_vs_jax", T)), vs_jax)
+        xla_pair_cell = side_by_side(summary.get(("far_ho2_xla_vs_jax", T)), xla_vs_jax)
         load = statistics.mean(v.load_average for (_, t), v in summary.items() if t == T)
-        rows.append([str(T), f"{hg.ms:.2f}", fmt(unrolled and unrolled.ms, ".2f"), f"{nofeat.ms:.2f}",
+        rows.append([str(T), f"{hg.ms:.2f}", fmt(unrolled and unrolled.ms, ".2f"), fmt(xla and xla.ms, ".2f"),
+                     f"{nofeat.ms:.2f}",
                      f"{inner.ms:.2f}", f"{inner_nf.ms:.2f}", f"{ratio:.2f} {cost[-1]}", f"{ratio_nf:.2f}",
                      f"{hg.ms_per_step:.3f}", f"{inner.ms_per_step:.3f}", fmt(naive and naive.ms, ".2f"),
                      fmt(hoisted and hoisted.ms, ".2f"), fmt(jax_inner and jax_inner.ms, ".2f"),
                      fmt(hoisted and jax_inner and hoisted.ms / jax_inner.ms, ".2f"),
-                     best.subject.removeprefix("jax_") if best else "-", jax_cell, unrolled_cell, pair_cell,
-                     f"{load:.1f}"])
+                     best.subject.removeprefix("jax_") if best else "-", jax_cell, unrolled_cell, xla_cell,
+                     pair_cell, xla_pair_cell, f"{load:.1f}"])
     lines = ["", "Time (ms per call; targets: ReverseHG/inner ≤ 3, far_ho2/JAX ≤ 1; PASS~: within the 25% noise)",
-             table(["T", "ReverseHG", "unroll=T", "(no feat.)", "inner", "(no feat.)", "HG/inner", "(no feat.)",
-                    "HG ms/step", "inner ms/step", "JAX naive", "JAX hoisted", "JAX inner", "JAX HG/inner",
-                    "best JAX", "far_ho2/JAX", "unroll=T/JAX", "side by side", "load"], rows),
+             table(["T", "ReverseHG", "unroll=T", "XLA", "(no feat.)", "inner", "(no feat.)", "HG/inner",
+                    "(no feat.)", "HG ms/step", "inner ms/step", "JAX naive", "JAX hoisted", "JAX inner",
+                    "JAX HG/inner", "best JAX", "far_ho2/JAX", "unroll=T/JAX", "XLA/JAX", "side by side",
+                    "XLA side by side", "load"], rows),
              f"  ReverseHG: far.ReverseHG(), which unrolls T ≤ {DEFAULT_UNROLL} keeping each step's tape and stores "
              "one state per step above;", "  unroll=T: far.ReverseHG(unroll=T) (= ReverseHG where T ≤ "
-             f"{DEFAULT_UNROLL});  (no feat.): the problem written without features=;",
+             f"{DEFAULT_UNROLL});  XLA: far.ReverseHG(jit_compile=True);  (no feat.): the problem written "
+             "without features=;",
              "  far_ho2/JAX: medians of separate processes;  side by side: median far_ho2 / JAX hoisted of adjacent "
              "calls in one process;", "  JAX HG/inner: JAX's own ratio (hoisted);  load: mean 1-min load average "
              "of the machine during the measurements (2 CPUs)"]
     return Report(lines, {
         f"ReverseHG / inner loop ≤ {MAX_COST_RATIO:g} at every T": overall(cost),
         "far.ReverseHG() ≤ JAX side by side at every T": overall(vs_jax) if vs_jax else "skipped (no JAX)",
+        "ReverseHG(jit_compile=True) ≤ JAX side by side at every T":
+            overall(xla_vs_jax) if xla_vs_jax else "skipped (no JAX)",
         "best far_ho2 setting ≤ best JAX at every T": overall(best_vs_jax) if best_vs_jax else
         "skipped (no JAX)"})
 
 
 def memory_section(summary: dict, steps: Sequence[int]) -> tuple[Report, dict]:
-    names = [n for n in ("far_ho2", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive", "jax_hoisted",
-                         "jax_inner")
+    names = [n for n in ("far_ho2", "far_ho2_xla", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
+                         "jax_hoisted", "jax_inner")
              if (n, steps[0]) in summary]
     all_steps = sorted({T for _, T in summary})
     rows = [[f"{T}{'' if T in steps else '*'}"] + [fmt(summary[n, T].memory_mb if (n, T) in summary else None, ".1f")
@@ -613,17 +635,18 @@ def error_section(summary: dict, steps: Sequence[int]) -> Report:
     worst = lambda s: max(s.error_unrolled_H, s.error_unrolled_log_rho)  # noqa: E731
     for T in steps:
         hg, nofeat, best = summary[("far_ho2", T)], summary[("far_ho2_nofeat", T)], best_jax(summary, T)
-        unrolled = summary.get(("far_ho2_unrolled", T))
-        checks += [verdict(worst(s) <= MAX_UNROLLED_ERROR) for s in (unrolled, hg) if s is not None]
+        unrolled, xla = summary.get(("far_ho2_unrolled", T)), summary.get(("far_ho2_xla", T))
+        checks += [verdict(worst(s) <= MAX_UNROLLED_ERROR) for s in (unrolled, xla, hg) if s is not None]
         rows.append([str(T), f"{hg.error_exact_H:.3g}", f"{hg.error_exact_log_rho:.3g}",
                      f"{hg.error_unrolled_H:.2e}", f"{hg.error_unrolled_log_rho:.2e}", checks[-1],
-                     fmt(unrolled and worst(unrolled), ".2e"), f"{worst(nofeat):.2e}",
+                     fmt(unrolled and worst(unrolled), ".2e"), fmt(xla and worst(xla), ".2e"),
+                     f"{worst(nofeat):.2e}",
                      f"{worst(best):.2e}" if best else "-"])
     lines = ["", "Relative error ‖g_T − g‖/‖g‖ of the float32 hypergradient (g: float64 closed forms; target vs "
                  f"unrolled T ≤ {MAX_UNROLLED_ERROR:g};",
              "  at T = 1 the unrolled dE/dlog ρ is 0, as ρ enters ∇L only through ρ·w0 = 0: absolute error)",
-             table(["T", "vs exact: H", "log ρ", "vs unrolled T: H", "log ρ", "", "unroll=T (max)", "no feat. (max)",
-                    "best JAX (max)"], rows)]
+             table(["T", "vs exact: H", "log ρ", "vs unrolled T: H", "log ρ", "", "unroll=T (max)", "XLA (max)",
+                    "no feat. (max)", "best JAX (max)"], rows)]
     return Report(lines, {f"error vs the unrolled hypergradient ≤ {MAX_UNROLLED_ERROR:g}": overall(checks)})
 
 

@@ -40,9 +40,10 @@ def _flat_caller(concrete: Any, tensors: list) -> Optional[Callable]:
     return lambda flat: call_flat(flat, captured)
 
 
-def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled with ``tf.function``, one concrete function per input signature."""
-    function = tf.function(fn, autograph=False)
+def compiled(fn: Callable, jit_compile: bool = False) -> Callable:
+    """``fn`` compiled with ``tf.function`` (by XLA with ``jit_compile``), one concrete function
+    per input signature."""
+    function = tf.function(fn, autograph=False, jit_compile=jit_compile or None)
     concrete: dict = {}
 
     def call(*args: Any) -> Any:

@@ -34,12 +34,13 @@ def test_default_hyper_list_ignores_unrelated_hyperparameters():
     assert float(unrelated) == 1.0
 
 
-@pytest.mark.parametrize("learning_rate, T", [(50.0, 400), (1e100, 8)],
-                         ids=["stored_states", "unrolled_tapes"])
-def test_diverging_inner_loop_names_the_step_and_keeps_hyperparameters(learning_rate, T):
+@pytest.mark.parametrize("learning_rate, T, jit_compile", [(50.0, 400, False), (1e100, 8, False),
+                                                          (50.0, 400, True)],
+                         ids=["stored_states", "unrolled_tapes", "xla_stored_states"])
+def test_diverging_inner_loop_names_the_step_and_keeps_hyperparameters(learning_rate, T, jit_compile):
     w, rho, inner, outer, _ = problem()
-    run = far.HyperOptimizer().minimize(outer, keras.optimizers.SGD(0.1), inner,
-                                        far.GradientDescentOptimizer(learning_rate), hyper_list=[rho])
+    run = far.HyperOptimizer(far.ReverseHG(jit_compile=jit_compile)).minimize(
+        outer, keras.optimizers.SGD(0.1), inner, far.GradientDescentOptimizer(learning_rate), hyper_list=[rho])
     with pytest.raises(FloatingPointError, match=r"inner step \d+ \(w of 'w'\)"):
         run(T)
     assert float(rho) == pytest.approx(0.1)
@@ -148,5 +149,7 @@ def test_lifecycle_errors():
     for unroll in (-1, 2.0, True):
         with pytest.raises(ValueError, match="unroll"):
             far.ReverseHG(unroll=unroll)
+    with pytest.raises(ValueError, match="jit_compile"):
+        far.ReverseHG(jit_compile="auto")
     with pytest.raises(ValueError, match="online"):
         ho.run(3, online="wr")  # warm restart is ForwardHG's

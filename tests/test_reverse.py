@@ -16,9 +16,11 @@ from oracles import EXACT, ETA, FD, RHO, T, T1_REVERSE, Ridge, legacy_t1
 
 @pytest.mark.parametrize("method", [far.ReverseHG(unroll=T), far.ReverseHG(unroll=0), far.ReverseHG.truncated(T),
                                     far.ReverseHG(history=deque(maxlen=T + 1)),
-                                    far.ReverseHG(checkpoint_every=3)],
+                                    far.ReverseHG(checkpoint_every=3),
+                                    far.ReverseHG(unroll=0, jit_compile=True),
+                                    far.ReverseHG(unroll=T, jit_compile=True)],
                          ids=["unrolled_tapes", "stored_states", "truncated_K=T", "legacy_deque_K=T",
-                              "checkpointed_k=3"])
+                              "checkpointed_k=3", "xla_stored_states", "xla_unrolled_tapes"])
 def test_unrolled_ridge_hypergradient_equals_closed_form(method):
     ridge = Ridge()
     _, grads = ridge.hypergradients(method)
@@ -37,8 +39,9 @@ def test_features_evaluated_once_give_the_same_hypergradient(supplier, unroll):
         assert relative_error(got, want) < EXACT
 
 
-@pytest.mark.parametrize("options", [{"unroll": T}, {"unroll": 0}, {"checkpoint_every": 3}],
-                         ids=["unrolled_tapes", "stored_states", "checkpointed_k=3"])
+@pytest.mark.parametrize("options", [{"unroll": T}, {"unroll": 0}, {"checkpoint_every": 3},
+                                     {"checkpoint_every": 3, "jit_compile": True}],
+                         ids=["unrolled_tapes", "stored_states", "checkpointed_k=3", "xla_checkpointed_k=3"])
 def test_truncated_reverse_treats_the_state_at_T_minus_K_as_constant(options):
     ridge, K = Ridge(), 7
     _, grads = ridge.hypergradients(far.ReverseHG(truncate=K, **options))

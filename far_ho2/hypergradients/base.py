@@ -68,8 +68,10 @@ class HyperGradient:
     #: what the error for a hyperparameter nothing depends on adds for this method.
     unconnected_hint: str = ""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, jit_compile: bool = False):
+        if not isinstance(jit_compile, bool):
+            raise ValueError(f"`jit_compile` must be True or False, got {jit_compile!r}.")
+        self.name, self.jit_compile = name, jit_compile
         self._registered: list[_Registered] = []
         self._results: Optional[list[HyperGrad]] = None
         self._previous: Optional[list[Previous]] = None  # the last run, per problem
@@ -120,8 +122,9 @@ class HyperGradient:
 
     def _steps(self, T: int) -> Any:
         """T as ``_hypergradient`` receives it: an int32 tensor (one trace serves every T), or
-        the Python int where the method unrolls the steps into the graph (one trace per T)."""
-        return tf.constant(T)
+        the Python int (one trace per T) where the method unrolls the steps into the graph or XLA
+        compiles it (XLA needs the sizes of the stored trajectories)."""
+        return T if self.jit_compile else tf.constant(T)
 
     def _options(self, global_step: int) -> dict:
         """Per-run tensors given to ``_hypergradient`` (e.g. a tolerance schedule's value)."""
@@ -140,7 +143,7 @@ class HyperGradient:
                         options=options)
                     results.append(self._check_connected(reg, result))
                 return results, tf.reduce_all(tf.stack([_all_finite(r) for r in results]))
-            self._functions[key] = compiled(compute)
+            self._functions[key] = compiled(compute, self.jit_compile)
         return self._functions[key]
 
     def _check_connected(self, reg: _Registered, result: HyperGrad) -> HyperGrad:

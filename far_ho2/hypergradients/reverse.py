@@ -29,34 +29,37 @@ class _Forward(NamedTuple):
 def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
                           hypers: Sequence[tf.Variable], *, steps: Any, inner_batches: Batches,
                           outer_batch: Any = None, truncate: Optional[int] = None,
-                          checkpoint_every: Optional[int] = None, initial_state: Any = None,
-                          offset: Any = 0) -> HyperGrad:
+                          checkpoint_every: Optional[int] = None, unrolled: bool = False,
+                          initial_state: Any = None, offset: Any = 0) -> HyperGrad:
     """Hypergradient of E(w_T(λ), λ) by reverse mode through T steps of  s_{t+1} = Φ_t(s_t, λ):
 
         α_T = ∂E/∂s_T,     α_t = α_{t+1}ᵀ ∂Φ_t/∂s_t,
         ∇_λ = ∂E/∂λ + Σ_{t=T−K}^{T−1} α_{t+1}ᵀ ∂Φ_t/∂λ  (+ α_0ᵀ ∂Φ₀/∂λ when K = T)
 
-    With ``steps`` a tensor, a compiled loop stores the states s_{T−K} … s_T (one state per step,
-    not the activations) and the reverse loop loads each s_t back and differentiates one step
-    again, replaying its batch: memory O(K·|s|), time about three forward passes, a trace time
-    independent of T. With ``checkpoint_every`` = k it stores one state every k steps and
-    recomputes each segment from its checkpoint: memory O((K/k + k)·|s|) (least at k ≈ √K) for
-    one more forward pass. With ``steps`` a Python int (and no ``checkpoint_every``), the T steps
-    are unrolled into the graph and each step's tape is kept for the reverse pass, as one tape
-    through the loop would: no step is recomputed, for the memory of K steps' activations and a
-    trace time that grows with T (``ReverseHG`` does this for short runs).
+    A compiled loop stores the states s_{T−K} … s_T (one state per step, not the activations) and
+    the reverse loop loads each s_t back and differentiates one step again, replaying its batch:
+    memory O(K·|s|), time about three forward passes, a trace time independent of T. With
+    ``checkpoint_every`` = k it stores one state every k steps and recomputes each segment from
+    its checkpoint: memory O((K/k + k)·|s|) (least at k ≈ √K) for one more forward pass. With
+    ``unrolled`` (``steps`` a Python int, no ``checkpoint_every``), the T steps are unrolled into
+    the graph and each step's tape is kept for the reverse pass, as one tape through the loop
+    would: no step is recomputed, for the memory of K steps' activations and a trace time that
+    grows with T (``ReverseHG`` does this for short runs).
 
     Args:
         problem: the inner problem (its variables, objective, dynamics Φ and Φ₀).
         outer_objective: E, reading the inner variables (and maybe λ directly).
         hypers: the hyperparameter variables λ.
-        steps: T (an int32 tensor, or a Python int to unroll the steps).
+        steps: T, an int32 tensor or a Python int (a Python int gives the stored trajectory a
+            static size, as XLA needs).
         inner_batches: the batches of the T steps.
         outer_batch: the batch of E.
         truncate: K; back-propagate through the last K steps only (Shaban et al., 2019,
             arXiv:1810.10667). Defaults to `None` (K = T).
         checkpoint_every: k; store every k-th state and recompute the others. Defaults to `None`
             (store them all).
+        unrolled: unroll the steps into the graph (``steps`` a Python int, no
+            ``checkpoint_every``). Defaults to `False`.
         initial_state: s_0 when it does not come from Φ₀ (an online run continuing a previous
             one); it is then a constant.
         offset: the index of the first step in the stream of steps (online runs), given to
@@ -87,7 +90,9 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
         return (tf.nest.flatten(vjp.state), autodiff.accumulate(total, vjp.hypers, connected),
                 autodiff.accumulate(total_x, vjp.extra, x_connected))
 
-    if isinstance(steps, int) and checkpoint_every is None:
+    if unrolled:
+        if not isinstance(steps, int) or checkpoint_every is not None:
+            raise ValueError("`unrolled` needs `steps` a Python int and no `checkpoint_every`.")
         forward = _taped_forward(problem, s0, inputs_at, steps, truncate, offset, hypers, x_sources, accumulate)
     else:
         forward = _stored_forward(problem, s0, inputs_at, steps, truncate, checkpoint_every, offset, hypers,
@@ -210,6 +215,10 @@ class ReverseHG(HyperGradient):
             about 15 % faster, for the memory of the activations of the steps and one trace per
             T (its time grows with T). Longer runs use compiled loops that store one state per
             step. 0 never unrolls. Defaults to 16.
+        jit_compile: compile the inner run and the hypergradient with XLA, which fuses the
+            element-wise work of each step (on the CPU, 5-20 % faster for the paper's §5.1 problem
+            from T = 4 on; see the README) at the price of a compilation per T, and needs
+            objectives made of operations XLA supports. Defaults to `False`.
 
     ``run(..., online=True)`` continues the inner state of the previous run (FAR-HO's TRHO):
     each run back-propagates through its own T steps (all of them, unlike FAR-HO, which
@@ -217,8 +226,9 @@ class ReverseHG(HyperGradient):
     """
 
     def __init__(self, history: Any = None, name: str = "ReverseHG", truncate: Optional[int] = None,
-                 checkpoint_every: Optional[int] = None, unroll: int = UNROLL):
-        super().__init__(name)
+                 checkpoint_every: Optional[int] = None, unroll: int = UNROLL,
+                 jit_compile: bool = False):
+        super().__init__(name, jit_compile)
         if isinstance(history, deque) and history.maxlen is not None and truncate is None:
             truncate = history.maxlen - 1
         for argument, value in (("truncate", truncate), ("checkpoint_every", checkpoint_every)):
@@ -233,12 +243,16 @@ class ReverseHG(HyperGradient):
         """Reverse mode through the last ``reverse_iterations`` steps only (K-RMD)."""
         return ReverseHG(name=name, truncate=reverse_iterations)
 
+    def _unrolls(self, T: int) -> bool:
+        return T <= self.unroll and self.checkpoint_every is None
+
     def _steps(self, T: int) -> Any:
-        return T if T <= self.unroll and self.checkpoint_every is None else tf.constant(T)
+        return T if self._unrolls(T) else super()._steps(T)
 
     def _hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch,
                        previous, online, offset, options) -> HyperGrad:
         return reverse_hypergradient(problem, outer_objective, hypers, steps=steps,
                                      inner_batches=inner_batches, outer_batch=outer_batch,
                                      truncate=self.truncate, checkpoint_every=self.checkpoint_every,
+                                     unrolled=isinstance(steps, int) and self._unrolls(steps),
                                      initial_state=previous.state if previous else None, offset=offset)
