@@ -30,10 +30,19 @@ process:
   GPU also TF's peak device memory.
 
 CPU processes hide any GPU; when one is visible to TensorFlow, every configuration runs again on
-it (device column "gpu"). The reference: the same model and episodes in PyTorch, differentiating
-through the unrolled heads as ``higher`` does, meta-train at 36 episodes/s (T = 5, B = 4) on this
-2-core machine, idle; the ratio is printed next to it (comparable only on an idle machine: the
-1-minute load average is reported).
+it (device column "gpu"). The PyTorch subject, measured in the same run: ``TorchMetaLearner``, the
+same meta-learner written in PyTorch (the same network, padding, transductive normalisation, heads,
+η and outer Adam), differentiating through the unrolled heads as ``higher`` does. For every (B, T)
+a fresh process, right after the TF one, times its meta-step like the step-only mode, on the same
+pre-drawn meta-batches, with the same ``Timing`` (its chunks are all step-only), and reports its
+peak RSS; the ratio hyper_repr / PyTorch is computed from the two rates of the run (the 1-minute
+load average of each process is reported; PyTorch's OpenMP threads suffer far more than TF's pool
+from competing processes, a step 10 times slower at nice 19 beside a 2-thread job, so compare on
+an otherwise idle machine). First, a check process copies the TF network's initial
+weights into it and compares E, ∇E and the first Adam update on one meta-batch (B = the first
+meta-batch size, T = the largest). PyTorch is not a dependency (its Linux wheel on PyPI brings
+CUDA): ``pip install torch --index-url https://download.pytorch.org/whl/cpu`` installs the CPU
+build; without it the script says so and skips the subject.
 
 Then the real training loop, ``hyper_repr.train.meta_train`` (B = 4, T = 5, 500 iterations,
 validation every 250 iterations on 200 episodes, a checkpoint at each validation and at the end,
@@ -46,17 +55,17 @@ residual Python per iteration, the loop's time beyond N × (median step + median
 outside the loop in the same process, and the projected rate of a 780-s run (the README example's
 budget) from the measured components.
 
-Run from the repository root (about 7 minutes on 2 cores at load 3-5, less when idle; ``--quick``:
-B = 4, T ∈ {1, 5}, short timing and a 20-iteration loop, a smoke run of under a minute on an idle
-machine, 80 s at load 3):
+Run from the repository root (about 10 minutes on 2 cores at load 3-5 with the PyTorch subject,
+less when idle; ``--quick``: B = 4, T ∈ {1, 5}, short timing and a 20-iteration loop, a smoke run
+of about 2 minutes on an idle machine):
 
     python benchmarks/meta_training.py
     python benchmarks/meta_training.py --meta-batch-sizes 4 --steps 5 --loop-iterations 2000
     python benchmarks/meta_training.py --quick
 
 Progress goes to stderr, the tables to stdout; the results are written to
-``benchmarks/results/meta_training[_quick].{csv,json}``. The worker modes (``--worker DEVICE``
-with one B and T, ``--loop-worker``) are internal: they print one JSON line.
+``benchmarks/results/meta_training[_quick].{csv,json}``. The worker modes (``--worker
+cpu|gpu|torch|check`` with one B and T, ``--loop-worker``) are internal: they print one JSON line.
 
 References:
     Franceschi, Frasconi, Salzo, Grazzi, Pontil. Bilevel Programming for Hyperparameter
@@ -68,7 +77,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -77,6 +89,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
 
 from hypergradient_cost import fmt, machine_info, max_rss_mb, table, timed
 
@@ -87,7 +101,10 @@ WAYS, SHOTS, QUERIES, SEED = 5, 1, 15, 0
 LEARNING_RATE, LEARN_LR = 0.1, True  # flags/omniglot.py's defaults
 DEFAULT_BATCH_SIZES, DEFAULT_STEPS = (4, 16), (1, 5, 10)
 QUICK_BATCH_SIZES, QUICK_STEPS = (4,), (1, 5)
-REFERENCE = {"name": "PyTorch + higher", "meta_batch_size": 4, "steps": 5, "episodes_per_second": 36.0}
+META_LR, META_LR_DECAY = 1e-3, 1e-5  # MetaLearner's outer Adam: meta_lr / (1 + decay·iteration)
+ADAM_EPSILON, ADAM_BETA2 = 1e-7, 0.999  # Keras's Adam defaults
+NORM_EPSILON, MIN_LR = 1e-3, 1e-6  # TransductiveBatchNormalization's ε; η's constraint η ≥ 1e-6
+CHECK_TOLERANCE = 1e-4  # relative: E and ‖∇E‖ of hyper_repr and the PyTorch subject
 PRE_DRAWN = 16  # meta-batches drawn before timing, cycled by the step-only calls
 RESUME_EPISODE = 400_000  # first_episode of the resumed stream (iteration 100,000 at B = 4)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -189,6 +206,16 @@ def chunk(call: Callable[[], None], seconds: float) -> tuple[int, float, float, 
     return len(times), time.perf_counter() - start, time.process_time() - cpu, times
 
 
+def first_call_and_warm_up(call: Callable[[], None], seconds: float) -> float:
+    """Times the first (tracing) call of ``call``, then calls it for ``seconds``; returns the
+    first call's seconds."""
+    first = timed(call)
+    warm_until = time.perf_counter() + seconds
+    while time.perf_counter() < warm_until:
+        call()
+    return first
+
+
 def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Measurement:
     """First call, warm-up, alternating step-only and pipeline chunks, the pipeline alone, memory."""
     start = time.perf_counter()
@@ -218,10 +245,7 @@ def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Me
     def with_pipeline() -> None:
         learner.meta_step(next(live))
 
-    first_call_s = timed(step_only)
-    warm_until = time.perf_counter() + timing.warmup_seconds
-    while time.perf_counter() < warm_until:
-        step_only()
+    first_call_s = first_call_and_warm_up(step_only, timing.warmup_seconds)
     for _ in range(MIN_CHUNK_CALLS):  # starts the live pipeline's threads and fills its buffer
         with_pipeline()
 
@@ -248,7 +272,238 @@ def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Me
                        gpus, tf.__version__, os.getloadavg()[0])
 
 
-# -- worker 2: the training loop, instrumented from outside -----------------------------------------
+# -- workers 2 and 3: the PyTorch subject and its check --------------------------------------------
+
+def import_torch() -> Any:
+    """PyTorch, on as many threads as CPUs."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch
+
+
+def same_padding(size: int, kernel: int = 3, stride: int = 2) -> tuple[int, ...]:
+    """TF's SAME padding of a square input as ``F.pad``'s (left, right, top, bottom): an odd
+    padding puts the extra row and column at the end (28 → 14: 0 and 1; 7 → 4: 1 and 1)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return (total // 2, total - total // 2) * 2
+
+
+class TorchMetaLearner:
+    """``hyper_repr``'s meta-learner in PyTorch (float32), as a PyTorch user would write it with
+    ``higher``: the T head steps are unrolled by ``torch.autograd.grad(..., create_graph=True)``
+    and the query loss is back-propagated through them, which is what ``higher``'s differentiable
+    optimisers do (the package itself is not needed). The function is hyper_repr's (the Omniglot
+    network, ``MetaLearner(learning_rate=0.1, learn_lr=True)`` and its defaults):
+
+    * h_λ: 4 × [conv 3×3, stride 2, 64, no bias, TF's SAME padding → normalisation with the
+      statistics of each episode's support or query set (β only, γ ≡ 1, ε = 1e-3) → ReLU],
+      256 features; Glorot-uniform kernels, β = 0; support and query in two passes;
+    * heads: W [B, 256, N] = 0, b = 0, then T steps w ← w − η ∇_w Σ_j CE_j on the support
+      features, computed once per hyper-iteration; E: the mean query cross-entropy;
+    * outer: Adam on the kernels, the offsets β and η, learning rate 1e-3 / (1 + 1e-5·iteration),
+      ε added to √v before the bias correction (as Keras), then η ← max(η, 1e-6).
+
+    Args:
+        steps: T.
+        kernels, offsets: initial weights in TF's layout (HWIO kernels), copied. Defaults to
+            `None`: a fresh initialisation (seed SEED).
+    """
+
+    def __init__(self, steps: int, kernels: Optional[Sequence[np.ndarray]] = None,
+                 offsets: Optional[Sequence[np.ndarray]] = None):
+        torch = self.torch = import_torch()
+        torch.manual_seed(SEED)
+        if kernels is None:
+            kernels = [torch.nn.init.xavier_uniform_(torch.empty(64, c, 3, 3))
+                       for c in (1, 64, 64, 64)]
+            offsets = [torch.zeros(64) for _ in kernels]
+        else:
+            kernels = [torch.from_numpy(k.transpose(3, 2, 0, 1).copy()) for k in kernels]  # → OIHW
+            offsets = [torch.from_numpy(b.copy()) for b in offsets]
+        self.kernels = [torch.nn.Parameter(k) for k in kernels]
+        self.offsets = [torch.nn.Parameter(b) for b in offsets]
+        self.eta = torch.nn.Parameter(torch.tensor(LEARNING_RATE))
+        self.hypers = [*itertools.chain(*zip(self.kernels, self.offsets)), self.eta]  # TF's order
+        self.optimizer = torch.optim.Adam(self.hypers, betas=(0.9, ADAM_BETA2))
+        self.steps, self.iterations = steps, 0
+
+    def features(self, images: Any) -> Any:
+        """h_λ of each episode on its own: [B, n, 1, 28, 28] -> [B, n, 256] (channel-major, unlike
+        TF's order: the heads start from zero, so the losses do not depend on it).
+
+        The normalisation is ``F.instance_norm`` of [B, C, n, H, W]: the statistics of each
+        episode and channel over its n images and pixels, in PyTorch's fused kernels (meta-steps
+        about 20% faster than with the same normalisation written with ``var_mean``).
+        """
+        F = self.torch.nn.functional
+        episodes, n = images.shape[:2]
+        x = images.flatten(0, 1)
+        for kernel, offset in zip(self.kernels, self.offsets):
+            x = F.conv2d(F.pad(x, same_padding(x.shape[-1])), kernel, stride=2)
+            x = x.unflatten(0, (episodes, n)).transpose(1, 2)  # [B, C, n, H, W]
+            x = F.relu(F.instance_norm(x, bias=offset, eps=NORM_EPSILON))
+            x = x.transpose(1, 2).flatten(0, 1)
+        return x.reshape(episodes, n, -1)
+
+    def query_loss(self, batch: Sequence[Any]) -> Any:
+        """E: B heads fitted by T unrolled steps on the support features, their query CE."""
+        torch, F = self.torch, self.torch.nn.functional
+        support_x, support_y, query_x, query_y = batch
+        support = self.features(support_x)
+        episodes, n, dim = support.shape
+        weights = torch.zeros(episodes, dim, WAYS, requires_grad=True)
+        bias = torch.zeros(episodes, 1, WAYS, requires_grad=True)
+        for _ in range(self.steps):
+            logits = torch.baddbmm(bias, support, weights).flatten(0, 1)
+            inner = F.cross_entropy(logits, support_y.flatten(), reduction="sum") / n  # Σ_j CE_j
+            grad_w, grad_b = torch.autograd.grad(inner, (weights, bias), create_graph=True)
+            weights, bias = weights - self.eta * grad_w, bias - self.eta * grad_b
+        logits = torch.baddbmm(bias, self.features(query_x), weights).flatten(0, 1)
+        return F.cross_entropy(logits, query_y.flatten())
+
+    def hypergradients(self, batch: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """(E, ∇E) in the order of ``hypers``; no update."""
+        loss = self.query_loss(batch)
+        return loss, list(self.torch.autograd.grad(loss, self.hypers))
+
+    def meta_step(self, batch: Sequence[Any]) -> float:
+        """One hyper-iteration; returns E before the update."""
+        self.optimizer.zero_grad()
+        loss = self.query_loss(batch)
+        loss.backward()
+        self.iterations += 1
+        group = self.optimizer.param_groups[0]  # Keras's schedule and ε: torch adds ε to √v̂
+        group["lr"] = META_LR / (1 + META_LR_DECAY * (self.iterations - 1))
+        group["eps"] = ADAM_EPSILON / math.sqrt(1 - ADAM_BETA2**self.iterations)
+        self.optimizer.step()
+        with self.torch.no_grad():
+            self.eta.clamp_(min=MIN_LR)
+        return loss.item()
+
+
+def pre_drawn(meta_batch_size: int, count: int = PRE_DRAWN) -> list[Any]:
+    """The step-only meta-batches of ``measure``: numbers 1 … count of the training stream."""
+    import_tensorflow("cpu")
+    iterator = iter(training_episodes(load_splits(), meta_batch_size))
+    return [next(iterator) for _ in range(count + 1)][1:]
+
+
+def to_torch(torch: Any, batch: Any) -> tuple[Any, ...]:
+    """A meta-batch of TF tensors as torch tensors: images NHWC → NCHW, labels int64."""
+    images = lambda x: torch.from_numpy(x.numpy()).permute(0, 1, 4, 2, 3).contiguous()  # noqa: E731
+    labels = lambda y: torch.from_numpy(y.numpy()).long()  # noqa: E731
+    return images(batch[0]), labels(batch[1]), images(batch[2]), labels(batch[3])
+
+
+@dataclasses.dataclass
+class TorchMeasurement:
+    """One (B, T) of the PyTorch subject (step-only)."""
+
+    meta_batch_size: int  # B
+    steps: int  # T
+    step_rates: list[float]  # episodes/s of each chunk (all step-only)
+    step_ms: list[float]  # every timed call
+    step_cpu_ms: list[float]  # CPU ms of the process (all threads) per call, per chunk
+    first_call_s: float
+    setup_s: float  # imports, data loading, pre-drawing (TF), the learner
+    baseline_mb: float
+    memory_mb: float  # peak RSS above the baseline
+    threads: int
+    torch: str
+    load_average: float
+
+    @property
+    def episodes_per_s(self) -> float:
+        return statistics.median(self.step_rates)
+
+
+def measure_torch(meta_batch_size: int, steps: int, timing: Timing) -> TorchMeasurement:
+    """``TorchMetaLearner.meta_step`` on ``measure``'s pre-drawn meta-batches, timed as there."""
+    start = time.perf_counter()
+    learner = TorchMetaLearner(steps)
+    batches = itertools.cycle([to_torch(learner.torch, b) for b in pre_drawn(meta_batch_size)])
+    setup_s = time.perf_counter() - start
+    baseline = max_rss_mb()
+
+    def step() -> None:
+        learner.meta_step(next(batches))
+
+    first_call_s = first_call_and_warm_up(step, timing.warmup_seconds)
+    rates, step_ms, cpu_ms = [], [], []
+    for _ in range(timing.chunks):
+        calls, seconds, cpu_seconds, ms = chunk(step, timing.chunk_seconds)
+        rates.append(calls * meta_batch_size / seconds)
+        step_ms.extend(ms)
+        cpu_ms.append(1e3 * cpu_seconds / calls)
+    return TorchMeasurement(meta_batch_size, steps, rates, step_ms, cpu_ms, first_call_s, setup_s,
+                            baseline, max_rss_mb() - baseline, learner.torch.get_num_threads(),
+                            learner.torch.__version__, os.getloadavg()[0])
+
+
+@dataclasses.dataclass
+class TorchCheck:
+    """hyper_repr and the PyTorch subject from the same weights on one meta-batch."""
+
+    meta_batch_size: int
+    steps: int
+    loss: tuple[float, float]  # E: hyper_repr, PyTorch
+    loss_error: float  # relative
+    hypergradient_norm: tuple[float, float]  # ‖∇E‖ over every hyperparameter
+    norm_error: float
+    worst_error: float  # max over the hyperparameters of ‖∇_TF − ∇_PyTorch‖ / ‖∇_TF‖
+    lr_hypergradient: tuple[float, float]  # ∂E/∂η
+    update_error: float  # ‖Δλ_TF − Δλ_PyTorch‖ / ‖Δλ_TF‖ of the first meta_step (Adam)
+
+    @property
+    def agree(self) -> bool:
+        return max(self.loss_error, self.norm_error) <= CHECK_TOLERANCE
+
+
+def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
+    """E, ∇E and the first meta-step of both learners on meta-batch 1 of the training stream, the
+    TF network's initial weights copied into the PyTorch one."""
+    from hyper_repr import meta_learner
+    from hyper_repr.models import build_network
+
+    batch = pre_drawn(meta_batch_size, count=1)[0]
+    network = build_network("omniglot", tuple(batch.support_x.shape[2:]), seed=SEED,
+                            dtype="float32")
+    learner = meta_learner.MetaLearner(network, ways=WAYS, meta_batch_size=meta_batch_size,
+                                       steps=steps, learning_rate=LEARNING_RATE, learn_lr=LEARN_LR)
+    weights = [v.numpy() for v in network.trainable_variables]  # kernel, offset, kernel, …
+    subject = TorchMetaLearner(steps, weights[0::2], weights[1::2])
+    torch_batch = to_torch(subject.torch, batch)
+
+    def tf_values(tensors: Sequence[Any]) -> list[np.ndarray]:
+        return [np.float64(t.numpy()) for t in tensors]
+
+    def torch_values(tensors: Sequence[Any]) -> list[np.ndarray]:  # in TF's layout
+        arrays = [np.float64(t.detach().numpy()) for t in tensors]
+        return [a.transpose(2, 3, 1, 0) if a.ndim == 4 else a for a in arrays]
+
+    def error(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+        flat = lambda arrays: np.concatenate([x.ravel() for x in arrays])  # noqa: E731
+        return float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(a)))
+
+    loss, grads = learner.hypergradients(batch)
+    torch_loss, torch_grads = subject.hypergradients(torch_batch)
+    grads, torch_grads = tf_values(grads), torch_values(torch_grads)
+    assert [g.shape for g in grads] == [g.shape for g in torch_grads], "hyperparameter order"
+    before, torch_before = tf_values(learner.hypers), torch_values(subject.hypers)
+    learner.meta_step(batch)
+    subject.meta_step(torch_batch)
+    update = [a - b for a, b in zip(tf_values(learner.hypers), before)]
+    torch_update = [a - b for a, b in zip(torch_values(subject.hypers), torch_before)]
+    losses = (float(loss), torch_loss.item())
+    norms = tuple(float(np.sqrt(sum(np.sum(g**2) for g in gs))) for gs in (grads, torch_grads))
+    worst = max(error([a], [b]) for a, b in zip(grads, torch_grads))
+    return TorchCheck(meta_batch_size, steps, losses, abs(losses[1] / losses[0] - 1), norms,
+                      abs(norms[1] / norms[0] - 1), worst,
+                      (float(grads[-1]), float(torch_grads[-1])), error(update, torch_update))
+
+
+# -- worker 4: the training loop, instrumented from outside ----------------------------------------
 
 @dataclasses.dataclass
 class LoopMeasurement:
@@ -413,22 +668,25 @@ def summarize(m: Measurement) -> Summary:
                    m.resumed_first_batch_s, m.load_average)
 
 
-def is_reference(s: Summary) -> bool:
-    return (s.meta_batch_size, s.steps) == (REFERENCE["meta_batch_size"], REFERENCE["steps"])
+def pytorch_rate(s: Summary, pytorch: Sequence[TorchMeasurement]) -> Optional[float]:
+    """The PyTorch subject's episodes/s at a CPU row's (B, T), if measured."""
+    return next((t.episodes_per_s for t in pytorch if s.device == "cpu"
+                 and (t.meta_batch_size, t.steps) == (s.meta_batch_size, s.steps)), None)
 
 
-def speed_report(summaries: Sequence[Summary], info: dict, args: argparse.Namespace) -> list[str]:
-    reference = REFERENCE["episodes_per_second"]
+def speed_report(summaries: Sequence[Summary], pytorch: Sequence[TorchMeasurement], info: dict,
+                 args: argparse.Namespace) -> list[str]:
     rows = []
     for s in summaries:
-        ref = is_reference(s)
+        rate = pytorch_rate(s, pytorch)
         rows.append([s.device, str(s.meta_batch_size), str(s.steps), f"{s.step_episodes_per_s:.1f}",
                      f"{s.pipeline_episodes_per_s:.1f}", f"{100 * s.pipeline_cost:+.0f}%", f"{s.ms_per_step:.1f}",
                      f"{s.cpu_ms_per_step:.0f} / {s.pipeline_cpu_ms_per_step:.0f}",
                      f"{s.ms_per_episode:.1f}", f"{s.pipeline_alone_ms:.2f}", f"{s.first_call_s:.1f}",
-                     f"{s.peak_mb:.0f}", fmt(s.gpu_peak_mb, ".0f"), f"{reference:g}" if ref else "",
-                     f"{s.step_episodes_per_s / reference:.2f}" if ref else "",
-                     f"{s.pipeline_episodes_per_s / reference:.2f}" if ref else "", f"{s.load_average:.1f}"])
+                     f"{s.peak_mb:.0f}", fmt(s.gpu_peak_mb, ".0f"), fmt(rate, ".1f"),
+                     fmt(rate and s.step_episodes_per_s / rate, ".2f"),
+                     fmt(rate and s.pipeline_episodes_per_s / rate, ".2f"),
+                     f"{s.load_average:.1f}"])
     resumed = max(s.resumed_first_batch_s for s in summaries)
     started = max(s.first_batch_s for s in summaries)
     lines = [
@@ -447,13 +705,42 @@ def speed_report(summaries: Sequence[Summary], info: dict, args: argparse.Namesp
         "  2 × ms/step); pipe ms/batch: next(iterator) alone; first call: tracing + one step; peak MB: peak RSS",
         "  above the process's baseline after imports and data; GPU MB: TF's peak device memory; load: the",
         "  1-min load average (2 CPUs).",
-        f"  PyTorch: the reference ({REFERENCE['name']}, the same model and episodes, T = {REFERENCE['steps']}, "
-        f"B = {REFERENCE['meta_batch_size']}, this machine idle);",
-        "  ratio = hyper_repr / PyTorch, step-only and with the pipeline (> 1: hyper_repr is faster).",
+        "  PyTorch: episodes/s of the PyTorch subject in this run (the same model, maths and",
+        "  pre-drawn meta-batches; table below); ratio = hyper_repr / PyTorch, step-only and with",
+        "  the pipeline (> 1: hyper_repr is faster).",
         f"  The first meta-batch of a stream takes ≤ {started:.3f} s from episode 0 and ≤ {resumed:.3f} s from "
         f"episode {RESUME_EPISODE:,} (resuming skips nothing).",
     ]
     return lines
+
+
+def pytorch_report(pytorch: Sequence[TorchMeasurement], check: Optional[TorchCheck]) -> list[str]:
+    """The PyTorch subject's table and its check, or a note when PyTorch is not installed."""
+    if check is None:
+        return ["", "PyTorch is not installed (see the docstring): no PyTorch subject."]
+    median = statistics.median
+    rows = [[str(t.meta_batch_size), str(t.steps), f"{t.episodes_per_s:.1f}",
+             f"{median(t.step_ms):.1f}", f"{median(t.step_cpu_ms):.0f}",
+             f"{median(t.step_ms) / t.meta_batch_size:.1f}", f"{t.first_call_s:.2f}",
+             f"{t.memory_mb:.0f}", f"{t.load_average:.1f}"] for t in pytorch]
+    c, (loss, torch_loss), (norm, torch_norm) = check, check.loss, check.hypergradient_norm
+    verdict = "the same function" if c.agree else "DIFFERENT functions"
+    return ["", f"PyTorch subject: TorchMetaLearner.meta_step (torch {pytorch[0].torch}, "
+            f"{pytorch[0].threads} threads, float32)",
+            "  on the TF rows' pre-drawn meta-batches, one fresh process per row, right after its",
+            "  TF row; the same timing, every chunk step-only.",
+            "", table(["B", "T", "episodes/s", "ms/step", "CPU ms/step", "ms/episode",
+                       "first call s", "peak MB", "load"], rows),
+            "  peak MB: above the baseline after imports (TF's too: it draws the episodes), data",
+            "  and the learner.",
+            f"Check (B = {c.meta_batch_size}, T = {c.steps}, meta-batch 1 of the stream, the TF "
+            "network's initial weights copied): hyper_repr / PyTorch",
+            f"  E {loss:.6f} / {torch_loss:.6f} (relative difference {c.loss_error:.1e}), "
+            f"‖∇E‖ {norm:.6f} / {torch_norm:.6f} ({c.norm_error:.1e}),",
+            f"  worst hyperparameter ‖∇_TF − ∇_PyTorch‖/‖∇_TF‖ {c.worst_error:.1e}, ∂E/∂η "
+            f"{c.lr_hypergradient[0]:.6f} / {c.lr_hypergradient[1]:.6f},",
+            f"  first Adam update ‖Δλ_TF − Δλ_PyTorch‖/‖Δλ_TF‖ {c.update_error:.1e}: {verdict} "
+            f"(tolerance {CHECK_TOLERANCE:.0e} on E and ‖∇E‖)."]
 
 
 def loop_breakdown(m: LoopMeasurement) -> dict:
@@ -515,10 +802,12 @@ def loop_breakdown(m: LoopMeasurement) -> dict:
     }
 
 
-def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary]) -> list[str]:
+def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary],
+                pytorch: Sequence[TorchMeasurement]) -> list[str]:
     s, parts = m.settings, b["components"]
     raw = next((x for x in summaries if x.device == "cpu" and x.meta_batch_size == s["meta_batch_size"]
                 and x.steps == s["steps"]), None)
+    reference = raw and pytorch_rate(raw, pytorch)
 
     def row(label: str, name: str, per_call: str) -> list[str]:
         wall, cpu, calls = parts[name]
@@ -535,7 +824,6 @@ def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary]) -> li
             row("metrics callback", "callback", "-"),
             row("rest: Python, tf.Variable ops, csv", "other", f"{b['other_ms_per_iteration']:.2f} ms / iteration"),
             ["loop", f"{m.loop_s:.2f}", f"{m.loop_cpu_s:.2f}", "100%", "", ""]]
-    reference = REFERENCE["episodes_per_second"]
     rates = [("meta_train loop overall", b["loop_episodes_per_s"]),
              ("meta_train's own elapsed time", b["elapsed_episodes_per_s"]),
              *((f"meta_train's logged rate at iteration {r['iteration']}", v)
@@ -564,28 +852,35 @@ def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary]) -> li
             f"peak RSS above the process's baseline before meta_train:",
             f"  +{m.loop_memory_mb:.0f} MB in the loop, +{m.memory_mb:.0f} MB with the meta-test; load "
             f"{m.load_average:.1f}.",
-            "", table(["episodes/s", "", f"vs PyTorch {reference:g}"],
-                      [[name, f"{v:.1f}", f"{v / reference:.2f}"] for name, v in rates]),
+            "", table(["episodes/s", "", f"vs PyTorch {fmt(reference, '.1f')}"],
+                      [[name, f"{v:.1f}", fmt(reference and v / reference, ".2f")]
+                       for name, v in rates]),
             f"  projected: {b['long_run_fixed_s']:.1f} s of one-off tracing (first meta_step and evaluate, beyond a "
             f"steady call), then per iteration meta_step + next + rest, and every {s['eval_every']} iterations one "
             "evaluate + one save."]
 
 
 def write_results(prefix: Path, summaries: Sequence[Summary], measurements: Sequence[Measurement],
+                  pytorch: Sequence[TorchMeasurement], check: Optional[TorchCheck],
                   loop: Optional[LoopMeasurement], breakdown: Optional[dict], meta: dict) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with open(prefix.with_suffix(".csv"), "w", newline="") as f:
         fields = [field.name for field in dataclasses.fields(Summary)]
-        writer = csv.DictWriter(f, fieldnames=fields + ["reference_episodes_per_s", "ratio_step", "ratio_pipeline"])
+        writer = csv.DictWriter(f, fieldnames=fields + ["pytorch_episodes_per_s", "ratio_step",
+                                                        "ratio_pipeline"])
         writer.writeheader()
         for s in summaries:
-            reference = REFERENCE["episodes_per_second"] if is_reference(s) else None
-            writer.writerow({**dataclasses.asdict(s), "reference_episodes_per_s": reference,
-                             "ratio_step": reference and s.step_episodes_per_s / reference,
-                             "ratio_pipeline": reference and s.pipeline_episodes_per_s / reference})
+            rate = pytorch_rate(s, pytorch)
+            writer.writerow({**dataclasses.asdict(s), "pytorch_episodes_per_s": rate,
+                             "ratio_step": rate and s.step_episodes_per_s / rate,
+                             "ratio_pipeline": rate and s.pipeline_episodes_per_s / rate})
     with open(prefix.with_suffix(".json"), "w") as f:
-        json.dump({**meta, "reference": REFERENCE, "summary": [dataclasses.asdict(s) for s in summaries],
+        json.dump({**meta, "summary": [dataclasses.asdict(s) for s in summaries],
                    "measurements": [dataclasses.asdict(m) for m in measurements],
+                   "pytorch": {
+                       "check": check and {**dataclasses.asdict(check), "agree": check.agree},
+                       "measurements": [{**dataclasses.asdict(t),
+                                         "episodes_per_s": t.episodes_per_s} for t in pytorch]},
                    "training_loop": loop and {**dataclasses.asdict(loop), "breakdown": breakdown}}, f, indent=1)
 
 
@@ -600,7 +895,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: B in {QUICK_BATCH_SIZES}, T in {QUICK_STEPS}, short timing, "
                              f"a {QUICK_LOOP.iterations}-iteration loop")
-    parser.add_argument("--worker", choices=("cpu", "gpu"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("cpu", "gpu", "torch", "check"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--loop-worker", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.meta_batch_sizes = sorted(set(args.meta_batch_sizes or (QUICK_BATCH_SIZES if args.quick
@@ -617,9 +913,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
-    if args.worker:  # internal: one (device, B, T) in this fresh process
-        m = measure(args.worker, args.meta_batch_sizes[0], args.steps[0], args.timing)
-        print(json.dumps(dataclasses.asdict(m)))
+    if args.worker:  # internal: one (device, B, T) in this fresh process, or the PyTorch check
+        B, T = args.meta_batch_sizes[0], args.steps[0]
+        result = (measure_torch(B, T, args.timing) if args.worker == "torch" else check_torch(B, T)
+                  if args.worker == "check" else measure(args.worker, B, T, args.timing))
+        print(json.dumps(dataclasses.asdict(result)))
         return
     if args.loop_worker is not None:  # internal: the instrumented meta_train run
         print(json.dumps(dataclasses.asdict(measure_loop(LoopSettings(**args.loop_worker)))))
@@ -628,7 +926,19 @@ def main(argv: Sequence[str]) -> None:
     quick = ["--quick"] if args.quick else []
     configs = [(B, T) for B in args.meta_batch_sizes for T in args.steps]
     measurements: list[Measurement] = []
+    pytorch: list[TorchMeasurement] = []
     start = time.perf_counter()
+    check = None
+    if importlib.util.find_spec("torch") is None:
+        print("PyTorch is not installed (see the docstring): skipping the PyTorch subject.",
+              file=sys.stderr, flush=True)
+    else:
+        B, T = args.meta_batch_sizes[0], max(args.steps)
+        check = TorchCheck(**run_worker(["--worker", "check", "--meta-batch-sizes", str(B),
+                                         "--steps", str(T)], "check"))
+        print(f"[check] B={B} T={T}: relative differences E {check.loss_error:.1e}, ‖∇E‖ "
+              f"{check.norm_error:.1e}  ({time.perf_counter() - start:4.0f} s)",
+              file=sys.stderr, flush=True)
     devices = ["cpu"]
     for device in devices:  # "gpu" is appended when a CPU worker saw one
         for i, (B, T) in enumerate(configs, 1):
@@ -642,6 +952,16 @@ def main(argv: Sequence[str]) -> None:
                   f"({time.perf_counter() - start:4.0f} s)", file=sys.stderr, flush=True)
             if m.gpus_visible and "gpu" not in devices:
                 devices.append("gpu")
+            if device == "cpu" and check is not None:  # the PyTorch subject, right after
+                t = TorchMeasurement(**run_worker(
+                    ["--worker", "torch", "--meta-batch-sizes", str(B), "--steps", str(T), *quick],
+                    f"torch B={B} T={T}"))
+                pytorch.append(t)
+                print(f"[torch {i}/{len(configs)}] B={B:<3d} T={T:<3d} {t.episodes_per_s:6.1f} "
+                      f"episodes/s  {statistics.median(t.step_ms):7.1f} ms/step  first "
+                      f"{t.first_call_s:5.1f} s  +{t.memory_mb:5.0f} MB  load "
+                      f"{t.load_average:4.2f}  ({time.perf_counter() - start:4.0f} s)",
+                      file=sys.stderr, flush=True)
     summaries = [summarize(m) for m in measurements]
     loop = breakdown = None
     if args.loop.iterations > 0:
@@ -655,12 +975,13 @@ def main(argv: Sequence[str]) -> None:
 
     info["tensorflow"] = measurements[0].tensorflow
     info["devices"] = devices
-    lines = speed_report(summaries, info, args)
+    info["torch"] = pytorch[0].torch if pytorch else "not installed"
+    lines = speed_report(summaries, pytorch, info, args) + pytorch_report(pytorch, check)
     if loop is not None:
-        lines += loop_report(loop, breakdown, summaries)
+        lines += loop_report(loop, breakdown, summaries, pytorch)
     print("\n".join(lines))
     prefix = RESULTS_DIR / ("meta_training_quick" if args.quick else "meta_training")
-    write_results(prefix, summaries, measurements, loop, breakdown,
+    write_results(prefix, summaries, measurements, pytorch, check, loop, breakdown,
                   {"machine": info, "meta_batch_sizes": args.meta_batch_sizes, "steps": args.steps,
                    "timing": dataclasses.asdict(args.timing), "loop_settings": dataclasses.asdict(args.loop),
                    "episode": {"ways": WAYS, "shots": SHOTS, "queries": QUERIES, "seed": SEED,
