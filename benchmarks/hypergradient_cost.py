@@ -268,20 +268,21 @@ class Subject(NamedTuple):
     build: Callable[[Problem, int], Built]
 
 
+def reverse_hg(jit_compile: bool = False) -> Callable[[Problem, int], Built]:
+    """The builder of ``far.ReverseHG(jit_compile=...)`` with ``features=``."""
+    return lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True, jit_compile=jit_compile)
+
+
 SUBJECTS: dict[str, Subject] = {
-    "far_ho2": Subject("tensorflow-cpu", "far_ho2 ReverseHG, features=",
-                       lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
+    "far_ho2": Subject("tensorflow-cpu", "far_ho2 ReverseHG, features=", reverse_hg()),
     "far_ho2_unrolled": Subject("tensorflow-cpu", "far_ho2 ReverseHG(unroll=T), features=",
                                 lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True, unroll=T)),
     "far_ho2_xla": Subject("tensorflow-cpu", "far_ho2 ReverseHG(jit_compile=True), features=",
-                           lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True,
-                                                      jit_compile=True)),
+                           reverse_hg(jit_compile=True)),
     "far_ho2_vs_jax": Subject("jax", "far_ho2 ReverseHG and JAX hoisted, alternating in one process",
-                              lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True)),
+                              reverse_hg()),
     "far_ho2_xla_vs_jax": Subject("jax", "far_ho2 ReverseHG(jit_compile=True) and JAX hoisted, "
-                                  "alternating in one process",
-                                  lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True,
-                                                             jit_compile=True)),
+                                  "alternating in one process", reverse_hg(jit_compile=True)),
     "far_ho2_nofeat": Subject("tensorflow-cpu", "far_ho2 ReverseHG, X·H in L",
                               lambda p, T: build_far_ho2(p, T, features=False, hypergradient=True)),
     "inner": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, features=",

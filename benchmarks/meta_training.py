@@ -385,8 +385,8 @@ class TorchMetaLearner:
 def pre_drawn(meta_batch_size: int, count: int = PRE_DRAWN) -> list[Any]:
     """The step-only meta-batches of ``measure``: numbers 1 … count of the training stream."""
     import_tensorflow("cpu")
-    iterator = iter(training_episodes(load_splits(), meta_batch_size))
-    return [next(iterator) for _ in range(count + 1)][1:]
+    iterator = iter(training_episodes(load_splits(), meta_batch_size, first_episode=meta_batch_size))
+    return [next(iterator) for _ in range(count)]
 
 
 def to_torch(torch: Any, batch: Any) -> tuple[Any, ...]:
@@ -915,8 +915,12 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     if args.worker:  # internal: one (device, B, T) in this fresh process, or the PyTorch check
         B, T = args.meta_batch_sizes[0], args.steps[0]
-        result = (measure_torch(B, T, args.timing) if args.worker == "torch" else check_torch(B, T)
-                  if args.worker == "check" else measure(args.worker, B, T, args.timing))
+        if args.worker == "check":
+            result = check_torch(B, T)
+        elif args.worker == "torch":
+            result = measure_torch(B, T, args.timing)
+        else:
+            result = measure(args.worker, B, T, args.timing)
         print(json.dumps(dataclasses.asdict(result)))
         return
     if args.loop_worker is not None:  # internal: the instrumented meta_train run

@@ -265,7 +265,8 @@ def run(config: train.Config, logdir: Any, splits: data.Splits, *, mode: str = "
             results = train.meta_train(config, str(path), splits,
                                        callback=TensorBoardScalars(path / "tensorboard"))
         except train.ConfigMismatchError as error:
-            raise ValueError(f"{error} (or --noresume: delete it and restart)") from None
+            raise ValueError(f"{error} Or relaunch with --noresume to delete it and "
+                             f"restart.") from None
     plot_metrics(path)
     results = {**results, "config": dataclasses.asdict(config), "flags": dict(flag_values or {})}
     common.write_json(path / "results.json", results)

@@ -107,9 +107,9 @@ def _write_config(config: Config, workdir: pathlib.Path) -> None:
         changed = sorted(k for k in fields if k not in _RESUMABLE
                          and json.loads(json.dumps(fields[k])) != saved.get(k))
         if changed:
-            raise ConfigMismatchError(f"`workdir` {str(workdir)!r} holds a run with another config "
-                             f"(fields {changed} differ); only {_RESUMABLE} may change on resume. "
-                             f"Use a new workdir.")
+            raise ConfigMismatchError(
+                f"`workdir` {str(workdir)!r} holds a run with another config (fields {changed} "
+                f"differ); only {_RESUMABLE} may change on resume. Use a new workdir.")
     path.write_text(json.dumps(fields, indent=2))
 
 

@@ -214,8 +214,8 @@ def split_characters(characters: Sequence[tuple[str, str]], *,
         test = _alphabet_mask(alphabets, test_alphabets, "test_alphabets")
         val = _alphabet_mask(alphabets, val_alphabets, "val_alphabets")
         if np.any(test & val):
-            raise ValueError(f"Alphabets {sorted(set(alphabets[test & val].tolist()))} are in both "
-                             f"`test_alphabets` and `val_alphabets`.")
+            both = sorted(set(alphabets[test & val].tolist()))
+            raise ValueError(f"Alphabets {both} are in both `test_alphabets` and `val_alphabets`.")
         if val_characters is not None:
             if val_alphabets is not None:
                 raise ValueError("Give either `val_alphabets` or `val_characters`, not both.")
