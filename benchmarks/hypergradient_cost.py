@@ -188,10 +188,9 @@ def build_far_ho2(problem: Problem, steps: int, *, features: bool, hypergradient
     ``far.get_hyperparameter``, objectives as closures over the variables, the training batch fed
     to ``run``. With ``features``, X·H is a feature map evaluated once per run; ``unroll`` and
     ``jit_compile`` are ``ReverseHG``'s (default: the library's)."""
+    import far_ho2 as far  # before TensorFlow, as users are told to (far_ho2.cpu_kernels)
     import keras
     import tensorflow as tf
-
-    import far_ho2 as far
 
     X, Y, Xv, Yv = (tf.constant(a) for a in problem[:4])
     H = far.get_hyperparameter("H", problem.H0)
@@ -514,6 +513,7 @@ def machine_info() -> dict[str, Any]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "far_ho2_source": source_state(),
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),  # None: far_ho2's default
             **{dist: version(dist) for dist in ("tensorflow-cpu", "keras", "jax", "jaxlib", "numpy")},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

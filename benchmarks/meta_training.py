@@ -146,7 +146,9 @@ LONG_RUN_SECONDS = 780.0  # the README's 13-minute example run (its time budget)
 
 def import_tensorflow(device: str) -> tuple[Any, int]:
     """TensorFlow, and the number of GPUs it sees; with ``device='cpu'`` they are hidden (before any
-    op runs), so the process computes and allocates on the CPU only."""
+    op runs), so the process computes and allocates on the CPU only. ``far_ho2.cpu_kernels`` comes
+    first, as in every far_ho2 program."""
+    import far_ho2.cpu_kernels  # noqa: F401
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -13,11 +13,10 @@ import argparse
 import json
 import time
 
+import far_ho2 as far  # before TensorFlow: it picks TensorFlow's faster CPU kernels (far_ho2.cpu_kernels)
 import keras
 import numpy as np
 import tensorflow as tf
-
-import far_ho2 as far
 
 
 def blobs(n: int, rng: np.random.Generator, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ and 2018).
     run(T, inner_objective_feed_dicts=train_batch, outer_objective_feed_dicts=valid_batch)
 """
 
+from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads TensorFlow)
 from far_ho2 import dynamics, linear_solve, oracles
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
