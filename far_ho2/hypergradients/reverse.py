@@ -212,12 +212,13 @@ class ReverseHG(HyperGradient):
             long horizons). Defaults to `None` (store every state).
         unroll: runs of at most this many steps (without ``checkpoint_every``) are unrolled into
             the graph and keep every step's tape for the reverse pass: no step is recomputed,
-            about 15 % faster, for the memory of the activations of the steps and one trace per
+            15-30 % faster, for the memory of the activations of the steps and one trace per
             T (its time grows with T). Longer runs use compiled loops that store one state per
             step. 0 never unrolls. Defaults to 16.
         jit_compile: compile the inner run and the hypergradient with XLA, which fuses the
-            element-wise work of each step (on the CPU, 5-20 % faster for the paper's §5.1 problem
-            from T = 4 on; see the README) at the price of a compilation per T, and needs
+            element-wise work of each step (on a CPU where TensorFlow runs its oneDNN kernels,
+            XLA's slower matrix products offset that: from 9 % slower to 6 % faster for the
+            paper's §5.1 problem; see the README) at the price of a compilation per T, and needs
             objectives made of operations XLA supports. Defaults to `False`.
 
     ``run(..., online=True)`` continues the inner state of the previous run (FAR-HO's TRHO):
