@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-import far_ho2 as far  # before TensorFlow: it picks TensorFlow's faster CPU kernels (far_ho2.cpu_kernels)
+import far_ho2 as far  # before TensorFlow: it picks faster CPU kernels (far_ho2.cpu_kernels)
 import keras
 import numpy as np
 import tensorflow as tf
