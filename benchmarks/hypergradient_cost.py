@@ -41,7 +41,7 @@ relative errors ‖g_T − g‖/‖g‖ of the hypergradients to the float64 clo
 ``far_ho2.oracles.unrolled_ridge``: the exact bilevel hypergradient (T → ∞) and the exact unrolled
 hypergradient of the same T (float32 round-off, ~1e-5: it checks the fast path).
 
-Run from the repository root (about 25 minutes on 2 cores: 112 processes; JAX is optional,
+Run from the repository root (about 20 minutes on 2 cores: 112 processes; JAX is optional,
 ``pip install -e .[bench]``):
 
     python benchmarks/hypergradient_cost.py                     # T ∈ {1, 4, 16, 64, 256}
