@@ -10,15 +10,18 @@ and 2018).
 """
 
 from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads TensorFlow)
-from far_ho2 import dynamics, linear_solve, oracles
+from far_ho2 import dynamics, linear_solve, oracles, utils
+from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
-from far_ho2.hypergradients import (ForwardHG, HyperGrad, HyperGradient, ImplicitHG, ReverseHG,
-                                    forward_hypergradient, implicit_hypergradient,
-                                    reverse_hypergradient)
-from far_ho2.hyperparameters import HyperparameterComponents, get_hyperparameter, hyperparameters
-from far_ho2.inner_problem import InnerProblem
-from far_ho2.optimizer import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer, Optimizer
+from far_ho2.hypergradients import (BOME, ForwardHG, HyperGradient, ImplicitHG, Penalty, ReverseHG, forward_hypergradient,
+                                    implicit_hypergradient, reverse_hypergradient)
+from far_ho2.hyperparameters import (HyperparameterComponents, clear_hyperparameters, get_hyperparameter,
+                                     hyperparameters)
+from far_ho2.inner_problem import InnerProblem, reinitialize
+from far_ho2.optimizer import (AdamOptimizer, BackTrackingGradientDescentOptimizer, GradientDescentOptimizer,
+                               MomentumOptimizer, Optimizer)
+from far_ho2.types import RunResult
 
 OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` returns
 ReverseHg = ReverseHG  # FAR-HO's deprecated spelling
@@ -26,9 +29,17 @@ ReverseHg = ReverseHG  # FAR-HO's deprecated spelling
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamOptimizer", "Batches", "ForwardHG", "GradientDescentOptimizer", "HyperGrad",
-    "HyperGradient", "HyperOptimizer", "HyperparameterComponents", "ImplicitHG", "InnerProblem",
-    "MomentumOptimizer", "Optimizer", "OptimizerDict", "ReverseHG", "ReverseHg", "dynamics",
-    "forward_hypergradient", "get_hyperparameter", "hyperparameters", "implicit_hypergradient",
-    "linear_solve", "oracles", "reverse_hypergradient",
+    "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "ForwardHG",
+    "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
+    "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
+    "ReverseHg", "RunResult", "clear_hyperparameters", "dynamics", "forward_hypergradient",
+    "get_hyperparameter", "hypergradients", "hyperparameters", "implicit_hypergradient",
+    "linear_solve", "oracles", "reinitialize", "reverse_hypergradient", "utils",
 ]
+
+
+def __getattr__(name: str):
+    """FAR-HO names without a TF2 meaning: an error naming the replacement."""
+    if name in utils.LEGACY_NAMES:
+        raise utils.legacy_name_error("far", name)
+    raise AttributeError(f"module 'far_ho2' has no attribute {name!r}")

@@ -1,23 +1,19 @@
 """Tape plumbing shared by the hypergradient methods: vector-Jacobian products of the transition
-Φ and of the outer objective E, with the inner variables standing for the weights w."""
+Φ and of the outer objective E, Hessian-vector products, with the inner variables standing for
+the weights w (typed against ``types.Problem``: what these functions use of a problem)."""
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2.inner_problem import InnerProblem
+from far_ho2.types import Problem
 
 
 def zeros_for_none(grads: Sequence[Optional[tf.Tensor]], sources: Sequence[Any]) -> list[tf.Tensor]:
     """``grads`` with ``None`` (unconnected) replaced by zeros shaped like the source."""
     return [tf.zeros(s.shape, s.dtype) if g is None else tf.convert_to_tensor(g)
             for g, s in zip(grads, sources)]
-
-
-def floating(structure: Any) -> list[tf.Tensor]:
-    """The floating-point tensors of a nest (what can be differentiated)."""
-    return [x for x in tf.nest.flatten(structure) if isinstance(x, tf.Tensor) and x.dtype.is_floating]
 
 
 class TransitionVJP(NamedTuple):
@@ -33,7 +29,7 @@ class RecordedTransition(NamedTuple):
     loss: tf.Tensor  # L_t(w_t)
 
 
-def record_transition(problem: InnerProblem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
+def record_transition(problem: Problem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
                       hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> RecordedTransition:
     """One step  s_{t+1} = Φ(s_t, λ, x)  from s_t, recorded for ``pull_back``; ``inputs()`` gives
     the objective's inputs, evaluated under the tape (features may read λ)."""
@@ -47,7 +43,7 @@ def record_transition(problem: InnerProblem, state: NamedTuple, inputs: Callable
     return RecordedTransition(tape, state, new_state, loss)
 
 
-def pull_back(problem: InnerProblem, recorded: RecordedTransition, cotangent: NamedTuple,
+def pull_back(problem: Problem, recorded: RecordedTransition, cotangent: NamedTuple,
               hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
     """The vector-Jacobian products of a recorded step with cotangent α_{t+1}."""
     sources = problem.state_sources(recorded.state)
@@ -58,7 +54,7 @@ def pull_back(problem: InnerProblem, recorded: RecordedTransition, cotangent: Na
     return TransitionVJP(alpha, grads[n_s:n_s + n_h], grads[n_s + n_h:])
 
 
-def transition_vjp(problem: InnerProblem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
+def transition_vjp(problem: Problem, state: NamedTuple, inputs: Callable[[], Any], step: Any,
                    cotangent: NamedTuple, hypers: Sequence[tf.Variable],
                    extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
     """The vector-Jacobian products of  s_{t+1} = Φ(s_t, λ, x)  at s_t with cotangent α_{t+1}
@@ -68,21 +64,34 @@ def transition_vjp(problem: InnerProblem, state: NamedTuple, inputs: Callable[[]
 
 
 class OuterGradient(NamedTuple):
-    value: tf.Tensor  # E(w_T, λ)
+    value: tf.Tensor  # E(w_T, λ) (or another scalar objective)
     weights: list[tf.Tensor]  # ∂E/∂w_T
     hypers: list  # ∂E/∂λ, the direct term (None where E does not read λ)
 
 
-def outer_gradient(problem: InnerProblem, outer_objective: Callable, batch: Any,
-                   hypers: Sequence[tf.Variable]) -> OuterGradient:
-    """E and its gradients at the weights the inner variables hold."""
+def value_and_gradients(problem: Problem, value: Callable[[], tf.Tensor],
+                        hypers: Sequence[tf.Variable]) -> OuterGradient:
+    """A scalar ``value()`` and its gradients with respect to the weights the inner variables
+    hold and to λ."""
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(problem.var_list)
         tape.watch(list(hypers))
-        value = batching.scalar_objective(outer_objective, batch)
-    grads = tape.gradient(value, list(problem.var_list) + list(hypers))
+        result = value()
+    grads = tape.gradient(result, list(problem.var_list) + list(hypers))
     n_w = len(problem.var_list)
-    return OuterGradient(value, zeros_for_none(grads[:n_w], problem.var_list), grads[n_w:])
+    return OuterGradient(result, zeros_for_none(grads[:n_w], problem.var_list), grads[n_w:])
+
+
+def outer_gradient(problem: Problem, outer_objective: Callable, batch: Any,
+                   hypers: Sequence[tf.Variable]) -> OuterGradient:
+    """E and its gradients at the weights the inner variables hold."""
+    return value_and_gradients(problem, lambda: batching.scalar_objective(outer_objective, batch), hypers)
+
+
+def dot(a: Sequence[Optional[tf.Tensor]], b: Sequence[Optional[tf.Tensor]]) -> tf.Tensor:
+    """Σ_i ⟨a_i, b_i⟩ over the pairs where both are given (a scalar; 0 if none)."""
+    terms = [tf.reduce_sum(x * y) for x, y in zip(a, b) if x is not None and y is not None]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
 
 
 def state_cotangent(state: NamedTuple, weights: Sequence[tf.Tensor]) -> NamedTuple:
@@ -105,7 +114,7 @@ def accumulate(total: list, grads: Sequence[Optional[tf.Tensor]], connected: lis
     return out
 
 
-def hessian_vector_product(problem: InnerProblem, inputs: Any, v: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+def hessian_vector_product(problem: Problem, inputs: Any, v: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """∇²_w L(w, λ) · v at the weights the variables hold, forward-over-reverse (a JVP of the
     gradient: about the cost of two gradients, no Hessian formed)."""
     with tf.autodiff.ForwardAccumulator(problem.var_list, list(v)) as accumulator:
@@ -116,7 +125,7 @@ def hessian_vector_product(problem: InnerProblem, inputs: Any, v: Sequence[tf.Te
     return [accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO) for g in grads]
 
 
-def mixed_vjp(problem: InnerProblem, inputs: Callable[[], Any], q: Sequence[tf.Tensor],
+def mixed_vjp(problem: Problem, inputs: Callable[[], Any], q: Sequence[tf.Tensor],
               hypers: Sequence[tf.Variable], extra: Sequence[tf.Tensor] = ()) -> TransitionVJP:
     """∂/∂λ ⟨∇_w L(w, λ), q⟩ = (∇²_{λw} L) q (and the same for the extra sources x), q fixed."""
     with tf.GradientTape(watch_accessed_variables=False) as outer_tape:

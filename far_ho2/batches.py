@@ -1,14 +1,17 @@
 """Batch suppliers: FAR-HO's feed dicts, as batches given to the objectives.
 
-A supplier is a batch (any nest of arrays or tensors), or a callable ``step -> batch``. The inner
-supplier is called with the inner step t (t = 0..T−1, continuing across ``online`` runs), the
-outer supplier with the hyper-iteration (``global_step``). Callable inner suppliers are called once
-per step before the compiled loop and stacked, so the reverse pass replays exactly the batch of
-every step (FAR-HO replayed step t with the batch of step t−1; see the migration guide).
+A supplier is a batch (any nest of arrays or tensors), a callable ``step -> batch``, or a stream
+of batches: a ``tf.data.Dataset`` or an iterator (one element per inner step, or per
+hyper-iteration for the outer supplier; a dataset's iterator is kept across runs, so that
+successive runs read successive elements). The inner supplier is called with the inner step t
+(t = 0..T−1, continuing across ``online`` runs), the outer supplier with the hyper-iteration
+(``global_step``). Callable and stream inner suppliers are read once per step before the
+compiled loop and stacked, so the reverse pass replays exactly the batch of every step (FAR-HO
+replayed step t with the batch of step t−1; see the migration guide).
 """
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -29,10 +32,48 @@ class Batches(NamedTuple):
 
 
 def check_steps(T: Any) -> int:
-    """T as a positive int, or a clear error."""
+    """T as a positive int: an int, a 0-d integer tensor or array, or ``range(T)`` (FAR-HO's
+    iterable of step indices); a clear error otherwise."""
+    if isinstance(T, range) and T.start == 0 and T.step == 1:
+        T = len(T)
+    elif isinstance(T, (tf.Tensor, tf.Variable, np.ndarray)) and T.shape == () and T.dtype.is_integer:
+        T = int(T.numpy() if hasattr(T, "numpy") else T)
+    elif isinstance(T, (tuple, list)) and len(T) == 2:
+        raise ValueError(f"`T` = {T!r}: FAR-HO's (forward_T, reverse_T) pair is "
+                         f"far.ReverseHG.truncated(reverse_T) run for forward_T steps.")
+    elif inspect.isgenerator(T) or isinstance(T, Iterator):
+        raise ValueError("`T` is a generator: far_ho2 compiles the inner run, so the number of steps "
+                         "must be known before it starts; pass an int (for a stopping condition, run "
+                         "chunks of T steps with `online=True` and test it between them).")
     if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"`T` (the number of inner steps) must be a positive int, got {T!r}.")
     return int(T)
+
+
+class Streams:
+    """The iterators of the streams (datasets, iterators) given as suppliers, kept across runs:
+    ``supplier(s)`` is ``s`` itself, or for a stream a callable returning its next element."""
+
+    def __init__(self):
+        self._open: dict[int, tuple[Any, Iterator]] = {}
+
+    def supplier(self, supplier: Any, argument: str) -> Any:
+        if isinstance(supplier, tf.data.Dataset):
+            if id(supplier) not in self._open:  # the dataset is kept alive with its iterator
+                self._open[id(supplier)] = (supplier, iter(supplier))
+            iterator = self._open[id(supplier)][1]
+        elif isinstance(supplier, Iterator):
+            iterator = supplier
+        else:
+            return supplier
+
+        def next_element(_step: int) -> Any:
+            try:
+                return next(iterator)
+            except StopIteration:
+                raise ValueError(f"`{argument}` ran out of elements; repeat it (`dataset.repeat()`) "
+                                 f"or run fewer steps.") from None
+        return next_element
 
 
 def first_batch(batches: Batches) -> Any:
@@ -51,13 +92,26 @@ def _to_tensors(batch: Any, argument: str) -> Any:
     return tf.nest.map_structure(convert, batch)
 
 
+def _batch_of_step(supplier: Callable, step: int, offset: int) -> Any:
+    try:
+        return supplier(step)
+    except (IndexError, KeyError) as error:
+        if offset == 0:
+            raise
+        raise type(error)(f"`inner_objective_feed_dicts` failed at step {step}: {error!r}. Online runs "
+                          f"continue the count of steps across runs (FAR-HO restarted it at 0 in every "
+                          f"run): index per-run batches with `step % T`.") from error
+
+
 def inner_batches(supplier: Any, steps: int, offset: int = 0) -> Batches:
-    """The batches of steps ``offset .. offset+steps−1`` from an inner supplier."""
+    """The batches of steps ``offset .. offset+steps−1`` from an inner supplier (a stream is
+    first turned into a callable by ``Streams.supplier``)."""
     if supplier is None:
         return Batches(None, False)
     if not callable(supplier):
         return Batches(_to_tensors(supplier, "inner_objective_feed_dicts"), False)
-    batches = [_to_tensors(supplier(offset + t), "inner_objective_feed_dicts") for t in range(steps)]
+    batches = [_to_tensors(_batch_of_step(supplier, offset + t, offset), "inner_objective_feed_dicts")
+               for t in range(steps)]
     try:
         for b in batches[1:]:
             tf.nest.assert_same_structure(batches[0], b)

@@ -2,21 +2,25 @@
 the same shapes (one per hyper-iteration).
 
 ``tf.function`` canonicalises the whole nest of inputs and searches its cache at every call,
-about 5-10 ms for the nested batches and states of a hypergradient: as much as the computation of
+which for the nested batches and states of a hypergradient costs as much as the computation of
 a small problem. Here each input signature (shapes and dtypes of the flattened inputs, and the
 non-tensor leaves) is traced once and its concrete function called directly, with the flat list
 of its tensor inputs when they match (TF's ``_call_flat``, checked once per signature; the
-public call, which binds the nested arguments again, costs another 0.3 ms: 10 % of a T = 1
-hypergradient of the §5.1 problem).
+public call binds the nested arguments again at every call).
 
 The functions are traced without AutoGraph: the library's loops are explicit ``tf.while_loop``s,
-and AutoGraph re-converted every Python function it met on every trace (TF 2.21), which made
-tracing the 16 unrolled steps of ``ReverseHG`` 4x slower (8 s instead of 2 s). Objectives are
-therefore traced as written, like FAR-HO's graphs: tensor-dependent control flow in them is
-written with ``tf.cond`` / ``tf.where``, not a Python ``if`` on a tensor.
+and AutoGraph re-converts every Python function it meets on every trace, which made tracing the
+unrolled steps of ``ReverseHG`` several times slower. Objectives are therefore traced as written,
+like FAR-HO's graphs: tensor-dependent control flow in them is written with ``tf.cond`` /
+``tf.where``, not a Python ``if`` on a tensor (an error says so).
+
+A function with float64 inputs is first run (when TensorFlow optimises its graph) with Grappler's
+remapper off: with oneDNN on, the remapper handles float32 and bfloat16 only and logs "Not
+handling type DT_DOUBLE" for every float64 operation it meets.
 """
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional
 
 import tensorflow as tf
 
@@ -40,9 +44,32 @@ def _flat_caller(concrete: Any, tensors: list) -> Optional[Callable]:
     return lambda flat: call_flat(flat, captured)
 
 
-def compiled(fn: Callable, jit_compile: bool = False) -> Callable:
+PYTHON_CONTROL_FLOW = ("an objective (or a function it calls) uses a tensor as a Python bool, e.g. "
+                       "`if loss > 0:`; far_ho2 traces objectives as written, without AutoGraph: write "
+                       "`tf.cond(...)` or `tf.where(...)` instead")
+
+
+@contextlib.contextmanager
+def _without_remapper() -> Iterator[None]:
+    """Grappler's remapper off while a float64 function is first run (its graph is optimised)."""
+    options = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({**options, "remapping": False})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options(options)
+
+
+def _trace(function: Any, args: tuple) -> Any:
+    try:
+        return function.get_concrete_function(*args)
+    except tf.errors.OperatorNotAllowedInGraphError as error:
+        raise TypeError(f"{PYTHON_CONTROL_FLOW} (TensorFlow: {str(error).split('. ')[0]}).") from None
+
+
+def compiled(fn: Callable, jit_compile: bool = False, float64: bool = False) -> Callable:
     """``fn`` compiled with ``tf.function`` (by XLA with ``jit_compile``), one concrete function
-    per input signature."""
+    per input signature; ``float64``: it computes in float64 (as when an input is float64)."""
     function = tf.function(fn, autograph=False, jit_compile=jit_compile or None)
     concrete: dict = {}
 
@@ -51,15 +78,18 @@ def compiled(fn: Callable, jit_compile: bool = False) -> Callable:
             return function(*args)
         leaves = tf.nest.flatten(args)
         key = tuple(_signature(leaf) for leaf in leaves)
-        if key not in concrete:
-            traced = function.get_concrete_function(*args)
+        first = key not in concrete
+        if first:
+            traced = _trace(function, args)
             tensors = [leaf for leaf in leaves if isinstance(leaf, tf.Tensor)]
             plain = not any(isinstance(leaf, tf.Variable) or isinstance(leaf, tf.__internal__.CompositeTensor)
                             for leaf in leaves)
             concrete[key] = (traced, _flat_caller(traced, tensors) if plain else None)
         traced, flat_call = concrete[key]
-        if flat_call is None:
-            return traced(*args)
-        return flat_call([leaf for leaf in leaves if isinstance(leaf, tf.Tensor)])
+        doubles = first and (float64 or any(getattr(leaf, "dtype", None) == tf.float64 for leaf in leaves))
+        with _without_remapper() if doubles else contextlib.nullcontext():
+            if flat_call is None:
+                return traced(*args)
+            return flat_call([leaf for leaf in leaves if isinstance(leaf, tf.Tensor)])
 
     return call

@@ -2,12 +2,12 @@
 
 An inner optimizer is a pair ``Dynamics(init, step)``, like ``optax.GradientTransformation``:
 
-    s_0 = init(w_0),        s_{t+1} = step(s_t, ∇_w L_t(w_t, λ), hypers)
+    s_0 = init(w_0),        s_{t+1} = step(s_t, ∇_w L_t(w_t, λ), params)
 
 where the state ``s`` holds the weights ``w`` (always the first field) and the optimizer's slots.
-``hypers`` is a NamedTuple of tensors (learning rate, momentum, ...). Every quantity in ``hypers``
-may depend on hyperparameters λ, so ``step`` is differentiable in ``s``, the gradients and
-``hypers``. Dtypes follow the inputs, so float64 works everywhere.
+``params`` is a NamedTuple of tensors, the optimizer's own parameters (learning rate, momentum,
+...). Any of them may be a function of the hyperparameters λ, so ``step`` is differentiable in
+``s``, the gradients and ``params``. Dtypes follow the inputs, so float64 works everywhere.
 """
 
 from typing import Callable, NamedTuple
@@ -18,7 +18,7 @@ Tensors = list[tf.Tensor]
 
 
 class Dynamics(NamedTuple):
-    """An inner optimizer as a pure transition: ``init(w0) -> s0``, ``step(s, grads, hypers) -> s'``."""
+    """An inner optimizer as a pure transition: ``init(w0) -> s0``, ``step(s, grads, params) -> s'``."""
 
     init: Callable[[Tensors], NamedTuple]
     step: Callable[[NamedTuple, Tensors, NamedTuple], NamedTuple]
@@ -28,14 +28,14 @@ class GradientDescentState(NamedTuple):
     w: Tensors  # weights
 
 
-class GradientDescentHypers(NamedTuple):
+class GradientDescentParams(NamedTuple):
     learning_rate: tf.Tensor  # η
 
 
 def gradient_descent_step(s: GradientDescentState, grads: Tensors,
-                          hypers: GradientDescentHypers) -> GradientDescentState:
+                          params: GradientDescentParams) -> GradientDescentState:
     """Gradient descent Φ:  w' = w − η·∇_w L(w, λ)."""
-    return GradientDescentState([w - hypers.learning_rate * g for w, g in zip(s.w, grads)])
+    return GradientDescentState([w - params.learning_rate * g for w, g in zip(s.w, grads)])
 
 
 def gradient_descent() -> Dynamics:
@@ -48,7 +48,7 @@ class MomentumState(NamedTuple):
     m: Tensors  # velocities
 
 
-class MomentumHypers(NamedTuple):
+class MomentumParams(NamedTuple):
     learning_rate: tf.Tensor  # η
     momentum: tf.Tensor  # μ
 
@@ -66,13 +66,13 @@ def momentum(*, nesterov: bool = False) -> Dynamics:
     def init(w0: Tensors) -> MomentumState:
         return MomentumState(list(w0), [tf.zeros_like(w) for w in w0])
 
-    def step(s: MomentumState, grads: Tensors, hypers: MomentumHypers) -> MomentumState:
-        m = [hypers.momentum * m_i + g for m_i, g in zip(s.m, grads)]
+    def step(s: MomentumState, grads: Tensors, params: MomentumParams) -> MomentumState:
+        m = [params.momentum * m_i + g for m_i, g in zip(s.m, grads)]
         if nesterov:
-            direction = [g + hypers.momentum * m_i for g, m_i in zip(grads, m)]
+            direction = [g + params.momentum * m_i for g, m_i in zip(grads, m)]
         else:
             direction = m
-        return MomentumState([w - hypers.learning_rate * d for w, d in zip(s.w, direction)], m)
+        return MomentumState([w - params.learning_rate * d for w, d in zip(s.w, direction)], m)
 
     return Dynamics(init, step)
 
@@ -85,7 +85,7 @@ class AdamState(NamedTuple):
     beta2_power: tf.Tensor  # β₂ᵗ
 
 
-class AdamHypers(NamedTuple):
+class AdamParams(NamedTuple):
     learning_rate: tf.Tensor  # η
     beta1: tf.Tensor  # β₁
     beta2: tf.Tensor  # β₂
@@ -110,13 +110,13 @@ def adam() -> Dynamics:
         one = tf.ones((), w0[0].dtype)
         return AdamState(list(w0), zeros, list(zeros), one, one)
 
-    def step(s: AdamState, grads: Tensors, hypers: AdamHypers) -> AdamState:
-        b1, b2 = hypers.beta1, hypers.beta2
+    def step(s: AdamState, grads: Tensors, params: AdamParams) -> AdamState:
+        b1, b2 = params.beta1, params.beta2
         m = [b1 * m_i + (1 - b1) * g for m_i, g in zip(s.m, grads)]
         v = [b2 * v_i + (1 - b2) * g * g for v_i, g in zip(s.v, grads)]
         beta1_power, beta2_power = s.beta1_power * b1, s.beta2_power * b2
-        eta_t = hypers.learning_rate * tf.sqrt(1 - beta2_power) / (1 - beta1_power)
-        eps2 = hypers.epsilon * hypers.epsilon
+        eta_t = params.learning_rate * tf.sqrt(1 - beta2_power) / (1 - beta1_power)
+        eps2 = params.epsilon * params.epsilon
         w = [w_i - eta_t * m_i / tf.sqrt(v_i + eps2) for w_i, m_i, v_i in zip(s.w, m, v)]
         return AdamState(w, m, v, beta1_power, beta2_power)
 

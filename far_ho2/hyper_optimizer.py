@@ -4,22 +4,41 @@
     for _ in range(hyper_iterations):
         run(T, inner_objective_feed_dicts=train_batch, outer_objective_feed_dicts=valid_batch)
 
-One ``run`` is one hyper-iteration: reset the inner state to Φ₀, run T inner steps, compute the
-hypergradient, update the hyperparameters with the outer optimizer, project them onto their
-constraints.
+One ``run`` is one hyper-iteration: ``compute_hypergradients`` (reset the inner state to Φ₀ — or,
+for a method that keeps it, continue from the inner variables —, run T inner steps, compute the
+outer direction) then ``apply_hypergradients`` (update the hyperparameters with the outer
+optimizer, project them onto their constraints, let the method update its own state).
 """
 
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
 from far_ho2.compiled import compiled
-from far_ho2.hypergradients.base import HyperGradient
+from far_ho2.hypergradients.base import HyperGradient, Registration
 from far_ho2.hypergradients.reverse import ReverseHG
-from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters
+from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters, variable_name
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.optimizer import Optimizer
+from far_ho2.types import InnerOptimizer
+
+_INSTANCES: list[weakref.ref] = []  # every HyperOptimizer, for FAR-HO's `far.hypergradients()`
+
+
+def _removed(argument: str, value: Any, instead: str) -> None:
+    if value is not None:
+        raise TypeError(f"`{argument}` (FAR-HO, TF1) has no TF2 meaning: {instead}")
+
+
+def _counter(global_step: Any) -> tf.Variable:
+    """FAR-HO's ``global_step`` (a TF variable, incremented by every update), checked."""
+    variable = global_step.value if isinstance(global_step, keras.Variable) else global_step
+    if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
+        raise TypeError(f"`global_step` must be an integer tf.Variable (FAR-HO's global step, which "
+                        f"every update increments), got {global_step!r}; or leave it out and read "
+                        f"`HyperOptimizer.global_step`.")
+    return variable
 
 
 class HyperOptimizer:
@@ -34,10 +53,11 @@ class HyperOptimizer:
             raise TypeError("`hypergradient` must be a far_ho2 HyperGradient (far.ReverseHG(), "
                             f"far.ForwardHG(), far.ImplicitHG(), ...), got {type(hypergradient).__name__}.")
         self._hypergradient = hypergradient or ReverseHG()
-        self._groups: list[tuple[Any, list]] = []  # (outer optimizer, its hyperparameters)
+        self._outer: list[tuple[Any, Registration]] = []  # (outer optimizer, problem)
         self._finalized: Optional[tuple] = None
         self._updates: dict = {}  # compiled outer updates, per (optimizer, variables)
-        self.global_step = 0
+        self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        _INSTANCES.append(weakref.ref(self))
 
     @property
     def hypergradient(self) -> HyperGradient:
@@ -47,32 +67,44 @@ class HyperOptimizer:
     def inner_objectives(self) -> list[Callable]:
         return self._hypergradient.inner_objectives
 
-    def inner_problem(self, inner_objective: Callable, inner_objective_optimizer: Optimizer,
+    @property
+    def global_step(self) -> int:
+        """The number of updates so far (FAR-HO's global step)."""
+        return int(self._global_step.numpy())
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self._global_step.assign(value)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def inner_problem(self, inner_objective: Callable, inner_objective_optimizer: InnerOptimizer,
                       var_list: Optional[Sequence] = None, init_dynamics_dict: Any = None,
-                      features: Optional[Callable] = None) -> InnerProblem:
+                      features: Optional[Callable] = None, **minimize_kwargs: Any) -> InnerProblem:
         """An inner problem  min_w L  (see ``InnerProblem``); call once per episode of a
-        meta-batch, each followed by ``outer_problem``."""
+        meta-batch, each followed by ``outer_problem``. FAR-HO's ``**minimize_kwargs``
+        (``tf.train.Optimizer.minimize``'s) have no TF2 meaning."""
+        for argument, value in minimize_kwargs.items():
+            _removed(argument, value, "far_ho2 optimizers take no TF1 `minimize` options; remove it.")
         return InnerProblem(inner_objective, inner_objective_optimizer, var_list, init_dynamics_dict,
                             features)
 
-    def outer_problem(self, outer_objective: Callable, optim_dict: InnerProblem,
-                      outer_objective_optimizer: Any, hyper_list: Optional[Sequence] = None) -> "HyperOptimizer":
+    def outer_problem(self, outer_objective: Callable, optim_dict: InnerProblem, outer_objective_optimizer: Any,
+                      hyper_list: Optional[Sequence] = None, global_step: Any = None) -> "HyperOptimizer":
         """Registers E (a callable taking the outer batch, or nothing) for ``optim_dict``, its
         hyperparameters updated by ``outer_objective_optimizer`` (a Keras optimizer or a far
-        optimizer). ``hyper_list`` defaults to the registered hyperparameters E depends on."""
+        optimizer). ``hyper_list`` defaults to the registered hyperparameters the problem depends
+        on (and the variables of a learned initialisation). ``global_step``, a TF integer
+        variable, becomes the counter every update increments (FAR-HO's)."""
         if self._finalized is not None:
             raise ValueError("`outer_problem` after `finalize`: register every problem first.")
         if not callable(getattr(outer_objective_optimizer, "apply_gradients", None)):
             raise TypeError("`outer_objective_optimizer` must have `apply_gradients` (a Keras "
                             f"optimizer or a far optimizer), got {type(outer_objective_optimizer).__name__}.")
-        hypers = self._hypergradient.compute_gradients(outer_objective, optim_dict, hyper_list)
-        for optimizer, group in self._groups:
-            if optimizer is outer_objective_optimizer:
-                ids = {id(h) for h in flatten_hyperparameters(group)}
-                group.extend(h for h in hypers if id(flatten_hyperparameters([h])[0]) not in ids)
-                break
-        else:
-            self._groups.append((outer_objective_optimizer, list(hypers)))
+        if global_step is not None:
+            self._global_step = _counter(global_step)
+        self._hypergradient.compute_gradients(outer_objective, optim_dict, hyper_list)
+        self._outer.append((outer_objective_optimizer, self._hypergradient.registrations[-1]))
         return self
 
     def finalize(self, aggregation_fn: Optional[Callable] = None,
@@ -82,61 +114,116 @@ class HyperOptimizer:
         clipping). Returns ``run``."""
         if self._finalized is not None:
             raise ValueError("HyperOptimizer.finalize has already been called on this object.")
-        if not self._groups:
+        if not self._outer:
             raise ValueError("Nothing to finalize: call `inner_problem` and `outer_problem` first.")
         self._finalized = (aggregation_fn, process_fn)
+        optimizers: list = []
+        for optimizer, _ in self._outer:
+            if not any(optimizer is o for o in optimizers):
+                optimizers.append(optimizer)
+        self._hypergradient.use_outer_optimizers(optimizers)
         return self.run
 
     def minimize(self, outer_objective: Callable, outer_objective_optimizer: Any,
-                 inner_objective: Callable, inner_objective_optimizer: Optimizer,
+                 inner_objective: Callable, inner_objective_optimizer: InnerOptimizer,
                  hyper_list: Optional[Sequence] = None, var_list: Optional[Sequence] = None,
-                 init_dynamics_dict: Any = None, aggregation_fn: Optional[Callable] = None,
-                 process_fn: Optional[Callable] = None, *, features: Optional[Callable] = None) -> Callable:
-        """``inner_problem``, ``outer_problem`` and ``finalize`` in one call (note FAR-HO's
-        argument order: outer first). Returns ``run``."""
+                 init_dynamics_dict: Any = None, global_step: Any = None,
+                 aggregation_fn: Optional[Callable] = None, process_fn: Optional[Callable] = None, *,
+                 features: Optional[Callable] = None) -> Callable:
+        """``inner_problem``, ``outer_problem`` and ``finalize`` in one call (FAR-HO's arguments,
+        in its order: outer first). Returns ``run``."""
         problem = self.inner_problem(inner_objective, inner_objective_optimizer, var_list,
                                      init_dynamics_dict, features)
-        self.outer_problem(outer_objective, problem, outer_objective_optimizer, hyper_list)
+        self.outer_problem(outer_objective, problem, outer_objective_optimizer, hyper_list, global_step)
         return self.finalize(aggregation_fn, process_fn)
 
-    def run(self, T: int, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
-            online: Any = False, callback: Optional[Callable] = None, _skip_hyper_ts: bool = False,
-            _only_hyper_ts: bool = False) -> Optional[tf.Tensor]:
-        """One hyper-iteration.
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, T: Any, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
+            initializer_feed_dict: Any = None, optimization_step_feed_dict: Any = None, session: Any = None,
+            online: Any = False, _skip_hyper_ts: bool = False, _only_hyper_ts: bool = False,
+            callback: Optional[Callable] = None) -> Optional[tf.Tensor]:
+        """One hyper-iteration (FAR-HO's arguments, in its order): ``compute_hypergradients``,
+        then ``apply_hypergradients``.
 
         Args:
-            T: the number of inner steps.
-            inner_objective_feed_dicts: the inner batch, or a callable ``step -> batch``.
-            outer_objective_feed_dicts: the outer batch, or a callable ``global_step -> batch``.
+            T: the number of inner steps (an int, or ``range(T)``).
+            inner_objective_feed_dicts: the inner batch, a callable ``step -> batch``, or a
+                stream (``tf.data.Dataset``, iterator) giving one batch per step.
+            outer_objective_feed_dicts: the outer batch, a callable ``global_step -> batch``, or
+                a stream giving one batch per hyper-iteration.
+            initializer_feed_dict, optimization_step_feed_dict, session: FAR-HO's; no TF2 meaning
+                (an error says what to write instead).
             online: continue the inner state of the previous run instead of restarting from Φ₀
                 (real-time / truncated online modes; ``'wr'`` for ForwardHG's warm restart).
+            _skip_hyper_ts: compute the hypergradients without updating (FAR-HO's spelling of
+                ``compute_hypergradients``).
+            _only_hyper_ts: update with the hypergradients already computed (FAR-HO's spelling of
+                ``apply_hypergradients``).
             callback: ``callback(step, inner_objective_values)`` for every inner step.
-            _skip_hyper_ts: compute the hypergradients without updating (see ``hypergradients``).
-            _only_hyper_ts: update with the hypergradients already computed.
 
         Returns:
             The outer objective at the end of the inner run (the mean over inner problems),
             before the update; ``None`` with ``_only_hyper_ts``.
         """
-        if self._finalized is None:
-            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
+        _removed("initializer_feed_dict", initializer_feed_dict,
+                 "Φ₀ reads what it needs: pass callables in `init_dynamics_dict`.")
+        _removed("optimization_step_feed_dict", optimization_step_feed_dict,
+                 "the outer update reads variables: change the outer optimizer's learning rate, "
+                 "or its schedule, instead of feeding it.")
+        _removed("session", session, "TF2 runs eagerly, without sessions; remove it.")
         value = None
         if not _only_hyper_ts:
-            results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
-                                              self.global_step, online, callback)
-            value = (results[0].value if len(results) == 1 else  # no eager ops when there is one
-                     tf.reduce_mean(tf.stack([r.value for r in results])))
+            value = self.compute_hypergradients(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
+                                                online=online, callback=callback)
         if not _skip_hyper_ts:
-            aggregation_fn, process_fn = self._finalized
-            for optimizer, group in self._groups:
-                self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
-            self.global_step += 1
+            self.apply_hypergradients()
         return value
+
+    def compute_hypergradients(self, T: Any, inner_objective_feed_dicts: Any = None,
+                               outer_objective_feed_dicts: Any = None, *, online: Any = False,
+                               callback: Optional[Callable] = None) -> tf.Tensor:
+        """The outer directions of one hyper-iteration, without applying them (see ``run`` for
+        the arguments; ``hypergradients()`` returns them). Returns E at the end of the inner run
+        (the mean over the inner problems)."""
+        if self._finalized is None:
+            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
+        results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
+                                          self.global_step, online, callback)
+        return (results[0].value if len(results) == 1 else  # no eager ops when there is one
+                tf.reduce_mean(tf.stack([r.value for r in results])))
+
+    def apply_hypergradients(self) -> None:
+        """Updates the hyperparameters with the outer directions of the last
+        ``compute_hypergradients``, projects them onto their constraints, lets the method update
+        its own state (``HyperGradient.after_update``), and counts the update."""
+        if self._finalized is None:
+            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
+        aggregation_fn, process_fn = self._finalized
+        for optimizer, group in self._groups():
+            self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
+        self._hypergradient.after_update()
+        self._global_step.assign_add(1)
+
+    def _groups(self) -> list[tuple[Any, list]]:
+        """(outer optimizer, the hyperparameters it updates), once the problems are resolved."""
+        groups: list[tuple[Any, list]] = []
+        for optimizer, reg in self._outer:
+            hypers = reg.originals if reg.hypers is not None else []
+            for other, group in groups:
+                if other is optimizer:
+                    ids = {id(h) for h in flatten_hyperparameters(group)}
+                    group.extend(h for h in hypers if id(flatten_hyperparameters([h])[0]) not in ids)
+                    break
+            else:
+                groups.append((optimizer, list(hypers)))
+        return groups
 
     def _update(self, optimizer: Any, pairs: list) -> None:
         """λ ← P(λ − step): the outer optimizer's update, then the constraints' projections. A
-        Keras optimizer's update is compiled after its first (eager, slot-building) call: eager
-        Keras updates cost tens of milliseconds for a network's variables."""
+        Keras optimizer's update is compiled after its first (eager, slot-building) call."""
+        if not pairs:
+            return
         grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
         key = (id(optimizer), tuple(id(v) for v in variables))
         if key in self._updates:
@@ -148,10 +235,61 @@ class HyperOptimizer:
             def update(grads):
                 optimizer.apply_gradients(zip(grads, variables))
                 apply_constraints(flatten_hyperparameters(variables))
-            self._updates[key] = compiled(update)
+            self._updates[key] = compiled(update, float64=any(v.dtype == tf.float64 for v in
+                                                               flatten_hyperparameters(variables)))
+
+    # -- results and state ------------------------------------------------------------------------
 
     def hypergradients(self) -> list[tuple[tf.Tensor, Any]]:
         """The last run's ``[(hypergradient, hyperparameter), ...]``, aggregated and processed."""
         aggregation_fn, process_fn = self._finalized or (None, None)
-        return [pair for _, group in self._groups
+        return [pair for _, group in self._groups()
                 for pair in self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn)]
+
+    def state(self) -> dict:
+        """What a ``tf.train.Checkpoint(**ho.state())`` must hold to resume exactly: the global
+        step, the hyperparameters, the inner variables, the outer optimizers (built) and the
+        method's own state. Available from the start when every ``var_list`` and ``hyper_list``
+        is given, else after the first run (the defaults are found then)."""
+        registrations = self._hypergradient.registrations
+        known = all(reg.hypers is not None or (reg.explicit and reg.problem.resolved) for reg in registrations)
+        if not known or not self._hypergradient.ensure_built():
+            raise ValueError("HyperOptimizer.state(): the problems are not resolved yet; pass `var_list` and "
+                             "`hyper_list`, or call it after the first run (the defaults are found then).")
+        hypers = {id(reg): [v for v, _ in reg.candidates] if reg.hypers is None else reg.hypers
+                  for reg in registrations}
+        seen: list = []
+        optimizers: list = []
+        for optimizer, _ in self._outer:
+            if any(optimizer is o for o in seen):
+                continue
+            seen.append(optimizer)
+            variables = flatten_hyperparameters([h for o, reg in self._outer if o is optimizer for h in hypers[id(reg)]])
+            if isinstance(optimizer, keras.optimizers.Optimizer):
+                if not optimizer.built:
+                    optimizer.build(variables)
+                optimizers.append(optimizer)
+            else:
+                optimizer.build(variables)
+                optimizers.append(list(optimizer.variables))
+        return {"global_step": self._global_step,
+                "hyperparameters": flatten_hyperparameters([h for group in hypers.values() for h in group]),
+                "inner_variables": [v for reg in registrations for v in reg.problem.var_list],
+                "outer_optimizers": optimizers,
+                "method": self._hypergradient.state_variables()}
+
+
+def all_hypergradients(scope: Optional[str] = None) -> list[tf.Tensor]:
+    """FAR-HO's ``far.hypergradients(scope)``: the hypergradients of the last run of every live
+    ``HyperOptimizer`` (in creation order), for the hyperparameters whose name starts with
+    ``scope``; ``ho.hypergradients()`` gives them with their hyperparameters."""
+    alive = [ref() for ref in _INSTANCES]
+    _INSTANCES[:] = [ref for ref, ho in zip(_INSTANCES, alive) if ho is not None]
+    ran = [ho for ho in alive if ho is not None and ho.hypergradient.results is not None]
+    if not ran:
+        raise ValueError("far.hypergradients(): no HyperOptimizer has hypergradients yet: in TF2 they "
+                         "are computed by running, not built as graph tensors; call `run(T, ..., "
+                         "_skip_hyper_ts=True)` first (then `ho.hypergradients()` pairs them with "
+                         "their hyperparameters).")
+    return [g for ho in ran for g, h in ho.hypergradients()
+            if scope is None or variable_name(flatten_hyperparameters([h])[0]).startswith(scope)]

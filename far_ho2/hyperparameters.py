@@ -6,7 +6,9 @@ when no ``hyper_list`` is given. Non-trainable, it is never part of the default 
 ``var_list``. The registry holds weak references: a hyperparameter nobody uses any more leaves it.
 """
 
+import gc
 import re
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -27,6 +29,12 @@ def hyperparameters(scope: Optional[str] = None) -> list[tf.Variable]:
     alive = [ref() for ref in _REGISTRY]
     _REGISTRY[:] = [ref for ref, v in zip(_REGISTRY, alive) if v is not None]
     return [v for v in alive if v is not None and (scope is None or v.name.startswith(scope))]
+
+
+def clear_hyperparameters() -> None:
+    """Empties the registry (the variables live on): what ``tf.reset_default_graph()`` did to
+    FAR-HO's collections; later defaults (``hyper_list=None``) see only newer hyperparameters."""
+    _REGISTRY.clear()
 
 
 class HyperparameterComponents:
@@ -93,23 +101,34 @@ def _initial_value(name: str, initializer: Any, shape, dtype) -> tf.Tensor:
     return value
 
 
+def _name_taken(name: str) -> bool:
+    """Whether a live hyperparameter (or component) has the name ``name``."""
+    return any(variable_name(v) == name or variable_name(v).startswith(f"{name}_components/")
+               for v in hyperparameters())
+
+
 def get_hyperparameter(name: str, initializer: Any = None, shape: Optional[Sequence[int]] = None,
-                       dtype: Optional[tf.DType] = None, constraint: Optional[Callable] = None,
-                       scalar: bool = False) -> "tf.Variable | HyperparameterComponents":
-    """Creates a hyperparameter λ: a registered, non-trainable ``tf.Variable``.
+                       dtype: Optional[tf.DType] = None, collections: Any = None, scalar: bool = False,
+                       constraint: Optional[Callable] = None) -> "tf.Variable | HyperparameterComponents":
+    """Creates a hyperparameter λ: a registered, non-trainable ``tf.Variable`` (FAR-HO's
+    arguments, in FAR-HO's order).
 
     Args:
-        name: name of the variable (components are named ``<name>_components/<i_j...>``).
+        name: name of the variable (components are named ``<name>_components/<i_j...>``). A
+            second hyperparameter with the name of a live one gets a warning (TF2 variables are
+            not looked up by name: it is another variable).
         initializer: initial value (number, array, tensor), or an initializer (class or instance,
             called with ``shape`` and ``dtype``). Defaults to Glorot uniform, as ``tf.get_variable``.
         shape: shape; needed for initializers, broadcasts a scalar value.
         dtype: dtype. Defaults to the initial value's (a Python float gives float32).
-        constraint: a projection ``λ -> P(λ)`` applied after every outer update, e.g.
-            ``lambda lr: tf.clip_by_value(lr, 1e-5, 1.)``. With ``scalar=True`` it is applied to
-            each component.
+        collections: FAR-HO's TF1 graph collections; TF2 has none, so only `None` is accepted
+            (``hyperparameters()`` lists every hyperparameter).
         scalar: build one scalar hyperparameter per element and return them as a
             ``HyperparameterComponents`` that reads as a tensor of ``shape`` (FAR-HO's
             ``ForwardHG`` path).
+        constraint: a projection ``λ -> P(λ)`` applied after every outer update, e.g.
+            ``lambda lr: tf.clip_by_value(lr, 1e-5, 1.)``. With ``scalar=True`` it is applied to
+            each component.
 
     Returns:
         The variable, or a ``HyperparameterComponents``.
@@ -120,6 +139,17 @@ def get_hyperparameter(name: str, initializer: Any = None, shape: Optional[Seque
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_hyperparameter: `name` must be a non-empty string, got {name!r}.")
+    if collections is not None:
+        raise TypeError(f"get_hyperparameter({name!r}): `collections` names TF1 graph collections, "
+                        f"which TF2 does not have; remove the argument: far.hyperparameters() lists "
+                        f"every hyperparameter, and `hyper_list=` selects them.")
+    if _name_taken(name):
+        gc.collect()  # one held only by garbage (an old problem's cycles) is not alive
+        if _name_taken(name):
+            warnings.warn(f"get_hyperparameter({name!r}): a hyperparameter named {name!r} already exists; "
+                          f"this creates another variable of the same name (TF2 does not look variables up "
+                          f"by name), and lists and messages will show {name!r} twice. Reuse the first one "
+                          f"or choose another name.", UserWarning, stacklevel=2)
     value = _initial_value(name, initializer, shape, dtype)
     if not value.dtype.is_floating:
         raise TypeError(f"get_hyperparameter({name!r}): hyperparameters must be floating point, got "
@@ -182,6 +212,20 @@ def apply_constraints(variables: Iterable[tf.Variable]) -> None:
 def variable_name(variable: tf.Variable) -> str:
     """A readable name (``'lr'`` for ``'lr:0'``)."""
     return re.sub(r":\d+$", "", variable.name)
+
+
+def describe_all(variables: Iterable[tf.Variable]) -> str:
+    """``"['a', 'b']"``: the ``describe`` of each variable, as a list."""
+    return f"[{', '.join(describe(v) for v in variables)}]"
+
+
+def describe(variable: tf.Variable) -> str:
+    """The variable's name, with its shape and dtype when the name alone says little (TF's
+    default ``'Variable'``): ``"'Variable' (shape (3,), float64)"``."""
+    name = variable_name(variable)
+    if re.fullmatch(r"Variable(_\d+)?", name):
+        return f"{name!r} (shape {tuple(variable.shape)}, {variable.dtype.name})"
+    return repr(name)
 
 
 def _short(obj: Any) -> str:

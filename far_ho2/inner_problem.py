@@ -8,7 +8,8 @@ problem as the transition
 
 and evaluate it at any stored state s_t by loading w_t into the inner variables, as FAR-HO fed
 stored states through ``feed_dict``; under a tape that watches the variables, derivatives with
-respect to the variables are derivatives with respect to w_t.
+respect to the variables are derivatives with respect to w_t. A method may step along another
+direction than ∇_w L (``transition(..., direction=)``, e.g. a penalty method's surrogate).
 """
 
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
@@ -17,11 +18,13 @@ import keras
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2 import unroll as unrolling
+from far_ho2 import dependencies
+from far_ho2 import inputs as inputs_lib
+from far_ho2 import trajectory as trajectories
 from far_ho2.compiled import compiled
-from far_ho2.hyperparameters import (HyperparameterComponents, as_tf_variable, hyperparameters,
+from far_ho2.hyperparameters import (HyperparameterComponents, as_tf_variable, describe, hyperparameters,
                                      variable_name)
-from far_ho2.optimizer import Optimizer
+from far_ho2.types import Direction, InnerOptimizer
 
 
 def _init_pairs(init_dynamics_dict: Any) -> list[tuple[tf.Variable, Any]]:
@@ -45,6 +48,17 @@ def _init_pairs(init_dynamics_dict: Any) -> list[tuple[tf.Variable, Any]]:
     return [(as_tf_variable(v, "init_dynamics_dict"), init) for v, init in items]
 
 
+def reinitialize(model: keras.Model) -> None:
+    """Draws every weight of a Keras model again from its layers' initializers: the TF2
+    counterpart of running ``tf.global_variables_initializer()`` before a new FAR-HO problem
+    (a new ``HyperOptimizer`` starts the inner variables from the values they hold). Works for
+    models ``keras.models.clone_model`` can clone (Sequential and functional ones)."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}; for variables, "
+                        f"assign their initial values directly.")
+    model.set_weights(keras.models.clone_model(model).get_weights())
+
+
 class InnerProblem:
     """One inner problem (FAR-HO's ``OptimizerDict``): an objective, an optimizer, the inner
     variables ``var_list`` and their initial values Φ₀.
@@ -57,17 +71,18 @@ class InnerProblem:
             (found on the first ``run``), less the hyperparameters.
         init_dynamics_dict: Φ₀ for some variables: ``[(variable, initial), ...]`` or
             ``{variable.ref(): initial}``; ``initial`` is a tensor, a hyperparameter variable (a
-            learned initialisation) or a callable returning a tensor. Other variables start every
-            run from their values when the problem was created (or first run).
+            learned initialisation), another model's weight or a callable returning a tensor.
+            Other variables start every run from their values when the problem was created (or
+            first run).
         features: optional callable ``batch -> inputs``: the objective receives ``inputs`` instead
             of the batch. It may read hyperparameters (a representation h_λ) but not the inner
             variables; for a batch that is the same at every step it is evaluated and
             differentiated once per run instead of once per step.
     """
 
-    def __init__(self, objective: Callable, optimizer: Optimizer, var_list: Optional[Iterable] = None,
+    def __init__(self, objective: Callable, optimizer: InnerOptimizer, var_list: Optional[Iterable] = None,
                  init_dynamics_dict: Any = None, features: Optional[Callable] = None):
-        if not isinstance(optimizer, Optimizer):
+        if not isinstance(optimizer, InnerOptimizer):
             raise TypeError("`inner_objective_optimizer` must be a far_ho2 optimizer "
                             "(far.GradientDescentOptimizer, far.MomentumOptimizer, "
                             f"far.AdamOptimizer), got {type(optimizer).__name__}: Keras "
@@ -81,6 +96,7 @@ class InnerProblem:
         self.var_list: Optional[list[tf.Variable]] = None
         self._initial_values: list[Any] = []
         self._compiled: dict = {}
+        self._streams = batching.Streams()
         if var_list is not None:
             self._set_var_list(var_list)
 
@@ -96,7 +112,11 @@ class InnerProblem:
             return
         excluded = {id(v) for v in exclude}
         with tf.GradientTape() as tape:
-            batching.call_objective(self.objective, self.inputs(batch))
+            try:
+                batching.call_objective(self.objective, self.inputs(batch))
+            except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
+                dependencies.explain_dtype_error(error, exclude, tape.watched_variables())
+                raise
         read = [v for v in tape.watched_variables() if id(v) not in excluded]
         if not read:
             raise ValueError("`var_list` is empty: the inner objective reads no trainable variable "
@@ -117,8 +137,8 @@ class InnerProblem:
         initial: list[Any] = [None] * len(var_list)
         for v, init in self._init:
             if id(v) not in positions:
-                raise ValueError(f"`init_dynamics_dict` sets variable {variable_name(v)!r}, which "
-                                 f"is not in `var_list` {[variable_name(x) for x in var_list]}.")
+                raise ValueError(f"`init_dynamics_dict` sets variable {describe(v)}, which is not in "
+                                 f"`var_list` [{', '.join(describe(x) for x in var_list)}].")
             if isinstance(init, (tf.Variable, keras.Variable)):
                 init = as_tf_variable(init, "init_dynamics_dict")
             elif isinstance(init, HyperparameterComponents):
@@ -126,36 +146,51 @@ class InnerProblem:
             elif not callable(init):
                 init = tf.convert_to_tensor(init, v.dtype)
             if hasattr(init, "shape") and tuple(init.shape) != tuple(v.shape):
-                raise ValueError(f"`init_dynamics_dict`: the initial value of {variable_name(v)!r} "
-                                 f"has shape {tuple(init.shape)}, the variable {tuple(v.shape)}.")
+                raise ValueError(f"`init_dynamics_dict`: the initial value of {describe(v)} has shape "
+                                 f"{tuple(init.shape)}, the variable {tuple(v.shape)}.")
             initial[positions[id(v)]] = init
         for i, v in enumerate(var_list):
             if initial[i] is None:  # Φ₀ = the value now, kept in a private variable
                 initial[i] = tf.Variable(v.read_value(), trainable=False, name=f"{variable_name(v)}_init")
         self.var_list, self._initial_values = var_list, initial
 
-    def run(self, T: int, inner_objective_feed_dicts: Any = None) -> tf.Tensor:
+    @property
+    def initial_values(self) -> list[Any]:
+        """What Φ₀ reads, per inner variable: a variable (the value at set-up, a hyperparameter
+        or another model's weight), a tensor, or a callable."""
+        return list(self._initial_values)
+
+    def run(self, T: Any, inner_objective_feed_dicts: Any = None) -> tf.Tensor:
         """Solves the inner problem alone: resets the variables to Φ₀ and runs T steps of Φ
         (compiled), leaving w_T in the variables; no hypergradient (e.g. to evaluate
-        hyperparameters). Returns the inner objective's values L_0 … L_{T−1}."""
+        hyperparameters). Returns the inner objective's values L_0 … L_{T−1}. If the run
+        diverges, the variables keep their values and a ``FloatingPointError`` names the step."""
         T = batching.check_steps(T)
-        batching.check_supplier(self.takes_batch, inner_objective_feed_dicts, "inner_objective",
-                                "inner_objective_feed_dicts")
-        batches = batching.inner_batches(inner_objective_feed_dicts, T)
+        supplier = self._streams.supplier(inner_objective_feed_dicts, "inner_objective_feed_dicts")
+        batching.check_supplier(self.takes_batch, supplier, "inner_objective", "inner_objective_feed_dicts")
+        batches = batching.inner_batches(supplier, T)
         self.resolve(batching.first_batch(batches), hyperparameters())
+        self.optimizer.begin_run()
         if batches.per_step not in self._compiled:
             self._compiled[batches.per_step] = compiled(
-                lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)))
+                lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)),
+                float64=self.dtype == tf.float64)
         trajectory = self._compiled[batches.per_step](tf.constant(T), batches.data)
-        unrolling.raise_if_diverged(self, trajectory.final, trajectory.first_nonfinite)
+        trajectories.raise_if_diverged(self, trajectory.final, trajectory.first_nonfinite)
         return trajectory.losses
 
-    def _run(self, steps: tf.Tensor, batches: batching.Batches) -> "unrolling.Trajectory":
+    def _run(self, steps: tf.Tensor, batches: batching.Batches) -> trajectories.Trajectory:
+        before = [v.read_value() for v in self.var_list]
         s0 = self.initial_state()
-        fixed = self.inputs(batches.data) if not batches.per_step else None
-        inputs_at = (lambda t: fixed) if not batches.per_step else (lambda t: self.inputs(batches.at(t)))
-        trajectory = unrolling.unroll(self, unrolling.empty_trajectory(s0, steps), inputs_at, 0, steps)
+        inputs = inputs_lib.prepare(self, batches, [])
+        trajectory = trajectories.run_steps(self, trajectories.empty_trajectory(s0, steps), inputs.at, 0, steps)
+        self.keep_if_finite(before, trajectories.all_finite(trajectory.first_nonfinite))
         return trajectory._replace(losses=trajectory.losses.stack())
+
+    def keep_if_finite(self, before: Sequence[tf.Tensor], finite: tf.Tensor) -> None:
+        """Inside compiled code: the variables get back ``before`` unless ``finite``."""
+        for v, old in zip(self.var_list, before):
+            v.assign(tf.where(finite, v.read_value(), old))
 
     # -- the transition, used by the hypergradient methods inside compiled code --------------------
 
@@ -171,14 +206,18 @@ class InnerProblem:
             if value.dtype != v.dtype:
                 value = tf.cast(value, v.dtype)
             if not value.shape.is_compatible_with(v.shape):
-                raise ValueError(f"`init_dynamics_dict`: the initial value of {variable_name(v)!r} "
-                                 f"has shape {value.shape}, the variable {tuple(v.shape)}.")
+                raise ValueError(f"`init_dynamics_dict`: the initial value of {describe(v)} has shape "
+                                 f"{value.shape}, the variable {tuple(v.shape)}.")
             values.append(value)
         return values
 
     def initial_state(self) -> NamedTuple:
         """s₀ = Φ₀(λ): the initial weights and the optimizer's initial slots."""
         return self.dynamics.init(self.initial_weights())
+
+    def current_state(self) -> NamedTuple:
+        """The state whose weights the variables hold now, with fresh optimizer slots."""
+        return self.dynamics.init([v.read_value() for v in self.var_list])
 
     def load(self, weights: Sequence[tf.Tensor]) -> None:
         """Writes w into the inner variables."""
@@ -195,21 +234,39 @@ class InnerProblem:
         """L(w, λ) at the weights held by the variables (summed if the objective is a tensor)."""
         return batching.scalar_objective(self.objective, inputs)
 
-    def transition(self, state: NamedTuple, inputs: Any, step: Any) -> tuple[NamedTuple, tf.Tensor]:
-        """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must
-        hold ``state.w``; differentiable in the variables, the slots and the hyperparameters."""
-        w = [tf.convert_to_tensor(v) for v in self.var_list]
+    def gradient(self, inputs: Any) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """(∇_w L, L) at the weights the variables hold."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.var_list)
             loss = self.loss(inputs)
         grads = tape.gradient(loss, self.var_list)
         for v, g in zip(self.var_list, grads):
             if g is None:
-                raise ValueError(f"The inner objective does not depend on {variable_name(v)!r}, which "
-                                 f"is in `var_list`; remove it from `var_list`.")
-        grads = [tf.convert_to_tensor(g) for g in grads]  # densify IndexedSlices
-        new_state = self.dynamics.step(state._replace(w=w), grads, self.optimizer.hypers(step, self.dtype))
-        return new_state, loss
+                raise ValueError(f"The inner objective does not depend on {describe(v)}, which is "
+                                 f"in `var_list`; remove it from `var_list`.")
+        return [tf.convert_to_tensor(g) for g in grads], loss  # densify IndexedSlices
+
+    def _loss_at(self, weights: Sequence[tf.Tensor], inputs: Any) -> tf.Tensor:
+        """L(w', λ) for other weights w', not differentiated; the variables keep their values."""
+        current = [v.read_value() for v in self.var_list]
+        self.load([tf.stop_gradient(w) for w in weights])
+        value = tf.stop_gradient(self.loss(inputs))
+        self.load(current)
+        return value
+
+    def transition(self, state: NamedTuple, inputs: Any, step: Any, direction: Optional[Direction] = None,
+                   rate_scale: Optional[tf.Tensor] = None) -> tuple[NamedTuple, tf.Tensor]:
+        """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must
+        hold ``state.w``; differentiable in the variables, the slots and the hyperparameters.
+        ``direction(inputs) -> (d, L)`` replaces (∇_w L_t, L_t); ``rate_scale`` multiplies the
+        optimizer's learning rate η."""
+        w = [tf.convert_to_tensor(v) for v in self.var_list]
+        grads, loss = (direction or self.gradient)(inputs)
+        params = self.optimizer.params(step, self.dtype)
+        if rate_scale is not None:
+            params = params._replace(learning_rate=params.learning_rate * tf.cast(rate_scale, self.dtype))
+        params = self.optimizer.adapt(params, w, loss, grads, lambda other: self._loss_at(other, inputs))
+        return self.dynamics.step(state._replace(w=w), grads, params), loss
 
     def state_sources(self, state: NamedTuple) -> list:
         """What to watch to differentiate with respect to the state: the inner variables in place
@@ -221,7 +278,7 @@ class InnerProblem:
         names = []
         for field, value in zip(state._fields, state):
             if isinstance(value, (list, tuple)):
-                names += [f"{field} of {variable_name(v)!r}" for v in self.var_list]
+                names += [f"{field} of {describe(v)}" for v in self.var_list]
             else:
                 names.append(field)
         return names

@@ -16,6 +16,7 @@ class SolveResult(NamedTuple):
     x: Tensors  # the solution
     residual: tf.Tensor  # relative residual ‖b − Mx‖ / ‖b‖ (‖x − (Aᵀx + b)‖ / ‖b‖ for fixed point)
     iterations: tf.Tensor  # iterations run
+    curvature: tf.Tensor = None  # CG: [min, max] of pᵀMp/pᵀp over its search directions p
 
 
 def _dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -42,7 +43,9 @@ def solve_cg(matvec: Callable[[Tensors], Tensors], b: Tensors, x0: Optional[Tens
         r_{k+1} = r_k − α_k M p_k,     p_{k+1} = r_{k+1} + (r_{k+1}ᵀr_{k+1} / r_kᵀr_k) p_k.
 
     Exact in at most dim(x) iterations in exact arithmetic; one matvec per iteration.
-    ``x0`` is a warm start (HOAG reuses the previous solution).
+    ``x0`` is a warm start (HOAG reuses the previous solution). The Rayleigh quotients pᵀMp/pᵀp
+    of the search directions lie in M's spectrum: their range is reported, and a minimum near 0
+    (or below) says M is singular or indefinite.
     """
     x = [tf.zeros_like(v) for v in b] if x0 is None else list(x0)
     r = [bi - mi for bi, mi in zip(b, matvec(x))]
@@ -50,19 +53,23 @@ def solve_cg(matvec: Callable[[Tensors], Tensors], b: Tensors, x0: Optional[Tens
     tol = tf.cast(tol, b_norm.dtype)
     rr = _dot(r, r)
 
-    def body(k, x, r, p, rr):
+    def body(k, x, r, p, rr, curvature):
         mp = matvec(p)
-        alpha = _safe_divide(rr, _dot(p, mp))
+        pmp = _dot(p, mp)
+        quotient = _safe_divide(pmp, _dot(p, p))
+        curvature = tf.stack([tf.minimum(curvature[0], quotient), tf.maximum(curvature[1], quotient)])
+        alpha = _safe_divide(rr, pmp)
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, mp, r)
         rr_new = _dot(r, r)
         p = _axpy(_safe_divide(rr_new, rr), p, r)
-        return k + 1, x, r, p, rr_new
+        return k + 1, x, r, p, rr_new, curvature
 
-    k, x, r, _, rr = tf.while_loop(
-        lambda k, x, r, p, rr: (k < max_iter) & (tf.sqrt(rr) > tol * b_norm), body,
-        (tf.constant(0), x, r, list(r), rr))
-    return SolveResult(x, _safe_divide(tf.sqrt(rr), b_norm), k)
+    inf = tf.constant(float("inf"), b_norm.dtype)
+    k, x, r, _, rr, curvature = tf.while_loop(
+        lambda k, x, r, p, rr, curvature: (k < max_iter) & (tf.sqrt(rr) > tol * b_norm), body,
+        (tf.constant(0), x, r, list(r), rr, tf.stack([inf, -inf])))
+    return SolveResult(x, _safe_divide(tf.sqrt(rr), b_norm), k, curvature)
 
 
 def solve_neumann(matvec: Callable[[Tensors], Tensors], b: Tensors, *, alpha: tf.Tensor,

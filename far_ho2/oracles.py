@@ -2,13 +2,15 @@
 the references every method of far_ho2 is tested against, shipped so users can test theirs.
 
 * ``unrolled_ridge``: the hypergradient of T steps of gradient descent on ridge regression, in
-  closed form (methods.md §5.3, generalised): with A = ZᵀZ + ρI, B = ZᵀY, r(λ) = 1 − ηλ,
+  closed form (diagonalised gradient descent, generalised): with A = ZᵀZ + ρI, B = ZᵀY, r(λ) = 1 − ηλ,
   w_T = f(A) w_0 + g(A) B,  f(λ) = r^T,  g(λ) = (1 − r^T)/λ,  and derivatives through the
   eigendecomposition A = QΛQᵀ (Daleckii–Krein: D f(A)[dA] = Q (F ∘ QᵀdAQ) Qᵀ, F the divided
   differences of f). Z = XH, so the gradients cover a matrix hyperparameter H (Example 3.4 of
   Franceschi et al. 2018), ρ, η and w_0. T = None gives the exact bilevel solution (T → ∞).
-* ``ridge_bilevel`` / ``ridge_per_feature``: methods.md §5.1 / §5.2 (implicit function theorem).
-* ``quadratic_bilevel``: methods.md §5.4.
+* ``ridge_bilevel`` / ``ridge_per_feature``: the exact bilevel hypergradient of ridge regression
+  with one regularization weight, or one per feature (implicit function theorem).
+* ``quadratic_bilevel``: a strongly convex quadratic bilevel problem, its hypergradient and its
+  solution x* (the benchmark of benchopt's bilevel suite).
 * ``numpy_unroll``: GD / momentum / Adam on a quadratic problem in NumPy, for finite differences.
 * ``central_difference``: the float64 central finite difference of a scalar function.
 """
@@ -93,7 +95,7 @@ def unrolled_ridge(data: RidgeData, H: np.ndarray, rho: float, eta: float, T: Op
 
 
 def ridge_bilevel(X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray, lam: float) -> float:
-    """§5.1: ∇F(λ) = −w*ᵀ A⁻¹ Xvᵀ(Xv w* − yv), A = XᵀX + λI, w* = A⁻¹Xᵀy."""
+    """∇F(λ) = −w*ᵀ A⁻¹ Xvᵀ(Xv w* − yv), A = XᵀX + λI, w* = A⁻¹Xᵀy."""
     A = X.T @ X + lam * np.eye(X.shape[1])
     w = np.linalg.solve(A, X.T @ y)
     return float(-w @ np.linalg.solve(A, Xv.T @ (Xv @ w - yv)))
@@ -101,14 +103,14 @@ def ridge_bilevel(X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray, 
 
 def ridge_per_feature(X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
                       lam: np.ndarray) -> np.ndarray:
-    """§5.2: ∇F(λ) = −(A⁻¹∇_w f(w*)) ⊙ w*, A = XᵀX + diag(λ)."""
+    """∇F(λ) = −(A⁻¹∇_w f(w*)) ⊙ w*, A = XᵀX + diag(λ)."""
     A = X.T @ X + np.diag(lam)
     w = np.linalg.solve(A, X.T @ y)
     return -np.linalg.solve(A, Xv.T @ (Xv @ w - yv)) * w
 
 
 class QuadraticBilevel(NamedTuple):
-    """§5.4: g(x,z) = ½zᵀAz + ½xᵀBx + xᵀCz + aᵀz + bᵀx,  f(x,z) = ½zᵀFz + ½xᵀHx + xᵀKz + f_vᵀz + hᵀx."""
+    """g(x,z) = ½zᵀAz + ½xᵀBx + xᵀCz + aᵀz + bᵀx,  f(x,z) = ½zᵀFz + ½xᵀHx + xᵀKz + f_vᵀz + hᵀx."""
     A: np.ndarray
     B: np.ndarray
     C: np.ndarray
@@ -136,6 +138,13 @@ def quadratic_hypergradient(p: QuadraticBilevel, x: np.ndarray) -> np.ndarray:
     """∇Φ(x) = Hx + K z* + h − C A⁻¹(F z* + Kᵀx + f_v),  z* = −A⁻¹(Cᵀx + a)."""
     z = -np.linalg.solve(p.A, p.C.T @ x + p.a)
     return p.H @ x + p.K @ z + p.h - p.C @ np.linalg.solve(p.A, p.F @ z + p.K.T @ x + p.f_v)
+
+
+def quadratic_solution(p: QuadraticBilevel) -> np.ndarray:
+    """x* = argmin Φ: ∇Φ is affine, ∇Φ(x) = Mx + ∇Φ(0), so x* = −M⁻¹∇Φ(0)."""
+    base = quadratic_hypergradient(p, np.zeros(p.B.shape[0]))
+    M = np.stack([quadratic_hypergradient(p, e) - base for e in np.eye(p.B.shape[0])], axis=1)
+    return np.linalg.solve(M, -base)
 
 
 def numpy_unroll(grad: Callable[[np.ndarray, int], np.ndarray], w0: np.ndarray, T: int,

@@ -7,13 +7,19 @@ import numpy as np
 import tensorflow as tf
 
 import far_ho2 as far
-from far_ho2.oracles import (central_difference, numpy_unroll, quadratic_bilevel,  # noqa: F401
-                             quadratic_hypergradient, ridge_bilevel, ridge_data, ridge_per_feature,
-                             unrolled_ridge)
+from far_ho2.oracles import (QuadraticBilevel, central_difference, numpy_unroll,  # noqa: F401
+                             quadratic_bilevel, quadratic_hypergradient, quadratic_solution,
+                             ridge_bilevel, ridge_data, ridge_per_feature, unrolled_ridge)
 
 T, ETA, RHO = 20, 0.02, 0.3
 EXACT = 1e-8  # float64 closed form vs float64 autodiff: agreement is at round-off (~1e-13)
 FD = 1e-6  # central differences in float64 with eps=1e-6 carry ~1e-9 relative error
+
+
+def relative_error(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ (Frobenius over all entries)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def hypergradients(ho: far.HyperOptimizer) -> list[np.ndarray]:
@@ -58,6 +64,18 @@ class Ridge:
         exact = unrolled_ridge(self.data, self.H0, RHO, ETA, steps, w0)
         return [exact.H, RHO * exact.rho, exact.eta]  # d/dlog ρ = ρ d/dρ
 
+
+
+def quadratic_objectives(p: QuadraticBilevel, x, z):
+    """The inner and outer objectives of the quadratic bilevel problem ``p`` on the
+    hyperparameter x and the inner variable z (TensorFlow, reading the variables)."""
+    A, B, C, a, b, F, H, K, f_v, h = (tf.constant(m) for m in p)
+    quad = lambda M, u, v: tf.tensordot(u, tf.linalg.matvec(M, v), 1)
+    inner = lambda: (0.5 * quad(A, z, z) + 0.5 * quad(B, x, x) + quad(C, x, z) + tf.tensordot(a, z, 1)
+                     + tf.tensordot(b, x, 1))
+    outer = lambda: (0.5 * quad(F, z, z) + 0.5 * quad(H, x, x) + quad(K, x, z) + tf.tensordot(f_v, z, 1)
+                     + tf.tensordot(h, x, 1))
+    return inner, outer
 
 
 # FAR-HO tests/check forward.ipynb (T1): hypergradients [λ0, λ1, λ2, η, μ] after 10 momentum steps.

@@ -38,7 +38,7 @@ def test_trajectory_matches_keras_step_by_step(case):
     state = far_opt.dynamics.init([tf.constant(w0)])
     for t in range(25):
         keras_opt.apply_gradients([(grad(kv), kv)])
-        state = far_opt.dynamics.step(state, [grad(state.w[0])], far_opt.hypers(t, tf.float64))
+        state = far_opt.dynamics.step(state, [grad(state.w[0])], far_opt.params(t, tf.float64))
         np.testing.assert_allclose(state.w[0].numpy(), kv.numpy(), rtol=1e-12, atol=1e-14)  # round-off
 
 
@@ -50,7 +50,7 @@ def test_adam_epsilon_inside_the_root_differs_from_keras_only_by_the_convention(
     state = far_opt.dynamics.init([kv.read_value()])
     for t in range(10):
         keras_opt.apply_gradients([(grad(kv), kv)])
-        state = far_opt.dynamics.step(state, [grad(state.w[0])], far_opt.hypers(t, tf.float64))
+        state = far_opt.dynamics.step(state, [grad(state.w[0])], far_opt.params(t, tf.float64))
     np.testing.assert_allclose(state.w[0].numpy(), kv.numpy(), rtol=1e-6)  # |g| ≫ ε here
     assert not np.allclose(state.w[0].numpy(), kv.numpy(), rtol=1e-12)  # but it is a different map
 
@@ -58,11 +58,11 @@ def test_adam_epsilon_inside_the_root_differs_from_keras_only_by_the_convention(
 def test_adam_at_zero_second_moment_is_finite_with_finite_derivatives():
     adam = dynamics.adam()
     w = tf.constant([1.0, 2.0], tf.float64)
-    hypers = dynamics.AdamHypers(*(tf.constant(x, tf.float64) for x in (0.1, 0.9, 0.999, 1e-5)))
+    params = dynamics.AdamParams(*(tf.constant(x, tf.float64) for x in (0.1, 0.9, 0.999, 1e-5)))
     g = tf.constant([0.0, 0.5], tf.float64)
     with tf.GradientTape() as tape:
         tape.watch(g)
-        new = adam.step(adam.init([w]), [g], hypers)
+        new = adam.step(adam.init([w]), [g], params)
         out = tf.reduce_sum(new.w[0])
     dg = tape.gradient(out, g).numpy()
     assert np.all(np.isfinite(new.w[0].numpy())) and np.all(np.isfinite(dg))
@@ -83,9 +83,9 @@ def test_schedules_and_callables_are_evaluated_at_each_step():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=1, decay_rate=0.5)
     beta = far.get_hyperparameter("beta", 0.0)
     opt = far.MomentumOptimizer(schedule, lambda: tf.sigmoid(beta))
-    assert float(opt.hypers(3, tf.float32).learning_rate) == pytest.approx(0.5 * 0.5 ** 3)
+    assert float(opt.params(3, tf.float32).learning_rate) == pytest.approx(0.5 * 0.5 ** 3)
     beta.assign(2.0)
-    assert float(opt.hypers(0, tf.float32).momentum) == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert float(opt.params(0, tf.float32).momentum) == pytest.approx(1 / (1 + np.exp(-2.0)))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
-from conftest import relative_error
+from oracles import relative_error
 
 T, ETA = 15, 0.02
 

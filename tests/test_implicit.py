@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
-from conftest import relative_error
+from oracles import relative_error
 
 SOLVERS = ["cg", "neumann", "fixed_point"]
 
@@ -20,20 +20,12 @@ class Problem:
 
     def __init__(self, kind: str, seed: int = 0):
         rng = np.random.default_rng(seed)
-        if kind == "quadratic":  # methods.md §5.4: hyperparameter x, inner z
+        if kind == "quadratic":  # the quadratic bilevel problem (far_ho2.oracles): hyperparameter x, inner z
             p = oracles.quadratic_bilevel(seed=seed)
             x0 = rng.normal(size=3)
             self.hyper = far.get_hyperparameter("x", x0)
             self.w = tf.Variable(-np.linalg.solve(p.A, p.C.T @ x0 + p.a), name="z")
-            x, z = self.hyper, self.w
-            self.inner = lambda: (0.5 * tf.tensordot(z, tf.linalg.matvec(p.A, z), 1)
-                                  + 0.5 * tf.tensordot(x, tf.linalg.matvec(p.B, x), 1)
-                                  + tf.tensordot(x, tf.linalg.matvec(p.C, z), 1)
-                                  + tf.tensordot(p.a, z, 1) + tf.tensordot(p.b, x, 1))
-            self.outer = lambda: (0.5 * tf.tensordot(z, tf.linalg.matvec(p.F, z), 1)
-                                  + 0.5 * tf.tensordot(x, tf.linalg.matvec(p.H, x), 1)
-                                  + tf.tensordot(x, tf.linalg.matvec(p.K, z), 1)
-                                  + tf.tensordot(p.f_v, z, 1) + tf.tensordot(p.h, x, 1))
+            self.inner, self.outer = oracles.quadratic_objectives(p, self.hyper, self.w)
             self.expected = oracles.quadratic_hypergradient(p, x0)
             self.curvature = np.linalg.eigvalsh(p.A)
             return

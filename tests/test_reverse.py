@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
-from conftest import relative_error
+from oracles import relative_error
 from oracles import EXACT, ETA, FD, RHO, T, T1_REVERSE, Ridge, legacy_t1
 
 

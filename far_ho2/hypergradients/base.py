@@ -2,55 +2,49 @@
 
 A method registers inner problems with their outer objectives (``compute_gradients``), computes
 their hypergradients in one compiled function per ``run``, and hands them out aggregated over
-the problems (``hgrads_hvars``). Subclasses implement ``_hypergradient`` only: one problem's
-hypergradient, traced inside ``tf.function``. The checks live here: hyperparameters nothing
-depends on, non-finite inner states or hypergradients (with the step), malformed arguments.
+the problems (``hgrads_hvars``). Subclasses implement ``hypergradient``: one problem's result,
+traced inside ``tf.function`` (it can also be called from a user's own compiled code, e.g. a
+Keras ``train_step``). The shared work lives here: the default ``hyper_list`` and the errors for
+hyperparameters a method cannot differentiate (``dependencies``), streams as suppliers,
+non-finite inner states or hypergradients (the step is named and the inner variables and the
+hyperparameters keep their values), and the hooks of methods that keep the inner variables
+across runs and update them themselves (``persistent``, ``after_update``).
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import inspect
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2.hyperparameters import (flatten_hyperparameters, hyperparameter_pairs,
-                                     hyperparameters, variable_name)
+from far_ho2 import dependencies
 from far_ho2.compiled import compiled
+from far_ho2.hyperparameters import (describe, describe_all, flatten_hyperparameters, hyperparameter_pairs,
+                                     hyperparameters)
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.unroll import raise_if_diverged
+from far_ho2.trajectory import all_finite, raise_if_diverged
+from far_ho2.types import Previous, RunResult
 
 
-class HyperGrad(NamedTuple):
-    """One inner problem's result."""
+class Registration:
+    """An inner problem, its outer objective, and its hyperparameters (resolved on the first
+    run: the default ``hyper_list`` needs the objectives evaluated on a batch)."""
 
-    value: tf.Tensor  # E(w_T, λ)
-    grads: list  # ∇_λ E per hyperparameter; None where E does not depend on it
-    final_state: NamedTuple  # s_T
-    inner_losses: tf.Tensor  # L_t(w_t), t = 0 … T−1
-    first_nonfinite: tf.Tensor  # per state component, the first step making it non-finite (−1: none)
-    carry: Any = None  # what the method keeps for the next run (forward tangents Z, a warm start)
-
-
-class Previous(NamedTuple):
-    """A problem's last run, for online runs and warm starts."""
-
-    state: NamedTuple  # s_T
-    carry: Any  # HyperGrad.carry
+    def __init__(self, problem: InnerProblem, outer_objective: Callable, candidates: list, explicit: bool):
+        self.problem, self.outer_objective = problem, outer_objective
+        self.candidates = candidates  # (tf.Variable, what the user passed) pairs
+        self.explicit = explicit  # hyper_list was given (else: the registered hyperparameters)
+        self.outer_takes_batch = batching.takes_batch(outer_objective, "outer_objective")
+        self.hypers: Optional[list[tf.Variable]] = None  # resolved
+        self.originals: list = []  # what the user passed, per resolved hyperparameter
 
 
-class _Registered(NamedTuple):
-    problem: InnerProblem
-    outer_objective: Callable
-    hypers: list  # tf.Variable
-    originals: list  # what the user passed, per hyper (a keras.Variable stays one)
-    explicit: bool  # hyper_list was given (else: the registered hyperparameters)
-    outer_takes_batch: Optional[bool]  # batches.takes_batch(outer_objective)
-
-
-def _all_finite(result: HyperGrad) -> tf.Tensor:
-    """Whether the inner states, E and every hypergradient of ``result`` are finite (in-graph)."""
-    checks = [tf.reduce_all(result.first_nonfinite < 0), tf.reduce_all(tf.math.is_finite(result.value))]
-    checks += [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
+def _result_finite(result: RunResult, extra: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether the inner states, E, every hypergradient of ``result`` and the method's ``extra``
+    quantities are finite (in-graph)."""
+    checks = [all_finite(result.first_nonfinite), tf.reduce_all(tf.math.is_finite(result.value))]
+    checks += [tf.reduce_all(tf.math.is_finite(g)) for g in list(result.grads) + list(extra) if g is not None]
     return tf.reduce_all(tf.stack(checks))
 
 
@@ -58,48 +52,77 @@ def _mean(hypergradients: list) -> tf.Tensor:
     return tf.reduce_mean(tf.stack(hypergradients), axis=0)
 
 
+def check_callback(callback: Optional[Callable]) -> None:
+    """A clear error for a callback that cannot take ``(step, inner_objective_values)``."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise TypeError(f"`callback` must be a callable (step, inner_objective_values), got "
+                        f"{type(callback).__name__}.")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(0, [0.0])
+    except TypeError:
+        raise TypeError(f"`callback{signature}` cannot be called as callback(step, "
+                        f"inner_objective_values): far_ho2 calls it after the compiled run with the "
+                        f"step and the inner objectives' values (FAR-HO's callback(step, feed_dict, "
+                        f"session) has no TF2 meaning: write `lambda step, values: ...`).") from None
+
+
 class HyperGradient:
     """Base class of the hypergradient methods (``ReverseHG``, ``ForwardHG``, ``ImplicitHG``...)."""
 
     #: ``run``'s ``online`` values this method accepts besides False.
     online_modes: tuple = (True,)
-    #: whether ``_hypergradient`` receives the last run even when not online (warm starts).
+    #: whether ``hypergradient`` receives the last run even when not online (warm starts).
     uses_previous: bool = False
-    #: what the error for a hyperparameter nothing depends on adds for this method.
+    #: whether λ reaching the problem only through the optimizer's parameters or Φ₀ gets a
+    #: hypergradient (methods that differentiate the solution w*(λ) only cannot).
+    differentiates_dynamics: bool = True
+    #: what the error for a hyperparameter this method cannot differentiate adds.
     unconnected_hint: str = ""
+    #: whether every run starts from the inner variables' current values (kept across runs)
+    #: instead of from Φ₀.
+    persistent: bool = False
 
     def __init__(self, name: str, jit_compile: bool = False):
         if not isinstance(jit_compile, bool):
             raise ValueError(f"`jit_compile` must be True or False, got {jit_compile!r}.")
         self.name, self.jit_compile = name, jit_compile
-        self._registered: list[_Registered] = []
-        self._results: Optional[list[HyperGrad]] = None
+        self._registered: list[Registration] = []
+        self._results: Optional[list[RunResult]] = None
         self._previous: Optional[list[Previous]] = None  # the last run, per problem
         self._steps_done = 0
         self._functions: dict = {}
-        self._unconnected: set = set()  # registered by default, but nothing depends on them
+        self._failure: Optional[str] = None  # why the last run gave no hypergradients
+        self._streams = batching.Streams()
+        self._built = False
 
     # -- set-up -----------------------------------------------------------------------------
 
     def compute_gradients(self, outer_objective: Callable, optimizer_dict: InnerProblem,
-                          hyper_list: Optional[Sequence] = None) -> list[tf.Variable]:
+                          hyper_list: Optional[Sequence] = None) -> list:
         """Registers the hypergradient of ``outer_objective`` through ``optimizer_dict``'s
-        dynamics with respect to ``hyper_list`` (default: the registered hyperparameters it
-        depends on). Returns the hyperparameter variables."""
+        dynamics with respect to ``hyper_list`` (default: the registered hyperparameters the
+        problem depends on, and the variables of a learned initialisation, found on the first
+        run). Returns the hyperparameters given (or every registered one)."""
         if not isinstance(optimizer_dict, InnerProblem):
             raise TypeError("`optimizer_dict` must be the InnerProblem returned by "
                             f"`HyperOptimizer.inner_problem`, got {type(optimizer_dict).__name__}.")
-        outer_takes_batch = batching.takes_batch(outer_objective, "outer_objective")
         explicit = hyper_list is not None
         pairs = hyperparameter_pairs(hyper_list if explicit else hyperparameters())
-        if not pairs:
-            raise ValueError("`hyper_list` is empty." if explicit else
-                             "No hyperparameters: create them with `far.get_hyperparameter` or pass "
-                             "`hyper_list`.")
-        self._registered.append(_Registered(optimizer_dict, outer_objective, [v for v, _ in pairs],
-                                            [o for _, o in pairs], explicit, outer_takes_batch))
+        if explicit and not pairs:
+            raise ValueError("`hyper_list` is empty.")
+        self._registered.append(Registration(optimizer_dict, outer_objective, pairs, explicit))
         self._functions.clear()
         return [o for _, o in pairs]
+
+    @property
+    def registrations(self) -> list[Registration]:
+        return list(self._registered)
 
     @property
     def inner_problems(self) -> list[InnerProblem]:
@@ -111,89 +134,100 @@ class HyperGradient:
 
     # -- the method ---------------------------------------------------------------------------
 
-    def _hypergradient(self, problem: InnerProblem, outer_objective: Callable, hypers: list, *,
-                       steps: Any, inner_batches: batching.Batches, outer_batch: Any,
-                       previous: Optional[Previous], online: Any, offset: tf.Tensor,
-                       options: dict) -> HyperGrad:
-        """One problem's hypergradient, traced inside ``tf.function``. ``previous`` is the last
-        run (given when ``online`` or ``uses_previous``); ``online`` is False, True or a mode of
-        ``online_modes``; ``options`` are the tensors of ``_options``."""
+    def hypergradient(self, problem: InnerProblem, outer_objective: Callable, hypers: list, *,
+                      steps: Any, inner_batches: batching.Batches, outer_batch: Any = None,
+                      previous: Optional[Previous] = None, online: Any = False, offset: Any = 0,
+                      options: Optional[dict] = None) -> RunResult:
+        """One problem's result, traced inside ``tf.function``: T = ``steps`` inner steps, then
+        E and its hypergradient (the outer direction) with respect to ``hypers``. ``previous``
+        is the last run (given when ``online`` or ``uses_previous``); ``online`` is False, True
+        or a mode of ``online_modes``; ``options`` are the tensors of ``_options``. The inner
+        variables hold the final weights afterwards."""
         raise NotImplementedError
 
     def _steps(self, T: int) -> Any:
-        """T as ``_hypergradient`` receives it: an int32 tensor (one trace serves every T), or
+        """T as ``hypergradient`` receives it: an int32 tensor (one trace serves every T), or
         the Python int (one trace per T) where the method unrolls the steps into the graph or XLA
         compiles it (XLA needs the sizes of the stored trajectories)."""
         return T if self.jit_compile else tf.constant(T)
 
     def _options(self, global_step: int) -> dict:
-        """Per-run tensors given to ``_hypergradient`` (e.g. a tolerance schedule's value)."""
+        """Per-run tensors given to ``hypergradient`` (e.g. a tolerance schedule's value)."""
         return {}
+
+    def _build(self) -> None:
+        """Creates the method's own state (variables), once every problem is resolved."""
+
+    def _checked(self, result: RunResult) -> list[tf.Tensor]:
+        """The method's own quantities of ``result`` that must be finite for an update (none
+        here; the state, E and the hypergradients are always checked)."""
+        return []
 
     def _compiled(self, per_step: bool, online: Any, with_previous: bool) -> Callable:
         key = (per_step, online, with_previous)
         if key not in self._functions:
             def compute(steps, inner_data, outer_data, previous, offset, options):
-                results = []
-                for k, reg in enumerate(self._registered):
-                    result = self._hypergradient(
-                        reg.problem, reg.outer_objective, reg.hypers, steps=steps,
-                        inner_batches=batching.Batches(inner_data, per_step), outer_batch=outer_data,
-                        previous=previous[k] if with_previous else None, online=online, offset=offset,
-                        options=options)
-                    results.append(self._check_connected(reg, result))
-                return results, tf.reduce_all(tf.stack([_all_finite(r) for r in results]))
-            self._functions[key] = compiled(compute, self.jit_compile)
+                before = [[v.read_value() for v in reg.problem.var_list] for reg in self._registered]
+                results = [self.hypergradient(reg.problem, reg.outer_objective, reg.hypers, steps=steps,
+                                              inner_batches=batching.Batches(inner_data, per_step),
+                                              outer_batch=outer_data,
+                                              previous=previous[k] if with_previous else None,
+                                              online=online, offset=offset, options=options)
+                           for k, reg in enumerate(self._registered)]
+                finite = tf.reduce_all(tf.stack([_result_finite(r, self._checked(r)) for r in results]))
+                for reg, values in zip(self._registered, before):  # nothing changes on failure
+                    reg.problem.keep_if_finite(values, finite)
+                return results, finite
+            self._functions[key] = compiled(compute, self.jit_compile,
+                                            float64=any(r.problem.dtype == tf.float64 for r in self._registered))
         return self._functions[key]
-
-    def _check_connected(self, reg: _Registered, result: HyperGrad) -> HyperGrad:
-        unconnected = [h for h, g in zip(reg.hypers, result.grads) if g is None]
-        self._unconnected.update(id(h) for h in unconnected)
-        if reg.explicit and unconnected:
-            raise ValueError(f"Hyperparameter(s) {[variable_name(h) for h in unconnected]} in "
-                             f"`hyper_list`: neither the inner objective, the optimizer, the initial "
-                             f"dynamics nor the outer objective depend on them. Remove them from "
-                             f"`hyper_list` or use them.{self.unconnected_hint}")
-        if len(unconnected) == len(reg.hypers):
-            raise ValueError("None of the registered hyperparameters "
-                             f"{[variable_name(h) for h in reg.hypers]} affects this problem; pass "
-                             f"`hyper_list`.")
-        return result
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, T: int, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
-            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None) -> list[HyperGrad]:
+    def run(self, T: Any, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
+            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None) -> list[RunResult]:
         """One hyper-iteration's hypergradients: T inner steps from Φ₀ (or, ``online``, from the
-        last run's state), then the hypergradient of every registered problem.
+        last run's state; for a ``persistent`` method, from the inner variables' values), then
+        the hypergradient of every registered problem.
 
         ``callback(step, inner_objective_values)`` is called for every inner step after the
         compiled run, with the inner objectives' values L_t (one per problem).
         """
         T = batching.check_steps(T)
+        check_callback(callback)
         if not self._registered:
             raise ValueError(f"{self.name} has no problem: call `HyperOptimizer.minimize` (or "
                              f"`compute_gradients`) first.")
         if online is not False and online not in self.online_modes:
             raise ValueError(f"{self.name}: `online` must be False or one of {self.online_modes}, "
                              f"got {online!r}.")
+        inner_supplier = self._streams.supplier(inner_objective_feed_dicts, "inner_objective_feed_dicts")
+        outer_supplier = self._streams.supplier(outer_objective_feed_dicts, "outer_objective_feed_dicts")
         continuing = online is not False and self._previous is not None
         offset = self._steps_done if continuing else 0
         for reg in self._registered:
-            batching.check_supplier(reg.problem.takes_batch, inner_objective_feed_dicts, "inner_objective",
+            batching.check_supplier(reg.problem.takes_batch, inner_supplier, "inner_objective",
                                     "inner_objective_feed_dicts")
-            batching.check_supplier(reg.outer_takes_batch, outer_objective_feed_dicts, "outer_objective",
+            batching.check_supplier(reg.outer_takes_batch, outer_supplier, "outer_objective",
                                     "outer_objective_feed_dicts")
-        inner = batching.inner_batches(inner_objective_feed_dicts, T, offset)
-        outer = batching.outer_batch(outer_objective_feed_dicts, global_step)
-        self._resolve(inner)
+        inner = batching.inner_batches(inner_supplier, T, offset)
+        outer = batching.outer_batch(outer_supplier, global_step)
+        self._resolve(inner, outer)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
+        for reg in self._registered:
+            reg.problem.optimizer.begin_run()
         compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
+        self._failure = None
         results, finite = compute(self._steps(T), inner.data, outer,
                                   self._previous if with_previous else None, tf.constant(offset),
                                   self._options(global_step))
         if not finite.numpy():  # one flag to read; the details only when something is wrong
-            self._check_finite(results, offset)
+            self._results = None
+            try:
+                self._check_finite(results, offset, global_step)
+            except FloatingPointError as error:
+                self._failure = str(error)
+                raise
         self._after_run(results, global_step)
         self._results = results
         self._previous = [Previous(r.final_state, r.carry) for r in results]
@@ -204,21 +238,82 @@ class HyperGradient:
                 callback(offset + t, list(losses[t]))
         return results
 
-    def _after_run(self, results: list[HyperGrad], global_step: int) -> None:
+    def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
+        """Called by ``HyperOptimizer.finalize`` with the outer optimizers (nothing here; a method
+        that adapts their step sizes keeps them)."""
+
+    def state_variables(self) -> dict:
+        """The method's own state, as trackables for a ``tf.train.Checkpoint`` (nothing here)."""
+        return {}
+
+    def after_update(self) -> None:
+        """Called by ``HyperOptimizer`` after it has updated the hyperparameters with the last
+        run's outer directions: a method that updates the inner variables itself (a joint step)
+        or adapts its own state (a penalty schedule) does it here."""
+
+    def _after_run(self, results: list[RunResult], global_step: int) -> None:
         """A hook for methods to report on a run (e.g. a linear solver's residual)."""
 
-    def _resolve(self, inner: batching.Batches) -> None:
-        every_hyper = [h for reg in self._registered for h in reg.hypers]
+    def _resolve(self, inner: batching.Batches, outer: Any) -> None:
+        """On the first run: the default ``var_list`` of every problem, then its hyperparameters
+        (``dependencies.analyse``) and the errors for those it cannot use."""
+        if self._registered and all(r.hypers is not None for r in self._registered):
+            return
+        every_candidate = [v for reg in self._registered for v, _ in reg.candidates]
         first = batching.first_batch(inner)
         for reg in self._registered:
-            reg.problem.resolve(first, every_hyper)
-            hyper_ids = {id(h) for h in reg.hypers}
-            overlap = [variable_name(v) for v in reg.problem.var_list if id(v) in hyper_ids]
-            if overlap:
-                raise ValueError(f"{overlap} are both inner variables (`var_list`) and "
-                                 f"hyperparameters (`hyper_list`); a variable can be only one.")
+            if reg.hypers is not None:
+                continue
+            reg.problem.resolve(first, every_candidate)
+            self._resolve_hyperparameters(reg, dependencies.analyse(
+                reg.problem, reg.outer_objective, [v for v, _ in reg.candidates], first, outer))
+        self.ensure_built()
 
-    def _check_finite(self, results: list[HyperGrad], offset: int) -> None:
+    def ensure_built(self) -> bool:
+        """Creates the method's own state once every problem's ``var_list`` is known; whether it
+        is built."""
+        if not self._built and self._registered and all(r.problem.resolved for r in self._registered):
+            self._build()
+            self._built = True
+        return self._built
+
+    def _resolve_hyperparameters(self, reg: Registration, found: dependencies.Dependencies) -> None:
+        usable = found.objectives | (found.optimizer | found.initialization if self.differentiates_dynamics else set())
+        only_dynamics = [v for v, _ in reg.candidates
+                         if id(v) not in usable and id(v) in found.optimizer | found.initialization]
+        unused = [v for v, _ in reg.candidates if id(v) not in usable and id(v) not in
+                  found.optimizer | found.initialization]
+        frozen = reg.problem.optimizer.frozen if hasattr(reg.problem.optimizer, "frozen") else []
+        frozen_hint = (f" The optimizer's {', '.join(f'`{f}`' for f in frozen)} "
+                       f"{'is a concrete tensor' if len(frozen) == 1 else 'are concrete tensors'}: if "
+                       f"computed from a hyperparameter, pass a callable instead, e.g. "
+                       f"`lambda: tf.nn.sigmoid(beta)`." if frozen else "")
+        if reg.explicit and only_dynamics:
+            raise ValueError(f"{self.name} cannot differentiate {describe_all(only_dynamics)}: "
+                             f"only the optimizer's parameters or the initial dynamics read "
+                             f"{'it' if len(only_dynamics) == 1 else 'them'}.{self.unconnected_hint}")
+        if reg.explicit and unused:
+            raise ValueError(f"Hyperparameter(s) {describe_all(unused)} in `hyper_list`: "
+                             f"neither the inner objective, the optimizer, the initial dynamics nor "
+                             f"the outer objective depend on them. Remove them from `hyper_list` or "
+                             f"use them.{frozen_hint}")
+        pairs = [(v, o) for v, o in reg.candidates if id(v) in usable]
+        if not reg.explicit:
+            known = {id(v) for v, _ in pairs} | {id(v) for v in reg.problem.var_list}
+            pairs += [(v, v) for v in found.init_variables if id(v) not in known]  # learned Φ₀
+        if not pairs:
+            names = describe_all(v for v, _ in reg.candidates)
+            hint = self.unconnected_hint if only_dynamics else ""
+            raise ValueError(f"None of the registered hyperparameters {names} affects this problem "
+                             f"in a way {self.name} differentiates; pass `hyper_list`.{frozen_hint}{hint}")
+        hyper_ids = {id(v) for v, _ in pairs}
+        overlap = [v for v in reg.problem.var_list if id(v) in hyper_ids]
+        if overlap:
+            raise ValueError(f"{describe_all(overlap)} are both inner variables (`var_list`) and hyperparameters "
+                             f"(`hyper_list`); a variable can be only one.")
+        reg.hypers, reg.originals = [v for v, _ in pairs], [o for _, o in pairs]
+
+    def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
         for k, (reg, r) in enumerate(zip(self._registered, results)):
             where = f" of inner problem {k}" if len(results) > 1 else ""
             raise_if_diverged(reg.problem, r.final_state, r.first_nonfinite, offset, where)
@@ -228,10 +323,27 @@ class HyperGradient:
             for h, g in zip(reg.hypers, r.grads):
                 if g is not None and not np.all(np.isfinite(g.numpy())):
                     raise FloatingPointError(
-                        f"The hypergradient{where} with respect to {variable_name(h)!r} is not "
-                        f"finite; the hyperparameters were not updated.")
+                        f"The hypergradient{where} with respect to {describe(h)} is not finite; "
+                        f"the hyperparameters were not updated.")
+        raise FloatingPointError(f"{self.name}: a non-finite quantity at hyper-iteration {global_step}; "
+                                 f"the hyperparameters were not updated.")
 
     # -- results ------------------------------------------------------------------------------
+
+    @property
+    def results(self) -> Optional[list[RunResult]]:
+        """The last run's results, one per problem (None before a run, or after a failed one)."""
+        return self._results
+
+    def _require_results(self) -> list[RunResult]:
+        if self._results is not None:
+            return self._results
+        if self._failure is not None:
+            raise ValueError(f"{self.name} has no hypergradients: its last run failed ({self._failure})")
+        raise ValueError(f"{self.name} has no hypergradients yet: in TF2 they are computed by running "
+                         f"the inner problem, not built as graph tensors; call `run(T, ..., "
+                         f"_skip_hyper_ts=True)` (or `HyperOptimizer.compute_hypergradients(T, ...)`) "
+                         f"first.")
 
     def hgrads_hvars(self, hyper_list: Optional[Sequence] = None,
                      aggregation_fn: Optional[Callable] = None,
@@ -240,11 +352,10 @@ class HyperGradient:
         ``optimizer.apply_gradients``: the hypergradients of one hyperparameter from several
         inner problems are combined by ``aggregation_fn`` (default: their mean), then
         ``process_fn`` (e.g. clipping) is applied."""
-        if self._results is None:
-            raise ValueError(f"{self.name} has not run yet: call `run` first.")
+        results = self._require_results()
         collected: dict[int, list] = {}
         variables: dict[int, Any] = {}
-        for reg, result in zip(self._registered, self._results):
+        for reg, result in zip(self._registered, results):
             for h, original, g in zip(reg.hypers, reg.originals, result.grads):
                 if g is not None:
                     collected.setdefault(id(h), []).append(g)
@@ -252,15 +363,18 @@ class HyperGradient:
         if hyper_list is None:
             wanted = list(collected)
         else:
-            wanted = [id(h) for h in flatten_hyperparameters(hyper_list) if id(h) not in self._unconnected]
-            missing = [i for i in wanted if i not in collected]
+            resolved = {id(h) for reg in self._registered for h in reg.hypers}
+            wanted = [id(h) for h in flatten_hyperparameters(hyper_list) if id(h) in resolved]
+            missing = [h for h in flatten_hyperparameters(hyper_list) if id(h) not in resolved]
             if missing:
-                names = [variable_name(h) for h in flatten_hyperparameters(hyper_list) if id(h) in missing]
-                raise ValueError(f"No hypergradient for {names}: they are not hyperparameters of "
-                                 f"any problem of {self.name}, or nothing depends on them.")
+                raise ValueError(f"No hypergradient for {describe_all(missing)}: they are "
+                                 f"not hyperparameters of any problem of {self.name}, or nothing "
+                                 f"depends on them.")
         aggregate = aggregation_fn or _mean
         pairs = []
         for i in wanted:
+            if i not in collected:
+                continue
             hg = collected[i][0] if len(collected[i]) == 1 else aggregate(collected[i])
             pairs.append((process_fn(hg) if process_fn is not None else hg, variables[i]))
         return pairs

@@ -5,14 +5,17 @@ matrix-free linear solver (conjugate gradient, Neumann series, fixed-point itera
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import tensorflow as tf
 
 from far_ho2 import autodiff
+from far_ho2 import inputs as inputs_lib
 from far_ho2 import linear_solve
 from far_ho2.batches import Batches
-from far_ho2.hypergradients.base import HyperGrad, HyperGradient
+from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.unroll import empty_trajectory, unroll
+from far_ho2.trajectory import empty_trajectory, run_steps
+from far_ho2.types import RunResult
 
 SOLVERS = ("cg", "neumann", "fixed_point")
 
@@ -21,6 +24,7 @@ class ImplicitCarry(NamedTuple):
     q: list  # the solution of the linear system (the next run's warm start)
     residual: tf.Tensor  # its relative residual
     iterations: tf.Tensor  # the solver's iterations
+    curvature: tf.Tensor  # CG: [min, max] Rayleigh quotient of its directions ([nan, nan] otherwise)
 
 
 def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
@@ -28,7 +32,7 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
                            outer_batch: Any = None, solver: Union[str, Callable] = "cg",
                            max_iter: int = 100, tol: Any = 1e-10, alpha: Any = None,
                            initial_state: Any = None, warm_start: Optional[list] = None,
-                           offset: Any = 0) -> HyperGrad:
+                           offset: Any = 0) -> RunResult:
     """Hypergradient at w_T ≈ w*(λ) by the implicit function theorem:
 
         ∇²_w L · q = ∂E/∂w,        ∇F(λ) ≈ ∂E/∂λ − (∇²_{λw} L) q          (CG, Neumann)
@@ -53,7 +57,7 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
         warm_start: the solver's initial guess (the previous run's q).
 
     Returns:
-        ``HyperGrad`` whose ``carry`` is an ``ImplicitCarry``.
+        ``RunResult`` whose ``carry`` is an ``ImplicitCarry``.
 
     References:
         Pedregosa, ICML 2016 (HOAG), arXiv:1602.02355.
@@ -63,20 +67,14 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
     hypers = list(hypers)
     connected = [False] * len(hypers)
     steps = tf.convert_to_tensor(steps, tf.int32)
-    hoisted = problem.features is not None and not inner_batches.per_step
-    with tf.GradientTape(watch_accessed_variables=False) as features_tape:
-        features_tape.watch(hypers)
-        fixed_inputs = problem.inputs(inner_batches.data) if hoisted else None
-    x_sources = autodiff.floating(fixed_inputs) if hoisted else []
-
-    def inputs_at(t):
-        return fixed_inputs if hoisted else problem.inputs(inner_batches.at(t))
+    inputs = inputs_lib.prepare(problem, inner_batches, hypers)
+    x_sources, inputs_at = inputs.sources, inputs.at
 
     def last_inputs():
         return inputs_at(steps - 1)
 
     s0 = problem.initial_state() if initial_state is None else initial_state
-    trajectory = unroll(problem, empty_trajectory(s0, steps), inputs_at, 0, steps, offset)
+    trajectory = run_steps(problem, empty_trajectory(s0, steps), inputs_at, 0, steps, offset)
     s_T = trajectory.final
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
     total = autodiff.accumulate(autodiff.zeros_for_none([None] * len(hypers), hypers),
@@ -97,7 +95,7 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
             result = linear_solve.solve_cg(hessian, outer.weights, warm_start, max_iter=max_iter, tol=tol)
         elif solver == "neumann":
             if alpha is None:
-                alpha = problem.optimizer.hypers(steps + offset, problem.dtype).learning_rate
+                alpha = problem.optimizer.params(steps + offset, problem.dtype).learning_rate
             result = linear_solve.solve_neumann(hessian, outer.weights, alpha=alpha, max_iter=max_iter, tol=tol)
         else:
             result = solver(hessian, outer.weights, warm_start, max_iter=max_iter, tol=tol)
@@ -105,12 +103,11 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
         hyper_terms = [None if g is None else -g for g in terms.hypers]
         x_terms = [tf.zeros_like(x) if g is None else -g for g, x in zip(terms.extra, x_sources)]
     total = autodiff.accumulate(total, hyper_terms, connected)
-    if hoisted:
-        total = autodiff.accumulate(total, features_tape.gradient(x_sources, hypers, output_gradients=x_terms),
-                                    connected)
-    return HyperGrad(outer.value, [g if c else None for g, c in zip(total, connected)], s_T,
+    total = autodiff.accumulate(total, inputs.pull_back(x_terms, hypers), connected)
+    curvature = result.curvature if result.curvature is not None else tf.fill([2], tf.constant(float("nan"), s_T.w[0].dtype))
+    return RunResult(outer.value, [g if c else None for g, c in zip(total, connected)], s_T,
                      trajectory.losses.stack(), trajectory.first_nonfinite,
-                     carry=ImplicitCarry(result.x, result.residual, result.iterations))
+                     carry=ImplicitCarry(result.x, result.residual, result.iterations, curvature))
 
 
 def hoag_tolerance(global_step: int) -> float:
@@ -126,18 +123,21 @@ def default_tolerance(dtype: tf.DType) -> float:
 class ImplicitHG(HyperGradient):
     """Implicit-differentiation hypergradient (FAR-HO's ``ImplicitHG``, HOAG).
 
-    Args:
-        linear_system_solver: 'cg' (default, as FAR-HO and HOAG), 'neumann', 'fixed_point', or a
-            callable ``solve(matvec, b, x0, *, max_iter, tol) -> linear_solve.SolveResult``.
+    Args (FAR-HO's first three, in its order):
+        linear_system_solver: 'cg' (default, as FAR-HO and HOAG; also for `None`), 'neumann',
+            'fixed_point', or a callable ``solve(matvec, b, x0, *, max_iter, tol) ->
+            linear_solve.SolveResult``.
         tolerance: the solver's relative residual target: a number, or a function of the
             hyper-iteration k such as ``hoag_tolerance`` (HOAG's 0.1·0.9^k, loose at first and
             tightening as λ converges). Defaults to a tight 1e-6 (float32) or 1e-10 (float64):
             FAR-HO's scipy CG applied its tolerance to the gradient of ‖∇²L q − ∂E/∂w‖, which
             in practice ran CG to machine precision, and so does the default here.
+        name: a name.
         max_iter: the solver's iteration limit. Defaults to 100 (FAR-HO's).
         alpha: the Neumann step. Defaults to the inner learning rate.
         warm_start: start the solver from the previous hyper-iteration's solution (HOAG).
-        name: a name.
+        linear_system_solver_gen: FAR-HO's generator of scipy solvers, which has no TF2
+            equivalent: an error says to use ``linear_system_solver``.
 
     ``run(..., online=True)`` starts the inner run from the previous run's final state (HOAG's
     warm start of the inner problem). After each run ``residuals`` holds every problem's
@@ -145,14 +145,22 @@ class ImplicitHG(HyperGradient):
     """
 
     online_modes = (True,)
+    differentiates_dynamics = False
     unconnected_hint = (" ImplicitHG differentiates the inner solution w*(λ) only: optimizer "
                         "hyperparameters (learning rate, momentum) and the initialisation Φ₀ do not "
                         "move it; use ReverseHG or ForwardHG for them.")
 
-    def __init__(self, linear_system_solver: Union[str, Callable] = "cg",
-                 tolerance: Union[float, Callable[[int], float], None] = None, max_iter: int = 100,
-                 alpha: Optional[float] = None, warm_start: bool = True, name: str = "ImplicitHG"):
+    def __init__(self, linear_system_solver: Union[str, Callable, None] = "cg",
+                 tolerance: Union[float, Callable[[int], float], None] = None, name: str = "ImplicitHG", *,
+                 max_iter: int = 100, alpha: Optional[float] = None, warm_start: bool = True,
+                 linear_system_solver_gen: Any = None):
         super().__init__(name)
+        if linear_system_solver_gen is not None:
+            raise TypeError("ImplicitHG: `linear_system_solver_gen` (FAR-HO's generator of scipy "
+                            "optimizer interfaces) has no TF2 equivalent; pass `linear_system_solver="
+                            "'cg'` (or 'neumann', 'fixed_point', or a callable solve(matvec, b, x0, *, "
+                            "max_iter, tol) returning a far_ho2.linear_solve.SolveResult).")
+        linear_system_solver = "cg" if linear_system_solver is None else linear_system_solver
         if not callable(linear_system_solver) and linear_system_solver not in SOLVERS:
             raise ValueError(f"`linear_system_solver` must be one of {SOLVERS} or a callable, got "
                              f"{linear_system_solver!r}.")
@@ -173,20 +181,29 @@ class ImplicitHG(HyperGradient):
     def _options(self, global_step: int) -> dict:
         return {"tolerance": tf.constant(self._tolerance(global_step), tf.float64)}
 
-    def _hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch,
-                       previous, online, offset, options) -> HyperGrad:
+    def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
+                      previous=None, online=False, offset=0, options=None) -> RunResult:
         return implicit_hypergradient(
             problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,
             outer_batch=outer_batch, solver=self.solver, max_iter=self.max_iter,
-            tol=options["tolerance"], alpha=self.alpha,
+            tol=(options or self._options(0))["tolerance"], alpha=self.alpha,
             initial_state=previous.state if previous is not None and online else None,
             warm_start=previous.carry.q if previous is not None and self.uses_previous else None,
             offset=offset)
 
-    def _after_run(self, results: list[HyperGrad], global_step: int) -> None:
+    def _after_run(self, results: list[RunResult], global_step: int) -> None:
         self.residuals = [(float(r.carry.residual), int(r.carry.iterations)) for r in results]
         tol = self._tolerance(global_step)
-        for k, (residual, iterations) in enumerate(self.residuals):
+        for k, (r, (residual, iterations)) in enumerate(zip(results, self.residuals)):
+            low, high = r.carry.curvature.numpy()
+            singular = high > 0 and low <= np.sqrt(np.finfo(r.carry.curvature.dtype.as_numpy_dtype).eps) * high
+            if singular:
+                warnings.warn(f"{self.name}: the Hessian ∇²_w L of inner problem {k} is singular or not "
+                              f"positive definite (conjugate gradient met curvature {low:.3g} against "
+                              f"{high:.3g}): the inner problem may have several minimizers, where the "
+                              f"implicit function theorem does not apply and the hypergradient is not "
+                              f"defined. Use a method for such problems (far.BOME, far.ReverseHG).",
+                              RuntimeWarning, stacklevel=3)
             if tol > 0 and residual > tol:
                 warnings.warn(f"{self.name}: the linear system of inner problem {k} did not converge: "
                               f"relative residual {residual:.3g} > tolerance {tol:.3g} after "

@@ -7,10 +7,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import tensorflow as tf
 
 from far_ho2 import autodiff
+from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
-from far_ho2.hypergradients.base import HyperGrad, HyperGradient
+from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.unroll import Trajectory, empty_trajectory, mark_nonfinite, store, stored_state, unroll
+from far_ho2.trajectory import Trajectory, empty_trajectory, mark_nonfinite, run_steps, store, stored_state
+from far_ho2.types import RunResult
 
 
 UNROLL = 16  # ReverseHG unrolls runs of at most this many steps
@@ -30,7 +32,7 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
                           hypers: Sequence[tf.Variable], *, steps: Any, inner_batches: Batches,
                           outer_batch: Any = None, truncate: Optional[int] = None,
                           checkpoint_every: Optional[int] = None, unrolled: bool = False,
-                          initial_state: Any = None, offset: Any = 0) -> HyperGrad:
+                          initial_state: Any = None, offset: Any = 0) -> RunResult:
     """Hypergradient of E(w_T(λ), λ) by reverse mode through T steps of  s_{t+1} = Φ_t(s_t, λ):
 
         α_T = ∂E/∂s_T,     α_t = α_{t+1}ᵀ ∂Φ_t/∂s_t,
@@ -66,7 +68,7 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
             schedules.
 
     Returns:
-        ``HyperGrad``; ``grads[i]`` is ``None`` when nothing depends on ``hypers[i]``.
+        ``RunResult``; ``grads[i]`` is ``None`` when nothing depends on ``hypers[i]``.
 
     References:
         Franceschi, Frasconi, Salzo, Grazzi, Pontil, ICML 2018, arXiv:1806.04910.
@@ -74,15 +76,11 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
     """
     hypers = list(hypers)
     connected = [False] * len(hypers)
-    hoisted = problem.features is not None and not inner_batches.per_step
     with tf.GradientTape(watch_accessed_variables=False) as init_tape:
         init_tape.watch(hypers)
         s0 = problem.initial_state() if initial_state is None else initial_state
-        fixed_inputs = problem.inputs(inner_batches.data) if hoisted else None
-    x_sources = autodiff.floating(fixed_inputs) if hoisted else []
-
-    def inputs_at(t):
-        return fixed_inputs if hoisted else problem.inputs(inner_batches.at(t))
+    inputs = inputs_lib.prepare(problem, inner_batches, hypers)
+    x_sources, inputs_at = inputs.sources, inputs.at
 
     x_connected = [False] * len(x_sources)
 
@@ -104,11 +102,12 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
                                 outer.hypers, connected)
     alpha_flat, total, total_x = forward.backward(tf.nest.flatten(alpha), total,
                                                   [tf.zeros_like(x) for x in x_sources])
-    cotangents = [a * tf.cast(forward.reached_start, a.dtype) for a in alpha_flat] + total_x
-    total = autodiff.accumulate(total, init_tape.gradient(tf.nest.flatten(s0) + x_sources, hypers,
-                                                          output_gradients=cotangents), connected)
+    cotangents = [a * tf.cast(forward.reached_start, a.dtype) for a in alpha_flat]
+    total = autodiff.accumulate(total, init_tape.gradient(tf.nest.flatten(s0), hypers, output_gradients=cotangents),
+                                connected)
+    total = autodiff.accumulate(total, inputs.pull_back(total_x, hypers), connected)
     problem.load(forward.final.w)
-    return HyperGrad(outer.value, [g if c else None for g, c in zip(total, connected)],
+    return RunResult(outer.value, [g if c else None for g, c in zip(total, connected)],
                      forward.final, forward.losses, forward.first_nonfinite)
 
 
@@ -153,14 +152,14 @@ def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, 
     last_start = first + (n_segments - 1) * segment
 
     # s_0 … s_{T−K} unstored, a checkpoint at each segment start, the last segment stored.
-    trajectory = unroll(problem, empty_trajectory(s0, steps), inputs_at, 0, first, offset)
+    trajectory = run_steps(problem, empty_trajectory(s0, steps), inputs_at, 0, first, offset)
     checkpoints = [tf.TensorArray(x.dtype, size=n_segments, element_shape=x.shape)
                    for x in tf.nest.flatten(trajectory.final)]  # the last segment's stays unused
 
     def forward_segment(i, flat, checkpoints, losses, first_bad):
         start = first + i * segment
         checkpoints = [ta.write(i, x) for ta, x in zip(checkpoints, flat)]
-        part = unroll(problem, Trajectory(tf.nest.pack_sequence_as(s0, flat), [], losses, first_bad),
+        part = run_steps(problem, Trajectory(tf.nest.pack_sequence_as(s0, flat), [], losses, first_bad),
                       inputs_at, start, start + segment, offset)
         return i + 1, tf.nest.flatten(part.final), checkpoints, part.losses, part.first_nonfinite
 
@@ -170,7 +169,7 @@ def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, 
          trajectory.first_nonfinite))
     last = Trajectory(tf.nest.pack_sequence_as(s0, flat), store(tf.nest.pack_sequence_as(s0, flat),
                       steps - last_start + 1), losses, first_bad)
-    trajectory = unroll(problem, last, inputs_at, last_start, steps, offset, keep=True)
+    trajectory = run_steps(problem, last, inputs_at, last_start, steps, offset, keep=True)
 
     def reverse_segment(states, start, stop, alpha_flat, total, total_x):
         def body(t, alpha_flat, total, total_x):
@@ -186,7 +185,7 @@ def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, 
         start = first + i * segment
         s_start = tf.nest.pack_sequence_as(s0, [ta.read(i) for ta in checkpoints])
         scratch = empty_trajectory(s_start, steps)._replace(stored=store(s_start, segment + 1))
-        states = unroll(problem, scratch, inputs_at, start, start + segment, offset, keep=True)
+        states = run_steps(problem, scratch, inputs_at, start, start + segment, offset, keep=True)
         return (i - 1,) + reverse_segment(states, start, start + segment, alpha_flat, total, total_x)
 
     def backward(alpha_flat, total, total_x):
@@ -211,15 +210,14 @@ class ReverseHG(HyperGradient):
             reverse pass (memory O(T/k + k) states instead of O(T), one more forward pass; for
             long horizons). Defaults to `None` (store every state).
         unroll: runs of at most this many steps (without ``checkpoint_every``) are unrolled into
-            the graph and keep every step's tape for the reverse pass: no step is recomputed,
-            15-30 % faster, for the memory of the activations of the steps and one trace per
-            T (its time grows with T). Longer runs use compiled loops that store one state per
-            step. 0 never unrolls. Defaults to 16.
+            the graph and keep every step's tape for the reverse pass: no step is recomputed
+            (faster; the README measures by how much), for the memory of the activations of the
+            steps and one trace per T (its time grows with T). Longer runs use compiled loops
+            that store one state per step. 0 never unrolls. Defaults to 16.
         jit_compile: compile the inner run and the hypergradient with XLA, which fuses the
-            element-wise work of each step (on a CPU where TensorFlow runs its oneDNN kernels,
-            XLA's slower matrix products offset that: from 9 % slower to 6 % faster for the
-            paper's §5.1 problem; see the README) at the price of a compilation per T, and needs
-            objectives made of operations XLA supports. Defaults to `False`.
+            element-wise work of each step, at the price of a compilation per T; the objectives
+            must be made of operations XLA supports (the README compares its speed on CPU).
+            Defaults to `False`.
 
     ``run(..., online=True)`` continues the inner state of the previous run (FAR-HO's TRHO):
     each run back-propagates through its own T steps (all of them, unlike FAR-HO, which
@@ -250,8 +248,8 @@ class ReverseHG(HyperGradient):
     def _steps(self, T: int) -> Any:
         return T if self._unrolls(T) else super()._steps(T)
 
-    def _hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch,
-                       previous, online, offset, options) -> HyperGrad:
+    def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
+                      previous=None, online=False, offset=0, options=None) -> RunResult:
         return reverse_hypergradient(problem, outer_objective, hypers, steps=steps,
                                      inner_batches=inner_batches, outer_batch=outer_batch,
                                      truncate=self.truncate, checkpoint_every=self.checkpoint_every,

@@ -1,0 +1,288 @@
+"""The penalty method of Mehra & Hamm ("Penalty Method for Inversion-Free Deep Bilevel
+Optimization", ACML 2021): the lower level is replaced by its stationarity condition ∇_w g = 0,
+enforced by an augmented-Lagrangian penalty whose weight γ grows in stages:
+``penalty_direction`` and its façade ``Penalty``.
+
+No Hessian is inverted and no trajectory is differentiated: each inner step costs a
+Hessian-vector product (double back-propagation of the surrogate), the outer step one mixed
+product. The inner variables are kept across runs (warm-started), with the inner optimizer's
+state.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from far_ho2 import batches as batching
+from far_ho2 import inputs as inputs_lib
+from far_ho2.batches import Batches
+from far_ho2.hypergradients.base import HyperGradient
+from far_ho2.inner_problem import InnerProblem
+from far_ho2.trajectory import empty_trajectory, run_steps
+from far_ho2.types import RunResult
+
+
+class PenaltyCarry(NamedTuple):
+    """What the stage test and the multiplier update need of a run."""
+
+    grad_h_norm2: tf.Tensor  # ‖∇_λ h_λ‖² + ‖∇_w h_w‖² at (λ_k, w_T)
+    lower_gradient: list  # ∇_w g(λ_k, w_T), per inner variable
+    lower_gradient_norm: tf.Tensor  # ‖∇_w g(λ_k, w_T)‖, the constraint's residual
+    surrogate: tf.Tensor  # h_w(λ_k, w_T)
+
+
+def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: Any, inputs: Any,
+               nu: Sequence[tf.Tensor], gamma: tf.Tensor, lambda_g: tf.Tensor
+               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, list]:
+    """(h_λ, h_w, g, ∇_w g) at the weights the inner variables hold:
+
+        h_λ = f + νᵀ∇_w g + (γ/2)‖∇_w g‖²,        h_w = h_λ + λ_g·g
+
+    (call under a tape to differentiate them: ∇_w g is built with a tape of its own)."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(problem.var_list)
+        g = problem.loss(inputs)
+    lower = [tf.convert_to_tensor(x) for x in tape.gradient(g, problem.var_list)]
+    f = batching.scalar_objective(outer_objective, outer_batch)
+    h_upper = (f + tf.add_n([tf.reduce_sum(n * d) for n, d in zip(nu, lower)])
+               + 0.5 * gamma * tf.add_n([tf.reduce_sum(d * d) for d in lower]))
+    return h_upper, h_upper + lambda_g * g, g, lower
+
+
+def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
+                      steps: Any, inner_batches: Batches, outer_batch: Any = None, initial_state: NamedTuple,
+                      nu: Sequence[tf.Tensor], gamma: Any, lambda_g: Any, rate_scale: Any = 1.0,
+                      offset: Any = 0) -> RunResult:
+    """One iteration of the penalty method from s_0 = ``initial_state`` (the current w and the
+    inner optimizer's kept slots):
+
+        T steps   w ← Φ(w, ∇_w h_w(λ, w))    (the inner optimizer's rate times ``rate_scale``)
+        direction ∇_λ h_λ(λ, w_T)
+
+    which, as γ → ∞ (and with the multiplier ν), tends to the implicit hypergradient
+    ∇_λ f − ∇²_{λw} g (∇²_{ww} g)⁻¹ ∇_w f: stationarity of h_w in w gives ν + γ∇_w g ≈
+    −(∇²_{ww} g)⁻¹ ∇_w f. The inner variables hold w_T afterwards.
+
+    Returns:
+        ``RunResult``: ``value`` is f(λ, w_T), ``grads`` ∇_λ h_λ, ``inner_losses`` h_w along the
+        steps, ``carry`` a ``PenaltyCarry``.
+
+    References:
+        Mehra, Hamm. Penalty Method for Inversion-Free Deep Bilevel Optimization. ACML 2021,
+        arXiv:1911.03432; official code github.com/hammlab/bilevel-penalty.
+    """
+    hypers, dtype = list(hypers), problem.dtype
+    gamma, lambda_g = tf.cast(gamma, dtype), tf.cast(lambda_g, dtype)
+    nu = [tf.convert_to_tensor(n) for n in nu]
+    steps = tf.convert_to_tensor(steps, tf.int32)
+    inputs = inputs_lib.prepare(problem, inner_batches, [])
+
+    def lower_surrogate_gradient(step_inputs):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(problem.var_list)
+            _, h_lower, _, _ = surrogates(problem, outer_objective, outer_batch, step_inputs, nu, gamma, lambda_g)
+        return [tf.convert_to_tensor(d) for d in tape.gradient(h_lower, problem.var_list)], h_lower
+
+    trajectory = run_steps(problem, empty_trajectory(initial_state, steps), inputs.at, 0, steps, offset,
+                           direction=lower_surrogate_gradient, rate_scale=rate_scale)
+    with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+        tape.watch(problem.var_list)
+        tape.watch(hypers)
+        h_upper, h_lower, _, lower = surrogates(problem, outer_objective, outer_batch,
+                                                problem.inputs(inner_batches.at(steps - 1)), nu, gamma, lambda_g)
+        f = batching.scalar_objective(outer_objective, outer_batch)
+    grads = tape.gradient(h_upper, hypers)
+    lower_direction = tape.gradient(h_lower, problem.var_list)
+    del tape
+    norm2 = tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(g * g) for g in grads if g is not None]
+                     + [tf.reduce_sum(tf.square(tf.convert_to_tensor(d))) for d in lower_direction])
+    residual = tf.sqrt(tf.add_n([tf.reduce_sum(d * d) for d in lower]))
+    carry = PenaltyCarry(norm2, lower, residual, h_lower)
+    return RunResult(f, grads, trajectory.final, trajectory.losses.stack(), trajectory.first_nonfinite,
+                     carry=carry)
+
+
+class Penalty(HyperGradient):
+    """The penalty method of Mehra & Hamm (ACML 2021), augmented Lagrangian by default: each
+    ``run(T, ...)`` is T inner steps on the lower surrogate h_w from the current w (the inner
+    variables and the inner optimizer's state are kept across runs), then the outer direction
+    ∇_λ h_λ for the outer optimizer (see ``penalty_direction``). After each update the stage
+    test of the official code, on squared gradient norms,
+
+        ‖∇_λ h_λ‖² + ‖∇_w h_w‖² < ε²   ⇒   γ ← c_γ γ,  λ_g ← c_λ λ_g,  ε ← c_ε ε,
+                                          ν ← ν + γ ∇_w g,  step sizes ← c_lr · step sizes
+
+    where ∇_w g and γ are those of the run that passed (the official code compares ε² with the
+    sum of the squares of squared norms, i.e. fourth powers, which stops tightening early, and
+    updates ν with the new γ, which overshoots the multiplier by c_γ: harmless at c_γ = 1.1, a
+    non-converging oscillation of ν at c_γ = 2). The step sizes
+    must shrink as γ grows: the surrogates' curvature grows like γ‖∇²g‖², and fixed steps
+    diverge once it leaves their stable range. The inner optimizer's learning rate is scaled
+    by the method; the outer optimizer's, a Keras optimizer with a constant learning rate, is
+    multiplied in place (with ``lr_factor=1`` any outer optimizer works).
+
+    ``state_variables()`` holds γ, λ_g, ε, the stage, the step-size scale, ν and the inner
+    optimizer's slots (checkpointable); ``diagnostics`` the last run's γ, stage, ‖∇_w g‖ (the
+    constraint residual) and the squared gradient norm of the stage test.
+
+    Args:
+        gamma: γ₀, the initial penalty weight. Defaults to `1e-2` (the official MNIST setting).
+        lambda_g: λ_g₀, the weight of g in the lower surrogate (it steers w towards minima
+            rather than any stationary point of g). Defaults to `1e-2`.
+        epsilon: ε₀, the stage tolerance (0: γ never grows). Defaults to `1e-2`.
+        nu: ν₀, the multiplier's initial value (a number, broadcast to every inner variable).
+            Defaults to `0.0`.
+        lagrangian: update ν (the augmented Lagrangian); False keeps ν = ν₀ (with ν₀ = 0 the
+            plain penalty, whose solution is biased by O(1/γ)). Defaults to `True`.
+        gamma_factor, lambda_factor, epsilon_factor, lr_factor: c_γ, c_λ, c_ε and c_lr (the
+            inner optimizer's rate). Default to `1.1`, `0.9`, `0.9`, `0.9` (the official code's).
+        outer_lr_factor: the outer optimizer's c_lr. Defaults to `lr_factor` (the official
+            code shrinks both); 1 keeps the outer rate, which suffices while the T inner steps
+            keep w near the surrogate's minimizer (the outer direction then tends to a
+            hypergradient of bounded curvature).
+        max_gamma: γ stops growing here (the stages go on updating ν and ε, and the step sizes
+            stop shrinking): the augmented Lagrangian converges at a finite γ. Defaults to
+            `None` (no limit, as the official code).
+        name: a name.
+
+    Raises (at ``run``): a ``ValueError`` for a hyperparameter only the optimizer or Φ₀ read, or
+    an outer optimizer whose learning rate cannot be scaled; a ``FloatingPointError`` naming the
+    iteration, the stage and γ when a stage diverges.
+
+    References:
+        Mehra, Hamm, ACML 2021, arXiv:1911.03432; official code github.com/hammlab/bilevel-penalty.
+    """
+
+    online_modes = ()
+    differentiates_dynamics = False
+    persistent = True
+    unconnected_hint = (" The penalty method differentiates no inner trajectory: optimizer "
+                        "hyperparameters (learning rate, momentum) and the initialisation Φ₀ get no "
+                        "direction; use ReverseHG or ForwardHG for them.")
+
+    def __init__(self, gamma: float = 1e-2, lambda_g: float = 1e-2, epsilon: float = 1e-2, nu: float = 0.0,
+                 lagrangian: bool = True, gamma_factor: float = 1.1, lambda_factor: float = 0.9,
+                 epsilon_factor: float = 0.9, lr_factor: float = 0.9, outer_lr_factor: Optional[float] = None,
+                 max_gamma: Optional[float] = None, name: str = "Penalty"):
+        super().__init__(name)
+        for argument, value, low in (("gamma", gamma, 0.0), ("lambda_g", lambda_g, 0.0), ("epsilon", epsilon, 0.0),
+                                     ("gamma_factor", gamma_factor, 1.0), ("lambda_factor", lambda_factor, 0.0),
+                                     ("epsilon_factor", epsilon_factor, 0.0), ("lr_factor", lr_factor, 0.0),
+                                     ("outer_lr_factor", lr_factor if outer_lr_factor is None else outer_lr_factor, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or not np.isfinite(value):
+                raise ValueError(f"Penalty: `{argument}` must be a finite number ≥ {low}, got {value!r}.")
+        if max_gamma is not None and not (isinstance(max_gamma, (int, float)) and max_gamma >= gamma):
+            raise ValueError(f"Penalty: `max_gamma` must be a number ≥ `gamma`, got {max_gamma!r}.")
+        if not isinstance(nu, (int, float)) or isinstance(nu, bool):
+            raise ValueError(f"Penalty: `nu` must be a number, got {nu!r}.")
+        self.initial = dict(gamma=float(gamma), lambda_g=float(lambda_g), epsilon=float(epsilon), nu=float(nu))
+        self.lagrangian, self.max_gamma = bool(lagrangian), max_gamma
+        self.factors = dict(gamma=float(gamma_factor), lambda_g=float(lambda_factor),
+                            epsilon=float(epsilon_factor), lr=float(lr_factor),
+                            outer_lr=float(lr_factor if outer_lr_factor is None else outer_lr_factor))
+        self.gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
+        self.lambda_g = tf.Variable(lambda_g, dtype=tf.float64, trainable=False, name="lambda_g")
+        self.epsilon = tf.Variable(epsilon, dtype=tf.float64, trainable=False, name="epsilon")
+        self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
+        self.rate_scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="rate_scale")
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        self.nu: list[list[tf.Variable]] = []  # per problem, per inner variable
+        self.slots: list[list[tf.Variable]] = []  # per problem, the inner optimizer's kept state
+        self.outer_optimizers: list = []  # their learning rates shrink with the stages
+        self.diagnostics: list[dict] = []
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        for problem in self.inner_problems:
+            self.nu.append([tf.Variable(tf.fill(v.shape, tf.constant(self.initial["nu"], v.dtype)), trainable=False,
+                                        name="nu") for v in problem.var_list])
+            state = problem.current_state()
+            self.slots.append([tf.Variable(x, trainable=False, name="inner_slot")
+                               for x in tf.nest.flatten(state)[len(problem.var_list):]])
+
+    def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
+        """The outer optimizers, whose learning rates the stages shrink; a clear error for one
+        whose rate cannot be scaled, unless ``lr_factor`` is 1."""
+        self.outer_optimizers = list(optimizers)
+        if self.factors["outer_lr"] == 1.0:
+            return
+        for optimizer in self.outer_optimizers:
+            rate = getattr(optimizer, "learning_rate", None) if isinstance(optimizer, keras.optimizers.Optimizer) else None
+            if not isinstance(rate, (tf.Variable, keras.Variable)):
+                raise ValueError(f"{self.name}: the stages shrink the outer optimizer's learning rate "
+                                 f"(`outer_lr_factor`={self.factors['outer_lr']}), which needs a Keras optimizer "
+                                 f"with a constant learning rate; got {type(optimizer).__name__} with learning "
+                                 f"rate {rate!r}. Pass such an optimizer, or `outer_lr_factor=1`.")
+
+    def state_variables(self) -> dict:
+        return {"gamma": self.gamma, "lambda_g": self.lambda_g, "epsilon": self.epsilon, "stage": self.stage,
+                "rate_scale": self.rate_scale, "iterations": self.iterations, "nu": self.nu, "slots": self.slots}
+
+    # -- the method -------------------------------------------------------------------------------
+
+    def _initial_state(self, k: int, problem: InnerProblem) -> NamedTuple:
+        template = problem.current_state()
+        flat = [v.read_value() for v in problem.var_list] + [s.read_value() for s in self.slots[k]]
+        return tf.nest.pack_sequence_as(template, flat)
+
+    def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
+                      previous=None, online=False, offset=0, options=None) -> RunResult:
+        k = self.inner_problems.index(problem)
+        return penalty_direction(problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,
+                                 outer_batch=outer_batch, initial_state=self._initial_state(k, problem),
+                                 nu=[n.read_value() for n in self.nu[k]], gamma=self.gamma.read_value(),
+                                 lambda_g=self.lambda_g.read_value(), rate_scale=self.rate_scale.read_value(),
+                                 offset=offset)
+
+    def _checked(self, result: RunResult) -> list[tf.Tensor]:
+        return [result.carry.surrogate, result.carry.lower_gradient_norm, result.carry.grad_h_norm2]
+
+    def _after_run(self, results: list[RunResult], global_step: int) -> None:
+        for slots, result in zip(self.slots, results):
+            for slot, value in zip(slots, tf.nest.flatten(result.final_state)[len(result.final_state.w):]):
+                slot.assign(value)
+        self.diagnostics = [{"gamma": float(self.gamma.numpy()), "stage": int(self.stage.numpy()),
+                             "constraint": float(r.carry.lower_gradient_norm.numpy()),
+                             "gradient_norm2": float(r.carry.grad_h_norm2.numpy())} for r in results]
+
+    def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
+        where = (f"{self.name}, hyper-iteration {global_step} (stage {int(self.stage.numpy())}, "
+                 f"γ = {float(self.gamma.numpy()):.4g})")
+        for k, r in enumerate(results):
+            for symbol, value in (("h_w", r.carry.surrogate), ("‖∇_w g‖", r.carry.lower_gradient_norm),
+                                  ("‖∇h‖²", r.carry.grad_h_norm2)):
+                if not np.isfinite(float(value.numpy())):
+                    raise FloatingPointError(
+                        f"{where}: {symbol} is {float(value.numpy())}: the stage diverged (its step sizes are "
+                        f"too large for γ); lower the learning rates, or `lr_factor`, or `gamma_factor`. "
+                        f"The hyperparameters and the inner variables were not updated.")
+        try:
+            super()._check_finite(results, offset, global_step)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{where}: {error}") from None
+
+    def after_update(self) -> None:
+        """The stage test and, on a pass, the schedule (see the class docstring)."""
+        self.iterations.assign_add(1)
+        total = sum(float(r.carry.grad_h_norm2.numpy()) for r in self.results or [])
+        if not total < float(self.epsilon.numpy()) ** 2:
+            return
+        if self.lagrangian:  # with the γ ∇_w g was measured at (see the class docstring)
+            for nus, result in zip(self.nu, self.results):
+                for n, d in zip(nus, result.carry.lower_gradient):
+                    n.assign_add(tf.cast(self.gamma, n.dtype) * d)
+        gamma = float(self.gamma.numpy())
+        grown = min(gamma * self.factors["gamma"], self.max_gamma or np.inf)
+        self.stage.assign_add(1)
+        self.lambda_g.assign(self.lambda_g * self.factors["lambda_g"])
+        self.epsilon.assign(self.epsilon * self.factors["epsilon"])
+        if grown <= gamma:
+            return
+        self.gamma.assign(grown)
+        self.rate_scale.assign(self.rate_scale * self.factors["lr"])
+        if self.factors["outer_lr"] != 1.0:
+            for optimizer in self.outer_optimizers:
+                optimizer.learning_rate.assign(optimizer.learning_rate * self.factors["outer_lr"])
