@@ -16,7 +16,8 @@ never duplicated. ``--noresume`` starts afresh, deleting the previous outputs.
 
 Flags are defined by ``define_common_flags`` (called by each launcher's ``define_flags``, only
 when it runs as ``__main__``): the launchers are imported together by the tests, and defining
-flags at import would clash (both have a ``--T`` of different types).
+flags at import would clash (both have a ``--T`` of different types). ``run_launcher`` is the
+command line of a launcher whose flags are its configuration's fields.
 """
 
 import csv
@@ -28,7 +29,7 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -49,14 +50,17 @@ class CommonFlags(NamedTuple):
     resume: flags.FlagHolder
 
 
-def define_common_flags() -> CommonFlags:
-    """Defines ``--logdir`` (required), ``--seed`` and ``--resume``/``--noresume``."""
+def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS) -> CommonFlags:
+    """Defines ``--logdir`` (required), ``--seed`` and ``--resume``/``--noresume`` in
+    ``flag_values`` (absl's global flags by default)."""
     return CommonFlags(
         logdir=flags.DEFINE_string("logdir", None, "Output folder (created if missing).",
-                                   required=True),
-        seed=flags.DEFINE_integer("seed", 0, "Seed of data subsets, corruption and init."),
+                                   required=True, flag_values=flag_values),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of data subsets, corruption and init.",
+                                  flag_values=flag_values),
         resume=flags.DEFINE_boolean("resume", True, "Continue from the last checkpoint in "
-                                    "--logdir; --noresume deletes previous outputs and restarts."))
+                                    "--logdir; --noresume deletes previous outputs and restarts.",
+                                    flag_values=flag_values))
 
 
 def check_no_arguments(argv: Sequence[str]) -> None:
@@ -81,6 +85,29 @@ def usage_errors(function, *args, **kwargs):
         return function(*args, **kwargs)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
+
+
+def run_launcher(holders: Mapping[str, flags.FlagHolder], make_config: Callable[..., Any],
+                 check_config: Callable[[Any], Any], load_data: Callable[[Any], Any],
+                 run_experiment: Callable[..., Any]) -> None:
+    """Parses the command line (``app.run``) and runs a launcher whose flags ``holders`` are the
+    common ones and one per field of its configuration.
+
+    The configuration is ``make_config(**values)`` (list flags as tuples), checked by
+    ``check_config`` and its data read by ``load_data`` before anything is written, so that a
+    bad value or a missing file stops with a one-line usage error; then
+    ``run_experiment(config, logdir, resume=resume, data=data)``.
+    """
+    def main(argv: Sequence[str]) -> None:
+        check_no_arguments(argv)
+        values = {k: tuple(h.value) if isinstance(h.value, list) else h.value
+                  for k, h in holders.items()}
+        logdir, resume = values.pop("logdir"), values.pop("resume")
+        config = usage_errors(make_config, **values)
+        usage_errors(check_config, config)
+        data = usage_errors(load_data, config)
+        run_experiment(config, logdir, resume=resume, data=data)
+    app.run(main)
 
 
 def set_seed(seed: int) -> None:

@@ -13,8 +13,9 @@ f_T(H) = E(w_T(H), H) by far_ho2's ``ReverseHG``), or exactly through the bileve
 (autodiff through ``tf.linalg.solve``). Each T in ``--T`` (and ``exact``) is a separate run
 with its own H. Every hyper-iteration logs f(H), f_T(H) (what the T-step method sees), the test
 accuracy of the classifier argmax(X_test H w_T) and the seconds taken by the hypergradient and
-the update; figure3.png plots f and f_T, figure4.png the test accuracy, table2.csv the time per
-hyper-iteration. The inner learning rate is fixed: η = eta_scale / (σ_max(X)² + ρ), i.e. half
+the update (for ``exact``, f_T is f). table2.csv, also printed, lists per T the final f, f_T
+and accuracies and the time per hyper-iteration; figure3.png plots f and f_T, figure4.png the
+test accuracy. The inner learning rate is fixed: η = eta_scale / (σ_max(X)² + ρ), i.e. half
 the stability limit 2/ℓ of L at H = I for eta_scale = 1.
 
 Data (float64): ``--features`` (an .npz with X_train, Y_train, X_val, Y_val, X_test, Y_test;
@@ -32,6 +33,7 @@ synthetic`` (class means plus noise, for tests). The paper's sizes: 100 classes,
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -39,7 +41,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -366,22 +367,33 @@ def final_metrics(rows: list[dict], names: Sequence[str]) -> dict:
     return results
 
 
+def log_scale_if_positive(ax: Any, axis: str, values: Sequence[float]) -> None:
+    """A log scale on ``axis`` ("x" or "y") of ``ax`` if every finite value is positive (and
+    there is one); else the linear scale stays (a log axis of values ≤ 0 cannot be drawn)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        getattr(ax, f"set_{axis}scale")("log")
+
+
 def plot_figures(rows: list[dict], names: Sequence[str], results: dict, path: Any) -> None:
-    """figure3.png (f solid, f_T dashed vs hyper-iterations) and figure4.png (test accuracy vs
-    hyper-iterations, and the final one vs T)."""
+    """figure3.png (f solid, f_T dashed vs hyper-iterations; the exact run has f only) and
+    figure4.png (test accuracy vs hyper-iterations, and the final one vs T, the exact run's as a
+    horizontal line). Log axes where the values allow them."""
     plt = common.pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     series = {n: sorted((r for r in rows if r["run"] == n), key=lambda r: int(r["step"]))
               for n in names}
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = []
     for k, name in enumerate(names):
         steps = [int(r["step"]) for r in series[name]]
         color = colors[k % len(colors)]
-        ax.plot(steps, [float(r["f"]) for r in series[name]], color=color, label=f"{name}: f")
-        if name != EXACT:
-            ax.plot(steps, [float(r["f_T"]) for r in series[name]], "--", color=color,
-                    label=f"{name}: f_T")
-    ax.set(xlabel="hyper-iteration", ylabel="validation objective", yscale="log",
+        for key, style in (("f", "-"), ("f_T", "--")) if name != EXACT else (("f", "-"),):
+            values = [float(r[key]) for r in series[name]]
+            ax.plot(steps, values, style, color=color, label=f"{name}: {key}")
+            plotted += values
+    log_scale_if_positive(ax, "y", plotted)
+    ax.set(xlabel="hyper-iteration", ylabel="validation objective",
            title="Figure 3: f (solid) and f_T (dashed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -396,29 +408,33 @@ def plot_figures(rows: list[dict], names: Sequence[str], results: dict, path: An
     left.set(xlabel="hyper-iteration", ylabel="test accuracy", title="Figure 4: test accuracy")
     left.legend(fontsize=7)
     unrolled = [n for n in names if n != EXACT]
-    right.plot([int(n[1:]) for n in unrolled], [results[n]["test_accuracy"] for n in unrolled],
-               "o-", label="T steps")
+    if unrolled:
+        right.plot([int(n[1:]) for n in unrolled], [results[n]["test_accuracy"] for n in unrolled],
+                   "o-", label="T steps")
+        right.set_xscale("log")
     if EXACT in names:
         right.axhline(results[EXACT]["test_accuracy"], color="k", ls=":", label="exact")
-    right.set(xscale="log", xlabel="T", ylabel="final test accuracy", title="vs T")
+    right.set(xlabel="T", ylabel="final test accuracy", title="vs T")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path / "figure4.png", dpi=100)
     plt.close(fig)
 
 
-def timing_table(results: dict) -> list[dict]:
-    """Table 2: seconds per hyper-iteration per T."""
-    return [{"T": name[1:] if name != EXACT else EXACT,
-             "seconds_median": results[name]["seconds_median"],
-             "seconds_mean": results[name]["seconds_mean"],
-             "seconds_first": results[name]["seconds_first"]} for name in results]
+def summary_table(results: dict) -> list[dict]:
+    """Table 2 with the final values: per T, f and f_T at the last hyper-iteration's H, the
+    test and validation accuracy there, and the seconds per hyper-iteration."""
+    keys = ("f", "f_T", "test_accuracy", "val_accuracy", "seconds_median", "seconds_mean",
+            "seconds_first")
+    return [{"T": name[1:] if name != EXACT else EXACT, **{k: metrics[k] for k in keys}}
+            for name, metrics in results.items()]
 
 
 def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
                    data: Optional[Data] = None) -> dict:
     """Runs (or resumes) every T of ``config`` in ``logdir``; writes metrics.csv, results.json,
-    figure3.png, figure4.png and table2.csv, prints Table 2. Returns the results.
+    table2.csv, figure3.png and figure4.png, prints Table 2 with f, f_T and the accuracies.
+    Returns the results.
 
     Args:
         data: the data, if already loaded. Defaults to `None`: ``load_data(config)``.
@@ -436,59 +452,60 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
         train_run(value, config, data, out)
     rows = out.read_metrics()
     results = final_metrics(rows, names)
-    plot_figures(rows, names, results, out.path)
-    table = timing_table(results)
+    table = summary_table(results)
     common.write_csv(out.path / "table2.csv", table)
-    common.print_table("Table 2: seconds per hyper-iteration", table)
-    return out.write_results(results)
+    saved = out.write_results(results)
+    common.print_table("Table 2 (seconds per hyper-iteration) and the final f, f_T and "
+                       "accuracies per T", table)
+    plot_figures(rows, names, results, out.path)
+    return saved
 
 
 # -- flags -------------------------------------------------------------------------------------
 
 
-def define_flags() -> dict:
-    """The launcher's flags (one per ``Config`` field) and the common ones."""
-    defaults = Config()
-    holders = common.define_common_flags()._asdict()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+    """The effect-of-T flags, defined in ``flag_values``: one per ``Config`` field (``--T`` a
+    list of values) and the common ones."""
+    d, into = Config(), {"flag_values": flag_values}
+    holders = common.define_common_flags(flag_values)._asdict()
     holders.update(
-        T=flags.DEFINE_list("T", list(defaults.T), "Inner GD steps T, and/or 'exact'."),
-        hyper_iterations=flags.DEFINE_integer("hyper_iterations", defaults.hyper_iterations,
-                                              "Hyper-iterations per T."),
-        outer_optimizer=flags.DEFINE_enum("outer_optimizer", defaults.outer_optimizer,
-                                          ["adam", "sgd"], "Optimizer of H."),
-        outer_lr=flags.DEFINE_float("outer_lr", defaults.outer_lr, "Learning rate of H."),
-        rho=flags.DEFINE_float("rho", defaults.rho, "Ridge penalty ρ."),
-        eta_scale=flags.DEFINE_float("eta_scale", defaults.eta_scale,
-                                     "Inner lr η = eta_scale / (σ_max(X)² + ρ)."),
-        data=flags.DEFINE_enum("data", defaults.data, ["omniglot", "synthetic"], "Data source."),
-        data_dir=flags.DEFINE_string("data_dir", defaults.data_dir, "Omniglot folder."),
+        T=flags.DEFINE_list("T", list(d.T), "Inner GD steps T (positive ints) and/or 'exact', "
+                            "one run each.", **into),
+        hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
+                                              "Hyper-iterations per T.", **into),
+        outer_optimizer=flags.DEFINE_enum("outer_optimizer", d.outer_optimizer, ["adam", "sgd"],
+                                          "Optimizer of H.", **into),
+        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Learning rate of H.", **into),
+        rho=flags.DEFINE_float("rho", d.rho, "Ridge penalty ρ of the inner problem.", **into),
+        eta_scale=flags.DEFINE_float("eta_scale", d.eta_scale, "Inner lr η = eta_scale / "
+                                     "(σ_max(X)² + ρ), in (0, 2).", **into),
+        data=flags.DEFINE_enum("data", d.data, ["omniglot", "synthetic"], "Data source: Omniglot "
+                               "pixels from --data_dir, or class means plus noise.", **into),
+        data_dir=flags.DEFINE_string("data_dir", d.data_dir, "Omniglot folder.", **into),
         representation=flags.DEFINE_string("representation", None, "--logdir of a finished "
                                            "flags.omniglot run: its learned features (overrides "
-                                           "--data)."),
+                                           "--data).", **into),
         features=flags.DEFINE_string("features", None, ".npz of X_/Y_ train/val/test "
-                                     "(overrides --data)."),
-        classes=flags.DEFINE_integer("classes", defaults.classes, "Number of classes."),
-        train_per_class=flags.DEFINE_integer("train_per_class", defaults.train_per_class, "."),
-        val_per_class=flags.DEFINE_integer("val_per_class", defaults.val_per_class, "."),
-        test_per_class=flags.DEFINE_integer("test_per_class", defaults.test_per_class, "."),
-        dim=flags.DEFINE_integer("dim", defaults.dim, "Random projection to dim features (0: "
-                                 "none)."))
+                                     "(overrides --data).", **into),
+        classes=flags.DEFINE_integer("classes", d.classes, "Number of classes.", **into),
+        train_per_class=flags.DEFINE_integer("train_per_class", d.train_per_class, "Training "
+                                             "images per class (the inner problem's data).",
+                                             **into),
+        val_per_class=flags.DEFINE_integer("val_per_class", d.val_per_class, "Validation images "
+                                           "per class (the outer objective's data).", **into),
+        test_per_class=flags.DEFINE_integer("test_per_class", d.test_per_class, "Test images per "
+                                            "class, at most what is left of a class's images "
+                                            "(only for the test accuracy).", **into),
+        dim=flags.DEFINE_integer("dim", d.dim, "Random projection to dim features (0: none).",
+                                 **into))
     return holders
 
 
-_FLAGS: dict = {}
-
-
-def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
-    values = {k: h.value for k, h in _FLAGS.items()}
-    logdir, resume = values.pop("logdir"), values.pop("resume")
-    config = Config(**{**values, "T": tuple(values["T"])})
-    common.usage_errors(check_config, config)
-    data = common.usage_errors(load_data, config)
-    run_experiment(config, logdir, resume=resume, data=data)
+def main() -> None:
+    """The effect of T as the command line's flags configure it."""
+    common.run_launcher(define_flags(), Config, check_config, load_data, run_experiment)
 
 
 if __name__ == "__main__":
-    _FLAGS.update(define_flags())
-    app.run(main)
+    main()

@@ -1,7 +1,10 @@
 """Data hyper-cleaning (Franceschi et al., ICML 2017, §5.1; FAR-HO's AutoML demo, part 1).
 
-A fraction of the training labels is replaced by a different random label; one weight per
-training example, σ(λ_i), and the inner learning rate η are hyperparameters:
+A fraction of the training labels (``--corruption``: a third as in FAR-HO's demo, or half as in
+BOME's data-cleaning script, github.com/Cranial-XIX/BOME hpo/data_cleaning.py, which draws a
+uniform label that keeps the true one a tenth of the time) is replaced by a different random
+label; one weight per training example, σ(λ_i), and the inner learning rate η are
+hyperparameters:
 
     L(w, λ) = (1/n) Σ_i σ(λ_i) CE(f_w(x_i), ỹ_i)      inner: T steps of GD with rate η
     E(w)    = mean CE(f_w(x), y) over the clean validation set
@@ -10,26 +13,36 @@ with λ = 0 (σ = ½) at the start, η clipped to [1e-5, 1], both updated by Ada
 hypergradient (far_ho2 ``ReverseHG``). f_w is softmax regression or a one-hidden-layer MLP
 (Keras). At the end the model is retrained from its initial weights on the training set with
 the learned weights and η, and compared with the same training (learned η, same steps) with
-uniform weights (the baseline: no cleaning) and with the corrupted examples removed (the oracle). An example is
-flagged as corrupted when σ(λ_i) < ``--threshold``; precision, recall and F1 measure that
-detection. (RFHO's ICML17 script instead projects the weights onto [0, 1] ∩ an L1 ball and
-flags λ < 1e-3; it also retrains on train + validation.)
+uniform weights (the baseline: no cleaning) and with the corrupted examples removed (the
+oracle). An example is flagged as corrupted when σ(λ_i) < ``--threshold``; precision, recall
+and F1 measure that detection. (RFHO's ICML17 script instead projects the weights onto
+[0, 1] ∩ an L1 ball and flags λ < 1e-3; it also retrains on train + validation.)
 
-Data: an MNIST .npz in Keras's format (x_train, y_train, x_test, y_test: uint8 images
-[n, 28, 28] and integer labels) given by ``--data``; training and validation examples are drawn
-from x_train without overlap.
+Data: by default the 1,797 real 8×8 handwritten digits bundled in data/digits/ (UCI's
+*Optical Recognition of Handwritten Digits*, test file; origin, licence and checksum in its
+README.md), pixels 0..16 scaled to [0, 1]. Their fixed test set is every third image (indices 0,
+3, 6, …: 599 images, the same for every seed); training and validation examples are disjoint
+subsets of the other 1198 drawn with ``--seed`` (800 and 200 by default). Or ``--data``: a
+Keras-format MNIST / Fashion-MNIST .npz (x_train, y_train, x_test, y_test: uint8 images
+[n, 28, 28] and integer labels), training and validation drawn from x_train the same way, the
+test set x_test. FAR-HO's demo used 1400 / 140 MNIST examples and T = 100
+(``--n_train 1400 --n_val 140 --T 100``); on the digits the defaults take T = 300, enough
+steps for the corrupted labels to cost the uncleaned baseline accuracy (after 100 steps the
+linear model has barely fitted them, and the baseline stays close to the oracle).
 
-    python -m flags.hyper_cleaning --data ~/.keras/datasets/mnist.npz --logdir /tmp/cleaning
+    python -m flags.hyper_cleaning --logdir /tmp/cleaning                   # the digits
+    python -m flags.hyper_cleaning --logdir /tmp/cleaning_50 --corruption 0.5
+    python -m flags.hyper_cleaning --data ~/.keras/datasets/mnist.npz --logdir /tmp/mnist
 """
 
 import dataclasses
+import pathlib
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -38,23 +51,26 @@ from flags import common
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CLASSES = 10
+DIGITS = pathlib.Path(__file__).resolve().parent.parent / "data" / "digits" / "digits.npz"
+DIGITS_MAX = 16  # the digits' pixels count the ink in 4×4 blocks: 0..16
+DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment; the defaults follow FAR-HO's demo (1400 / 140 examples, a third
-    corrupted, T = 100), with softmax regression as in the ICML17 paper."""
+    """One experiment; the defaults are for the bundled digits: a third of the labels corrupted
+    as in FAR-HO's demo, softmax regression as in the ICML17 paper (see the module docstring)."""
 
-    data: str = ""  # the MNIST .npz
-    n_train: int = 1400
-    n_val: int = 140
+    data: Optional[str] = None  # a Keras-format MNIST .npz; None: the bundled digits
+    n_train: int = 800
+    n_val: int = 200
     n_test: int = 0  # 0: the whole test set
     corruption: float = 1 / 3  # fraction of training labels replaced
     model: str = "softmax"  # "softmax" or "mlp"
     hidden: int = 300  # MLP hidden units
-    T: int = 100
-    hyper_iterations: int = 10
-    outer_lr: float = 0.02  # Adam on λ and η
+    T: int = 300
+    hyper_iterations: int = 100
+    outer_lr: float = 0.1  # Adam on λ and η
     inner_lr: float = 0.02  # initial η
     retrain_steps: int = 0  # 0: T
     threshold: float = 0.5  # σ(λ_i) below it: flagged as corrupted
@@ -77,7 +93,8 @@ class Data(NamedTuple):
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-    """The four arrays of a Keras MNIST .npz, checked."""
+    """The four arrays of a Keras-format MNIST / Fashion-MNIST .npz, checked: images as float32
+    rows in [0, 1] (uint8 pixels / 255), labels as int64."""
     with np.load(common.check_file(path, "data")) as npz:
         missing = [k for k in NPZ_KEYS if k not in npz]
         if missing:
@@ -89,7 +106,24 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         if len(x) != len(y) or y.ndim != 1 or y.min() < 0 or y.max() >= CLASSES:
             raise ValueError(f"--data={path}: x_{split} {x.shape} and y_{split} {y.shape} must "
                              f"hold as many images as labels in 0..{CLASSES - 1}.")
-    return arrays
+    return normalised(arrays, 255)
+
+
+def read_digits(path: pathlib.Path = DIGITS) -> dict[str, np.ndarray]:
+    """The bundled 8×8 digits (data/digits/README.md) as ``read_npz`` returns MNIST: the fixed
+    test set is every ``DIGITS_TEST_EVERY``-th image (0, 3, 6, …: 599, whatever the seed), the
+    training images are the other 1198, from which ``load_data`` draws training and validation."""
+    with np.load(path) as npz:
+        images, labels = np.asarray(npz["images"]), np.asarray(npz["labels"])
+    test = np.arange(len(images)) % DIGITS_TEST_EVERY == 0
+    return normalised({"x_train": images[~test], "y_train": labels[~test],
+                       "x_test": images[test], "y_test": labels[test]}, DIGITS_MAX)
+
+
+def normalised(arrays: dict[str, np.ndarray], pixel_max: float) -> dict[str, np.ndarray]:
+    """Images [n, ...] as float32 rows [n, pixels] of ``pixel / pixel_max``; labels as int64."""
+    return {k: (v.reshape(len(v), -1) / pixel_max).astype(np.float32) if k.startswith("x")
+            else v.astype(np.int64) for k, v in arrays.items()}
 
 
 def corrupt(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -101,22 +135,28 @@ def corrupt(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[n
 
 
 def load_data(config: Config) -> Data:
-    """Training and validation subsets of x_train (disjoint, seeded), corrupted training labels,
-    and the first ``n_test`` test examples."""
-    arrays = read_npz(config.data)
-    available = len(arrays["x_train"])
+    """The data of ``config``: the bundled digits, or the MNIST .npz of ``config.data``.
+
+    Training and validation examples are disjoint subsets of x_train drawn with ``config.seed``
+    (so each seed draws other examples and other corruptions); the test set is the first
+    ``n_test`` images of x_test (all for 0), the same for every seed.
+
+    Raises:
+        ValueError: if the sizes exceed the data or the .npz is malformed; FileNotFoundError.
+    """
+    arrays = read_npz(config.data) if config.data else read_digits()
+    available, source = len(arrays["x_train"]), config.data or "the bundled digits"
     if config.n_train + config.n_val > available:
         raise ValueError(f"--n_train + --n_val = {config.n_train + config.n_val} exceeds the "
-                         f"{available} training images in {config.data}.")
+                         f"{available} training images of {source}.")
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(available)
     train, val = order[:config.n_train], order[config.n_train:config.n_train + config.n_val]
-    flat = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)
-    y_noisy, corrupted = corrupt(arrays["y_train"][train].astype(np.int64), config.corruption, rng)
+    y_noisy, corrupted = corrupt(arrays["y_train"][train], config.corruption, rng)
     n_test = config.n_test or len(arrays["x_test"])
-    return Data(flat(arrays["x_train"][train]), y_noisy, corrupted,
-                flat(arrays["x_train"][val]), arrays["y_train"][val].astype(np.int64),
-                flat(arrays["x_test"][:n_test]), arrays["y_test"][:n_test].astype(np.int64))
+    return Data(arrays["x_train"][train], y_noisy, corrupted,
+                arrays["x_train"][val], arrays["y_train"][val],
+                arrays["x_test"][:n_test], arrays["y_test"][:n_test])
 
 
 # -- model and objectives ----------------------------------------------------------------------
@@ -294,44 +334,42 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
 # -- flags -------------------------------------------------------------------------------------
 
 
-def define_flags() -> dict:
-    """The launcher's flags (one per ``Config`` field) and the common ones."""
-    d = Config()
-    holders = common.define_common_flags()._asdict()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+    """Hyper-cleaning's flags, defined in ``flag_values``: ``--data``, one per other ``Config``
+    field, and the common ones."""
+    d, into = Config(), {"flag_values": flag_values}
+    holders = common.define_common_flags(flag_values)._asdict()
     holders.update(
-        data=flags.DEFINE_string("data", None, "MNIST .npz in Keras format (x_train, y_train, "
-                                 "x_test, y_test).", required=True),
-        n_train=flags.DEFINE_integer("n_train", d.n_train, "Training examples."),
-        n_val=flags.DEFINE_integer("n_val", d.n_val, "Validation examples."),
-        n_test=flags.DEFINE_integer("n_test", d.n_test, "Test examples (0: all)."),
-        corruption=flags.DEFINE_float("corruption", d.corruption, "Fraction of corrupted labels."),
-        model=flags.DEFINE_enum("model", d.model, ["softmax", "mlp"], "Classifier."),
-        hidden=flags.DEFINE_integer("hidden", d.hidden, "MLP hidden units."),
-        T=flags.DEFINE_integer("T", d.T, "Inner GD steps per hyper-iteration."),
+        data=flags.DEFINE_string("data", None, "MNIST or Fashion-MNIST .npz in Keras format "
+                                 "(x_train, y_train, x_test, y_test); default: the bundled 8×8 "
+                                 "digits (data/digits).", **into),
+        n_train=flags.DEFINE_integer("n_train", d.n_train, "Training examples.", **into),
+        n_val=flags.DEFINE_integer("n_val", d.n_val, "Validation examples (clean labels).",
+                                   **into),
+        n_test=flags.DEFINE_integer("n_test", d.n_test, "Test examples (0: all).", **into),
+        corruption=flags.DEFINE_float("corruption", d.corruption, "Fraction of training labels "
+                                      "replaced by another one (FAR-HO's demo: 1/3; BOME's: "
+                                      "0.5).", **into),
+        model=flags.DEFINE_enum("model", d.model, ["softmax", "mlp"], "Classifier.", **into),
+        hidden=flags.DEFINE_integer("hidden", d.hidden, "MLP hidden units.", **into),
+        T=flags.DEFINE_integer("T", d.T, "Inner GD steps per hyper-iteration.", **into),
         hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
-                                              "Hyper-iterations."),
-        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Adam learning rate of λ and η."),
-        inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "Initial inner learning rate η."),
+                                              "Hyper-iterations (Adam steps on λ and η).", **into),
+        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Adam learning rate of λ and η.",
+                                    **into),
+        inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "Initial inner learning rate η.",
+                                    **into),
         retrain_steps=flags.DEFINE_integer("retrain_steps", d.retrain_steps,
-                                           "GD steps of the final retraining (0: T)."),
+                                           "GD steps of the final retraining (0: T).", **into),
         threshold=flags.DEFINE_float("threshold", d.threshold,
-                                     "Weights below it flag an example as corrupted."))
+                                     "Weights below it flag an example as corrupted.", **into))
     return holders
 
 
-_FLAGS: dict = {}
-
-
-def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
-    values = {k: h.value for k, h in _FLAGS.items()}
-    logdir, resume = values.pop("logdir"), values.pop("resume")
-    config = Config(**values)
-    common.usage_errors(check_config, config)
-    data = common.usage_errors(load_data, config)
-    run_experiment(config, logdir, resume=resume, data=data)
+def main() -> None:
+    """Hyper-cleaning as the command line's flags configure it."""
+    common.run_launcher(define_flags(), Config, check_config, load_data, run_experiment)
 
 
 if __name__ == "__main__":
-    _FLAGS.update(define_flags())
-    app.run(main)
+    main()

@@ -1,11 +1,17 @@
-"""A user-level run: data hyper-cleaning (Franceschi et al., 2017) with a Keras MLP. The
-per-example loss weights σ(λ_i) and the inner learning rate are hyperparameters."""
+"""Data hyper-cleaning (Franceschi et al., 2017): a user-level run with a Keras MLP (the
+per-example loss weights σ(λ_i) and the inner learning rate are hyperparameters), and
+``flags.hyper_cleaning`` on its default data, the bundled 8×8 digits."""
+
+import dataclasses
+import hashlib
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import far_ho2 as far
+from flags import hyper_cleaning
 
 
 def blobs(n, rng, centers):
@@ -40,3 +46,67 @@ def test_hyper_cleaning_lowers_validation_loss_and_down_weights_corrupted_exampl
     w = tf.sigmoid(weights).numpy()
     assert w[corrupted].mean() < w[~corrupted].mean() - 0.1, (w[corrupted].mean(), w[~corrupted].mean())
     assert float(lr) != 0.1  # the learning rate was tuned too
+
+
+# -- flags.hyper_cleaning on its default data, the bundled digits ---------------------------------
+
+DIGITS_README = hyper_cleaning.DIGITS.parent / "README.md"
+
+
+def readme_checksum(label: str) -> str:
+    """The sha256 that data/digits/README.md gives on the line starting with ``label``."""
+    lines = [line for line in DIGITS_README.read_text().splitlines() if line.startswith(label)]
+    assert len(lines) == 1, label
+    return lines[0].split()[-1]
+
+
+def test_bundled_digits_are_the_documented_file():
+    assert hashlib.sha256(hyper_cleaning.DIGITS.read_bytes()).hexdigest() == readme_checksum(
+        "sha256(digits.npz)")
+    with np.load(hyper_cleaning.DIGITS) as npz:
+        images, labels = npz["images"], npz["labels"]
+    content = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    assert content == readme_checksum("sha256(images.tobytes() + labels.tobytes())")
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and labels.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 16
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_default_data_is_the_digits_split_without_overlap_and_corrupted():
+    config = hyper_cleaning.Config()
+    assert config.data is None and config.corruption == 1 / 3
+    data = hyper_cleaning.load_data(config)
+    with np.load(hyper_cleaning.DIGITS) as npz:
+        images, labels = npz["images"].reshape(1797, 64), npz["labels"]
+    label_of = {row.tobytes(): label for row, label in zip(images, labels)}  # images are distinct
+    assert len(label_of) == 1797
+    rows = lambda x: {r.tobytes() for r in np.round(x * 16).astype(np.uint8)}
+    train, val, test = rows(data.x_train), rows(data.x_val), rows(data.x_test)
+    assert (len(train), len(val), len(test)) == (800, 200, 599)
+    assert not (train & val or train & test or val & test)
+    assert test == rows(images[::3] / 16)  # the fixed test set: images 0, 3, 6, …
+    assert all(0 <= x.min() and x.max() == 1 for x in (data.x_train, data.x_val, data.x_test))
+    true = lambda x: np.array([label_of[r.tobytes()] for r in np.round(x * 16).astype(np.uint8)])
+    np.testing.assert_array_equal(data.y_val, true(data.x_val))  # clean validation labels
+    np.testing.assert_array_equal(data.y_test, true(data.x_test))
+    wrong = data.y_train != true(data.x_train)
+    np.testing.assert_array_equal(wrong, data.corrupted)  # corrupted: exactly the changed labels
+    assert data.corrupted.sum() == 267  # a third of 800
+
+    other = hyper_cleaning.load_data(dataclasses.replace(config, seed=1, corruption=0.5))
+    assert rows(other.x_test) == test and rows(other.x_train) != train  # the seed redraws
+    assert other.corrupted.sum() == 400
+    with pytest.raises(ValueError, match=r"--n_train \+ --n_val = 1300 exceeds the 1198 training "
+                                         r"images of the bundled digits"):
+        hyper_cleaning.load_data(dataclasses.replace(config, n_train=1100))
+
+
+def test_a_short_run_on_the_digits_down_weights_corrupted_examples(tmp_path):
+    config = hyper_cleaning.Config(n_train=200, n_val=100, T=30, hyper_iterations=8, outer_lr=0.2)
+    results = hyper_cleaning.run_experiment(config, tmp_path)
+    metrics = results["metrics"]
+    assert metrics["weight_corrupted"] < 0.5 < metrics["weight_clean"]  # both start at σ(0)
+    assert metrics["weight_clean"] - metrics["weight_corrupted"] > 0.15, metrics
+    assert metrics["f1"] > 0.5 and 0 <= metrics["test_accuracy"] <= 1
+    assert results["config"]["data"] is None and results["config"]["n_train"] == 200
+    assert (tmp_path / "weights.png").exists() and (tmp_path / "metrics.csv").exists()

@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -145,6 +146,55 @@ def test_effect_of_T_features_file_is_read(tmp_path):
         effect_of_T.load_data(effect_of_T.Config(features=str(tmp_path / "bad.npz")))
 
 
+def test_effect_of_T_exact_alone_writes_every_output_and_prints_f_and_accuracy(tmp_path, capsys):
+    config = dataclasses.replace(EOT, T=("exact",))
+    results = effect_of_T.run_experiment(config, tmp_path)
+    saved = json.loads((tmp_path / common.RESULTS).read_text())
+    assert saved["metrics"] == results["metrics"] and set(saved["metrics"]) == {"exact"}
+    exact = saved["metrics"]["exact"]
+    assert all(math.isfinite(v) for v in exact.values()), exact
+    assert exact["hyper_iterations"] == 4 and 0 <= exact["test_accuracy"] <= 1
+    table = list(csv.DictReader((tmp_path / "table2.csv").open()))
+    assert len(table) == 1 and table[0]["T"] == "exact"
+    for key in ("f", "f_T", "test_accuracy", "val_accuracy", "seconds_median"):
+        assert float(table[0][key]) == pytest.approx(exact[key]), key
+    for png in ("figure3.png", "figure4.png"):
+        assert_png(tmp_path / png)
+    header, row = capsys.readouterr().out.splitlines()[-2:]
+    assert header.split()[:5] == ["T", "f", "f_T", "test_accuracy", "val_accuracy"]
+    assert row.split()[0] == "exact"
+    assert float(row.split()[1]) == pytest.approx(exact["f"], rel=1e-3)  # printed to 4 digits
+    assert float(row.split()[3]) == pytest.approx(exact["test_accuracy"], rel=1e-3)
+
+
+@pytest.mark.parametrize("names", [["exact"], ["T1"], ["T1", "T8", "exact"]])
+def test_effect_of_T_plots_any_values(tmp_path, names):
+    """Zero, negative and non-finite objectives (no log axis possible) and runs without an f_T
+    curve (exact) or without a T axis (exact alone) still give both figures, without a warning
+    (matplotlib warns of a log axis without positive values)."""
+    values = [0.0, -1.0, math.nan, math.inf]
+    rows = [{"run": n, "step": str(i), "f": str(v), "f_T": str(v), "test_accuracy": "0.5"}
+            for n in names for i, v in enumerate(values)]
+    results = {n: {"test_accuracy": 0.5} for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        effect_of_T.plot_figures(rows, names, results, tmp_path)
+    for png in ("figure3.png", "figure4.png"):
+        assert_png(tmp_path / png)
+
+
+@pytest.mark.parametrize("launcher", [effect_of_T, hyper_cleaning])
+def test_launcher_flags_have_help_and_default_to_the_config(launcher):
+    values = flags.FlagValues()
+    holders = launcher.define_flags(values)
+    values(["launcher", "--logdir=out"])
+    for name in holders:
+        assert len(values[name].help.split()) >= 2, (name, values[name].help)  # words, not "."
+    fields = {k: tuple(h.value) if isinstance(h.value, list) else h.value
+              for k, h in holders.items() if k not in ("logdir", "resume")}
+    assert launcher.Config(**fields) == launcher.Config()  # one flag per field, same defaults
+
+
 def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
     run = lambda config, logdir: hyper_cleaning.run_experiment(config, logdir)
     assert_resumed_equals_uninterrupted(run, cleaning_config(mnist), tmp_path, k=2)
@@ -216,10 +266,10 @@ def test_command_lines(tmp_path, mnist):
     (eot_dir / common.METRICS).write_text("run,step\nstale,0\n")  # --noresume deletes it
     processes = {
         "eot": launch("effect_of_T", f"--logdir={eot_dir}", "--data=synthetic", "--classes=3",
-                      "--dim=4", "--T=2,exact", "--hyper_iterations=2", "--noresume"),
-        "hc": launch("hyper_cleaning", f"--logdir={hc_dir}", f"--data={mnist}", "--n_train=40",
-                     "--n_val=20", "--T=5", "--hyper_iterations=2", "--model=mlp", "--hidden=8",
-                     "--noresume"),
+                      "--dim=4", "--T=exact", "--hyper_iterations=2", "--noresume"),
+        "hc": launch("hyper_cleaning", f"--logdir={hc_dir}", "--n_train=40", "--n_val=20",
+                     "--T=5", "--hyper_iterations=2", "--model=mlp", "--hidden=8",
+                     "--corruption=0.5", "--noresume"),  # no --data: the bundled digits
         "bad_T": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--data=synthetic", "--T=0,abc"),
         "unknown_flag": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--no_such_flag=1"),
         "bad_enum": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", f"--data={mnist}",
@@ -245,6 +295,10 @@ def test_command_lines(tmp_path, mnist):
         assert json.loads((logdir / common.RESULTS).read_text())["metrics"]
     assert "stale" not in (eot_dir / common.METRICS).read_text()
     assert "Table 2" in results["eot"][1] and "test_accuracy" in results["hc"][1]
+    assert results["eot"][1].splitlines()[-1].split()[0] == "exact"  # --T=exact: no crash
+    assert (eot_dir / "table2.csv").exists() and (eot_dir / "figure4.png").exists()
+    digits = json.loads((hc_dir / common.RESULTS).read_text())["config"]
+    assert digits["data"] is None and digits["corruption"] == 0.5 and digits["model"] == "mlp"
     assert not (tmp_path / "x").exists()  # errors are caught before anything is written
 
 
