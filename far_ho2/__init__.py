@@ -14,13 +14,13 @@ from far_ho2 import dynamics, linear_solve, oracles, utils
 from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
-from far_ho2.hypergradients import (BOME, ForwardHG, HyperGradient, ImplicitHG, Penalty, ReverseHG, forward_hypergradient,
+from far_ho2.hypergradients import (BOME, ForwardHG, HyperGradient, ImplicitHG, Penalty, ReverseHG, StochasticHG, forward_hypergradient,
                                     implicit_hypergradient, reverse_hypergradient)
 from far_ho2.hyperparameters import (HyperparameterComponents, clear_hyperparameters, get_hyperparameter,
                                      hyperparameters)
 from far_ho2.inner_problem import InnerProblem, reinitialize
 from far_ho2.optimizer import (AdamOptimizer, BackTrackingGradientDescentOptimizer, GradientDescentOptimizer,
-                               MomentumOptimizer, Optimizer)
+                               MomentumOptimizer, Optimizer, SGLDOptimizer)
 from far_ho2.types import RunResult
 
 OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` returns
@@ -32,7 +32,7 @@ __all__ = [
     "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "ForwardHG",
     "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
     "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
-    "ReverseHg", "RunResult", "clear_hyperparameters", "dynamics", "forward_hypergradient",
+    "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "dynamics", "forward_hypergradient",
     "get_hyperparameter", "hypergradients", "hyperparameters", "implicit_hypergradient",
     "linear_solve", "oracles", "reinitialize", "reverse_hypergradient", "utils",
 ]

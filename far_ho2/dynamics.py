@@ -121,3 +121,35 @@ def adam() -> Dynamics:
         return AdamState(w, m, v, beta1_power, beta2_power)
 
     return Dynamics(init, step)
+
+
+class LangevinState(NamedTuple):
+    w: Tensors  # weights (one sample of the chain)
+
+
+class LangevinParams(NamedTuple):
+    learning_rate: tf.Tensor  # ε, the step size
+    temperature: tf.Tensor  # τ
+    seed: tf.Tensor  # int64 [2], the stateless seed of this step's noise
+
+
+def langevin_step(s: LangevinState, grads: Tensors, params: LangevinParams) -> LangevinState:
+    """Langevin dynamics Φ (SGLD, Welling & Teh 2011), sampling p(w) ∝ exp(−L(w, λ)/τ):
+
+        w' = w − ε ∇_w L(w, λ) + √(2ετ)·ξ,    ξ ~ N(0, I) drawn from ``params.seed``
+
+    The noise is a pure function of the seed (``tf.random.stateless_normal``, one seed per
+    weight tensor folded from it), so recomputing a step reproduces it exactly; it does not
+    depend on w or λ, so derivatives through a chain are the pathwise ones for that noise."""
+    scale = tf.sqrt(2 * params.learning_rate * params.temperature)
+    new = []
+    for i, (w, g) in enumerate(zip(s.w, grads)):
+        noise = tf.random.stateless_normal(tf.shape(w), tf.random.experimental.stateless_fold_in(params.seed, i),
+                                           dtype=w.dtype)
+        new.append(w - params.learning_rate * g + scale * noise)
+    return LangevinState(new)
+
+
+def langevin() -> Dynamics:
+    """Stochastic gradient Langevin dynamics; the state is the weights alone."""
+    return Dynamics(lambda w0: LangevinState(list(w0)), langevin_step)

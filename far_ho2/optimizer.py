@@ -91,6 +91,10 @@ class Optimizer:
     def params(self, step: Any, dtype: tf.DType) -> NamedTuple:
         """The optimizer's parameters at inner step ``step`` as tensors of ``dtype``; evaluated
         inside a tape, they are differentiable in the hyperparameters they read."""
+        return self.params_type(**self._values(step, dtype))
+
+    def _values(self, step: Any, dtype: tf.DType) -> dict:
+        """The constructor's parameters at ``step``, as tensors of ``dtype``."""
         values = {}
         for field, spec in self._params.items():
             if isinstance(spec, (tf.Variable, keras.Variable)):
@@ -105,7 +109,7 @@ class Optimizer:
                 value = tf.constant(value, dtype)
             value = tf.convert_to_tensor(value)
             values[field] = value if value.dtype == dtype else tf.cast(value, dtype)
-        return self.params_type(**values)
+        return values
 
     def adapt(self, params: NamedTuple, weights: list, loss: tf.Tensor, grads: list,
               loss_at: Callable[[list], tf.Tensor]) -> NamedTuple:
@@ -255,3 +259,46 @@ class AdamOptimizer(Optimizer):
         super().__init__(name, {"learning_rate": _NONNEG, "beta1": _UNIT, "beta2": _UNIT,
                                 "epsilon": _NONNEG},
                          learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon)
+
+
+class SGLDOptimizer(Optimizer):
+    """Stochastic gradient Langevin dynamics (``far_ho2.dynamics.langevin``): the inner problem
+    becomes the distribution p(w | λ) ∝ exp(−L(w, λ)/τ), and T steps are a Markov chain
+
+        w' = w − ε ∇_w L(w, λ) + √(2ετ)·ξ
+
+    whose noise ξ is a deterministic function of (``seed``, run, step): run r's step t always
+    draws the same ξ, so a reverse pass that recomputes steps sees the noise of the forward
+    pass, and ReverseHG / ForwardHG through a chain give the exact pathwise derivative for that
+    noise. ``runs`` counts the runs (a variable: checkpoint it to resume the same noise
+    sequence; assign it to replay a run).
+
+    Args:
+        learning_rate: ε, the step size (a number, a hyperparameter or a callable, as for the
+            other optimizers).
+        temperature: τ. Defaults to `1.0`.
+        seed: the noise's seed. Defaults to `0`.
+        name: a name.
+
+    References:
+        Welling, Teh. Bayesian Learning via Stochastic Gradient Langevin Dynamics. ICML 2011.
+    """
+
+    params_type = dyn.LangevinParams
+
+    def __init__(self, learning_rate: Any, temperature: Any = 1.0, seed: int = 0, name: str = "SGLD"):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"SGLDOptimizer: `seed` must be an int, got {seed!r}.")
+        self.dynamics = dyn.langevin()
+        self.seed = int(seed)
+        super().__init__(name, {"learning_rate": _NONNEG, "temperature": _NONNEG},
+                         learning_rate=learning_rate, temperature=temperature)
+        self.runs = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_runs")
+
+    def params(self, step: Any, dtype: tf.DType) -> dyn.LangevinParams:
+        run_seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), self.runs)
+        seed = tf.random.experimental.stateless_fold_in(run_seed, tf.cast(step, tf.int64))
+        return dyn.LangevinParams(**self._values(step, dtype), seed=seed)
+
+    def begin_run(self) -> None:
+        self.runs.assign_add(1)

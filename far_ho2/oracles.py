@@ -11,6 +11,9 @@ the references every method of far_ho2 is tested against, shipped so users can t
   with one regularization weight, or one per feature (implicit function theorem).
 * ``quadratic_bilevel``: a strongly convex quadratic bilevel problem, its hypergradient and its
   solution x* (the benchmark of benchopt's bilevel suite).
+* ``gaussian_bilevel``: ridge regression as a distribution, p(w|λ) ∝ exp(−L/τ) = N(μ, τA⁻¹): the
+  expected outer loss and its gradient, for the Gibbs distribution and for the stationary law
+  of its Langevin chain with step ε (both Gaussian), per estimator's target.
 * ``numpy_unroll``: GD / momentum / Adam on a quadratic problem in NumPy, for finite differences.
 * ``central_difference``: the float64 central finite difference of a scalar function.
 """
@@ -145,6 +148,53 @@ def quadratic_solution(p: QuadraticBilevel) -> np.ndarray:
     base = quadratic_hypergradient(p, np.zeros(p.B.shape[0]))
     M = np.stack([quadratic_hypergradient(p, e) - base for e in np.eye(p.B.shape[0])], axis=1)
     return np.linalg.solve(M, -base)
+
+
+class GaussianHypergradient(NamedTuple):
+    value: float  # F = E_q[E], q the Gibbs distribution (ε = 0) or the chain's stationary law
+    pathwise: np.ndarray  # dF/dλ: what differentiating the chain estimates
+    score: np.ndarray  # E_q[∂E/∂λ] − Cov_q(E, ∂L/∂λ)/τ: what the covariance identity estimates on q
+
+
+def gaussian_bilevel(X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray, lam: np.ndarray,
+                     tau: float, step: float = 0.0) -> GaussianHypergradient:
+    """L(w, λ) = ½‖Xw − y‖² + ½ Σ_j λ_j w_j²  (λ a scalar, or one per weight),  E(w) = ½‖Xv w − yv‖²,
+    p(w|λ) ∝ exp(−L/τ) = N(μ, τA⁻¹),  A = XᵀX + diag(λ),  μ = A⁻¹Xᵀy.
+
+    The Langevin chain  w' = w − ε∇L + √(2ετ)ξ  is linear-Gaussian: its stationary law is
+    N(μ, Σ_ε), Σ_ε = τ G⁻¹ with G = A − (ε/2)A² (the fixed point of Σ = (I − εA)Σ(I − εA) + 2ετI).
+    With P = XvᵀXv, r = Xvᵀyv:
+
+        F = ½‖Xv μ − yv‖² + ½ tr(P Σ_ε)
+        dF/dλ_j = −μ_j (A⁻¹(Pμ − r))_j + ½ tr(P dΣ_ε/dλ_j),   dΣ_ε/dλ_j = −τ G⁻¹ (E_j − (ε/2)(E_j A + A E_j)) G⁻¹
+        Cov_q(E, ½w_j²) = ½ (Σ_ε P Σ_ε)_jj + μ_j (Σ_ε (Pμ − r))_j        (E_j = e_j e_jᵀ; ∂L/∂λ_j = ½w_j²)
+
+    At ε = 0, ``pathwise`` = ``score`` = the exact ∇F; for a scalar λ the sums over j are taken.
+    """
+    d = X.shape[1]
+    scalar = np.ndim(lam) == 0
+    lam_vec = np.full(d, float(lam)) if scalar else np.asarray(lam, np.float64)
+    A = X.T @ X + np.diag(lam_vec)
+    mu = np.linalg.solve(A, X.T @ y)
+    P, r = Xv.T @ Xv, Xv.T @ yv
+    G = A - 0.5 * step * A @ A
+    Sigma = tau * np.linalg.inv(G)
+    residual = P @ mu - r
+    value = 0.5 * np.sum((Xv @ mu - yv) ** 2) + 0.5 * np.trace(P @ Sigma)
+    mean_term = -mu * np.linalg.solve(A, residual)
+    noise_term, covariance = np.zeros(d), np.zeros(d)
+    G_inv = np.linalg.inv(G)
+    SPS = Sigma @ P @ Sigma
+    for j in range(d):
+        E = np.zeros((d, d))
+        E[j, j] = 1.0
+        dSigma = -tau * G_inv @ (E - 0.5 * step * (E @ A + A @ E)) @ G_inv
+        noise_term[j] = 0.5 * np.trace(P @ dSigma)
+        covariance[j] = 0.5 * SPS[j, j] + mu[j] * (Sigma @ residual)[j]
+    pathwise, score = mean_term + noise_term, -covariance / tau
+    if scalar:
+        pathwise, score = np.sum(pathwise), np.sum(score)
+    return GaussianHypergradient(float(value), pathwise, score)
 
 
 def numpy_unroll(grad: Callable[[np.ndarray, int], np.ndarray], w0: np.ndarray, T: int,

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 import far_ho2 as far
-from far_ho2.oracles import (QuadraticBilevel, central_difference, numpy_unroll,  # noqa: F401
+from far_ho2.oracles import (QuadraticBilevel, central_difference, gaussian_bilevel, numpy_unroll,  # noqa: F401
                              quadratic_bilevel, quadratic_hypergradient, quadratic_solution,
                              ridge_bilevel, ridge_data, ridge_per_feature, unrolled_ridge)
 

@@ -15,6 +15,7 @@ from far_ho2.hypergradients.forward import ForwardHG, forward_hypergradient
 from far_ho2.hypergradients.implicit import ImplicitHG, implicit_hypergradient
 from far_ho2.hypergradients.bome import BOME, bome_direction
 from far_ho2.hypergradients.penalty import Penalty, penalty_direction
+from far_ho2.hypergradients.stochastic import StochasticHG, stochastic_hypergradient
 
 
 class _CallablePackage(types.ModuleType):

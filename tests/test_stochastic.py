@@ -1,0 +1,186 @@
+"""Stochastic bilevel optimization by Langevin sampling: the SGLD dynamics (noise replayed
+exactly by the reverse pass), and StochasticHG's three estimators against closed forms — the
+Gaussian problem (the Gibbs distribution and the stationary law of its discretized chain), the
+τ → 0 limit, one hyperparameter per weight, and a double-well inner energy whose expectation is
+computed by quadrature — each within a few of its own standard errors (float64)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import far_ho2 as far
+import oracles
+from oracles import relative_error
+
+EPS = 0.01  # SGLD step: ε·λ_max(A) ≈ 0.16, ε·λ_min(A) ≈ 0.026 on the Gaussian problem
+CHAINS = 64  # independent chains, one inner problem holding them on a leading axis
+Z = 4.0  # agreement within 4 standard errors (a real bug, e.g. a missing term, is 10-100 SEs off)
+
+
+def gaussian_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(12, 3)), rng.normal(size=12), rng.normal(size=(12, 3)), rng.normal(size=12)
+
+
+def gaussian_chains(estimator, lam0, tau, *, steps, burn_in=500, seed=1, chains=CHAINS):
+    """K chains of L(w, λ) = ½‖Xw − y‖² + ½λ‖w‖² (summed over chains), E = mean of ½‖Xv w − yv‖²;
+    the chains start at the mean μ (the burn-in forgets it)."""
+    far.clear_hyperparameters()
+    X, y, Xv, yv = gaussian_data()
+    lam = far.get_hyperparameter("lambda", np.asarray(lam0, np.float64))
+    mu = np.linalg.solve(X.T @ X + np.diag(np.broadcast_to(lam0, 3)), X.T @ y)
+    w = tf.Variable(np.tile(mu, (chains, 1)), name="w")
+    inner = lambda: 0.5 * tf.reduce_sum((w @ X.T - y) ** 2) + 0.5 * tf.reduce_sum(lam * w ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((w @ Xv.T - yv) ** 2) / chains
+    method = far.StochasticHG(estimator, burn_in=burn_in)
+    ho = far.HyperOptimizer(method)
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(EPS, temperature=tau, seed=seed),
+                hyper_list=[lam])(steps, _skip_hyper_ts=True)
+    return ho.hypergradients()[0][0].numpy(), method.standard_errors[0][0], method
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "score", "reversed"])
+def test_gaussian_problem_within_standard_errors_of_the_closed_forms(estimator):
+    X, y, Xv, yv = gaussian_data()
+    analytic = oracles.gaussian_bilevel(X, y, Xv, yv, 1.0, 1.0)  # p ∝ exp(−L/τ)
+    chain = oracles.gaussian_bilevel(X, y, Xv, yv, 1.0, 1.0, step=EPS)  # the chain's stationary law
+    target = chain.score if estimator == "score" else chain.pathwise  # what each estimator estimates
+    short, short_se, _ = gaussian_chains(estimator, 1.0, 1.0, steps=1500)
+    long, long_se, method = gaussian_chains(estimator, 1.0, 1.0, steps=6500)
+    assert abs(long - target) < Z * long_se, (long, target, long_se)
+    assert abs(long - analytic.pathwise) < Z * long_se + abs(target - analytic.pathwise)  # bias O(ε) apart
+    assert abs(target - analytic.pathwise) < 0.05 * abs(analytic.pathwise)  # that O(ε) bias is small
+    assert 1.5 < short_se / long_se < 2.7  # 4x the samples: about half the standard error (1/√M)
+    stats = method.statistics[0]
+    assert stats["samples"] == 6000 and abs(stats["drift"]) < 4 and stats["effective_samples"] > 100
+
+
+def test_vanishing_temperature_tends_to_the_deterministic_hypergradient_linearly():
+    """ridge_bilevel is the τ = 0 hypergradient; the Gaussian gap is −(τ/2)·tr(P A⁻²), P = XvᵀXv."""
+    X, y, Xv, yv = gaussian_data()
+    deterministic = oracles.ridge_bilevel(X, y, Xv, yv, 1.0)
+    A_inv = np.linalg.inv(X.T @ X + np.eye(3))
+    slope = -0.5 * np.trace(Xv.T @ Xv @ A_inv @ A_inv)
+    for tau in (0.05, 0.1, 0.2):
+        far.clear_hyperparameters()
+        estimate, se, _ = gaussian_chains("pathwise", 1.0, tau, steps=4500)
+        chain_gap = oracles.gaussian_bilevel(X, y, Xv, yv, 1.0, tau, step=EPS).pathwise - deterministic
+        assert abs(chain_gap - slope * tau) < 0.01 * abs(slope * tau)  # linear in τ, up to the O(ε) bias
+        assert abs((estimate - deterministic) - chain_gap) < Z * se, (tau, estimate, se)
+        assert abs(estimate - deterministic) > 10 * se  # the gap is measured, not noise
+
+
+@pytest.mark.parametrize("estimator", ["score", "reversed"])
+def test_one_hyperparameter_per_weight(estimator):
+    """One L2 weight λ_j per weight: the O(|w| + |λ|) estimators against the chain's closed form."""
+    lam0 = np.array([0.5, 1.0, 2.0])
+    X, y, Xv, yv = gaussian_data()
+    target = oracles.gaussian_bilevel(X, y, Xv, yv, lam0, 1.0, step=EPS)
+    estimate, se, _ = gaussian_chains(estimator, lam0, 1.0, steps=6500)
+    expected = target.score if estimator == "score" else target.pathwise
+    assert estimate.shape == (3,) and np.all(np.abs(estimate - expected) < Z * se), (estimate, expected, se)
+
+
+def double_well(start):
+    """θ ∈ R per chain, L = (θ² − 1)² + λθ (two wells, at θ ≈ ±1), E = ½(θ − 2)²."""
+    lam = far.get_hyperparameter("lambda", np.float64(0.2))
+    w = tf.Variable(np.asarray(start, np.float64), name="theta")
+    inner = lambda: tf.reduce_sum((w ** 2 - 1) ** 2 + lam * w)
+    outer = lambda: tf.reduce_mean(0.5 * (w - 2) ** 2)
+    return lam, w, inner, outer
+
+
+def test_two_inner_minimizers_the_expectation_is_right_where_reverse_mode_follows_one_well():
+    tau = 1.0
+    grid = np.linspace(-5.0, 5.0, 400_001)  # quadrature of F(λ) = ∫E p, p ∝ exp(−L/τ): exact to ~1e-12
+    L = (grid ** 2 - 1) ** 2 + 0.2 * grid
+    p = np.exp(-(L - L.min()) / tau)
+    p /= p.sum()
+    E = 0.5 * (grid - 2) ** 2
+    expected = -(np.sum(p * E * grid) - np.sum(p * E) * np.sum(p * grid)) / tau  # −Cov_p(E, ∂L/∂λ)/τ
+    lam, w, inner, outer = double_well(np.where(np.arange(CHAINS) % 2 == 0, -1.0, 1.0))
+    method = far.StochasticHG("score", burn_in=1000)
+    ho = far.HyperOptimizer(method)
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(EPS, temperature=tau, seed=3),
+                hyper_list=[lam])(20_000, _skip_hyper_ts=True)
+    estimate, se = float(ho.hypergradients()[0][0]), float(method.standard_errors[0][0])
+    assert abs(estimate - expected) < Z * se, (estimate, expected, se)
+    for start in (-1.0, 1.0):  # deterministic reverse mode from either well: that well's derivative
+        far.clear_hyperparameters()
+        lam, w, inner, outer = double_well([start])
+        reverse = far.HyperOptimizer(far.ReverseHG())
+        reverse.minimize(outer, keras.optimizers.SGD(0.0), inner, far.GradientDescentOptimizer(0.05),
+                         hyper_list=[lam])(300, _skip_hyper_ts=True)
+        well = float(w.numpy()[0])
+        assert abs(well - start) < 0.1  # it stayed in its well
+        # at the well's minimum w*(λ): dE/dλ = (w* − 2)·dw*/dλ = −(w* − 2)/L''(w*)
+        np.testing.assert_allclose(float(reverse.hypergradients()[0][0]), -(well - 2) / (12 * well ** 2 - 4),
+                                   rtol=1e-6)
+        assert abs(float(reverse.hypergradients()[0][0]) - expected) > 8 * se
+
+
+def sgld_ridge(seed=5):
+    """Ridge regression with SGLD inner dynamics, λ and the step ε both hyperparameters."""
+    data = oracles.ridge_data(n=12, d=4, c=1, seed=0)
+    lam = far.get_hyperparameter("lambda", np.float64(0.5))
+    eps = far.get_hyperparameter("eps", np.float64(0.02))
+    w = tf.Variable(np.zeros(4), name="w")
+    inner = lambda: 0.5 * tf.reduce_sum((tf.linalg.matvec(data.X, w) - data.Y[:, 0]) ** 2) + 0.5 * lam * tf.reduce_sum(w ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((tf.linalg.matvec(data.Xv, w) - data.Yv[:, 0]) ** 2)
+    return lam, eps, w, inner, outer, far.SGLDOptimizer(lambda: eps, temperature=0.3, seed=seed)
+
+
+@pytest.mark.parametrize("method", [far.ReverseHG(unroll=0), far.ReverseHG(checkpoint_every=4), far.ReverseHG(unroll=30),
+                                    far.ForwardHG()],
+                         ids=["stored_states", "checkpointed", "unrolled_tapes", "forward"])
+def test_reverse_passes_replay_the_noise_of_the_chain(method):
+    """The reverse pass recomputes steps from stored states (or checkpoints): with noise drawn as
+    a function of (seed, run, step) it sees the forward pass's noise, and every method gives the
+    pathwise derivative of the same chain — equal to float64 central differences of its run."""
+    lam, eps, w, inner, outer, sgld = sgld_ridge()
+    ho = far.HyperOptimizer(method)
+    ho.minimize(outer, keras.optimizers.SGD(0.0), inner, sgld, hyper_list=[lam, eps])(30, _skip_hyper_ts=True)
+    got = [float(g) for g, _ in ho.hypergradients()]
+    problem = far.InnerProblem(inner, sgld, var_list=[w], init_dynamics_dict=[(w, np.zeros(4))])
+
+    def replay(variable, value):  # run 1 again: the same noise, at another hyperparameter value
+        original = variable.numpy()
+        variable.assign(value)
+        sgld.runs.assign(0)  # `run` counts one more: run 1
+        problem.run(30)
+        variable.assign(original)
+        return float(outer())
+    h = 1e-6
+    for variable, grad in zip((lam, eps), got):
+        x = float(variable.numpy())
+        assert grad == pytest.approx((replay(variable, x + h) - replay(variable, x - h)) / (2 * h), rel=1e-6)
+    sgld.runs.assign(0)
+    problem.run(30)
+    first = w.numpy().copy()
+    problem.run(30)  # the next run draws other noise
+    assert not np.allclose(w.numpy(), first)
+
+
+def test_diagnostics_warn_when_the_chain_has_not_mixed_and_bad_input_is_named():
+    X, y, Xv, yv = gaussian_data()
+    lam = far.get_hyperparameter("lambda", np.float64(1.0))
+    w = tf.Variable(np.full((CHAINS, 3), 20.0), name="w")  # far from the distribution, no burn-in
+    inner = lambda: 0.5 * tf.reduce_sum((w @ X.T - y) ** 2) + 0.5 * lam * tf.reduce_sum(w ** 2)
+    outer = lambda: 0.5 * tf.reduce_sum((w @ Xv.T - yv) ** 2) / CHAINS
+    run = far.HyperOptimizer(far.StochasticHG("score")).minimize(
+        outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(0.002, seed=1), hyper_list=[lam])
+    with pytest.warns(RuntimeWarning, match=r"has visibly not mixed .* standard errors between the first and"):
+        run(400, _skip_hyper_ts=True)
+    with pytest.raises(TypeError, match="must be a far.SGLDOptimizer"):
+        far.HyperOptimizer(far.StochasticHG()).minimize(outer, keras.optimizers.SGD(0.0), inner,
+                                                        far.GradientDescentOptimizer(0.01), hyper_list=[lam])(10)
+    with pytest.raises(ValueError, match=r"`T` = 50 leaves no sample after `burn_in` = 50"):
+        far.HyperOptimizer(far.StochasticHG(burn_in=50)).minimize(
+            outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(0.01), hyper_list=[lam])(50)
+    with pytest.raises(ValueError, match="estimator"):
+        far.StochasticHG("first_order")
+    eps = far.get_hyperparameter("eps", np.float64(0.01))
+    with pytest.raises(ValueError, match="cannot differentiate .*'eps'.*use 'pathwise'"):
+        far.HyperOptimizer(far.StochasticHG("score")).minimize(
+            outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(lambda: eps), hyper_list=[lam, eps])(10)
