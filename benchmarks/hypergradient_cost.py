@@ -44,9 +44,9 @@ hypergradient of the same T (float32 round-off, ~1e-5: it checks the fast path).
 Run from the repository root (about 20 minutes on 2 cores: 112 processes; JAX is optional,
 ``pip install -e .[bench]``):
 
-    python benchmarks/hypergradient_cost.py                     # T ∈ {1, 4, 16, 64, 256}
-    python benchmarks/hypergradient_cost.py --steps 16 256 1024 --rounds 3
-    python benchmarks/hypergradient_cost.py --quick             # smoke run: T ∈ {1, 4}, 1 repeat
+    python -m benchmarks.hypergradient_cost                     # T ∈ {1, 4, 16, 64, 256}
+    python -m benchmarks.hypergradient_cost --steps 16 256 1024 --rounds 3
+    python -m benchmarks.hypergradient_cost --quick             # smoke run: T ∈ {1, 4}, 1 repeat
 
 Between T = 64 and 256 the stored states grow by only 19 MB, about the size of the RSS noise, so
 the hypergradient subjects also run once at the larger ``--memory-steps`` (default 1024 and 2048;
@@ -66,14 +66,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,19 +77,23 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as `python benchmarks/hypergradient_cost.py`: the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import fmt, max_rss_mb, relative_error, table, timed  # noqa: E402
+
 D, C, PER_CLASS, RHO = 256, 100, 3, 0.1
 STATE_MB = D * C * 4 / 2**20  # one inner state w, float32, in MiB
 DEFAULT_STEPS, QUICK_STEPS = (1, 4, 16, 64, 256), (1, 4)
 DEFAULT_MEMORY_STEPS = (1024, 2048)  # one process each, for the memory growth per step
 HYPERGRADIENT_SUBJECTS = ("far_ho2", "far_ho2_xla", "jax_naive", "jax_hoisted")  # at --memory-steps
 MEMORY_ENV = {"MALLOC_ARENA_MAX": "1"}  # for the --memory-steps processes (see the docstring)
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # After the first (tracing) call, warm-up calls for this long: TF's first calls after tracing are
 # up to 2x slower than its steady state, JAX's are not. Then at least `--repeats` timed calls, and
 # more for fast calls, up to this many seconds or calls.
 WARMUP_SECONDS, TIMED_SECONDS, MAX_TIMED_CALLS = 0.3, 0.5, 100
 
-# Targets (see the module docstring); the machine's noise is up to 25% (perf.md).
+# Targets (see the module docstring); timings on this shared 2-core machine drift by up to 25 %.
 MAX_COST_RATIO = 3.0  # hypergradient / inner loop: the cheap-gradient bound
 NOISE = 1.25  # a far_ho2 / JAX ratio up to this is "the same" on this machine
 DEFAULT_UNROLL = 16  # far.ReverseHG() unrolls T ≤ 16: far_ho2_unrolled differs from far_ho2 only above
@@ -161,14 +161,6 @@ def reference_hypergradient(problem: Problem, steps: Optional[int]) -> tuple[np.
     rho = float(np.exp(np.float64(problem.log_rho)))
     exact = oracles.unrolled_ridge(data, problem.H0.astype(np.float64), rho, float(problem.eta), steps)
     return exact.H, rho * exact.rho  # dE/dlog ρ = ρ·dE/dρ
-
-
-def relative_error(actual: Any, expected: Any) -> float:
-    """‖actual − expected‖ / ‖expected‖ (Frobenius, float64); the absolute error ‖actual‖ when the
-    reference is zero up to round-off (dE/dlog ρ at T = 1: ρ enters ∇L only through ρ·w_0 = 0)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = np.linalg.norm(expected)
-    return float(np.linalg.norm(actual - expected) / (scale if scale > ZERO else 1.0))
 
 
 # -- the subjects ------------------------------------------------------------------------------------
@@ -317,17 +309,6 @@ class Measurement:
     ratios: Optional[list[float]] = None  # *_vs_jax: far_ho2 / JAX of each pair of adjacent calls
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def timed(call: Callable[[], None]) -> float:
-    """Seconds taken by one call."""
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) -> Measurement:
     """far_ho2 (``subject``'s ``ReverseHG``) and JAX (hoisted) built in one process and called
     alternately: the ratio of two adjacent calls cancels the drifts of the shared machine, which
@@ -377,14 +358,9 @@ def measure(subject: str, steps: int, repeats: int, round_: int = 0) -> Measurem
 def run_worker(subject: str, steps: int, repeats: int, round_: int, env: Optional[dict] = None) -> Measurement:
     """``measure`` in a fresh Python process, so that memory baselines and peaks are its own;
     ``env`` adds environment variables."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", subject,
-               "--steps", str(steps), "--repeats", str(repeats), "--round", str(round_)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {subject} T={steps} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return Measurement(**json.loads(lines[-1]))
+    arguments = ["--worker", subject, "--steps", str(steps), "--repeats", str(repeats), "--round", str(round_)]
+    return Measurement(**harness.run_worker("hypergradient_cost", arguments, f"{subject} T={steps}",
+                                            harness.worker_env(**(env or {}))))
 
 
 # -- the driver: interleaved rounds, then tables -------------------------------------------------------
@@ -475,47 +451,6 @@ def memory_growth(summary: dict, name: str) -> Optional[Growth]:
 
 def verdict(ok: bool, near: bool = False) -> str:
     return "PASS" if ok else ("PASS~" if near else "FAIL")
-
-
-def fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def source_state() -> str:
-    """The repository's commit, and the far_ho2 files changed since (read-only git queries)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
-                                        check=True).stdout
-        changed = [line[3:] for line in git("status", "--porcelain", "--", "far_ho2").splitlines()]
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        return commit + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
-def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
-    cpu = models[0] if models else platform.processor()
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "far_ho2_source": source_state(),
-            "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),  # None: far_ho2's default
-            **{dist: version(dist) for dist in ("tensorflow-cpu", "keras", "jax", "jaxlib", "numpy")},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 class Report(NamedTuple):
@@ -709,12 +644,12 @@ def main(argv: Sequence[str]) -> None:
     has_jax = any(SUBJECTS[n].framework == "jax" for n in subjects)
     if not has_jax:
         print("JAX is not installed: the JAX subjects are skipped (pip install -e .[bench]).", file=sys.stderr)
-    info = machine_info()
+    info = harness.machine_info()
     results = run_all(subjects, args.steps, args.repeats, args.rounds, args.memory_steps)
     summary = summarize(results)
     text, verdicts = report(summary, args.steps, info, make_problem(), args, has_jax)
     print(text)
-    prefix = RESULTS_DIR / ("hypergradient_cost_quick" if args.quick else "hypergradient_cost")
+    prefix = harness.RESULTS_DIR / ("hypergradient_cost_quick" if args.quick else "hypergradient_cost")
     write_results(prefix, summary, results, {"machine": info, "steps": args.steps, "repeats": args.repeats,
                                              "rounds": args.rounds, "memory_steps": args.memory_steps,
                                              **verdicts})

@@ -18,10 +18,21 @@ float64 closed form ``far_ho2.oracles.unrolled_ridge(..., T=None)``):
   max_iter ∈ {4, 16, 64, 256}, ``tolerance=0`` (exactly max_iter iterations) and
   ``warm_start=False`` (every call solves from q = 0, so repeated calls are alike);
 * ``ForwardHG`` on log ρ alone (m = 1 scalar hyperparameter) for T ∈ {16, 64, 256};
+* ``BOME`` (η = 0.5, both φ rules) for T ∈ {1, 10, 100} steps of ŵ, and the penalty method
+  (``Penalty``: γ ∈ {1, 100} held, ν = λ_g = 0, T = 1024 surrogate steps at the rate 1/(γℒ² + ℒ)
+  its curvature allows): they keep w across calls, so each timed call is one outer iteration
+  (λ held: the outer learning rate is 0) and the errors are read after the timed calls. BOME's
+  direction d = ∇f + μ∇q̂ is the update of (λ, w) together, not an estimate of ∇F: only its
+  cosine with ∇F is reported (the cosine is reported for every row);
+* ``StochasticHG`` ('reversed', 'score') with SGLD at η and τ ∈ {1e-6, 1e-4}, T = 1024 (burn-in
+  512), against the τ = 0 bilevel ∇F (the Langevin expectation differs from it by O(τ));
 * the cost against the number m of scalar hyperparameter components, at T = 64: a vector of m
   regularisers log ρ_j, class k penalised by ρ_{k mod m} (½ Σ_k ρ_{k mod m}‖w_{:,k}‖²), with
   ``ForwardHG`` (m JVPs per step) for m ∈ {1, 2, 4, 8} and ``ReverseHG`` (one reverse pass)
-  for m ∈ {1, 8}.
+  for m ∈ {1, 8}; and at T = 16, regularisers over the weights (w_ik penalised by
+  ρ_{(iC+k) mod m}, up to one per weight: m = 25,600) with StochasticHG's O(|w| + |λ|)
+  estimators ('score', 'reversed') for m ∈ {1, 64, 4096, 25600} next to 'pathwise' (forward
+  mode, memory O(|w|·m)) for m ∈ {1, 8, 64, 256}.
   All ρ_j equal ρ, so Σ_j dE/dlog ρ_j is dE/dlog ρ: its error is reported.
 
 Per configuration: ms per hypergradient (``HyperOptimizer.run(T, batch, _skip_hyper_ts=True)``,
@@ -32,11 +43,10 @@ iterations (``method.residuals``). Time and memory are measured in float32 (what
 the errors and residuals come from a float64 run of every configuration afterwards, in one
 process (float32 would floor at ~1e-6–1e-5); the float32 errors are saved too.
 
-Run from the repository root (about 6 minutes on 2 cores; ``--quick``: a ~1-minute smoke run
-on a smaller grid, T ≤ 32):
+Run from the repository root (``--quick``: a smoke run on a smaller grid, T ≤ 32):
 
-    python benchmarks/hypergradient_methods.py
-    python benchmarks/hypergradient_methods.py --quick
+    python -m benchmarks.hypergradient_methods
+    python -m benchmarks.hypergradient_methods --quick
 
 Progress goes to stderr, the table to stdout; results go to
 ``benchmarks/results/hypergradient_methods[_quick].{csv,json,png}``. The worker mode
@@ -60,14 +70,18 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from hypergradient_cost import (Problem, inner_objective, make_problem, max_rss_mb, outer_objective,
-                                reference_hypergradient, relative_error, timed)
+if __package__ in (None, ""):  # run as `python benchmarks/hypergradient_methods.py`: the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import fmt, max_rss_mb, relative_error, table, timed  # noqa: E402
+from benchmarks.hypergradient_cost import (Problem, inner_objective, make_problem, outer_objective,  # noqa: E402
+                                           reference_hypergradient)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-WORKER_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 FAMILIES = ("ReverseHG", "ReverseHG truncated", "ReverseHG checkpointed", "ImplicitHG cg",
-            "ImplicitHG neumann", "ImplicitHG fixed_point", "ForwardHG", "ForwardHG vs m",
-            "ReverseHG vs m")
+            "ImplicitHG neumann", "ImplicitHG fixed_point", "ForwardHG", "BOME grad_norm", "BOME value",
+            "Penalty", "StochasticHG reversed", "StochasticHG score", "ForwardHG vs m", "ReverseHG vs m",
+            "StochasticHG pathwise vs m", "StochasticHG score vs m", "StochasticHG reversed vs m")
+PERSISTENT = ("BOME", "Penalty")  # methods that keep w across calls: each call is one outer iteration
 
 
 # -- the configurations --------------------------------------------------------------------------
@@ -83,6 +97,10 @@ class Config:
     solver: Optional[str] = None  # ImplicitHG's linear solver
     max_iter: Optional[int] = None  # ImplicitHG's iterations
     blocks: Optional[int] = None  # m: a vector of m regularisers log ρ_j (else H and/or log ρ)
+    per_weight: bool = False  # the m regularisers are spread over the weights w_ik (else over the classes k)
+    gamma: Optional[float] = None  # Penalty's γ (held: no stage)
+    temperature: Optional[float] = None  # StochasticHG's τ
+    burn_in: int = 0  # StochasticHG's discarded steps
 
     @property
     def setting(self) -> str:
@@ -93,6 +111,10 @@ class Config:
             parts.append(f"every {self.checkpoint_every}")
         if self.max_iter:
             parts.append(f"{self.max_iter} iters")
+        if self.gamma:
+            parts.append(f"γ={self.gamma:g}")
+        if self.temperature:
+            parts.append(f"τ={self.temperature:g}")
         if self.blocks:
             parts.append(f"m={self.blocks}")
         return ", ".join(parts)
@@ -112,10 +134,17 @@ class Grid(NamedTuple):
     components: tuple  # m of ForwardHG
     reverse_components: tuple  # m of ReverseHG (its cost does not depend on m: two points suffice)
     components_steps: int  # T of the m sweep
+    bome_steps: tuple  # T of BOME's ŵ
+    penalty_gammas: tuple  # γ of the penalty method
+    temperatures: tuple  # τ of StochasticHG on the §5.1 problem (T = long_steps, burn-in half)
+    weight_components: tuple  # m of the O(|w| + |λ|) StochasticHG estimators, regularisers over the weights
+    pathwise_components: tuple  # m of StochasticHG('pathwise') (m JVPs per step)
+    weight_steps: int  # T of the per-weight sweeps
 
 
-FULL = Grid((16, 64, 256, 1024), 1024, (16, 64, 256), 32, (4, 16, 64, 256), (16, 64, 256), (1, 2, 4, 8), (1, 8), 64)
-QUICK = Grid((16, 32), 32, (8,), 8, (8,), (16,), (1, 2), (1, 2), 16)
+FULL = Grid((16, 64, 256, 1024), 1024, (16, 64, 256), 32, (4, 16, 64, 256), (16, 64, 256), (1, 2, 4, 8), (1, 8), 64,
+            (1, 10, 100), (1.0, 100.0), (1e-6, 1e-4), (1, 64, 4096, 25600), (1, 8, 64, 256), 16)
+QUICK = Grid((16, 32), 32, (8,), 8, (8,), (16,), (1, 2), (1, 2), 16, (10,), (10.0,), (1e-4,), (1, 64), (1, 4), 8)
 
 
 def configurations(grid: Grid) -> list[Config]:
@@ -126,8 +155,16 @@ def configurations(grid: Grid) -> list[Config]:
     configs += [Config(f"ImplicitHG {solver}", grid.long_steps, solver=solver, max_iter=n)
                 for solver in ("cg", "neumann", "fixed_point") for n in grid.max_iters]
     configs += [Config("ForwardHG", T) for T in grid.forward_steps]
+    configs += [Config(f"BOME {phi}", T) for phi in ("grad_norm", "value") for T in grid.bome_steps]
+    configs += [Config("Penalty", grid.long_steps, gamma=g) for g in grid.penalty_gammas]
+    configs += [Config(f"StochasticHG {e}", grid.long_steps, temperature=tau, burn_in=grid.long_steps // 2)
+                for e in ("reversed", "score") for tau in grid.temperatures]
     configs += [Config("ForwardHG vs m", grid.components_steps, blocks=m) for m in grid.components]
     configs += [Config("ReverseHG vs m", grid.components_steps, blocks=m) for m in grid.reverse_components]
+    configs += [Config("StochasticHG pathwise vs m", grid.weight_steps, blocks=m, per_weight=True, temperature=1e-4)
+                for m in grid.pathwise_components]
+    configs += [Config(f"StochasticHG {e} vs m", grid.weight_steps, blocks=m, per_weight=True, temperature=1e-4)
+                for e in ("score", "reversed") for m in grid.weight_components]
     return configs
 
 
@@ -149,9 +186,29 @@ def make_method(config: Config) -> Any:
         return far.ForwardHG()
     if config.family.startswith("ImplicitHG"):
         return far.ImplicitHG(config.solver, tolerance=0.0, max_iter=config.max_iter, warm_start=False)
+    if config.family.startswith("BOME"):
+        return far.BOME(eta=0.5, phi=config.family.split()[1])
+    if config.family == "Penalty":  # γ held (no stage), plain: the estimate's O(1/γ) bias is what is seen
+        return far.Penalty(gamma=config.gamma, lambda_g=0.0, epsilon=0.0, lagrangian=False)
+    if config.family.startswith("StochasticHG"):
+        return far.StochasticHG(config.family.split()[1], burn_in=config.burn_in)
     if config.truncate is not None:
         return far.ReverseHG.truncated(config.truncate)
     return far.ReverseHG(checkpoint_every=config.checkpoint_every)
+
+
+def make_inner_optimizer(config: Config, problem: Problem) -> Any:
+    """Gradient descent at η; SGLD at η and τ for StochasticHG; for the penalty method the
+    rate its surrogate allows, 1/(γℒ² + ℒ) with ℒ = 1/η the smoothness constant of L."""
+    import far_ho2 as far
+
+    eta = float(problem.eta)
+    if config.family.startswith("StochasticHG"):
+        return far.SGLDOptimizer(eta, temperature=config.temperature, seed=0)
+    if config.family == "Penalty":
+        smoothness = 1.0 / eta
+        return far.GradientDescentOptimizer(1.0 / (config.gamma * smoothness ** 2 + smoothness))
+    return far.GradientDescentOptimizer(eta)
 
 
 def build(problem: Problem, config: Config, dtype: type) -> Built:
@@ -172,24 +229,30 @@ def build(problem: Problem, config: Config, dtype: type) -> Built:
         inner = lambda f: inner_objective(f[0], w, f[1], tf.exp(log_rho), tf.reduce_sum)  # noqa: E731
     else:
         log_rho = far.get_hyperparameter("log_rho", np.full(config.blocks, problem.log_rho, dtype))
-        block_of_class = tf.constant(np.arange(C) % config.blocks)
+        if config.per_weight:  # ½‖Zw − Y‖² + ½ Σ_ik ρ_{(iC+k) mod m} w_ik²
+            block = tf.constant(np.arange(D * C).reshape(D, C) % config.blocks)
+            penalty = lambda: 0.5 * tf.reduce_sum(tf.gather(tf.exp(log_rho), block) * w ** 2)  # noqa: E731
+        else:  # ½‖Zw − Y‖² + ½ Σ_k ρ_{k mod m} ‖w_{:,k}‖²
+            block = tf.constant(np.arange(C) % config.blocks)
+            penalty = lambda: 0.5 * tf.reduce_sum(tf.gather(tf.exp(log_rho), block) * tf.reduce_sum(w ** 2, axis=0))  # noqa: E731
 
-        def inner(f: tuple) -> tf.Tensor:  # ½‖Zw − Y‖² + ½ Σ_k ρ_{k mod m} ‖w_{:,k}‖²
-            rho_per_class = tf.gather(tf.exp(log_rho), block_of_class)
-            return (inner_objective(f[0], w, f[1], 0.0, tf.reduce_sum)
-                    + 0.5 * tf.reduce_sum(rho_per_class * tf.reduce_sum(w ** 2, axis=0)))
+        def inner(f: tuple) -> tf.Tensor:
+            return inner_objective(f[0], w, f[1], 0.0, tf.reduce_sum) + penalty()
     outer = lambda: outer_objective(Xv @ H, w, Yv, tf.reduce_sum)  # noqa: E731
     hypers = [H, log_rho] if config.differentiates_H else [log_rho]
 
     method = make_method(config)
     ho = far.HyperOptimizer(method)
-    inner_problem = ho.inner_problem(inner, far.GradientDescentOptimizer(float(problem.eta)), var_list=[w],
+    inner_problem = ho.inner_problem(inner, make_inner_optimizer(config, problem), var_list=[w],
                                      features=lambda batch: (batch[0] @ H, batch[1]))
     ho.outer_problem(outer, inner_problem, keras.optimizers.SGD(0.0), hyper_list=hypers)
     run = ho.finalize()
+    persistent = config.family.startswith(PERSISTENT)
 
     def call() -> None:  # run() checks the results for finiteness with .numpy(): computed on return
-        run(config.steps, (X, Y), _skip_hyper_ts=True)
+        # a persistent method's call is one outer iteration (its joint / stage update included;
+        # λ does not move: the outer learning rate is 0); the others only compute
+        run(config.steps, (X, Y), _skip_hyper_ts=not persistent)
 
     def read() -> tuple[Optional[np.ndarray], float, Optional[tuple[float, int]]]:
         grads = {id(v): g.numpy() for g, v in ho.hypergradients()}
@@ -208,6 +271,7 @@ class Measurement:
     memory_mb: float  # peak RSS above the baseline during the float32 calls
     error_H: Optional[float] = None  # float64 run, vs the exact bilevel hypergradient
     error_log_rho: Optional[float] = None
+    cosine_H: Optional[float] = None  # float64 run: cos(direction for H, exact dF/dH)
     residual: Optional[float] = None  # ImplicitHG, float64 run
     iterations: Optional[int] = None
     error_H_float32: Optional[float] = None
@@ -225,6 +289,14 @@ def errors(read: tuple, exact: tuple[np.ndarray, float]) -> tuple[Optional[float
     return (None if dH is None else relative_error(dH, exact[0])), relative_error(dlog_rho, exact[1])
 
 
+def cosine(read: tuple, exact: tuple[np.ndarray, float]) -> Optional[float]:
+    """cos(g_H, dF/dH): whether the direction points the right way (BOME's is not a hypergradient)."""
+    dH = read[0]
+    if dH is None:
+        return None
+    return float(np.sum(dH * exact[0]) / (np.linalg.norm(dH) * np.linalg.norm(exact[0])))
+
+
 def measure(config: Config, repeats: int) -> Measurement:
     """float32: a warm-up call, ``repeats`` timed calls, the peak memory, the float32 errors."""
     problem = make_problem()
@@ -240,38 +312,33 @@ def measure(config: Config, repeats: int) -> Measurement:
     return result
 
 
-def measure_errors(config: Config, problem: Problem, exact: tuple[np.ndarray, float]) -> dict:
-    """One float64 call: the errors against ``exact`` and ImplicitHG's residual and iterations."""
+def measure_errors(config: Config, problem: Problem, exact: tuple[np.ndarray, float], repeats: int) -> dict:
+    """float64: the errors against ``exact`` and ImplicitHG's residual and iterations after one
+    call, or, for a method that keeps w across calls, after as many calls as the timed run."""
     built = build(problem, config, np.float64)
-    built.call()
+    for _ in range(1 + repeats if config.family.startswith(PERSISTENT) else 1):
+        built.call()
     read = built.read()
     error_H, error_log_rho = errors(read, exact)
     residual, iterations = read[2] if read[2] is not None else (None, None)
-    return {"error_H": error_H, "error_log_rho": error_log_rho, "residual": residual, "iterations": iterations}
+    return {"error_H": error_H, "error_log_rho": error_log_rho, "residual": residual, "iterations": iterations,
+            "cosine_H": cosine(read, exact)}
 
 
-def error_worker(configs: Sequence[Config]) -> None:
+def error_worker(configs: Sequence[Config], repeats: int) -> None:
     """``measure_errors`` of every configuration in this one process (no memory is measured
     here), one JSON line each."""
     problem = make_problem()
     exact = reference_hypergradient(problem, None)
     for config in configs:
-        print(json.dumps(measure_errors(config, problem, exact)), flush=True)
+        print(json.dumps(measure_errors(config, problem, exact, repeats)), flush=True)
 
 
-def worker_command(*arguments: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), *arguments]
-
-
-def run_worker(config: Config, repeats: int, timeout_s: float = 600) -> Measurement:
+def run_worker(config: Config, repeats: int, timeout_s: float = 900) -> Measurement:
     """``measure`` in a fresh Python process, so that its memory baseline and peak are its own."""
-    command = worker_command("--worker", json.dumps(dataclasses.asdict(config)), "--repeats", str(repeats))
-    done = subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV, timeout=timeout_s)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {config.family} {config.setting} failed ({done.returncode}):\n"
-                           f"{done.stderr[-3000:]}")
-    return Measurement(**json.loads(lines[-1]))
+    arguments = ["--worker", json.dumps(dataclasses.asdict(config)), "--repeats", str(repeats)]
+    return Measurement(**harness.run_worker("hypergradient_methods", arguments, f"{config.family} {config.setting}",
+                                            timeout=timeout_s))
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -283,16 +350,18 @@ def run_all(configs: Sequence[Config], repeats: int, timeout_s: float = 1800) ->
     for i, config in enumerate(configs, 1):
         m = run_worker(config, repeats)
         results.append(m)
-        print(f"[time {i:2d}/{len(configs)}] {config.family:<23s} {config.setting:<16s} {m.ms:8.1f} ms "
+        print(f"[time {i:2d}/{len(configs)}] {config.family:<26s} {config.setting:<16s} {m.ms:8.1f} ms "
               f"{m.memory_mb:6.1f} MB  first call {m.first_call_s:5.1f} s  ({time.perf_counter() - start:4.0f} s)",
               file=sys.stderr, flush=True)
-    command = worker_command("--errors", json.dumps([dataclasses.asdict(c) for c in configs]))
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=WORKER_ENV) as errors_process:
+    command = [sys.executable, "-m", "benchmarks.hypergradient_methods", "--errors",
+               json.dumps([dataclasses.asdict(c) for c in configs]), "--repeats", str(repeats)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=harness.worker_env(),
+                          cwd=harness.REPOSITORY) as errors_process:
         lines = (line for line in errors_process.stdout if line.startswith("{"))
         for i, (config, m, line) in enumerate(zip(configs, results, lines), 1):
             for key, value in json.loads(line).items():
                 setattr(m, key, value)
-            print(f"[float64 {i:2d}/{len(configs)}] {config.family:<23s} {config.setting:<16s} "
+            print(f"[float64 {i:2d}/{len(configs)}] {config.family:<26s} {config.setting:<16s} "
                   f"error H {fmt(m.error_H, '.1e'):>7s}  log ρ {m.error_log_rho:.1e}  "
                   f"({time.perf_counter() - start:4.0f} s)", file=sys.stderr, flush=True)
         returncode = errors_process.wait(timeout_s)
@@ -301,24 +370,16 @@ def run_all(configs: Sequence[Config], repeats: int, timeout_s: float = 1800) ->
     return results
 
 
-def fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def report(results: Sequence[Measurement], repeats: int, problem: Problem, load: tuple) -> str:
     rows = []
     for m in results:
         c = Config(**m.config)
         residual = "-" if m.residual is None else f"{m.residual:.1e} ({m.iterations})"
-        rows.append([c.family, c.setting, f"{m.ms:.1f}", f"{m.memory_mb:.1f}", fmt(m.error_H, ".2e"),
-                     f"{m.error_log_rho:.2e}" + (" (Σ_j)" if c.blocks else ""), residual])
+        estimate = not c.family.startswith("BOME")  # BOME's direction is not a hypergradient estimate
+        rows.append([c.family, c.setting, f"{m.ms:.1f}", f"{m.memory_mb:.1f}",
+                     fmt(m.error_H if estimate else None, ".2e"),
+                     (f"{m.error_log_rho:.2e}" + (" (Σ_j)" if c.blocks else "")) if estimate else "-",
+                     fmt(m.cosine_H, ".4f"), residual])
     header = [
         "Hypergradient methods on the §5.1 problem (Franceschi et al. 2018): L = ½‖XHw − Y‖² + (ρ/2)‖w‖², "
         "E = ½‖XvHw − Yv‖²,",
@@ -330,19 +391,24 @@ def report(results: Sequence[Measurement], repeats: int, problem: Problem, load:
         "run of the same row (a separate process).",
         "  Residual: ImplicitHG's relative residual (iterations), float64; for fixed_point it is the last "
         "step ‖q_{k+1} − q_k‖/‖b‖.",
-        "  ForwardHG rows differentiate log ρ only; 'vs m' rows: m regularisers ρ_j (class k uses ρ_{k mod m}), "
-        "error of Σ_j dE/dlog ρ_j.",
+        "  ForwardHG rows differentiate log ρ only; 'vs m' rows: m regularisers ρ_j (class k uses ρ_{k mod m}; "
+        "StochasticHG: weight (i, k) uses ρ_{(iC+k) mod m}), error of Σ_j dE/dlog ρ_j.",
+        "  BOME and Penalty keep w across calls: a call is one outer iteration (λ held: outer rate 0), errors after "
+        "the timed calls; BOME's direction is no hypergradient estimate: cos(d_H, ∇_H F) only.",
+        "  Penalty: γ held (no stage), ν = λ_g = 0, inner rate 1/(γℒ² + ℒ); StochasticHG: SGLD at η and τ, "
+        "burn-in T/2 (for the 'vs m' rows τ = 1e-4, no burn-in), error vs the τ = 0 bilevel ∇F.",
         f"  1-min load average {load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end (2 cores, shared: "
         "timings vary by up to ~25%).",
     ]
-    return "\n".join(header + ["", table(["method", "setting", "ms", "MB", "error H", "error log ρ",
-                                          "residual (iters)"], rows)])
+    return "\n".join(header + ["", table(["method", "setting", "ms", "MB", "error H", "error log ρ", "cos H",
+                                          "residual (iters)"], rows, left=2)])
 
 
 def write_results(prefix: Path, results: Sequence[Measurement], meta: dict) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     fields = ["family", "setting", "steps", "truncate", "checkpoint_every", "solver", "max_iter", "blocks",
-              "ms", "memory_mb", "error_H", "error_log_rho", "residual", "iterations", "first_call_s",
+              "per_weight", "gamma", "temperature", "burn_in",
+              "ms", "memory_mb", "error_H", "error_log_rho", "cosine_H", "residual", "iterations", "first_call_s",
               "error_H_float32", "error_log_rho_float32", "residual_float32"]
     with open(prefix.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -359,13 +425,18 @@ def write_results(prefix: Path, results: Sequence[Measurement], meta: dict) -> N
 STYLES = {"ReverseHG": ("tab:blue", "o", "T"), "ReverseHG truncated": ("tab:cyan", "v", "K"),
           "ReverseHG checkpointed": ("navy", "s", ""), "ImplicitHG cg": ("tab:red", "D", "it"),
           "ImplicitHG neumann": ("tab:orange", "^", "it"), "ImplicitHG fixed_point": ("tab:brown", "x", "it"),
-          "ForwardHG": ("tab:green", "P", "T")}
+          "ForwardHG": ("tab:green", "P", "T"), "Penalty": ("tab:purple", "*", "γ"),
+          "StochasticHG reversed": ("tab:olive", "h", "τ"), "StochasticHG score": ("tab:gray", "p", "τ")}
+SWEEPS = (("ForwardHG vs m", "tab:green", "P"), ("ReverseHG vs m", "tab:blue", "o"),
+          ("StochasticHG pathwise vs m", "tab:olive", "P"), ("StochasticHG score vs m", "tab:gray", "p"),
+          ("StochasticHG reversed vs m", "olive", "h"))
 ERROR_FLOOR = 1e-16  # an error of exactly 0 is drawn here on the log axis
 
 
 def annotation(config: Config, key: str) -> str:
-    value = {"T": config.steps, "K": config.truncate, "it": config.max_iter}.get(key)
-    return f"{key}={value}" if value else ""
+    value = {"T": config.steps, "K": config.truncate, "it": config.max_iter, "γ": config.gamma,
+             "τ": config.temperature}.get(key)
+    return f"{key}={value:g}" if value else ""
 
 
 def plot_errors(ax: Any, results: Sequence[Measurement], error: str, title: str) -> None:
@@ -385,21 +456,20 @@ def plot_errors(ax: Any, results: Sequence[Measurement], error: str, title: str)
     ax.grid(True, which="major", alpha=0.3)
 
 
-def plot_components(ax: Any, results: Sequence[Measurement]) -> None:
+def plot_sweep(ax: Any, results: Sequence[Measurement], value: str, ylabel: str) -> None:
+    """``value`` ('ms' or 'memory_mb') against m for every 'vs m' family."""
     import matplotlib.ticker
-    for family, color, marker in (("ForwardHG vs m", "tab:green", "P"), ("ReverseHG vs m", "tab:blue", "o")):
-        points = sorted((m.config["blocks"], m.ms) for m in results if m.config["family"] == family)
+    ticks = set()
+    for family, color, marker in SWEEPS:
+        points = sorted((m.config["blocks"], m.ms if value == "ms" else m.memory_mb) for m in results
+                        if m.config["family"] == family)
         if points:
             ax.plot(*zip(*points), marker=marker, color=color, label=family.replace(" vs m", ""))
-    forward = sorted((m.config["blocks"], m.ms) for m in results if m.config["family"] == "ForwardHG vs m")
-    if forward:
-        ms = np.array([m for m, _ in forward])
-        ax.plot(ms, forward[0][1] * ms / ms[0], "k--", linewidth=0.8, label="∝ m (from ForwardHG at m=1)")
-        steps = next(m.config["steps"] for m in results if m.config["family"] == "ForwardHG vs m")
-        ax.set_title(f"Cost vs number of scalar hyperparameters m (T={steps})")
-    ax.set(xscale="log", yscale="log", xlabel="m (regularisers log ρ_j)", ylabel="ms per hypergradient (float32)")
-    if forward:  # after set(xscale=...), which resets the tick formatters
-        ax.set_xticks(ms, [str(int(m)) for m in ms])
+            ticks.update(p[0] for p in points)
+    ax.set(xscale="log", yscale="log" if value == "ms" else "symlog", xlabel="m (scalar regularisers log ρ_j)",
+           ylabel=ylabel, title=f"{ylabel} vs the number of hyperparameter components m")
+    if ticks:  # after set(xscale=...), which resets the tick formatters
+        ax.set_xticks(sorted(ticks), [str(int(m)) for m in sorted(ticks)])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
 
@@ -409,10 +479,11 @@ def plot(path: Path, results: Sequence[Measurement]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.8))
+    fig, axes = plt.subplots(1, 4, figsize=(24, 5.8))
     plot_errors(axes[0], results, "error_H", "Error of dE/dH vs cost")
     plot_errors(axes[1], results, "error_log_rho", "Error of dE/dlog ρ vs cost")
-    plot_components(axes[2], results)
+    plot_sweep(axes[2], results, "ms", "ms per hypergradient (float32)")
+    plot_sweep(axes[3], results, "memory_mb", "peak memory above baseline (MB)")
     for ax in axes:
         ax.legend(fontsize=7.5, loc="best")
     fig.suptitle("far_ho2 hypergradient methods, ridge hyper-representation (d=256, c=100, 300+300 examples)")
@@ -444,13 +515,13 @@ def main(argv: Sequence[str]) -> None:
         print(json.dumps(dataclasses.asdict(measure(Config(**json.loads(args.worker)), args.repeats))))
         return
     if args.errors:  # internal: the float64 errors of every configuration, one process
-        error_worker([Config(**c) for c in json.loads(args.errors)])
+        error_worker([Config(**c) for c in json.loads(args.errors)], args.repeats)
         return
     load, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S")
     grid = QUICK if args.quick else FULL
     results = run_all(configurations(grid), args.repeats)
     print(report(results, args.repeats, make_problem(), load))
-    prefix = RESULTS_DIR / ("hypergradient_methods_quick" if args.quick else "hypergradient_methods")
+    prefix = harness.RESULTS_DIR / ("hypergradient_methods_quick" if args.quick else "hypergradient_methods")
     write_results(prefix, results, {"started": started, "grid": grid._asdict(), "repeats": args.repeats,
                                     "load_average_start": load, "load_average_end": os.getloadavg(),
                                     "timing_dtype": "float32", "error_dtype": "float64"})

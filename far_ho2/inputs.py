@@ -54,13 +54,13 @@ class InnerInputs(NamedTuple):
         return [accumulator.jvp(xi) for xi in x]
 
 
-def prepare(problem: Any, batches: Batches, hypers: Sequence[tf.Variable]) -> InnerInputs:
+def prepare(problem: Any, batches: Batches, hypers: Sequence[tf.Variable], *, pull_backs: int = 1) -> InnerInputs:
     """The inputs of a run of ``problem`` on ``batches``: its features hoisted out of the loop
     (evaluated once, recorded for the hyperparameters ``hypers``) when it has ``features`` and
-    the batch is the same at every step."""
+    the batch is the same at every step; ``pull_back`` may then be called ``pull_backs`` times."""
     if problem.features is None or batches.per_step:
         return InnerInputs(problem, batches, None, [], None)
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
+    with tf.GradientTape(watch_accessed_variables=False, persistent=pull_backs > 1) as tape:
         tape.watch(list(hypers))
         fixed = problem.inputs(batches.data)
     return InnerInputs(problem, batches, fixed, floating(fixed), tape)

@@ -184,3 +184,31 @@ def test_diagnostics_warn_when_the_chain_has_not_mixed_and_bad_input_is_named():
     with pytest.raises(ValueError, match="cannot differentiate .*'eps'.*use 'pathwise'"):
         far.HyperOptimizer(far.StochasticHG("score")).minimize(
             outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(lambda: eps), hyper_list=[lam, eps])(10)
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "score", "reversed"])
+def test_hoisted_features_give_the_estimate_of_features_evaluated_at_every_step(estimator):
+    """x = X·H as ``features=`` (evaluated once per run, pulled back to H after the chain) or
+    inside the objective: the same chain (same noise), the same estimate up to round-off."""
+    X, y, Xv, yv = gaussian_data()
+    results = []
+    for hoisted in (True, False):
+        far.clear_hyperparameters()
+        H = far.get_hyperparameter("H", np.eye(3) + 0.1 * np.random.default_rng(2).normal(size=(3, 3)))
+        w = tf.Variable(np.zeros((4, 3)), name="w")
+        penalty = lambda: 0.5 * tf.reduce_sum(w ** 2)
+        if hoisted:
+            inner = lambda f: 0.5 * tf.reduce_sum((w @ tf.transpose(f[0]) - f[1]) ** 2) + penalty()
+            features = lambda b: (b[0] @ H, b[1])
+        else:
+            inner = lambda b: 0.5 * tf.reduce_sum((w @ tf.transpose(b[0] @ H) - b[1]) ** 2) + penalty()
+            features = None
+        outer = lambda: 0.5 * tf.reduce_sum((w @ tf.transpose(Xv @ H) - yv) ** 2) / 4
+        method = far.StochasticHG(estimator, burn_in=20, batches=4)
+        ho = far.HyperOptimizer(method)
+        ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(EPS, temperature=0.5, seed=4),
+                    hyper_list=[H], features=features)(120, (tf.constant(X), tf.constant(y)), _skip_hyper_ts=True)
+        results.append((ho.hypergradients()[0][0].numpy(), method.standard_errors[0][0]))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)  # round-off apart
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+    assert np.all(results[0][1] > 0)

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from far_ho2 import autodiff
+from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.hypergradients import forward
 from far_ho2.hypergradients.base import HyperGradient
@@ -76,23 +77,15 @@ def _standard_error(per_batch: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(per_batch - tf.reduce_mean(per_batch, axis=0)), axis=0) / ((n - 1) * n))
 
 
-def _score(sums: list, counts: tf.Tensor, temperature: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The covariance-identity estimate and its batch estimates, from the batch sums [B, ...] of
-    (E, ∂E/∂λ, ∂L/∂λ, E·∂L/∂λ): with the global means Ē, ḡ, each batch b contributes
+def _totals(sums: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    return [tf.reduce_sum(x, axis=0) for x in sums]
 
-        c_b = mean_b(∂E/∂λ) − mean_b((E − Ē)(∂L/∂λ − ḡ))/τ,
 
-    whose count-weighted mean is the global estimate E[∂E/∂λ] − Cov(E, ∂L/∂λ)/τ (centring each
-    batch on its own means instead would bias short batches of an autocorrelated chain)."""
-    outer, outer_grad, lower_grad, product = sums
-    total = tf.reduce_sum(counts)
-    e_mean = tf.reduce_sum(outer) / total
-    g_mean = tf.reduce_sum(lower_grad, axis=0) / total
-    expand = lambda v: tf.reshape(v, tf.concat([tf.shape(v), tf.ones(tf.rank(lower_grad) - 1, tf.int32)], 0))
-    centred = product - e_mean * lower_grad - expand(outer) * g_mean + expand(counts) * e_mean * g_mean
-    per_batch = _per_batch(outer_grad - centred / temperature, counts)
-    estimate = (tf.reduce_sum(outer_grad, axis=0) - tf.reduce_sum(centred, axis=0) / temperature) / total
-    return estimate, per_batch
+def _centred(product: tf.Tensor, lower: tf.Tensor, outer: tf.Tensor, counts: tf.Tensor, e_mean: tf.Tensor,
+             g_mean: tf.Tensor) -> tf.Tensor:
+    """Σ_{t∈b} (E_t − Ē)(g_t − ḡ) per batch b, from the batch sums of E·g, g and E and the counts."""
+    expand = lambda v: tf.reshape(v, tf.concat([tf.shape(v), tf.ones(tf.rank(lower) - 1, tf.int32)], 0))  # noqa: E731
+    return product - e_mean * lower - expand(outer) * g_mean + expand(counts) * e_mean * g_mean
 
 
 def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
@@ -102,7 +95,9 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     """The Monte-Carlo hypergradient of F(λ) = E_{w∼p(·|λ)}[E(w, λ)] along one SGLD chain of T =
     ``steps`` steps from Φ₀ (or ``initial_state``): the states w_t, t = ``burn_in``, … , T − 1,
     every ``thinning``-th one, are the M samples (see the module docstring for the estimators).
-    The samples are cut into ``batches`` batches (at most M) for the standard errors.
+    The samples are cut into ``batches`` batches (at most M) for the standard errors. Hoisted
+    features x = φ_λ(batch) are differentiated as extra sources and pulled back to λ once per
+    batch of samples (all the estimators are linear in the per-sample terms).
 
     Returns:
         ``RunResult``: ``value`` is the MC estimate of F, ``grads`` the estimate of ∇F,
@@ -114,17 +109,26 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     steps = tf.convert_to_tensor(steps, tf.int32)
     kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
     n_batches = tf.minimum(tf.constant(batches, tf.int32), kept)
-    tangents = forward.prepare_tangents(problem, hypers, inner_batches)
-    inputs = tangents.inputs
-    if initial_state is None and estimator == "pathwise":
-        s0, z0 = forward.start_tangents(problem, tangents, hypers)
+    if estimator == "pathwise":  # forward mode carries ∂x/∂λ of hoisted inputs in its tangents
+        tangents = forward.prepare_tangents(problem, hypers, inner_batches)
+        inputs, sources = tangents.inputs, []
+        s0, z0 = (forward.start_tangents(problem, tangents, hypers) if initial_state is None else
+                  (initial_state, [[tf.zeros_like(x) for x in tf.nest.flatten(initial_state)]
+                                   for _ in tangents.components]))
     else:
+        inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=batches + 1)
+        sources, tangents, z0 = inputs.sources, None, []
         s0 = problem.initial_state() if initial_state is None else initial_state
-        z0 = [[tf.zeros_like(x) for x in tf.nest.flatten(s0)] for _ in tangents.components]
-    z0 = z0 if estimator == "pathwise" else []
     q0 = [tf.zeros_like(w) for w in s0.w] if estimator == "reversed" else []
     zero = tf.zeros((), dtype)
     connected = [False] * len(hypers)
+    # per-batch sums, for λ and for the hoisted inputs x: 'score' keeps E, then (∂E/∂λ, ∂L/∂λ,
+    # E·∂L/∂λ) per λ and (∂L/∂x, E·∂L/∂x) per x; the others the per-sample estimate.
+    per_hyper, per_source = (3, 2) if estimator == "score" else (1, 1)
+    shapes = ([()] if estimator == "score" else []) + [tuple(h.shape) for h in hypers for _ in range(per_hyper)] \
+        + [tuple(x.shape) for x in sources for _ in range(per_source)]
+    first_hyper = 1 if estimator == "score" else 0
+    first_source = first_hyper + per_hyper * len(hypers)
 
     def add(sums: list, index: int, b: tf.Tensor, value: Optional[tf.Tensor], weight: tf.Tensor,
             hyper: Optional[int] = None) -> None:
@@ -132,7 +136,7 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
             return
         if hyper is not None:
             connected[hyper] = True
-        sums[index] = tf.tensor_scatter_nd_add(sums[index], [[b]], [weight * tf.cast(value, dtype)])
+        sums[index] = tf.tensor_scatter_nd_add(sums[index], [[b]], [weight * tf.cast(tf.convert_to_tensor(value), dtype)])
 
     def body(t, flat, z, q, sums, stats, losses, first_bad):
         state = tf.nest.pack_sequence_as(s0, flat)
@@ -148,34 +152,39 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
                 add(sums, i, b, g, weight, i)
             z = new_z
         elif estimator == "reversed":
-            recorded = autodiff.record_transition(problem, state, lambda: inputs.at(t), t + offset, hypers)
-            vjp = autodiff.pull_back(problem, recorded, autodiff.state_cotangent(state, q), hypers)
+            recorded = autodiff.record_transition(problem, state, lambda: inputs.at(t), t + offset, hypers, sources)
+            vjp = autodiff.pull_back(problem, recorded, autodiff.state_cotangent(state, q), hypers, sources)
             for i, (direct, through) in enumerate(zip(outer.hypers, vjp.hypers)):
-                terms = [x for x in (direct, through) if x is not None]
-                add(sums, i, b, tf.add_n([tf.convert_to_tensor(x) for x in terms]) if terms else None, weight, i)
+                terms = [tf.convert_to_tensor(x) for x in (direct, through) if x is not None]
+                add(sums, i, b, tf.add_n(terms) if terms else None, weight, i)
+            for j, through in enumerate(vjp.extra):
+                add(sums, first_source + j, b, through, weight)
             q = [a + v for a, v in zip(tf.nest.flatten(vjp.state)[:len(q)], outer.weights)]
             new, loss = recorded.new_state, recorded.loss
         else:
-            lower = autodiff.value_and_gradients(problem, lambda: problem.loss(inputs.at(t)), hypers)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(hypers + sources)
+                lower_value = problem.loss(inputs.at(t))
+            lower = tape.gradient(lower_value, hypers + sources)
             add(sums, 0, b, outer.value, weight)
-            for i, (outer_grad, lower_grad) in enumerate(zip(outer.hypers, lower.hypers)):
+            for i, (outer_grad, lower_grad) in enumerate(zip(outer.hypers, lower[:len(hypers)])):
                 add(sums, 1 + 3 * i, b, outer_grad, weight, i)
                 add(sums, 2 + 3 * i, b, lower_grad, weight, i)
                 add(sums, 3 + 3 * i, b, None if lower_grad is None else outer.value * lower_grad, weight, i)
+            for j, lower_grad in enumerate(lower[len(hypers):]):
+                add(sums, first_source + 2 * j, b, lower_grad, weight)
+                add(sums, first_source + 2 * j + 1, b, None if lower_grad is None else outer.value * lower_grad, weight)
             new, loss = problem.transition(state, inputs.at(t), t + offset)
         previous, by_batch, lag, square, value_sum = stats
         current = tf.cast(loss, dtype)
-        first_sample = tf.equal(t, burn_in)
         stats = (tf.where(sample, current, previous),
                  tf.tensor_scatter_nd_add(by_batch, [[b]], [tf.stack([weight, weight * current])]),
-                 lag + tf.where(sample & ~first_sample, previous * current, zero),
+                 lag + tf.where(sample & ~tf.equal(t, burn_in), previous * current, zero),
                  square + weight * current * current, value_sum + weight * tf.cast(outer.value, dtype))
         new_flat = tf.nest.flatten(new)
         return (t + 1, new_flat, z, q, sums, stats, losses.write(t, current), mark_nonfinite(first_bad, t, new_flat))
 
-    shapes = [()] + [tuple(h.shape) for h in hypers for _ in range(3)] if estimator == "score" else \
-        [tuple(h.shape) for h in hypers]
-    sums0 = [tf.zeros((batches,) + shape, dtype) for shape in shapes]  # score: E, then 3 per hyperparameter
+    sums0 = [tf.zeros((batches,) + shape, dtype) for shape in shapes]
     stats0 = (zero, tf.zeros((batches, 2), dtype), zero, zero, zero)
     trajectory = empty_trajectory(s0, steps)
     _, flat, _, _, sums, stats, losses, first_bad = tf.while_loop(
@@ -187,18 +196,36 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     _, by_batch, lag, square, value_sum = stats
     counts = by_batch[:n_batches, 0]
     total = tf.reduce_sum(counts)
-    sums = [s[:n_batches] for s in sums]
-    grads, errors = [], []
+    sums = [x[:n_batches] for x in sums]
+    hyper_sums, source_sums = sums[first_hyper:first_source], sums[first_source:]
     if estimator == "score":
         temperature = problem.optimizer.params(steps + offset, dtype).temperature
+        e_mean = tf.reduce_sum(sums[0]) / total
+        parts = []  # per λ: the λ part of the per-sample estimate, summed per batch
         for i in range(len(hypers)):
-            estimate, per_batch = _score([sums[0]] + sums[1 + 3 * i: 4 + 3 * i], counts, temperature)
-            grads.append(estimate)
-            errors.append(_standard_error(per_batch))
+            outer_grad, lower_grad, product = hyper_sums[3 * i: 3 * i + 3]
+            g_mean = tf.reduce_sum(lower_grad, axis=0) / total
+            parts.append(outer_grad - _centred(product, lower_grad, sums[0], counts, e_mean, g_mean) / temperature)
+        x_parts = []
+        for j in range(len(sources)):
+            lower_grad, product = source_sums[2 * j: 2 * j + 2]
+            g_mean = tf.reduce_sum(lower_grad, axis=0) / total
+            x_parts.append(-_centred(product, lower_grad, sums[0], counts, e_mean, g_mean) / temperature)
     else:
-        for s in sums:
-            grads.append(tf.reduce_sum(s, axis=0) / total)
-            errors.append(_standard_error(_per_batch(s, counts)))
+        parts, x_parts = hyper_sums, source_sums
+    # λ parts plus the pull-back of the x parts: the total, then each batch (for the SEs)
+    through_x = inputs.pull_back(_totals(x_parts), hypers) if sources else [None] * len(hypers)
+    grads = []
+    for i, (part, pulled) in enumerate(zip(parts, through_x)):
+        connected[i] = connected[i] or pulled is not None
+        grads.append((tf.reduce_sum(part, axis=0) + (0 if pulled is None else pulled)) / total)
+    per_batch = [_per_batch(part, counts) for part in parts]
+    if sources:
+        pulled_batches = [inputs.pull_back([x[k] for x in x_parts], hypers) for k in range(batches)]
+        for i in range(len(hypers)):
+            rows = [tf.zeros_like(hypers[i]) if pulled[i] is None else tf.cast(pulled[i], dtype) for pulled in pulled_batches]
+            per_batch[i] = per_batch[i] + _per_batch(tf.stack(rows)[:n_batches], counts)
+    errors = [_standard_error(x) for x in per_batch]
     loss_means = by_batch[:n_batches, 1] / tf.maximum(counts, 1.0)
     mean_loss = tf.reduce_sum(by_batch[:n_batches, 1]) / total
     variance = square / total - mean_loss * mean_loss
