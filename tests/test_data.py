@@ -395,7 +395,7 @@ def test_episodes_from_classes_of_different_sizes():
     found = np.round(np.concatenate([episode.support_x, episode.query_x]).ravel() * 255)
     classes = np.searchsorted(split.class_starts, found, side="right") - 1
     assert sorted(classes) == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match="Class 'a' has 2 images.*`shots`=2"):
+    with pytest.raises(ValueError, match="Class .a. of the split has 2 images.*`shots`=2"):
         episode_dataset(split, ways=2, shots=2, queries=1, seed=0)
 
 
