@@ -356,11 +356,17 @@ def _launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
                   verbose=_verbose(values["verbose"]), checkpoint_seconds=values["checkpoint_every"])
 
 
+def _not_checkpoint_chatter(record: Any) -> bool:
+    """False for TensorFlow's log line at every checkpoint save ("Sharding callback duration")."""
+    return not record.pathname.endswith("functional_saver.py")
+
+
 def main(argv: Sequence[str], holders: Mapping[str, flags.FlagHolder], preset: train.Config,
          load_splits: Callable[[Mapping[str, Any]], data.Splits]) -> None:
     """A launcher's ``main``: flags -> `train.Config` and data -> ``run_train`` or ``run_test``.
     Problems end the process with a one-line message: exit code 1 for bad flags, data or
     --logdir; 128 + the signal's number after Ctrl-C or SIGTERM."""
+    logging.get_absl_logger().addFilter(_not_checkpoint_chatter)
     try:
         if len(argv) > 1:
             raise LaunchError(f"Unexpected arguments: {list(argv[1:])}.")

@@ -152,8 +152,9 @@ def _state_of(callback: Any) -> tuple[dict, Optional[list]]:
     if hasattr(callback, "get_state"):
         return callback.get_state(), None
     if isinstance(callback, keras.callbacks.EarlyStopping):
-        return ({"wait": callback.wait, "best": callback.best, "best_epoch": callback.best_epoch,
-                 "stopped_epoch": callback.stopped_epoch}, callback.best_weights)
+        return ({"wait": callback.wait, "best": callback.best,  # best_epoch: set by on_train_begin
+                 "best_epoch": getattr(callback, "best_epoch", 0), "stopped_epoch": callback.stopped_epoch},
+                callback.best_weights)
     return {"best": callback.best}, None  # ModelCheckpoint
 
 
@@ -162,6 +163,16 @@ def _check_trackable(callback: Any) -> None:
             callback, (keras.callbacks.EarlyStopping, keras.callbacks.ModelCheckpoint))):
         raise TypeError(f"`track` holds {type(callback).__name__}: Checkpoint keeps the state of "
                         f"EarlyStopping, ModelCheckpoint and callbacks with get_state/set_state.")
+
+
+def _set_state(callback: Any, state: dict, best_weights: Optional[list]) -> None:
+    if hasattr(callback, "set_state"):
+        callback.set_state(state)
+        return
+    for name, value in state.items():
+        setattr(callback, name, value)
+    if best_weights is not None:
+        callback.best_weights = best_weights
 
 
 def _jsonable(value: Any) -> Any:
@@ -215,9 +226,9 @@ class Checkpoint(keras.callbacks.Callback):
         return self._saver
 
     def restore(self, model: keras.Model) -> Progress:
-        """Loads the latest save into ``model`` (compiled) and its optimizer now, and into the
-        tracked callbacks when ``fit`` starts; returns what the run had done (0, 0 if nothing
-        was saved)."""
+        """Loads the latest save into ``model`` (compiled), its optimizer and the tracked
+        callbacks (now, and again when ``fit`` starts); returns what the run had done (0, 0 if
+        nothing was saved)."""
         manager, state, best = self._checkpoint(model)
         if manager.latest_checkpoint is None:
             return Progress(0, 0)
@@ -226,9 +237,8 @@ class Checkpoint(keras.callbacks.Callback):
         self.iterations, self.epochs = saved["iterations"], saved["epochs"]
         self._pending = [(s, [v.numpy() for v in weights] if s.pop("has_best_weights", False) else None)
                          for s, weights in zip(saved["callbacks"], best)]
-        for callback, (s, _) in zip(self.track, self._pending):
-            if hasattr(callback, "set_state"):  # now: the launcher reads e.g. the time spent
-                callback.set_state(s)
+        for callback, (s, weights) in zip(self.track, self._pending):
+            _set_state(callback, s, weights)  # now, for the caller to read (e.g. the time spent)
         logging.info("Resumed %s at hyper-iteration %d.", manager.latest_checkpoint, self.iterations)
         return Progress(self.iterations, self.epochs)
 
@@ -250,13 +260,7 @@ class Checkpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Optional[dict] = None) -> None:
         for callback, (s, weights) in zip(self.track, self._pending or ()):
-            if hasattr(callback, "set_state"):
-                callback.set_state(s)
-            else:  # after their own on_train_begin, which resets them
-                for name, value in s.items():
-                    setattr(callback, name, value)
-                if weights is not None:
-                    callback.best_weights = weights
+            _set_state(callback, s, weights)  # again: Keras's callbacks reset in on_train_begin
         self._pending, self._signal, self._last_save = None, None, time.monotonic()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):

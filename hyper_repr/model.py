@@ -87,6 +87,15 @@ class ConfidenceInterval(keras.metrics.Metric):
         return 1.96 * tf.sqrt(variance / n)
 
 
+def _unwrap(data: Any) -> Any:
+    """A batch as the dataset gives it: ``fit`` passes the element, ``train_on_batch`` and
+    ``test_on_batch`` pass (x, y, sample_weight) with y (for 'classic', the labels) and
+    sample_weight possibly None."""
+    if isinstance(data, tuple) and not isinstance(data, Episode) and len(data) == 3 and data[2] is None:
+        return data[0] if data[1] is None else data[:2]
+    return data
+
+
 def _tf_variable(variable: Any) -> tf.Variable:
     """The ``tf.Variable`` that holds a Keras variable (far_ho2's functions watch those)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -265,9 +274,9 @@ class HyperRepresentation(keras.Model):
         self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
 
     def compile_from_config(self, config: dict) -> None:
-        """Keras's, which ``load_model`` calls only when a model overriding ``compile`` overrides
-        this too: a loaded model is compiled as the saved one was."""
-        super().compile_from_config(config)
+        """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models
+        that override ``compile``)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     def call(self, images: Any, training: bool = False) -> tf.Tensor:
         """h_λ: images [n, H, W, C] -> features [n, d] (normalised with these n images'
@@ -317,7 +326,7 @@ class HyperRepresentation(keras.Model):
     @tf.autograph.experimental.do_not_convert
     def train_step(self, data: Any) -> dict:
         """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss)."""
-        loss, grads, finite = self.hypergradients(data)
+        loss, grads, finite = self.hypergradients(_unwrap(data))
 
         def update():
             self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
@@ -332,7 +341,7 @@ class HyperRepresentation(keras.Model):
     @tf.autograph.experimental.do_not_convert
     def test_step(self, data: Any) -> dict:
         """Scores a batch of episodes: new heads, ``test_steps`` GD steps, query predictions."""
-        episode = Episode(*data)
+        episode = Episode(*_unwrap(data))
         support = episode_features(self.network, episode.support_x)
         ways = tf.reduce_max(episode.support_y) + 1  # labels are 0 … N−1, each in the support set
         weights, bias = fit_heads(support, episode.support_y, ways=ways, steps=self.test_steps,

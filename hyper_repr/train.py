@@ -260,8 +260,8 @@ def _delete(root: pathlib.Path, names: Sequence[str]) -> None:
 
 
 def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: bool = True,
-               outputs: Sequence[str] = (), verbose: Any = "auto",
-               checkpoint_seconds: float = 60.0) -> dict:
+               outputs: Sequence[str] = (), verbose: Any = "auto", checkpoint_seconds: float = 60.0,
+               extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """Meta-trains with ``fit``, resuming from ``workdir`` if it holds a checkpoint; then
     meta-tests (see the module docstring).
 
@@ -275,6 +275,8 @@ def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: boo
         verbose: ``fit``'s progress output: 0, 1 (a progress bar), 2 (a line per epoch) or
             "auto". Defaults to `"auto"`.
         checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
+        extra_callbacks: more Keras callbacks for ``fit`` (e.g. timers), called before the
+            run's own.
 
     Returns:
         The content of results.json.
@@ -318,7 +320,7 @@ def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: boo
                 training_data(config, splits.train, done.iterations), validation_data=validation,
                 steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
                 shuffle=False, verbose=verbose,
-                callbacks=[keras.callbacks.TerminateOnNaN(), budget, stopping, best,
+                callbacks=[*extra_callbacks, keras.callbacks.TerminateOnNaN(), budget, stopping, best,
                            keras.callbacks.CSVLogger(str(root / METRICS), append=True),
                            _tensorboard(root / "tensorboard"),
                            checkpoint])

@@ -59,7 +59,7 @@ def model_of(network=None, *, seed: int = 0, dtype: str = "float64", meta_lr: fl
 
 
 def values(variables) -> list[np.ndarray]:
-    return [np.array(v) for v in variables]
+    return [v.numpy() for v in variables]
 
 
 # -- the hypergradient ----------------------------------------------------------------------------
@@ -284,6 +284,9 @@ def test_saved_model_reloads_with_identical_features_and_scores(tmp_path):
     eta = [float(keras.ops.convert_to_numpy(m.learning_rate)) for m in (loaded, model)]
     assert eta[0] == eta[1] != 0.5  # η was learned and saved
     assert (loaded.test_steps, loaded.hypergradient.truncate, loaded.learn_lr) == (2, 2, True)
+    assert loaded.optimizer.get_config()["learning_rate"] == pytest.approx(1e-2)  # compiled as saved
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):  # Adam's state too
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     test = data.evaluation_episodes(SPLITS.test, ways=WAYS, shots=SHOTS, queries=QUERIES, num_episodes=8,
                                     meta_batch_size=4)
     assert loaded.evaluate(test, verbose=0, return_dict=True) == model.evaluate(test, verbose=0,
