@@ -119,7 +119,8 @@ class TrainingBudget(keras.callbacks.Callback):
 
 
 # What `tf.summary.scalar` writes; it needs the tensorboard package, `tf.summary.write` does not.
-_SCALAR = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+_SCALAR = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 class EpochScalars(keras.callbacks.Callback):

@@ -157,6 +157,7 @@ class _Heads:
                                       trainable=False, name=name)
                           for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
 
+
 @keras.saving.register_keras_serializable(package="hyper_repr")
 class HyperRepresentation(keras.Model):
     """A representation network h_λ meta-trained by hypergradients (see the module docstring).

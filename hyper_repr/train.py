@@ -50,7 +50,8 @@ from hyper_repr.model import HyperRepresentation
 from hyper_repr.models import build_network
 
 RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
-BEST_MODEL, METRICS, CONFIG, RESULTS, LOCK = "best.keras", "metrics.csv", "config.json", "results.json", ".lock"
+BEST_MODEL, METRICS, CONFIG, RESULTS = "best.keras", "metrics.csv", "config.json", "results.json"
+LOCK = ".lock"
 OUTPUTS = (CONFIG, METRICS, RESULTS, BEST_MODEL, "checkpoints", "tensorboard")  # what a run writes
 
 

@@ -160,7 +160,8 @@ def test_omniglot_launcher_writes_outputs_resumes_exactly_and_tests(tmp_path, om
     assert (straight / train.RESULTS).read_bytes() == training_results
     assert set(entry["test"]) == {"2way_1shot"} and entry["config"]["steps"] == 1
     assert again["test"] == saved["test"]  # best.keras reloaded: the same test accuracies
-    assert json.loads((straight / few_shot.TEST_RESULTS).read_text()) == json.loads(json.dumps([entry, again]))
+    saved_tests = json.loads((straight / few_shot.TEST_RESULTS).read_text())
+    assert saved_tests == json.loads(json.dumps([entry, again]))
     with pytest.raises(few_shot.LaunchError, match="--logdir=.*no trained run"):
         few_shot.run_test(tmp_path / "empty", omniglot_splits)
     with pytest.raises(few_shot.LaunchError, match="--test_queries=30"):

@@ -244,7 +244,8 @@ def image_batches(split: Split, *, batch_size: int, seed: int,
         ValueError: if ``batch_size`` is not a positive int at most the number of images.
     """
     count = int(split.class_starts[-1])
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 0 < batch_size <= count:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or not 0 < batch_size <= count):
         raise ValueError(f"`batch_size` must be a positive int ≤ {count} (the images of the split), "
                          f"got {batch_size!r}.")
     images = tf.convert_to_tensor(np.asarray(split.images))
