@@ -377,5 +377,6 @@ def main(argv: Sequence[str], holders: Mapping[str, flags.FlagHolder], preset: t
         sys.stderr.write(f"Interrupted: {error}\n")
         sys.exit(128 + error.signum)
     except KeyboardInterrupt:
-        sys.stderr.write("Interrupted (Ctrl-C) outside training: nothing to save.\n")
+        sys.stderr.write("Interrupted (Ctrl-C) outside training: the run's checkpoints are kept, "
+                         "the same command resumes it.\n")
         sys.exit(128 + signal.SIGINT)
