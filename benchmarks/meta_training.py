@@ -1,10 +1,11 @@
 """Meta-training speed of hyper-representation: episodes per second and memory, Omniglot 5-way 1-shot.
 
-The subject is one hyper-iteration of ``hyper_repr.meta_learner.MetaLearner.meta_step`` (Algorithm 1
-of Franceschi et al., ICML 2018): B episodes, each a logistic head fitted by T steps of gradient
-descent on the support features of the Omniglot network (4 strided conv-64 layers, 256 features,
-float32), the hypergradient of the mean query cross-entropy by reverse mode through the T head
-steps, then an outer Adam step on the network's weights and the learned head learning rate η:
+The subject is one hyper-iteration of ``hyper_repr.HyperRepresentation`` (its Keras
+``train_step``: Algorithm 1 of Franceschi et al., ICML 2018): B episodes, each a logistic head
+fitted by T steps of gradient descent on the support features of the Omniglot network (4 strided
+conv-64 layers, 256 features, float32), the hypergradient of the mean query cross-entropy by
+reverse mode through the T head steps, then an outer Adam step on the network's weights and the
+learned head learning rate η:
 
     w_{j,t+1} = w_{j,t} − η ∇_w CE(h_λ(X^tr_j) W_{j,t} + b_{j,t}, Y^tr_j),   w_{j,0} = 0,  t < T
     E(λ, η) = (1/B) Σ_j CE(h_λ(X^val_j) W_{j,T} + b_{j,T}, Y^val_j),   (λ, η) ← Adam(∇E)
@@ -12,21 +13,23 @@ steps, then an outer Adam step on the network's weights and the learned head lea
 Episodes are those of training: 5-way 1-shot with 15 queries per class, drawn by the real
 ``hyper_repr.data.episode_dataset`` from the bundled Omniglot (``data/omniglot`` of the repository;
 test alphabets Sanskrit and Tagalog, validation alphabet Early_Aramaic, as
-the bundled-data run of ``flags/omniglot.py``, whose default learner settings are used too: η = 0.1,
-learned). Measured for every meta-batch size B ∈ {4, 16} and T ∈ {1, 5, 10}, each in a fresh
-process:
+the bundled-data run of ``flags/omniglot.py``, whose default settings are used too: η = 0.1,
+learned, ``train.build_model``). Measured for every meta-batch size B ∈ {4, 16} and T ∈ {1, 5, 10},
+each in a fresh process:
 
-* step-only: episodes/s of ``meta_step`` on meta-batches pre-drawn from the pipeline (cycled);
-* with pipeline: episodes/s of ``meta_step(next(iterator))`` on the live ``episode_dataset``,
-  i.e. what the training loop gets; the two alternate chunk by chunk, so load drifts hit both alike.
+* step-only: episodes/s of ``model.train_on_batch`` on meta-batches pre-drawn from the pipeline
+  (cycled): the training step alone;
+* fit: episodes/s of Keras ``model.fit`` on the live ``episode_dataset``, i.e. what training gets
+  (the next meta-batch read inside the train function, the callbacks' per-step work); its epochs
+  alternate with the step-only chunks (run at each epoch's end), so load drifts hit both alike.
   Rates are the median over chunks (``Timing``: 5 chunks of ≥ 1.5 s per mode) after the first
-  (tracing) call and 2 s of warm-up calls; ms per meta-step is the median of the step-only calls.
+  (tracing) call and 2 s of warm-up calls; ms per step is the median of the step-only calls.
   The process's CPU time per step (all threads, ``time.process_time``) is reported beside them: it
   varies less than wall time with the load of other processes on the shared machine;
 * the pipeline alone: ms per meta-batch of ``next(iterator)`` without compute, and the latency of
   the first batch of a stream resumed at ``first_episode`` = 400,000 (it is a counter, not a skip);
 * the first call's time (tracing + one step) and peak memory: peak RSS above the process's
-  baseline after imports, data loading, the pre-drawn batches and the (untraced) learner; on a
+  baseline after imports, data loading, the pre-drawn batches and the (untraced) model; on a
   GPU also TF's peak device memory.
 
 CPU processes hide any GPU; when one is visible to TensorFlow, every configuration runs again on
@@ -44,24 +47,23 @@ meta-batch size, T = the largest). PyTorch is not a dependency (its Linux wheel 
 CUDA): ``pip install torch --index-url https://download.pytorch.org/whl/cpu`` installs the CPU
 build; without it the script says so and skips the subject.
 
-Then the real training loop, ``hyper_repr.train.meta_train`` (B = 4, T = 5, 500 iterations,
-validation every 250 iterations on 200 episodes, a checkpoint at each validation and at the end,
-then the meta-test on 3 × 200 test episodes), in a temporary workdir of a fresh process,
-instrumented from outside: its ``_restore``, ``_train_batches`` and ``_test`` are wrapped, so the
-learner's ``meta_step`` and ``evaluate``, the checkpoint manager's ``save`` and every training
-batch are timed (wall and CPU); hyper_repr is not modified. Reported: the loop's episodes/s
-(overall, by meta_train's own elapsed time and its logged rates), each component's time, the
-residual Python per iteration, the loop's time beyond N × (median step + median batch) by cause, the same learner's step
-outside the loop in the same process, and the projected rate of a 780-s run (the README example's
-budget) from the measured components.
+Then the launchers' training run, ``hyper_repr.train.meta_train`` (Keras ``fit`` with the
+launchers' callbacks: B = 4, T = 5, 500 iterations, an epoch of 250 iterations ended by a
+validation on 200 episodes, metrics.csv, TensorBoard, best.keras and a checkpoint, then the
+meta-test on 3 × 200 test episodes), in a temporary workdir of a fresh process, timed by a Keras
+callback given to ``meta_train`` (``loop_timer``: each step, what runs between steps, each
+validation and each epoch end, wall and CPU). Reported: fit's episodes/s (overall, by
+meta_train's own elapsed time and its metrics.csv), each component's time, fit's time beyond N ×
+the median step by cause, the same model's step outside fit in the same process, and the
+projected rate of a 240-s run (the budget of the README's main job) from the measured components.
 
 Run from the repository root (about 10 minutes on 2 cores at load 3-5 with the PyTorch subject,
 less when idle; ``--quick``: B = 4, T ∈ {1, 5}, short timing and a 20-iteration loop, a smoke run
 of about 2 minutes on an idle machine):
 
-    python benchmarks/meta_training.py
-    python benchmarks/meta_training.py --meta-batch-sizes 4 --steps 5 --loop-iterations 2000
-    python benchmarks/meta_training.py --quick
+    python -m benchmarks.meta_training          # or: python benchmarks/meta_training.py
+    python -m benchmarks.meta_training --meta-batch-sizes 4 --steps 5 --loop-iterations 2000
+    python -m benchmarks.meta_training --quick
 
 Progress goes to stderr, the tables to stdout; the results are written to
 ``benchmarks/results/meta_training[_quick].{csv,json}``. The worker modes (``--worker
@@ -92,7 +94,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from hypergradient_cost import fmt, machine_info, max_rss_mb, table, timed
+if not __package__:  # run as a script: the repository's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.hypergradient_cost import fmt, machine_info, max_rss_mb, table, timed  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DATA_DIR = REPOSITORY / "data" / "omniglot"
@@ -101,7 +105,7 @@ WAYS, SHOTS, QUERIES, SEED = 5, 1, 15, 0
 LEARNING_RATE, LEARN_LR = 0.1, True  # flags/omniglot.py's defaults
 DEFAULT_BATCH_SIZES, DEFAULT_STEPS = (4, 16), (1, 5, 10)
 QUICK_BATCH_SIZES, QUICK_STEPS = (4,), (1, 5)
-META_LR, META_LR_DECAY = 1e-3, 1e-5  # MetaLearner's outer Adam: meta_lr / (1 + decay·iteration)
+META_LR, META_LR_DECAY = 1e-3, 1e-5  # the launchers' outer Adam: meta_lr / (1 + decay·iteration)
 ADAM_EPSILON, ADAM_BETA2 = 1e-7, 0.999  # Keras's Adam defaults
 NORM_EPSILON, MIN_LR = 1e-3, 1e-6  # TransductiveBatchNormalization's ε; η's constraint η ≥ 1e-6
 CHECK_TOLERANCE = 1e-4  # relative: E and ‖∇E‖ of hyper_repr and the PyTorch subject
@@ -117,7 +121,7 @@ class Timing:
 
     warmup_seconds: float  # warm-up calls after the first (tracing) call
     chunk_seconds: float  # each timed chunk lasts at least this long and MIN_CHUNK_CALLS calls
-    chunks: int  # per mode (step-only, with pipeline), alternating
+    chunks: int  # per mode (fit, step-only), alternating
     pipeline_seconds: float  # the pipeline alone
 
 
@@ -139,7 +143,7 @@ class LoopSettings:
 
 
 QUICK_LOOP = LoopSettings(iterations=20, eval_every=10, eval_episodes=20, test_episodes=20)
-LONG_RUN_SECONDS = 780.0  # the README's 13-minute example run (its time budget)
+LONG_RUN_SECONDS = 240.0  # the time budget of the README's main job
 
 
 # -- set-up shared by the workers -------------------------------------------------------------------
@@ -173,6 +177,16 @@ def training_episodes(splits: Any, meta_batch_size: int, first_episode: int = 0)
                                 meta_batch_size=meta_batch_size, first_episode=first_episode)
 
 
+def build_model(steps: int, splits: Any) -> Any:
+    """The compiled ``hyper_repr.HyperRepresentation`` of the launchers' defaults (``train.build_model``):
+    the Omniglot network (float32, seed 0), η = 0.1 learned, outer Adam with inverse-time decay."""
+    from hyper_repr import train
+
+    config = train.Config(ways=WAYS, shots=SHOTS, queries=QUERIES, steps=steps, learning_rate=LEARNING_RATE,
+                          learn_lr=LEARN_LR, meta_lr=META_LR, meta_lr_decay=META_LR_DECAY, seed=SEED)
+    return train.build_model(config, splits)
+
+
 # -- worker 1: one (device, B, T) -----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -180,17 +194,17 @@ class Measurement:
     device: str  # "cpu" or "gpu"
     meta_batch_size: int  # B
     steps: int  # T
-    step_rates: list[float]  # episodes/s of each step-only chunk
-    pipeline_rates: list[float]  # episodes/s of each chunk fed by the live pipeline
+    step_rates: list[float]  # episodes/s of each step-only chunk (train_on_batch, pre-drawn)
+    fit_rates: list[float]  # episodes/s of each fit epoch on the live pipeline
     step_ms: list[float]  # every timed step-only call
-    pipeline_step_ms: list[float]  # every timed call fed by the pipeline, next() included
+    fit_step_ms: list[float]  # every step in fit (batch begin to end: the next batch included)
     step_cpu_ms: list[float]  # CPU ms of the process (all threads) per step-only call, per chunk
-    pipeline_cpu_ms: list[float]  # the same fed by the pipeline (its threads included)
+    fit_cpu_ms: list[float]  # the same per step of each fit epoch (the pipeline's threads included)
     pipeline_alone_ms: float  # median ms per next(iterator) without compute
     first_batch_s: float  # first meta-batch of the stream from episode 0 (pipeline start-up)
     resumed_first_batch_s: float  # first meta-batch of a stream resumed at RESUME_EPISODE
-    first_call_s: float  # tracing + one meta-step
-    setup_s: float  # imports, data loading, pre-drawing, the learner
+    first_call_s: float  # tracing + one hyper-iteration
+    setup_s: float  # imports, data loading, pre-drawing, the model
     baseline_mb: float  # max RSS after the set-up
     memory_mb: float  # peak RSS above the baseline
     gpu_peak_mb: Optional[float]  # TF's peak device memory (GPU only)
@@ -219,20 +233,18 @@ def first_call_and_warm_up(call: Callable[[], None], seconds: float) -> float:
 
 
 def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Measurement:
-    """First call, warm-up, alternating step-only and pipeline chunks, the pipeline alone, memory."""
+    """First call, warm-up, then alternating chunks: a ``fit`` epoch on the live pipeline, then
+    ``train_on_batch`` on pre-drawn meta-batches for as long; the pipeline alone; memory."""
     start = time.perf_counter()
     tf, gpus = import_tensorflow(device)
-    from hyper_repr import meta_learner
-    from hyper_repr.models import build_network
+    import keras
 
     splits = load_splits()
     iterator = iter(training_episodes(splits, meta_batch_size))
     first_batch_s = timed(lambda: next(iterator))
     batches = [next(iterator) for _ in range(PRE_DRAWN)]
-    live = iter(training_episodes(splits, meta_batch_size, first_episode=(PRE_DRAWN + 1) * meta_batch_size))
-    network = build_network("omniglot", tuple(splits.train.images.shape[1:]), seed=SEED, dtype="float32")
-    learner = meta_learner.MetaLearner(network, ways=WAYS, meta_batch_size=meta_batch_size, steps=steps,
-                                       learning_rate=LEARNING_RATE, learn_lr=LEARN_LR)
+    live = training_episodes(splits, meta_batch_size, first_episode=(PRE_DRAWN + 1) * meta_batch_size)
+    model = build_model(steps, splits)
     setup_s = time.perf_counter() - start
     if device == "gpu":
         tf.config.experimental.reset_memory_stats("GPU:0")
@@ -241,25 +253,41 @@ def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Me
     position = [0]
 
     def step_only() -> None:
-        learner.meta_step(batches[position[0] % PRE_DRAWN])
+        model.train_on_batch(batches[position[0] % PRE_DRAWN])
         position[0] += 1
 
-    def with_pipeline() -> None:
-        learner.meta_step(next(live))
-
     first_call_s = first_call_and_warm_up(step_only, timing.warmup_seconds)
-    for _ in range(MIN_CHUNK_CALLS):  # starts the live pipeline's threads and fills its buffer
-        with_pipeline()
+    per_step = statistics.median(timed(step_only) for _ in range(MIN_CHUNK_CALLS))
+    steps_per_epoch = max(MIN_CHUNK_CALLS, math.ceil(timing.chunk_seconds / per_step))
+    m = dict(step_rates=[], fit_rates=[], step_ms=[], fit_step_ms=[], step_cpu_ms=[], fit_cpu_ms=[])
 
-    step_rates, pipeline_rates, step_ms, pipeline_step_ms, step_cpu, pipeline_cpu = [], [], [], [], [], []
-    modes = ((step_only, step_rates, step_ms, step_cpu), (with_pipeline, pipeline_rates, pipeline_step_ms,
-                                                          pipeline_cpu))
-    for c in range(timing.chunks):
-        for call, rates, times, cpu_ms in (modes if c % 2 == 0 else modes[::-1]):
-            calls, seconds, cpu_seconds, ms = chunk(call, timing.chunk_seconds)
-            rates.append(calls * meta_batch_size / seconds)
-            times.extend(ms)
-            cpu_ms.append(1e3 * cpu_seconds / calls)
+    class Chunks(keras.callbacks.Callback):
+        """Times each epoch of fit and its steps, then runs a step-only chunk at its end (epoch 0
+        traces fit's function and starts the pipeline: not timed)."""
+
+        def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+            self.epoch_start, self.steps = clock(), []
+
+        def on_train_batch_begin(self, batch: int, logs: Optional[dict] = None) -> None:
+            self.step_start = time.perf_counter()
+
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            self.steps.append(1e3 * (time.perf_counter() - self.step_start))
+
+        def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+            (wall, cpu), (wall0, cpu0) = clock(), self.epoch_start
+            if epoch == 0:
+                return
+            m["fit_rates"].append(steps_per_epoch * meta_batch_size / (wall - wall0))
+            m["fit_cpu_ms"].append(1e3 * (cpu - cpu0) / steps_per_epoch)
+            m["fit_step_ms"].extend(self.steps)
+            calls, seconds, cpu_seconds, ms = chunk(step_only, timing.chunk_seconds)
+            m["step_rates"].append(calls * meta_batch_size / seconds)
+            m["step_ms"].extend(ms)
+            m["step_cpu_ms"].append(1e3 * cpu_seconds / calls)
+
+    model.fit(live, steps_per_epoch=steps_per_epoch, epochs=timing.chunks + 1, verbose=0, shuffle=False,
+              callbacks=[Chunks()])
 
     fresh = iter(training_episodes(splits, meta_batch_size, first_episode=10 * RESUME_EPISODE))
     next(fresh)  # start-up, then the steady production rate
@@ -268,10 +296,11 @@ def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Me
     resumed_first_batch_s = timed(lambda: next(resumed))
 
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if device == "gpu" else None)
-    return Measurement(device, meta_batch_size, steps, step_rates, pipeline_rates, step_ms, pipeline_step_ms,
-                       step_cpu, pipeline_cpu, statistics.median(pipeline_alone), first_batch_s,
-                       resumed_first_batch_s, first_call_s, setup_s, baseline, max_rss_mb() - baseline, gpu_peak,
-                       gpus, tf.__version__, os.getloadavg()[0])
+    return Measurement(device, meta_batch_size, steps, **m, pipeline_alone_ms=statistics.median(pipeline_alone),
+                       first_batch_s=first_batch_s, resumed_first_batch_s=resumed_first_batch_s,
+                       first_call_s=first_call_s, setup_s=setup_s, baseline_mb=baseline,
+                       memory_mb=max_rss_mb() - baseline, gpu_peak_mb=gpu_peak, gpus_visible=gpus,
+                       tensorflow=tf.__version__, load_average=os.getloadavg()[0])
 
 
 # -- workers 2 and 3: the PyTorch subject and its check --------------------------------------------
@@ -296,7 +325,7 @@ class TorchMetaLearner:
     ``higher``: the T head steps are unrolled by ``torch.autograd.grad(..., create_graph=True)``
     and the query loss is back-propagated through them, which is what ``higher``'s differentiable
     optimisers do (the package itself is not needed). The function is hyper_repr's (the Omniglot
-    network, ``MetaLearner(learning_rate=0.1, learn_lr=True)`` and its defaults):
+    network, ``HyperRepresentation(learning_rate=0.1, learn_lr=True)``, the launchers' Adam):
 
     * h_λ: 4 × [conv 3×3, stride 2, 64, no bias, TF's SAME padding → normalisation with the
       statistics of each episode's support or query set (β only, γ ≡ 1, ε = 1e-3) → ReLU],
@@ -463,17 +492,12 @@ class TorchCheck:
 
 
 def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
-    """E, ∇E and the first meta-step of both learners on meta-batch 1 of the training stream, the
-    TF network's initial weights copied into the PyTorch one."""
-    from hyper_repr import meta_learner
-    from hyper_repr.models import build_network
-
+    """E, ∇E and the first hyper-iteration of both learners on meta-batch 1 of the training stream,
+    the TF network's initial weights copied into the PyTorch one."""
     batch = pre_drawn(meta_batch_size, count=1)[0]
-    network = build_network("omniglot", tuple(batch.support_x.shape[2:]), seed=SEED,
-                            dtype="float32")
-    learner = meta_learner.MetaLearner(network, ways=WAYS, meta_batch_size=meta_batch_size,
-                                       steps=steps, learning_rate=LEARNING_RATE, learn_lr=LEARN_LR)
-    weights = [v.numpy() for v in network.trainable_variables]  # kernel, offset, kernel, …
+    model = build_model(steps, load_splits())
+    hypers = model.network.trainable_variables + [model.learning_rate]  # kernel, offset, …, η
+    weights = [v.numpy() for v in model.network.trainable_variables]
     subject = TorchMetaLearner(steps, weights[0::2], weights[1::2])
     torch_batch = to_torch(subject.torch, batch)
 
@@ -488,14 +512,15 @@ def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
         flat = lambda arrays: np.concatenate([x.ravel() for x in arrays])  # noqa: E731
         return float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(a)))
 
-    loss, grads = learner.hypergradients(batch)
+    loss, grads, _ = model.hypergradients(batch)
+    by_variable = {id(v): g for v, g in zip(model.trainable_variables, grads)}
     torch_loss, torch_grads = subject.hypergradients(torch_batch)
-    grads, torch_grads = tf_values(grads), torch_values(torch_grads)
+    grads, torch_grads = tf_values([by_variable[id(v)] for v in hypers]), torch_values(torch_grads)
     assert [g.shape for g in grads] == [g.shape for g in torch_grads], "hyperparameter order"
-    before, torch_before = tf_values(learner.hypers), torch_values(subject.hypers)
-    learner.meta_step(batch)
+    before, torch_before = tf_values(hypers), torch_values(subject.hypers)
+    model.train_on_batch(batch)
     subject.meta_step(torch_batch)
-    update = [a - b for a, b in zip(tf_values(learner.hypers), before)]
+    update = [a - b for a, b in zip(tf_values(hypers), before)]
     torch_update = [a - b for a, b in zip(torch_values(subject.hypers), torch_before)]
     losses = (float(loss), torch_loss.item())
     norms = tuple(float(np.sqrt(sum(np.sum(g**2) for g in gs))) for gs in (grads, torch_grads))
@@ -505,26 +530,26 @@ def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
                       (float(grads[-1]), float(torch_grads[-1])), error(update, torch_update))
 
 
-# -- worker 4: the training loop, instrumented from outside ----------------------------------------
+# -- worker 4: the launchers' training run, timed by a Keras callback -----------------------------------
 
 @dataclasses.dataclass
 class LoopMeasurement:
     settings: dict  # LoopSettings
-    durations: dict  # component -> seconds of each call, in order (see `measure_loop`)
-    cpu: dict  # component -> CPU seconds of the process (all threads) of each call
-    setup_s: float  # meta_train's start up to the loop: network, learner, restore, validation pipeline
-    loop_s: float  # the loop: from its first next() to the meta-test (the final save included)
-    loop_cpu_s: float  # CPU seconds of the process in the loop
+    durations: dict  # component -> seconds of each occurrence, in order (see `LoopTimer`)
+    cpu: dict  # component -> CPU seconds of the process (all threads) of each occurrence
+    setup_s: float  # meta_train's start up to fit's first callback: model, restore, pipelines
+    loop_s: float  # fit, from on_train_begin to on_train_end
+    loop_cpu_s: float  # CPU seconds of the process in it
     meta_test_s: float  # the meta-test after training (not part of the rate)
     total_s: float  # the whole meta_train call
     elapsed_s: float  # meta_train's own elapsed training time (its results.json)
-    logged: list  # the metrics.csv rows (iteration, elapsed_seconds, …) given to the callback
+    logged: list  # the rows of metrics.csv (epoch, iteration, elapsed_seconds, …)
     checkpoint_mb: float  # size of the checkpoint folder at the end
     baseline_mb: float
-    loop_memory_mb: float  # peak RSS above the baseline at the end of the loop (before the meta-test)
+    loop_memory_mb: float  # peak RSS above the baseline at the end of fit (before the meta-test)
     memory_mb: float  # peak RSS above the baseline at the end (meta-test included)
     load_average: float
-    outside_ms: list[float]  # the same learner's meta_step(next batch) after meta_train, per call
+    outside_ms: list[float]  # the same model's train_on_batch(next batch) after meta_train, per call
     outside_cpu_ms: float  # CPU ms per call of those
 
 
@@ -533,15 +558,61 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def measure_loop(settings: LoopSettings) -> LoopMeasurement:
-    """``train.meta_train`` with its ``_restore``, ``_train_batches`` and ``_test`` wrapped by timers.
+def loop_timer() -> Any:
+    """A Keras callback, first in ``fit``'s list, timing (wall and CPU) each ``step`` (batch begin
+    to end: the train function, the next meta-batch included, read in the graph), what runs
+    ``between`` two steps (the other callbacks' batch-end work: time-based checkpoints; Keras's
+    loop), each ``validation``, and each ``epoch_end`` (from this callback's on_epoch_end to the
+    next epoch: metrics.csv, TensorBoard, best.keras, the epoch's checkpoint)."""
+    import keras
 
-    Components (wall and CPU seconds of each call): ``meta_step`` (the learner's, in the loop),
-    ``next_batch`` (the next training meta-batch), ``evaluate`` (validation), ``save`` (checkpoints,
-    the final one included), ``callback`` (meta_train's metrics callback, a list append here); the
-    meta-test's own evaluations are excluded from them. Then, in the same process, the same
-    learner's ``meta_step(next batch)`` outside the loop.
-    """
+    class LoopTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.durations = {k: [] for k in ("step", "between", "validation", "epoch_end")}
+            self.cpu = {k: [] for k in self.durations}
+            self.marks: dict[str, tuple[float, float]] = {}
+            self.peak_mb = 0.0
+
+        def _end(self, name: str, since: str) -> None:
+            if since in self.marks:
+                (wall, cpu), (wall0, cpu0) = clock(), self.marks.pop(since)
+                self.durations[name].append(wall - wall0)
+                self.cpu[name].append(cpu - cpu0)
+
+        def on_train_begin(self, logs: Optional[dict] = None) -> None:
+            self.marks["train"] = clock()
+
+        def on_train_batch_begin(self, batch: int, logs: Optional[dict] = None) -> None:
+            self._end("between", "batch_end")
+            self._end("epoch_end", "epoch_end")
+            self.marks["batch"] = clock()
+
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            self._end("step", "batch")
+            self.marks["batch_end"] = clock()
+
+        def on_test_begin(self, logs: Optional[dict] = None) -> None:
+            self.marks.pop("batch_end", None)
+            self.marks["validation"] = clock()
+
+        def on_test_end(self, logs: Optional[dict] = None) -> None:
+            self._end("validation", "validation")
+
+        def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+            self.marks["epoch_end"] = clock()
+
+        def on_train_end(self, logs: Optional[dict] = None) -> None:
+            self._end("epoch_end", "epoch_end")
+            self.marks["train_end"] = clock()
+            self.peak_mb = max_rss_mb()
+
+    return LoopTimer()
+
+
+def measure_loop(settings: LoopSettings) -> LoopMeasurement:
+    """``train.meta_train`` (the launchers' run: Keras fit with its callbacks) with ``loop_timer``
+    among its callbacks, then, in the same process, the same model's step outside fit."""
     import_tensorflow("cpu")
     from hyper_repr import train
 
@@ -550,84 +621,34 @@ def measure_loop(settings: LoopSettings) -> LoopMeasurement:
                           meta_batch_size=settings.meta_batch_size, iterations=settings.iterations,
                           eval_every=settings.eval_every, eval_episodes=settings.eval_episodes,
                           test_episodes=settings.test_episodes, test_shots=(SHOTS,), seed=SEED)
-    names = ("meta_step", "next_batch", "evaluate", "save", "callback")
-    durations: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    marks: dict[str, tuple[float, float]] = {}
-    in_loop, raw_step, loop_peak = [True], [], []
-
-    def record(name: str, begin: tuple[float, float]) -> None:
-        if in_loop[0]:
-            end = clock()
-            durations[name].append(end[0] - begin[0])
-            cpu[name].append(end[1] - begin[1])
-
-    def timer(name: str, fn: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            begin = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                record(name, begin)
-        return call
-
-    restore, train_batches, test = train._restore, train._train_batches, train._test
-
-    def timed_restore(*args: Any, **kwargs: Any) -> Any:
-        run = restore(*args, **kwargs)
-        raw_step.append(run.learner.meta_step)
-        run.learner.meta_step = timer("meta_step", run.learner.meta_step)
-        run.learner.evaluate = timer("evaluate", run.learner.evaluate)
-        run.manager.save = timer("save", run.manager.save)
-        return run
-
-    def timed_batches(*args: Any, **kwargs: Any) -> Any:
-        batches = train_batches(*args, **kwargs)
-        marks["loop_start"] = clock()  # at the first next(): the loop's first iteration
-        while True:
-            begin = clock()
-            batch = next(batches)
-            record("next_batch", begin)
-            yield batch
-
-    def timed_test(*args: Any, **kwargs: Any) -> Any:
-        marks["loop_end"] = clock()
-        loop_peak.append(max_rss_mb())
-        in_loop[0] = False
-        try:
-            return test(*args, **kwargs)
-        finally:
-            marks["test_end"] = clock()
-
-    train._restore, train._train_batches, train._test = timed_restore, timed_batches, timed_test
-    logged: list[dict] = []
+    timer = loop_timer()
     with tempfile.TemporaryDirectory(prefix="meta_training_") as workdir:
         baseline = max_rss_mb()
-        start = time.perf_counter()
-        results = train.meta_train(config, workdir, splits, callback=timer("callback", logged.append))
-        total_s = time.perf_counter() - start
+        start = clock()
+        results = train.meta_train(config, workdir, splits, verbose=0, extra_callbacks=[timer])
+        end = clock()
+        logged = train.read_metrics(workdir)
         checkpoint_mb = sum(f.stat().st_size for f in (Path(workdir) / "checkpoints").iterdir()) / 2**20
     memory_mb = max_rss_mb() - baseline
-    # The same learner's meta_step outside meta_train, fed by a fresh stream of the same pipeline.
+    # The same model's step outside fit, fed by a fresh stream of the same pipeline.
     batches = iter(training_episodes(splits, settings.meta_batch_size, first_episode=RESUME_EPISODE))
-    raw_step[0](next(batches))
+    timer.model.train_on_batch(next(batches))
     calls = max(MIN_CHUNK_CALLS, settings.iterations // 5)
     outside_cpu = time.process_time()
-    outside = [1e3 * timed(lambda: raw_step[0](next(batches))) for _ in range(calls)]
+    outside = [1e3 * timed(lambda: timer.model.train_on_batch(next(batches))) for _ in range(calls)]
     outside_cpu_ms = 1e3 * (time.process_time() - outside_cpu) / calls
-    (loop_start, loop_start_cpu), (loop_end, loop_end_cpu) = marks["loop_start"], marks["loop_end"]
-    return LoopMeasurement(dataclasses.asdict(settings), durations, cpu, loop_start - start, loop_end - loop_start,
-                           loop_end_cpu - loop_start_cpu, marks["test_end"][0] - loop_end, total_s,
-                           results["elapsed_seconds"], logged, checkpoint_mb, baseline, loop_peak[0] - baseline,
-                           memory_mb,
-                           os.getloadavg()[0], outside, outside_cpu_ms)
+    (train_start, train_start_cpu), (train_end, train_end_cpu) = timer.marks["train"], timer.marks["train_end"]
+    return LoopMeasurement(dataclasses.asdict(settings), timer.durations, timer.cpu, train_start - start[0],
+                           train_end - train_start, train_end_cpu - train_start_cpu, end[0] - train_end,
+                           end[0] - start[0], results["elapsed_seconds"], logged, checkpoint_mb, baseline,
+                           timer.peak_mb - baseline, memory_mb, os.getloadavg()[0], outside, outside_cpu_ms)
 
 
 # -- the driver ----------------------------------------------------------------------------------------
 
 def run_worker(arguments: Sequence[str], label: str) -> dict:
     """One worker in a fresh Python process (its own memory baseline and peak); its JSON line."""
-    command = [sys.executable, str(Path(__file__).resolve()), *arguments]
+    command = [sys.executable, "-m", "benchmarks.meta_training", *arguments]  # this repository's packages
     done = subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV, cwd=REPOSITORY)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -643,12 +664,12 @@ class Summary:
     meta_batch_size: int
     steps: int
     step_episodes_per_s: float  # median over chunks
-    pipeline_episodes_per_s: float  # median over chunks
-    pipeline_cost: float  # 1 − pipeline / step-only rate
+    fit_episodes_per_s: float  # median over chunks
+    fit_cost: float  # 1 − fit / step-only rate
     step_spread: float  # (max − min) / median of the step-only chunk rates
     ms_per_step: float  # median step-only call
     cpu_ms_per_step: float  # CPU ms (all threads) per step-only call, median over chunks
-    pipeline_cpu_ms_per_step: float  # the same fed by the pipeline
+    fit_cpu_ms_per_step: float  # the same in fit (the pipeline's threads included)
     ms_per_episode: float
     pipeline_alone_ms: float  # next(iterator) alone, per meta-batch
     first_call_s: float
@@ -661,11 +682,11 @@ class Summary:
 
 
 def summarize(m: Measurement) -> Summary:
-    step, pipe = statistics.median(m.step_rates), statistics.median(m.pipeline_rates)
+    step, pipe = statistics.median(m.step_rates), statistics.median(m.fit_rates)
     ms = statistics.median(m.step_ms)
     return Summary(m.device, m.meta_batch_size, m.steps, step, pipe, 1 - pipe / step,
                    (max(m.step_rates) - min(m.step_rates)) / step, ms, statistics.median(m.step_cpu_ms),
-                   statistics.median(m.pipeline_cpu_ms), ms / m.meta_batch_size, m.pipeline_alone_ms,
+                   statistics.median(m.fit_cpu_ms), ms / m.meta_batch_size, m.pipeline_alone_ms,
                    m.first_call_s, m.memory_mb, m.gpu_peak_mb, m.baseline_mb, m.first_batch_s,
                    m.resumed_first_batch_s, m.load_average)
 
@@ -682,34 +703,35 @@ def speed_report(summaries: Sequence[Summary], pytorch: Sequence[TorchMeasuremen
     for s in summaries:
         rate = pytorch_rate(s, pytorch)
         rows.append([s.device, str(s.meta_batch_size), str(s.steps), f"{s.step_episodes_per_s:.1f}",
-                     f"{s.pipeline_episodes_per_s:.1f}", f"{100 * s.pipeline_cost:+.0f}%", f"{s.ms_per_step:.1f}",
-                     f"{s.cpu_ms_per_step:.0f} / {s.pipeline_cpu_ms_per_step:.0f}",
+                     f"{s.fit_episodes_per_s:.1f}", f"{100 * s.fit_cost:+.0f}%", f"{s.ms_per_step:.1f}",
+                     f"{s.cpu_ms_per_step:.0f} / {s.fit_cpu_ms_per_step:.0f}",
                      f"{s.ms_per_episode:.1f}", f"{s.pipeline_alone_ms:.2f}", f"{s.first_call_s:.1f}",
                      f"{s.peak_mb:.0f}", fmt(s.gpu_peak_mb, ".0f"), fmt(rate, ".1f"),
                      fmt(rate and s.step_episodes_per_s / rate, ".2f"),
-                     fmt(rate and s.pipeline_episodes_per_s / rate, ".2f"),
+                     fmt(rate and s.fit_episodes_per_s / rate, ".2f"),
                      f"{s.load_average:.1f}"])
     resumed = max(s.resumed_first_batch_s for s in summaries)
     started = max(s.first_batch_s for s in summaries)
     lines = [
-        "Meta-training speed of hyper_repr.MetaLearner.meta_step, Omniglot 5-way 1-shot (15 queries per class),",
+        "Meta-training speed of hyper_repr.HyperRepresentation, Omniglot 5-way 1-shot (15 queries per class),",
         f"  float32, learned η (initial {LEARNING_RATE}); TF {info['tensorflow']}, Keras {info['keras']}, Python "
         f"{info['python']}; {info['cpu_count']} CPUs ({info['cpu']});",
         f"  1-min load average {info['load_average'][0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end. Rates: "
         f"median over {args.timing.chunks} chunks of ≥ {args.timing.chunk_seconds:g} s per mode (alternating),",
         f"  after the first call and {args.timing.warmup_seconds:g} s of warm-up; one fresh process per row.",
         "",
-        table(["device", "B", "T", "episodes/s", "+pipeline", "pipe cost", "ms/step", "CPU ms/step", "ms/episode",
-               "pipe ms/batch", "first call s", "peak MB", "GPU MB", "PyTorch", "ratio", "ratio+pipe", "load"], rows),
-        "  episodes/s: meta_step alone on pre-drawn meta-batches; +pipeline: fed by the live episode_dataset;",
-        "  pipe cost: 1 − (+pipeline)/(episodes/s); CPU ms/step: CPU time of the process (all threads) per step,",
-        "  step-only / +pipeline (less sensitive to other processes than wall time; with 2 busy threads up to",
+        table(["device", "B", "T", "episodes/s", "fit", "fit cost", "ms/step", "CPU ms/step", "ms/episode",
+               "pipe ms/batch", "first call s", "peak MB", "GPU MB", "PyTorch", "ratio", "ratio fit", "load"], rows),
+        "  episodes/s: the training step alone (train_on_batch) on pre-drawn meta-batches; fit: Keras fit on the",
+        "  live episode_dataset (its epochs alternate with the step-only chunks); fit cost: 1 − fit/(episodes/s);",
+        "  CPU ms/step: CPU time of the process (all threads) per step, step-only / fit (less sensitive to",
+        "  other processes than wall time; with 2 busy threads up to",
         "  2 × ms/step); pipe ms/batch: next(iterator) alone; first call: tracing + one step; peak MB: peak RSS",
         "  above the process's baseline after imports and data; GPU MB: TF's peak device memory; load: the",
         "  1-min load average (2 CPUs).",
         "  PyTorch: episodes/s of the PyTorch subject in this run (the same model, maths and",
-        "  pre-drawn meta-batches; table below); ratio = hyper_repr / PyTorch, step-only and with",
-        "  the pipeline (> 1: hyper_repr is faster).",
+        "  pre-drawn meta-batches; table below); ratio = hyper_repr / PyTorch, step-only and fit",
+        "  (> 1: hyper_repr is faster).",
         f"  The first meta-batch of a stream takes ≤ {started:.3f} s from episode 0 and ≤ {resumed:.3f} s from "
         f"episode {RESUME_EPISODE:,} (resuming skips nothing).",
     ]
@@ -749,54 +771,46 @@ def loop_breakdown(m: LoopMeasurement) -> dict:
     """The loop's time split into its components (wall and CPU seconds), and the rates derived."""
     d, c, s = m.durations, m.cpu, m.settings
     B, iterations, median = s["meta_batch_size"], s["iterations"], statistics.median
-    rest = lambda values: values[1:] or values  # noqa: E731  (the calls after the first, tracing one)
+    rest = lambda values: values[1:] or values  # noqa: E731  (after the first, tracing one)
     other = m.loop_s - sum(sum(v) for v in d.values())
     other_cpu = m.loop_cpu_s - sum(sum(v) for v in c.values())
-    quarter = max(1, len(d["meta_step"]) // 4)
-    step_ms, next_ms = 1e3 * median(rest(d["meta_step"])), 1e3 * median(rest(d["next_batch"]))
-    step_cpu_ms, next_cpu_ms = 1e3 * median(rest(c["meta_step"])), 1e3 * median(rest(c["next_batch"]))
-    per_iteration = (sum(rest(d["meta_step"])) + sum(d["next_batch"]) + other) / iterations
-    per_evaluation = median(rest(d["evaluate"])) + median(d["save"])
-    fixed = d["meta_step"][0] - median(rest(d["meta_step"])) + d["evaluate"][0] - median(rest(d["evaluate"]))
-    # the iterations N of a LONG_RUN_SECONDS run: fixed + N·per_iteration + (N / eval_every)·per_evaluation = time
-    long_run = (LONG_RUN_SECONDS - fixed) / (per_iteration + per_evaluation / s["eval_every"])
-    steady = iterations * (step_ms + next_ms) / 1e3  # the loop at the median step and batch times
-    excess = {  # the loop's time beyond `steady`, by cause (they add up to loop_s − steady)
-        "tracing": d["meta_step"][0] - step_ms / 1e3,
-        "validation": sum(d["evaluate"]),
-        "checkpoints": sum(d["save"]),
-        "rest": other + sum(d["callback"]),
-        "step_time_spread": sum(rest(d["meta_step"])) + sum(d["next_batch"]) - (iterations - 1) * step_ms / 1e3
-        - iterations * next_ms / 1e3,
+    step_ms, step_cpu_ms = 1e3 * median(rest(d["step"])), 1e3 * median(rest(c["step"]))
+    per_iteration = (sum(rest(d["step"])) + sum(d["between"]) + other) / iterations
+    per_epoch = median(rest(d["validation"])) + median(d["epoch_end"])
+    fixed = d["step"][0] - step_ms / 1e3 + d["validation"][0] - median(rest(d["validation"]))
+    # the iterations N of a LONG_RUN_SECONDS run: fixed + N·per_iteration + (N / eval_every)·per_epoch = time
+    long_run = (LONG_RUN_SECONDS - fixed) / (per_iteration + per_epoch / s["eval_every"])
+    steady = iterations * step_ms / 1e3  # fit at the median step time
+    excess = {  # fit's time beyond `steady`, by cause (they add up to loop_s − steady)
+        "tracing": d["step"][0] - step_ms / 1e3,
+        "validation": sum(d["validation"]),
+        "epoch_ends": sum(d["epoch_end"]),
+        "between_steps": sum(d["between"]) + other,
+        "step_time_spread": sum(rest(d["step"])) - (iterations - 1) * step_ms / 1e3,
     }
     return {
         "episodes": B * iterations,
         "loop_episodes_per_s": B * iterations / m.loop_s,
         "elapsed_episodes_per_s": B * iterations / m.elapsed_s,
         "logged_episodes_per_s": [B * row["iteration"] / row["elapsed_seconds"] for row in m.logged],
-        "steady_episodes_per_s": 1e3 * B / (step_ms + next_ms),  # meta_step + next, medians
+        "steady_episodes_per_s": 1e3 * B / step_ms,
         "outside_ms": median(m.outside_ms),
         "outside_episodes_per_s": 1e3 * B / median(m.outside_ms),
-        "components": {  # name -> (wall s, CPU s, calls)
-            "meta_step_first": (d["meta_step"][0], c["meta_step"][0], 1),
-            "meta_step_rest": (sum(rest(d["meta_step"])), sum(rest(c["meta_step"])), len(d["meta_step"]) - 1),
-            "next_batch": (sum(d["next_batch"]), sum(c["next_batch"]), len(d["next_batch"])),
-            "evaluate": (sum(d["evaluate"]), sum(c["evaluate"]), len(d["evaluate"])),
-            "save": (sum(d["save"]), sum(c["save"]), len(d["save"])),
-            "callback": (sum(d["callback"]), sum(c["callback"]), len(d["callback"])),
-            "other": (other, other_cpu, iterations),
+        "components": {  # name -> (wall s, CPU s, occurrences)
+            "step_first": (d["step"][0], c["step"][0], 1),
+            "step_rest": (sum(rest(d["step"])), sum(rest(c["step"])), len(d["step"]) - 1),
+            "between": (sum(d["between"]), sum(c["between"]), len(d["between"])),
+            "validation": (sum(d["validation"]), sum(c["validation"]), len(d["validation"])),
+            "epoch_end": (sum(d["epoch_end"]), sum(c["epoch_end"]), len(d["epoch_end"])),
+            "other": (other, other_cpu, 1),
         },
-        "meta_step_ms": step_ms,
-        "meta_step_cpu_ms": step_cpu_ms,
-        "meta_step_ms_quarters": [1e3 * median(d["meta_step"][max(1, i * quarter):(i + 1) * quarter])
-                                  for i in range(4)] if len(d["meta_step"]) >= 8 else [],
-        "next_batch_ms": next_ms,
-        "next_batch_cpu_ms": next_cpu_ms,
-        "evaluate_s": d["evaluate"],
-        "save_s": d["save"],
-        "other_ms_per_iteration": 1e3 * other / iterations,
+        "step_ms": step_ms,
+        "step_cpu_ms": step_cpu_ms,
+        "between_ms": 1e3 * median(d["between"]) if d["between"] else 0.0,
+        "validation_s": d["validation"],
+        "epoch_end_s": d["epoch_end"],
         "loop_cpu_ms_per_iteration": 1e3 * m.loop_cpu_s / iterations,
-        "loop_cpu_overhead": m.loop_cpu_s / (iterations * (step_cpu_ms + next_cpu_ms) / 1e3) - 1,
+        "loop_cpu_overhead": m.loop_cpu_s / (iterations * step_cpu_ms / 1e3) - 1,
         "long_run_episodes_per_s": B * long_run / LONG_RUN_SECONDS,
         "long_run_fixed_s": fixed,
         "steady_s": steady,
@@ -815,51 +829,44 @@ def loop_report(m: LoopMeasurement, b: dict, summaries: Sequence[Summary],
         wall, cpu, calls = parts[name]
         return [label, f"{wall:.2f}", fmt(cpu, ".2f"), f"{100 * wall / m.loop_s:.1f}%", str(calls), per_call]
 
-    ev, sv = b["evaluate_s"], b["save_s"]
-    rows = [row("meta_step, first call (tracing)", "meta_step_first", f"{parts['meta_step_first'][0]:.2f} s"),
-            row("meta_step, other calls", "meta_step_rest",
-                f"{b['meta_step_ms']:.1f} ms, CPU {b['meta_step_cpu_ms']:.0f} ms (medians)"),
-            row("next training meta-batch", "next_batch",
-                f"{b['next_batch_ms']:.2f} ms, CPU {b['next_batch_cpu_ms']:.2f} ms (medians)"),
-            row("validation evaluate", "evaluate", " / ".join(f"{x:.2f}" for x in ev) + " s"),
-            row("checkpoint save", "save", " / ".join(f"{x:.3f}" for x in sv) + " s"),
-            row("metrics callback", "callback", "-"),
-            row("rest: Python, tf.Variable ops, csv", "other", f"{b['other_ms_per_iteration']:.2f} ms / iteration"),
-            ["loop", f"{m.loop_s:.2f}", f"{m.loop_cpu_s:.2f}", "100%", "", ""]]
-    rates = [("meta_train loop overall", b["loop_episodes_per_s"]),
+    rows = [row("step, first (tracing)", "step_first", f"{parts['step_first'][0]:.2f} s"),
+            row("steps (train function, next meta-batch in it)", "step_rest",
+                f"{b['step_ms']:.1f} ms, CPU {b['step_cpu_ms']:.0f} ms (medians)"),
+            row("between steps (callbacks: time-based checkpoints)", "between", f"{b['between_ms']:.2f} ms (median)"),
+            row("validation (evaluate)", "validation", " / ".join(f"{x:.2f}" for x in b["validation_s"]) + " s"),
+            row("epoch end (csv, TensorBoard, best.keras, checkpoint)", "epoch_end",
+                " / ".join(f"{x:.3f}" for x in b["epoch_end_s"]) + " s"),
+            row("rest (fit's start and end)", "other", "-"),
+            ["fit", f"{m.loop_s:.2f}", f"{m.loop_cpu_s:.2f}", "100%", "", ""]]
+    rates = [("fit overall", b["loop_episodes_per_s"]),
              ("meta_train's own elapsed time", b["elapsed_episodes_per_s"]),
-             *((f"meta_train's logged rate at iteration {r['iteration']}", v)
+             *((f"metrics.csv at iteration {r['iteration']:.0f}", v)
                for r, v in zip(m.logged, b["logged_episodes_per_s"])),
-             ("in the loop: meta_step + next batch (medians)", b["steady_episodes_per_s"]),
-             ("same process after meta_train: meta_step(next batch), median", b["outside_episodes_per_s"]),
+             ("in fit: steps alone (median)", b["steady_episodes_per_s"]),
+             ("same process after meta_train: train_on_batch(next batch), median", b["outside_episodes_per_s"]),
              (f"projected: a {LONG_RUN_SECONDS:g}-s run with these components", b["long_run_episodes_per_s"])]
     if raw is not None:
-        rates += [("benchmark above: step-only (1)", raw.step_episodes_per_s),
-                  ("benchmark above: with pipeline (2)", raw.pipeline_episodes_per_s)]
-    quarters = " / ".join(f"{x:.1f}" for x in b["meta_step_ms_quarters"]) or "-"
-    return ["", f"Training loop: hyper_repr.train.meta_train, B = {s['meta_batch_size']}, T = {s['steps']}, "
-            f"{s['iterations']} iterations, validation every {s['eval_every']} on {s['eval_episodes']} episodes, "
-            "checkpoints at each validation and at the end",
-            table(["component", "s", "CPU s", "of loop", "calls", "per call"], rows),
-            f"  CPU s: CPU time of the process (all threads). The loop costs {b['loop_cpu_ms_per_iteration']:.0f} "
-            f"CPU ms per iteration, {100 * b['loop_cpu_overhead']:+.0f}% over meta_step + next batch (medians, "
-            "tracing and validation included);",
-            f"  outside the loop the same step costs {m.outside_cpu_ms:.0f} CPU ms.",
-            f"  The loop took {m.loop_s - b['steady_s']:.1f} s more than {s['iterations']} × (median meta_step + "
-            "median next batch): " + ", ".join(f"{name.replace('_', ' ')} {v:.1f} s ({100 * v / m.loop_s:.1f}%)"
-                                               for name, v in b["excess_s"].items()) + ".",
-            f"  meta_step median by quarter of the loop: {quarters} ms. Set-up before the loop {m.setup_s:.2f} s; "
-            f"meta-test after it {m.meta_test_s:.2f} s",
-            f"  (3 × {s['test_episodes']} episodes; neither is in the rates); checkpoints {m.checkpoint_mb:.1f} MB; "
-            f"peak RSS above the process's baseline before meta_train:",
-            f"  +{m.loop_memory_mb:.0f} MB in the loop, +{m.memory_mb:.0f} MB with the meta-test; load "
-            f"{m.load_average:.1f}.",
+        rates += [("benchmark above: step-only (train_on_batch)", raw.step_episodes_per_s),
+                  ("benchmark above: fit on the live pipeline", raw.fit_episodes_per_s)]
+    return ["", f"Training run: hyper_repr.train.meta_train (Keras fit and the launchers' callbacks), "
+            f"B = {s['meta_batch_size']}, T = {s['steps']}, {s['iterations']} iterations, validation every "
+            f"{s['eval_every']} on {s['eval_episodes']} episodes",
+            table(["component", "s", "CPU s", "of fit", "times", "each"], rows),
+            f"  CPU s: CPU time of the process (all threads). fit costs {b['loop_cpu_ms_per_iteration']:.0f} CPU ms "
+            f"per iteration, {100 * b['loop_cpu_overhead']:+.0f}% over its median step (tracing and validation "
+            f"included); outside fit the same step costs {m.outside_cpu_ms:.0f} CPU ms.",
+            f"  fit took {m.loop_s - b['steady_s']:.1f} s more than {s['iterations']} × its median step: "
+            + ", ".join(f"{name.replace('_', ' ')} {v:.1f} s ({100 * v / m.loop_s:.1f}%)"
+                        for name, v in b["excess_s"].items()) + ".",
+            f"  Set-up before fit {m.setup_s:.2f} s; meta-test after it {m.meta_test_s:.2f} s (3 × "
+            f"{s['test_episodes']} episodes; neither is in the rates); checkpoints {m.checkpoint_mb:.1f} MB;",
+            f"  peak RSS above the process's baseline: +{m.loop_memory_mb:.0f} MB in fit, +{m.memory_mb:.0f} MB "
+            f"with the meta-test; load {m.load_average:.1f}.",
             "", table(["episodes/s", "", f"vs PyTorch {fmt(reference, '.1f')}"],
-                      [[name, f"{v:.1f}", fmt(reference and v / reference, ".2f")]
-                       for name, v in rates]),
-            f"  projected: {b['long_run_fixed_s']:.1f} s of one-off tracing (first meta_step and evaluate, beyond a "
-            f"steady call), then per iteration meta_step + next + rest, and every {s['eval_every']} iterations one "
-            "evaluate + one save."]
+                      [[name, f"{v:.1f}", fmt(reference and v / reference, ".2f")] for name, v in rates]),
+            f"  projected: {b['long_run_fixed_s']:.1f} s of one-off tracing (first step and validation, beyond "
+            f"a steady one), then per iteration a step and what runs between steps, and every "
+            f"{s['eval_every']} iterations one validation and one epoch end."]
 
 
 def write_results(prefix: Path, summaries: Sequence[Summary], measurements: Sequence[Measurement],
@@ -869,13 +876,13 @@ def write_results(prefix: Path, summaries: Sequence[Summary], measurements: Sequ
     with open(prefix.with_suffix(".csv"), "w", newline="") as f:
         fields = [field.name for field in dataclasses.fields(Summary)]
         writer = csv.DictWriter(f, fieldnames=fields + ["pytorch_episodes_per_s", "ratio_step",
-                                                        "ratio_pipeline"])
+                                                        "ratio_fit"])
         writer.writeheader()
         for s in summaries:
             rate = pytorch_rate(s, pytorch)
             writer.writerow({**dataclasses.asdict(s), "pytorch_episodes_per_s": rate,
                              "ratio_step": rate and s.step_episodes_per_s / rate,
-                             "ratio_pipeline": rate and s.pipeline_episodes_per_s / rate})
+                             "ratio_fit": rate and s.fit_episodes_per_s / rate})
     with open(prefix.with_suffix(".json"), "w") as f:
         json.dump({**meta, "summary": [dataclasses.asdict(s) for s in summaries],
                    "measurements": [dataclasses.asdict(m) for m in measurements],
@@ -953,7 +960,7 @@ def main(argv: Sequence[str]) -> None:
             measurements.append(m)
             s = summarize(m)
             print(f"[{device} {i}/{len(configs)}] B={B:<3d} T={T:<3d} {s.step_episodes_per_s:6.1f} episodes/s  "
-                  f"+pipeline {s.pipeline_episodes_per_s:6.1f}  {s.ms_per_step:7.1f} ms/step  first "
+                  f"fit {s.fit_episodes_per_s:6.1f}  {s.ms_per_step:7.1f} ms/step  first "
                   f"{s.first_call_s:5.1f} s  +{s.peak_mb:5.0f} MB  load {s.load_average:4.2f}  "
                   f"({time.perf_counter() - start:4.0f} s)", file=sys.stderr, flush=True)
             if m.gpus_visible and "gpu" not in devices:

@@ -13,6 +13,8 @@ reads it: train.h5, val.h5, test.h5 (dataset ``X``, uint8 [n, 84, 84, 3], classe
     python -m flags.miniimagenet --logdir runs/mini_5way_1shot --data_dir DIR
     python -m flags.miniimagenet --logdir runs/mini_rn --data_dir DIR --network rn
     python -m flags.miniimagenet --logdir runs/mini_5way_1shot --data_dir DIR --mode test --test_T 4
+
+(``--mode test`` appends to the logdir's test_results.json; see ``flags.few_shot``.)
 """
 
 import dataclasses
@@ -28,7 +30,8 @@ from flags import few_shot
 from hyper_repr import data
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data" / "mini_imagenet"
-# C4L (farho.md §7.2: the model of the paper's numbers), "around 100k or more" iterations.
+# C4L, the network of the paper's MiniImagenet results, trained for "around 100k or more"
+# hyper-iterations (the paper's author in FAR-HO issue #3).
 PRESET = dataclasses.replace(few_shot.PRESET, network="c4l", iterations=100_000)
 
 

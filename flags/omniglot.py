@@ -15,7 +15,11 @@ characters).
 
     python -m flags.omniglot --logdir /tmp/omniglot --time_budget 300 --test_shots 1,5
     python -m flags.omniglot --logdir runs/omniglot_20way_5shot --data_dir DIR --ways 20 --shots 5
-    python -m flags.omniglot --logdir /tmp/omniglot --mode test   # test the best checkpoint again
+    python -m flags.omniglot --logdir /tmp/omniglot --mode test   # test best.keras again
+    python -m flags.omniglot --logdir /tmp/omniglot --mode test --test_ways 20   # 20-way
+
+(``--mode test`` keeps the run's own settings but the test flags given, and appends its results
+to the logdir's test_results.json; see ``flags.few_shot``.)
 """
 
 import dataclasses

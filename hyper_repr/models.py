@@ -182,31 +182,16 @@ def omniglot_network(input_shape: Shape = (28, 28, 1), *, batch_norm_scale: bool
     """The Omniglot representation: 4 strided convolutions of 64 filters, no pooling.
 
         4 × [conv 3×3, 64 filters, stride 2, SAME, no bias → norm(β) → ReLU] → flatten
-        28 → 14 → 7 → 4 → 2:   2·2·64 = 256 features
+        (batch, h, w, c) → (batch, ⌈h/16⌉·⌈w/16⌉·64):   28 → 14 → 7 → 4 → 2,   256 features
 
     Args:
         input_shape: (height, width, channels). Defaults to `(28, 28, 1)`.
-        batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
-        seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
-            (fresh random weights).
-        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
-            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
-            (`keras.config.floatx()`).
+        batch_norm_scale, seed, dtype: as in `build_network`, which lists the errors.
         name: the model's name. Defaults to `"omniglot_network"`.
 
     Returns:
         A functional `keras.Model` with 8 trainable variables (12 with `batch_norm_scale`) and no
         non-trainable ones.
-
-    Raises:
-        ValueError: if `input_shape` is not 3 positive ints or `dtype` is not floating-point.
-        TypeError: if `seed` is not an int or None.
-
-    Input shape:
-        `(batch, 28, 28, 1)`, or `(batch, *input_shape)`.
-
-    Output shape:
-        `(batch, 256)`; in general `(batch, ⌈h/16⌉·⌈w/16⌉·64)`.
     """
     return _conv4_network(input_shape, filters=64, strides=2, max_pool=False, name=name,
                           min_size=1, seed=seed, dtype=dtype, batch_norm_scale=batch_norm_scale)
@@ -219,32 +204,13 @@ def c4l_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool = Fa
 
         4 × [conv 3×3, 32 filters, stride 1, SAME, no bias → norm(β) → ReLU
              → max-pool 2×2, stride 2, VALID] → flatten
-        84 → 42 → 21 → 10 → 5:   5·5·32 = 800 features
+        (batch, h, w, c) → (batch, ⌊h/16⌋·⌊w/16⌋·32):   84 → 42 → 21 → 10 → 5,   800 features
 
     Args:
-        input_shape: (height, width, channels), height and width ≥ 16. Defaults to `(84, 84, 3)`.
-        batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
-        seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
-            (fresh random weights).
-        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
-            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
-            (`keras.config.floatx()`).
-        name: the model's name. Defaults to `"c4l_network"`.
-
-    Returns:
-        A functional `keras.Model` with 8 trainable variables (12 with `batch_norm_scale`) and no
-        non-trainable ones.
-
-    Raises:
-        ValueError: if `input_shape` is not 3 positive ints with height and width ≥ 16, or
-            `dtype` is not floating-point.
-        TypeError: if `seed` is not an int or None.
-
-    Input shape:
-        `(batch, 84, 84, 3)`, or `(batch, *input_shape)`.
-
-    Output shape:
-        `(batch, 800)`; in general `(batch, ⌊h/16⌋·⌊w/16⌋·32)`.
+        input_shape: (height, width, channels), height and width ≥ 16 (else `build_network`'s
+            ValueError). Defaults to `(84, 84, 3)`.
+        batch_norm_scale, seed, dtype, name: as in `omniglot_network` (the name defaults to
+            `"c4l_network"`), with the same 8 (or 12) trainable variables in the model returned.
     """
     return _conv4_network(input_shape, filters=32, strides=1, max_pool=True, name=name,
                           min_size=16, seed=seed, dtype=dtype, batch_norm_scale=batch_norm_scale)
@@ -279,12 +245,7 @@ def residual_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool
     Args:
         input_shape: (height, width, channels), height and width in 81…176 for a 512-d output.
             Defaults to `(84, 84, 3)`.
-        batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
-        seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
-            (fresh random weights).
-        dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
-            bfloat16 computation, float32 normalisation statistics). Defaults to `None`
-            (`keras.config.floatx()`).
+        batch_norm_scale, seed, dtype: as in `build_network`.
         name: the model's name. Defaults to `"residual_network"`.
 
     Returns:
@@ -293,9 +254,7 @@ def residual_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool
         2 biases. It has no non-trainable variables.
 
     Raises:
-        ValueError: if `input_shape` is not 3 positive ints with height and width ≥ 81, or
-            `dtype` is not floating-point.
-        TypeError: if `seed` is not an int or None.
+        ValueError, TypeError: as `build_network`; height and width must be ≥ 81.
 
     Input shape:
         `(batch, 84, 84, 3)`, or `(batch, *input_shape)`.
@@ -327,7 +286,8 @@ def build_network(name: str, input_shape: Shape | None = None, *, batch_norm_sca
         input_shape: (height, width, channels). Defaults to `None`: (28, 28, 1) for 'omniglot'
             and (84, 84, 3) for 'c4l' and 'rn'.
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
-        seed: seeds the kernel initialisers. Defaults to `None` (fresh random weights).
+        seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
+            (fresh random weights).
         dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
             bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).
@@ -336,7 +296,9 @@ def build_network(name: str, input_shape: Shape | None = None, *, batch_norm_sca
         The `keras.Model`, named after its builder (e.g. "residual_network").
 
     Raises:
-        ValueError: if `name` is not one of the names above, or as the builder.
+        ValueError: if `name` is not one of the names above, `input_shape` is not 3 positive ints
+            (large enough for the network), or `dtype` is not floating-point.
+        TypeError: if `seed` is not an int or None.
 
     Example:
         net = build_network("C4L", seed=0)

@@ -1,43 +1,58 @@
-"""Meta-training loop of hyper-representation: ``meta_train(config, workdir, splits)``.
+"""A configured meta-training run of hyper-representation with Keras ``fit``:
+``meta_train(config, workdir, splits)``.
 
 ``workdir`` holds
 
     config.json    the `Config`
-    metrics.csv    a row per evaluation: iteration, elapsed seconds, mean train outer loss since
-                   the previous row, validation accuracy and its 95% CI
-    checkpoints/   tf.train.Checkpoint of the network, the outer Adam, the learned η, the
-                   classifier ('classic'), the iteration, the elapsed time, the best validation
-                   accuracy, the evaluations since it and the best weights
+    metrics.csv    ``keras.callbacks.CSVLogger``: a row per epoch (``eval_every`` hyper-iterations,
+                   or fewer when the run stops or resumes mid-epoch), ended by a validation:
+                   hyper-iterations done, elapsed seconds, the mean train outer loss E of the
+                   epoch (``loss``), the learned η (``eta``), validation accuracy, CI and loss
+    tensorboard/   ``keras.callbacks.TensorBoard``: the same scalars per epoch (train/, validation/)
+    best.keras     ``keras.callbacks.ModelCheckpoint``: the model at its best validation accuracy
+    checkpoints/   ``callbacks.Checkpoint``: the run's state every ``checkpoint_seconds``, at each
+                   epoch end and on SIGINT/SIGTERM (weights, optimizer, the hyper-iteration, the
+                   time spent, early stopping's best weights and patience count)
     results.json   test accuracies and CIs (best-validation weights) next to the baselines:
                    raw pixels and the untrained network (the initial weights)
 
-A checkpoint in ``workdir`` means resume; ``meta_test(config, workdir, splits)`` tests a run's
-best checkpoint again without training (and rewrites results.json). Meta-batch i holds episodes
-i·B … i·B + B − 1 of the stream ``seed`` (``data.episode_dataset(first_episode=i·B)``), and
-'classic' batch i is drawn by ``default_rng([seed, i])``, so a resumed run sees the same data as
-an uninterrupted one.
-Training stops after ``iterations``, when validation accuracy has not improved for ``patience``
-evaluations, or when ``time_budget_seconds`` of training (over all runs) are spent.
+A checkpoint in ``workdir`` means resume: meta-batch i holds episodes i·B … i·B + B − 1 of the
+stream ``seed`` (``data.episode_dataset(first_episode=i·B)``; 'classic': batch i of
+``data.image_batches``), so a resumed run trains on the same data with the same weights as an
+uninterrupted one; after a resume mid-epoch, the next validation comes ``eval_every``
+hyper-iterations later. Training stops after ``iterations``, when validation accuracy has not
+improved for ``patience`` epochs (``keras.callbacks.EarlyStopping``), when
+``time_budget_seconds`` of training (over all runs) are spent, or at a non-finite outer loss or
+hypergradient (``keras.callbacks.TerminateOnNaN``); each stop ends an epoch, so it is validated.
+A lock file keeps a second run out of ``workdir`` while one trains.
+``meta_test(config, workdir, splits)`` tests the run's best.keras again, writing nothing.
 """
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
+import importlib.util
 import json
+import math
+import os
 import pathlib
-import time
-from typing import Any, Callable, NamedTuple, Optional
+import shutil
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from hyper_repr import data, meta_learner
+from hyper_repr import callbacks, data
+from hyper_repr.model import HyperRepresentation
 from hyper_repr.models import build_network
 
-_RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
-PROGRESS_SECONDS = 30.0  # a progress line at least this often between validations
-_METRICS = ("iteration", "elapsed_seconds", "train_outer_loss", "val_accuracy", "val_ci")
+RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
+BEST_MODEL, METRICS, CONFIG, RESULTS = "best.keras", "metrics.csv", "config.json", "results.json"
+LOCK = ".lock"
+OUTPUTS = (CONFIG, METRICS, RESULTS, BEST_MODEL, "checkpoints", "tensorboard")  # what a run writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,66 +78,110 @@ class Config:
     meta_lr: float = 1e-3
     meta_lr_decay: float = 1e-5  # inverse-time decay rate per iteration
     clip: Optional[float] = None  # hypergradient clipping value
-    variant: str = "hyper"  # meta_learner.VARIANTS
+    variant: str = "hyper"  # model.VARIANTS
     iterations: int = 50_000
-    eval_every: int = 500  # iterations between validation evaluations (and checkpoints)
+    eval_every: int = 500  # hyper-iterations per epoch: between validations
     eval_episodes: int = 600  # validation episodes
     test_episodes: int = 600
     test_shots: tuple = ()  # shots of the test evaluations; () means (shots,)
     eval_batch_size: int = 50  # episodes per compiled evaluation call
-    patience: int = 20  # evaluations without improvement before stopping
+    patience: int = 20  # validations without improvement before stopping
     seed: int = 0
     time_budget_seconds: Optional[float] = None  # of training, over all runs
 
-
-def classic_batch(split: data.Split, seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batch ``index`` of 'classic' training: ``size`` images drawn uniformly from ``split`` by
-    ``default_rng([seed, index])``, with their class numbers as labels."""
-    rng = np.random.default_rng([seed, index])
-    indices = np.sort(rng.choice(int(split.class_starts[-1]), size=size, replace=False))
-    labels = np.searchsorted(split.class_starts, indices, side="right") - 1
-    return np.asarray(split.images[indices], np.float32) / 255.0, labels.astype(np.int32)
-
-
-class _Progress(tf.Module):
-    """The loop's state that a checkpoint restores besides the learner's."""
-
-    def __init__(self, weights: list):
-        super().__init__()
-        self.iteration = tf.Variable(0, dtype=tf.int64)
-        self.elapsed = tf.Variable(0.0, dtype=tf.float64)
-        self.best_accuracy = tf.Variable(-1.0, dtype=tf.float64)
-        self.evaluations_since_best = tf.Variable(0, dtype=tf.int64)
-        self.best_weights = [tf.Variable(w, trainable=False) for w in weights]
+    @property
+    def classic(self) -> bool:
+        return self.variant in ("classic", "multiclass")
 
 
 class ConfigMismatchError(ValueError):
-    """Resuming a workdir whose run has another config."""
+    """Resuming a workdir whose run has another config; ``fields`` are those that differ."""
+
+    def __init__(self, workdir: pathlib.Path, fields: list):
+        self.fields = fields
+        super().__init__(f"{str(workdir)!r} holds a run with another config (fields {fields} "
+                         f"differ); only {list(RESUMABLE)} may change on resume.")
 
 
-def _write_config(config: Config, workdir: pathlib.Path) -> None:
-    path, fields = workdir / "config.json", dataclasses.asdict(config)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in fields if k not in _RESUMABLE
-                         and json.loads(json.dumps(fields[k])) != saved.get(k))
-        if changed:
-            raise ConfigMismatchError(
-                f"`workdir` {str(workdir)!r} holds a run with another config (fields {changed} "
-                f"differ); only {_RESUMABLE} may change on resume. Use a new workdir.")
-    path.write_text(json.dumps(fields, indent=2))
+class LockedError(RuntimeError):
+    """Another process trains in the workdir."""
 
 
-def _truncate_metrics(path: pathlib.Path, iteration: int) -> None:
-    """Creates metrics.csv, or drops rows written after the restored checkpoint."""
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, _METRICS)
-        writer.writeheader()
-        writer.writerows(r for r in rows if int(r["iteration"]) <= iteration)
+@contextlib.contextmanager
+def lock(workdir: Any) -> Iterator[None]:
+    """Holds an exclusive lock on ``workdir`` (released when the process ends, however it
+    ends); ``meta_train`` trains under it.
+
+    Raises:
+        LockedError: if another process (or another ``lock`` of this one) holds it.
+    """
+    root = pathlib.Path(workdir)
+    with open(root / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise LockedError(f"{str(root)!r} is in use by another run (process "
+                              f"{f.read().strip() or '?'}); wait for it to end.") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _episodes(split: data.Split, config: Config, *, shots: int, num_episodes: int) -> Any:
+def read_config(workdir: Any) -> Config:
+    """The `Config` of the run in ``workdir`` (its config.json).
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no config.json.
+    """
+    path = pathlib.Path(workdir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(workdir)!r} holds no trained run (no {CONFIG}): "
+                                f"meta-train first.")
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v
+                     for k, v in json.loads(path.read_text()).items() if k in names})
+
+
+def _check_resumable(config: Config, root: pathlib.Path) -> None:
+    saved = dataclasses.asdict(read_config(root))
+    fields = dataclasses.asdict(config)
+    changed = sorted(k for k in fields if k not in RESUMABLE
+                     and json.loads(json.dumps(fields[k])) != json.loads(json.dumps(saved.get(k))))
+    if changed:
+        raise ConfigMismatchError(root, changed)
+
+
+def _test_ways(config: Config) -> int:
+    return config.test_ways or config.ways
+
+
+def check_data(config: Config, splits: data.Splits,
+               name: Callable[[str], str] = lambda field: f"`{field}`") -> None:
+    """Raises a ValueError unless every episode of the run can be drawn; it names the fields of
+    ``config`` at fault by ``name(field)`` (e.g. a launcher's flag names)."""
+    evaluated = {"ways": "test_ways" if config.test_ways else "ways", "shots": "shots",
+                 "queries": "test_queries" if config.test_queries else "queries"}
+    sizes = {"ways": _test_ways(config), "queries": config.test_queries or config.queries}
+    checks = [] if config.classic else [
+        ("the training split", splits.train, dict(ways=config.ways, shots=config.shots,
+                                                  queries=config.queries), {})]
+    checks.append(("the validation split", splits.val, sizes | {"shots": config.shots}, evaluated))
+    tested = evaluated | {"shots": "test_shots" if config.test_shots else "shots"}
+    checks += [("the test split", splits.test, sizes | {"shots": k}, tested)
+               for k in config.test_shots or (config.shots,)]
+    for split_name, split, values, fields in checks:
+        data.episodes.check_episode_size(
+            split, **values, legacy_sampling=config.legacy_sampling, split_name=split_name,
+            names={k: name(fields.get(k, k)) for k in values})
+
+
+def evaluation_data(config: Config, split: data.Split, *, shots: int, num_episodes: int) -> tf.data.Dataset:
+    """The fixed validation or test episodes of ``config`` (test ways and queries)."""
     return data.evaluation_episodes(split, ways=_test_ways(config), shots=shots,
                                     queries=config.test_queries or config.queries,
                                     num_episodes=num_episodes, seed=config.seed,
@@ -130,237 +189,227 @@ def _episodes(split: data.Split, config: Config, *, shots: int, num_episodes: in
                                     legacy_sampling=config.legacy_sampling)
 
 
-def _test_ways(config: Config) -> int:
-    return config.test_ways or config.ways
-
-
-def _test_steps(config: Config) -> int:
-    return config.test_steps or config.steps
-
-
-def _train_batches(splits: data.Splits, config: Config, first: int):
-    """Meta-batches (or 'classic' batches) first, first + 1, …"""
-    if config.variant in ("classic", "multiclass"):
+def training_data(config: Config, split: data.Split, first_iteration: int = 0) -> tf.data.Dataset:
+    """Meta-batches (or 'classic' batches) ``first_iteration``, ``first_iteration`` + 1, …"""
+    if config.classic:
         size = config.meta_batch_size * config.ways * (config.shots + config.queries)
-        index = first
-        while True:
-            yield classic_batch(splits.train, config.seed, index, size)
-            index += 1
-    yield from data.episode_dataset(splits.train, ways=config.ways, shots=config.shots,
-                                    queries=config.queries, seed=config.seed,
-                                    meta_batch_size=config.meta_batch_size,
-                                    legacy_sampling=config.legacy_sampling,
-                                    first_episode=first * config.meta_batch_size,
-                                    shift=config.augment_shift)
+        return data.image_batches(split, batch_size=size, seed=config.seed, first_batch=first_iteration)
+    return data.episode_dataset(split, ways=config.ways, shots=config.shots, queries=config.queries,
+                                seed=config.seed, meta_batch_size=config.meta_batch_size,
+                                legacy_sampling=config.legacy_sampling,
+                                first_episode=first_iteration * config.meta_batch_size,
+                                shift=config.augment_shift)
 
 
-class _Run(NamedTuple):
-    """The learner of a run and the state its checkpoints hold (see `_restore`)."""
-
-    learner: meta_learner.MetaLearner
-    learned: list  # λ (+ η): the variables whose best-validation values are kept
-    progress: _Progress
-    manager: tf.train.CheckpointManager
-    initial_weights: list  # the network's weights before meta-training (the 'untrained' baseline)
+def _network(config: Config, splits: data.Splits) -> keras.Model:
+    return build_network(config.network, tuple(splits.train.images.shape[1:]), seed=config.seed,
+                         dtype=config.dtype, batch_norm_scale=config.batch_norm_scale)
 
 
-def _restore(config: Config, root: pathlib.Path, splits: data.Splits) -> _Run:
-    """Builds the network and the learner of ``config``; restores the latest checkpoint in
-    ``root``, if any."""
-    input_shape = tuple(splits.train.images.shape[1:])
-    network = build_network(config.network, input_shape, seed=config.seed, dtype=config.dtype,
-                            batch_norm_scale=config.batch_norm_scale)
-    initial_weights = [v.numpy() for v in network.trainable_variables]
-    classic = config.variant in ("classic", "multiclass")
-    learner = meta_learner.MetaLearner(
-        network, ways=config.ways, meta_batch_size=config.meta_batch_size, steps=config.steps,
-        learning_rate=config.learning_rate, learn_lr=config.learn_lr, meta_lr=config.meta_lr,
-        meta_lr_decay=config.meta_lr_decay, clip=config.clip, variant=config.variant,
-        num_classes=len(splits.train.class_names) if classic else None)
-    learned = learner.hypers[:len(learner.hypers) - len(learner.classifier)]  # λ (+ η)
-    progress = _Progress([v.numpy() for v in learned])
-    checkpoint = tf.train.Checkpoint(network=network, optimizer=learner.optimizer, progress=progress,
-                                     classifier=learner.classifier,
-                                     learning_rate=learned[len(network.trainable_variables):])
-    manager = tf.train.CheckpointManager(checkpoint, root / "checkpoints", max_to_keep=2)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed %s at iteration %d.", manager.latest_checkpoint, int(progress.iteration))
-    return _Run(learner, learned, progress, manager, initial_weights)
+def build_model(config: Config, splits: data.Splits) -> HyperRepresentation:
+    """The compiled model of ``config``: outer Adam with inverse-time decay,
+    meta_lr / (1 + meta_lr_decay · iteration)."""
+    model = HyperRepresentation(
+        _network(config, splits), ways=config.ways, steps=config.steps,
+        learning_rate=config.learning_rate, learn_lr=config.learn_lr, variant=config.variant,
+        num_classes=len(splits.train.class_names) if config.classic else None, clip=config.clip,
+        test_steps=config.test_steps)
+    schedule = keras.optimizers.schedules.InverseTimeDecay(config.meta_lr, decay_steps=1,
+                                                           decay_rate=config.meta_lr_decay)
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    return model
 
 
-def meta_train(config: Config, workdir: str, splits: data.Splits,
-               callback: Optional[Callable[[dict], None]] = None) -> dict:
-    """Meta-trains, resuming from ``workdir`` if it holds a checkpoint; then meta-tests.
+def _drop_rows(path: pathlib.Path, epochs: int) -> None:
+    """Drops the rows of metrics.csv logged for epochs ≥ ``epochs`` (not checkpointed)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) < epochs]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
+
+
+def read_metrics(workdir: Any) -> list[dict]:
+    """The rows of metrics.csv as numbers (a row per epoch, see the module docstring)."""
+    path = pathlib.Path(workdir) / METRICS
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _tensorboard(log_dir: pathlib.Path) -> keras.callbacks.Callback:
+    """``keras.callbacks.TensorBoard`` if the tensorboard package is installed, else
+    ``callbacks.EpochScalars`` (the same epoch scalars, which that package can read later)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return callbacks.EpochScalars(log_dir)
+    return keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0)
+
+
+def _delete(root: pathlib.Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: bool = True,
+               outputs: Sequence[str] = (), verbose: Any = "auto", checkpoint_seconds: float = 60.0,
+               extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Meta-trains with ``fit``, resuming from ``workdir`` if it holds a checkpoint; then
+    meta-tests (see the module docstring).
 
     Args:
         config: the settings.
         workdir: output folder (created).
         splits: train / val / test splits (``data.load_omniglot`` ...).
-        callback: called with each row of metrics.csv as a dict of numbers (e.g. to write
-            TensorBoard scalars). Defaults to `None`.
+        resume: continue the run in ``workdir``; else delete its outputs (``OUTPUTS`` and
+            ``outputs``) first. Defaults to `True`.
+        outputs: other files of the run, deleted when not resuming (e.g. a launcher's plots).
+        verbose: ``fit``'s progress output: 0, 1 (a progress bar), 2 (a line per epoch) or
+            "auto". Defaults to `"auto"`.
+        checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
+        extra_callbacks: more Keras callbacks for ``fit`` (e.g. timers), called before the
+            run's own.
 
     Returns:
         The content of results.json.
 
     Raises:
-        ValueError: if ``workdir`` holds a run with another config, or the config is invalid.
+        ValueError: if the config is invalid, the data too small for its episodes, or
+            ``workdir`` holds a run with another config (``ConfigMismatchError``).
+        LockedError: if another process trains in ``workdir``.
+        callbacks.Interrupted: on SIGINT or SIGTERM, once the run is saved.
     """
-    if config.eval_every < 1 or config.iterations < 0:
-        raise ValueError(f"`eval_every` must be ≥ 1 and `iterations` ≥ 0, got "
-                         f"{config.eval_every} and {config.iterations}.")
+    if config.eval_every < 1 or config.iterations < 1:
+        raise ValueError(f"`eval_every` and `iterations` must be ≥ 1, got {config.eval_every} and "
+                         f"{config.iterations}.")
+    check_data(config, splits)
     root = pathlib.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    _write_config(config, root)
-    run = _restore(config, root, splits)
-    learner, learned, progress, manager = run.learner, run.learned, run.progress, run.manager
-    metrics_path = root / "metrics.csv"
-    _truncate_metrics(metrics_path, int(progress.iteration))
-    validation = _episodes(splits.val, config, shots=config.shots, num_episodes=config.eval_episodes)
-
-    start, first = time.time(), int(progress.iteration)
-    elapsed0 = float(progress.elapsed)
-    last_line, budget = start, config.time_budget_seconds
-
-    def speed(iteration: int) -> str:  # "it i/n  r it/s (e episodes/s)  ETA s"
-        rate = (iteration - first) / (time.time() - start)
-        eta = (config.iterations - iteration) / rate
-        if budget is not None:  # the budget may stop the run first
-            eta = max(0.0, min(eta, budget - elapsed0 - (time.time() - start)))
-        return (f"it {iteration}/{config.iterations}  {rate:.1f} it/s "
-                f"({rate * config.meta_batch_size:.1f} episodes/s)  ETA {eta:.0f} s")
-
-    losses: list[float] = []
-    batches = _train_batches(splits, config, first)
-    while (progress.iteration < config.iterations
-           and progress.evaluations_since_best < config.patience
-           and (budget is None or elapsed0 + time.time() - start < budget)):
-        losses.append(learner.meta_step(next(batches)))
-        progress.iteration.assign_add(1)
-        iteration = int(progress.iteration)
-        if iteration % config.eval_every == 0 or iteration == config.iterations:
-            accuracy, ci = learner.evaluate(validation, ways=_test_ways(config), steps=_test_steps(config))
-            if accuracy > float(progress.best_accuracy):
-                progress.best_accuracy.assign(accuracy)
-                progress.evaluations_since_best.assign(0)
-                for best, v in zip(progress.best_weights, learned):
-                    best.assign(v)
-            else:
-                progress.evaluations_since_best.assign_add(1)
-            elapsed = elapsed0 + time.time() - start
-            progress.elapsed.assign(elapsed)
-            with metrics_path.open("a", newline="") as f:
-                csv.writer(f).writerow([iteration, f"{elapsed:.2f}", f"{np.mean(losses):.6g}",
-                                        f"{accuracy:.6g}", f"{ci:.6g}"])
-            if callback is not None:
-                callback(dict(zip(_METRICS, (iteration, elapsed, float(np.mean(losses)), accuracy,
-                                             ci))))
-            logging.info("%s  loss %.4f  val %.2f%% ± %.2f", speed(iteration), np.mean(losses),
-                         100 * accuracy, 100 * ci)
-            losses = []
-            manager.save()
-            last_line = time.time()
-        elif time.time() - last_line >= PROGRESS_SECONDS:
-            logging.info("%s  loss %.4f", speed(iteration), np.mean(losses))
-            last_line = time.time()
-    progress.elapsed.assign(elapsed0 + time.time() - start)
-    manager.save()  # the stopping point (budget, patience or the last iteration)
-    return _test(config, root, splits, run)
-
-
-def meta_test(config: Config, workdir: str, splits: data.Splits) -> dict:
-    """Meta-tests the run in ``workdir`` without training, as ``meta_train`` does after
-    training (its best-validation weights, next to the baselines); rewrites results.json.
-
-    Args:
-        config: the run's settings (its config.json); the evaluation fields (``test_*``,
-            ``eval_batch_size``) may differ.
-        workdir: the folder of a ``meta_train`` run.
-        splits: train / val / test splits; ``test`` is evaluated.
-
-    Returns:
-        The content of results.json.
-
-    Raises:
-        FileNotFoundError: if ``workdir`` holds no checkpoint.
-    """
-    root = pathlib.Path(workdir)
-    return _test(config, root, splits, _restore_trained(config, root, splits))
-
-
-def read_config(workdir: str) -> Config:
-    """The `Config` of the run in ``workdir`` (its config.json).
-
-    Raises:
-        FileNotFoundError: if ``workdir`` holds no config.json.
-    """
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(workdir)!r} holds no trained run (no config.json): "
-                                f"meta-train first.")
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v
-                     for k, v in json.loads(path.read_text()).items() if k in names})
-
-
-def _restore_trained(config: Config, root: pathlib.Path, splits: data.Splits) -> _Run:
-    """``_restore``, for a run that must have a checkpoint."""
-    if tf.train.latest_checkpoint(str(root / "checkpoints")) is None:
-        raise FileNotFoundError(f"{str(root)!r} holds no checkpoint: meta-train first.")
-    return _restore(config, root, splits)
-
-
-def _use_best_weights(run: _Run) -> None:
-    """Loads the best-validation weights of ``run`` into its learner (none if never validated)."""
-    if float(run.progress.best_accuracy) >= 0:
-        for v, best in zip(run.learned, run.progress.best_weights):
-            v.assign(best)
-
-
-def load_representation(workdir: str, splits: data.Splits) -> keras.Model:
-    """The representation h_λ of the ``meta_train`` run in ``workdir``, with its best-validation
-    weights (its last ones if it was never validated).
-
-    Args:
-        workdir: the folder of a ``meta_train`` run (config.json, checkpoints/).
-        splits: the run's data (for the input shape, and the class count of 'classic').
-
-    Raises:
-        FileNotFoundError: if ``workdir`` holds no config.json or no checkpoint.
-    """
-    run = _restore_trained(read_config(workdir), pathlib.Path(workdir), splits)
-    _use_best_weights(run)
-    return run.learner.network
-
-
-def _test(config: Config, root: pathlib.Path, splits: data.Splits, run: _Run) -> dict:
-    """Tests the best-validation weights of ``run`` (the last ones if it was never validated)
-    and the baselines on ``splits.test``; writes results.json."""
-    learner, progress = run.learner, run.progress
-    _use_best_weights(run)
-    untrained = build_network(config.network, tuple(splits.train.images.shape[1:]),
-                              seed=config.seed, dtype=config.dtype,
-                              batch_norm_scale=config.batch_norm_scale)
-    for v, w in zip(untrained.trainable_variables, run.initial_weights):
-        v.assign(w)
-    eta, ways, steps = learner.learning_rate, _test_ways(config), _test_steps(config)
-    results: dict[str, Any] = {"iterations": int(progress.iteration),
-                               "elapsed_seconds": float(progress.elapsed),
-                               "best_val_accuracy": float(progress.best_accuracy),
-                               "learning_rate": float(eta), "test": {}}
-    for shots in config.test_shots or (config.shots,):
-        test = _episodes(splits.test, config, shots=shots, num_episodes=config.test_episodes)
-        scores = {
-            config.variant: learner.evaluate(test, ways=ways, steps=steps),
-            "pixels": meta_learner.evaluate(meta_learner.pixel_features, test, ways=ways,
-                                            steps=steps, learning_rate=eta),
-            "untrained": meta_learner.evaluate(
-                lambda x: meta_learner.episode_features(untrained, x), test, ways=ways,
-                steps=steps, learning_rate=eta),
-        }
-        results["test"][f"{ways}way_{shots}shot"] = {
-            name: {"accuracy": m, "ci": c} for name, (m, c) in scores.items()}
-        logging.info("test %d-way %d-shot: %s", ways, shots,
-                     {k: f"{100 * m:.2f} ± {100 * c:.2f}" for k, (m, c) in scores.items()})
-    (root / "results.json").write_text(json.dumps(results, indent=2))
+    with lock(root):
+        if not resume:
+            _delete(root, OUTPUTS + tuple(outputs))
+        saved = root / "checkpoints"
+        if tf.train.latest_checkpoint(str(saved)) is not None:
+            _check_resumable(config, root)
+        model = build_model(config, splits)
+        budget = callbacks.TrainingBudget(config.iterations, config.time_budget_seconds,
+                                          episodes_per_iteration=config.meta_batch_size)
+        stopping = keras.callbacks.EarlyStopping("val_accuracy", mode="max", patience=config.patience,
+                                                 restore_best_weights=True)
+        best = keras.callbacks.ModelCheckpoint(str(root / BEST_MODEL), monitor="val_accuracy",
+                                               mode="max", save_best_only=True)
+        checkpoint = callbacks.Checkpoint(saved, every_seconds=checkpoint_seconds,
+                                          track=[budget, stopping, best])
+        done = checkpoint.restore(model)
+        (root / CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        _drop_rows(root / METRICS, done.epochs)
+        history = None
+        if budget.stopped_by is None and stopping.wait < config.patience:
+            epochs = done.epochs + math.ceil((config.iterations - done.iterations) / config.eval_every)
+            validation = evaluation_data(config, splits.val, shots=config.shots,
+                                         num_episodes=config.eval_episodes)
+            history = model.fit(
+                training_data(config, splits.train, done.iterations), validation_data=validation,
+                steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
+                shuffle=False, verbose=verbose,
+                callbacks=[*extra_callbacks, keras.callbacks.TerminateOnNaN(), budget, stopping, best,
+                           keras.callbacks.CSVLogger(str(root / METRICS), append=True),
+                           _tensorboard(root / "tensorboard"),
+                           checkpoint])
+        elif stopping.best_weights is not None:  # finished earlier: test its best weights
+            model.set_weights(stopping.best_weights)
+    nonfinite = history is not None and not np.isfinite(history.history["loss"][-1])
+    stopped_by = ("non-finite loss" if nonfinite else budget.stopped_by
+                  or ("patience" if stopping.wait >= config.patience else None))
+    best_row = next((r for r in read_metrics(root) if r["epoch"] == stopping.best_epoch), {})
+    results = {"iterations": budget.iterations_done, "elapsed_seconds": budget.elapsed,
+               "stopped_by": stopped_by, "best_val_accuracy": stopping.best,
+               "best_iteration": best_row.get("iteration"),
+               **score(config, model, splits)}
+    (root / RESULTS).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _baselines(config: Config, splits: data.Splits, learning_rate: float) -> dict:
+    """The untrained network (the initial weights, from the seed) and raw pixels, under heads
+    with the learned η."""
+    shape = tuple(splits.train.images.shape[1:])
+    pixels = keras.Sequential([keras.Input(shape), keras.layers.Flatten()], name="pixels")
+    models = {}
+    for name, network in (("pixels", pixels), ("untrained", _network(config, splits))):
+        models[name] = HyperRepresentation(network, ways=config.ways, steps=config.steps,
+                                           learning_rate=learning_rate,
+                                           test_steps=config.test_steps)
+        models[name].compile()
+    return models
+
+
+def score(config: Config, model: HyperRepresentation, splits: data.Splits) -> dict:
+    """Test accuracies of ``model`` and of the baselines on ``splits.test``, for each of
+    ``config.test_shots``: ``{"learning_rate": η, "test": {"5way_1shot": {name: {"accuracy",
+    "ci"}}}}``."""
+    eta = float(keras.ops.convert_to_numpy(model.learning_rate))
+    models = {config.variant: model, **_baselines(config, splits, eta)}
+    scores: dict = {}
+    for shots in config.test_shots or (config.shots,):
+        episodes = evaluation_data(config, splits.test, shots=shots, num_episodes=config.test_episodes)
+        result = {name: m.evaluate(episodes, verbose=0, return_dict=True) for name, m in models.items()}
+        scores[f"{_test_ways(config)}way_{shots}shot"] = {
+            name: {"accuracy": r["accuracy"], "ci": r["ci"]} for name, r in result.items()}
+        logging.info("test %d-way %d-shot: %s", _test_ways(config), shots,
+                     {k: f"{100 * r['accuracy']:.2f} ± {100 * r['ci']:.2f}" for k, r in result.items()})
+    return {"learning_rate": eta, "test": scores}
+
+
+def load_model(workdir: Any) -> HyperRepresentation:
+    """The model of the run in ``workdir`` at its best validation accuracy (best.keras).
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no best.keras (never validated).
+    """
+    path = pathlib.Path(workdir) / BEST_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(workdir)!r} holds no validated model ({BEST_MODEL}): "
+                                f"meta-train first.")
+    return keras.models.load_model(path)
+
+
+def meta_test(config: Config, workdir: Any, splits: data.Splits) -> dict:
+    """Tests the run in ``workdir`` (its best.keras) without training, as ``meta_train`` does
+    after training, with the evaluation settings of ``config`` (``test_*``, ``eval_batch_size``);
+    writes nothing.
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no validated model.
+    """
+    model = load_model(workdir)
+    model.test_steps = config.test_steps or config.steps
+    return score(config, model, splits)
+
+
+def load_representation(workdir: Any, splits: Optional[data.Splits] = None) -> keras.Model:
+    """The representation h_λ of the run in ``workdir`` at its best validation accuracy.
+
+    Args:
+        workdir: the folder of a ``meta_train`` run.
+        splits: if given, the images the network will see: their shape must be its input shape.
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no validated model.
+        ValueError: if ``splits`` has images of another shape.
+    """
+    network = load_model(workdir).network
+    if splits is not None and tuple(network.input_shape[1:]) != tuple(splits.train.images.shape[1:]):
+        raise ValueError(f"The network of {str(workdir)!r} takes images of shape "
+                         f"{tuple(network.input_shape[1:])}, the data has "
+                         f"{tuple(splits.train.images.shape[1:])}.")
+    return network

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from hyper_repr.data import (default_cache_dir, episode_dataset, evaluation_episodes,
-                             load_mini_imagenet, load_omniglot, split_from_array)
+                             image_batches, load_mini_imagenet, load_omniglot, split_from_array)
 from hyper_repr.data import mini_imagenet, omniglot
 from hyper_repr.data.episodes import Split, random_shift
 
@@ -287,6 +287,22 @@ def identities(x):
     return np.round(np.asarray(x)[..., 0, :, 0] * 255).astype(int)
 
 
+def test_image_batches_are_distinct_images_labelled_by_class_and_resumable():
+    """The 'classic' stream: batch i of (seed, i), distinct images, labels their classes."""
+    split = labelled_split(n_classes=5, per_class=4)
+    stream = [(identities(x), y.numpy()) for x, y in image_batches(split, batch_size=7, seed=3).take(4)]
+    for images, labels in stream:
+        assert len({tuple(i) for i in images}) == 7  # without replacement
+        np.testing.assert_array_equal(labels, images[:, 0])  # the class of each image
+    assert len({tuple(map(tuple, images)) for images, _ in stream}) == 4  # batches differ
+    resumed = next(iter(image_batches(split, batch_size=7, seed=3, first_batch=2)))
+    np.testing.assert_array_equal(identities(resumed[0]), stream[2][0])
+    other = next(iter(image_batches(split, batch_size=7, seed=4)))
+    assert not np.array_equal(identities(other[0]), stream[0][0])
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int ≤ 20"):
+        image_batches(split, batch_size=21, seed=0)
+
+
 def test_episode_shapes_labels_and_disjointness():
     ways, shots, queries = 4, 3, 5
     stream = episode_dataset(labelled_split(), ways=ways, shots=shots, queries=queries, seed=1)
@@ -395,7 +411,7 @@ def test_episodes_from_classes_of_different_sizes():
     found = np.round(np.concatenate([episode.support_x, episode.query_x]).ravel() * 255)
     classes = np.searchsorted(split.class_starts, found, side="right") - 1
     assert sorted(classes) == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match="Class 'a' has 2 images.*`shots`=2"):
+    with pytest.raises(ValueError, match="Class .a. of the split has 2 images.*`shots`=2"):
         episode_dataset(split, ways=2, shots=2, queries=1, seed=0)
 
 

@@ -93,7 +93,8 @@ def _layer_settings(model):
     return settings
 
 
-LAYER_SETTINGS = {  # farho.md §7.2
+# The layers of the original code: FAR-HO's hyper_representation.py, hyper-representation's models.py.
+LAYER_SETTINGS = {
     "omniglot": {("conv", (3, 3), (2, 2), "same", False, "linear"): 4, ("norm", 1e-3): 4,
                  ("ReLU", 0.0): 4},
     "c4l": {("conv", (3, 3), (1, 1), "same", False, "linear"): 4, ("norm", 1e-3): 4,

@@ -9,7 +9,7 @@ Splits keep uint8 images (255 = 1.0: Omniglot ink, full RGB intensity); episodes
 
 from hyper_repr.data.cache import default_cache_dir
 from hyper_repr.data.episodes import (Episode, Split, Splits, episode_dataset,
-                                      evaluation_episodes, split_from_array)
+                                      evaluation_episodes, image_batches, split_from_array)
 from hyper_repr.data.mini_imagenet import load_mini_imagenet
 from hyper_repr.data.omniglot import STANDARD_SPLIT_SIZES, load_omniglot
 
@@ -21,6 +21,7 @@ __all__ = [
     "default_cache_dir",
     "episode_dataset",
     "evaluation_episodes",
+    "image_batches",
     "load_mini_imagenet",
     "load_omniglot",
     "split_from_array",

@@ -16,7 +16,7 @@ independently, so a support image can reappear in the query set (about 75% of su
 for 20-image Omniglot classes with q = 15).
 """
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -76,28 +76,37 @@ def split_from_array(images: np.ndarray, class_names: Optional[Sequence[str]] = 
 
 
 def check_episode_size(split: Split, *, ways: int, shots: int, queries: int,
-                       legacy_sampling: bool = False) -> None:
+                       legacy_sampling: bool = False, split_name: str = "the split",
+                       names: Optional[Mapping[str, str]] = None) -> None:
     """Raises a ValueError unless every N-way episode of ``split`` can be drawn.
 
     Disjoint sampling needs k + q images in every class, legacy sampling max(k, q).
 
+    Args:
+        split, ways, shots, queries, legacy_sampling: as in `episode_dataset`.
+        split_name: what the messages call the split. Defaults to `"the split"`.
+        names: what the messages call ``ways``, ``shots`` and ``queries`` (e.g. a launcher's
+            flags). Defaults to `None`: the argument names.
+
     Raises:
         ValueError: naming the argument (``ways``, ``shots``, ``queries``) and the limit.
     """
+    names = {k: f"`{k}`" for k in ("ways", "shots", "queries")} | dict(names or {})
     for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            raise ValueError(f"{names[name]} must be a positive int, got {value!r}.")
     counts = np.diff(split.class_starts)
     if ways > len(counts):
-        raise ValueError(f"`ways`={ways} exceeds the {len(counts)} classes of the split; "
-                         f"use at most {len(counts)} ways.")
+        raise ValueError(f"{names['ways']}={ways} exceeds the {len(counts)} classes of "
+                         f"{split_name}; use at most {len(counts)} ways.")
     needed = max(shots, queries) if legacy_sampling else shots + queries
     smallest = int(np.argmin(counts))
     if counts[smallest] < needed:
         rule = "max(shots, queries)" if legacy_sampling else "shots + queries"
-        raise ValueError(f"Class {split.class_names[smallest]!r} has {counts[smallest]} images, "
-                         f"fewer than {rule} = {needed} (`shots`={shots}, `queries`={queries}); "
-                         f"lower `shots` or `queries`.")
+        raise ValueError(f"Class {split.class_names[smallest]!r} of {split_name} has "
+                         f"{counts[smallest]} images, fewer than {rule} = {needed} "
+                         f"({names['shots']}={shots}, {names['queries']}={queries}); lower "
+                         f"{names['shots']} or {names['queries']}.")
 
 
 def episode_indices(class_starts: np.ndarray, key: tf.Tensor, *, ways: int, shots: int,
@@ -211,6 +220,46 @@ def evaluation_episodes(split: Split, *, ways: int, shots: int, queries: int,
     return _episodes(split, indices, ways=ways, shots=shots, queries=queries, seed=seed,
                      meta_batch_size=meta_batch_size, legacy_sampling=legacy_sampling,
                      drop_remainder=False)
+
+
+def image_batches(split: Split, *, batch_size: int, seed: int,
+                  first_batch: int = 0) -> tf.data.Dataset:
+    """Endless stream of batches ``first_batch, first_batch + 1, …`` of ``batch_size`` distinct
+    images of ``split`` drawn uniformly, with their class numbers as labels (the 'classic'
+    multitask training of hyper_repr.model). Batch i is a pure function of ``(seed, i)``:
+
+        u ~ U(0, 1)^n_images (stateless, key (seed, i)),   batch = sort(argsort(u)[:batch_size])
+
+    Args:
+        split: the classes to draw from.
+        batch_size: images per batch (at most the split's image count).
+        seed: the stream.
+        first_batch: index of the first batch (to resume). Defaults to `0`.
+
+    Returns:
+        A `tf.data.Dataset` of (images [batch_size, H, W, C] float32 in [0, 1], labels
+        [batch_size] int32).
+
+    Raises:
+        ValueError: if ``batch_size`` is not a positive int at most the number of images.
+    """
+    count = int(split.class_starts[-1])
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or not 0 < batch_size <= count):
+        raise ValueError(f"`batch_size` must be a positive int ≤ {count} (the images of the split), "
+                         f"got {batch_size!r}.")
+    images = tf.convert_to_tensor(np.asarray(split.images))
+    class_starts = tf.constant(np.asarray(split.class_starts, np.int64)[1:-1])
+
+    def to_batch(index):
+        u = tf.random.stateless_uniform([count], seed=tf.stack([tf.constant(seed, tf.int64), index]))
+        drawn = tf.sort(tf.cast(tf.argsort(u)[:batch_size], tf.int64))
+        labels = tf.searchsorted(class_starts, drawn, side="right", out_type=tf.int32)
+        return _pixels(images, drawn), labels
+
+    batches = tf.data.Dataset.counter(start=first_batch).map(
+        to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def _episodes(split: Split, indices: tf.data.Dataset, *, ways: int, shots: int, queries: int,

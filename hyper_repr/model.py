@@ -1,0 +1,422 @@
+"""The hyper-representation meta-learner as a Keras model (Franceschi et al., ICML 2018, §4).
+
+Each episode j of a meta-batch fits a multinomial logistic head g_{w_j} on the features of a
+shared representation h_λ; the representation (and optionally the heads' learning rate η) are the
+hyperparameters λ, the model's trainable variables:
+
+    L_j(w_j, λ) = CE(h_λ(X^tr_j) W_j + b_j, Y^tr_j)         inner loss, mean over the support set
+                  (+ (γ/2)‖w_j‖² with ``head_l2`` = γ > 0)
+    w_{j,t+1} = w_{j,t} − η ∇_w L_j(w_{j,t}, λ),   w_{j,0} = 0,   t = 0 … T−1
+    E(λ) = (1/B) Σ_j CE(h_λ(X^val_j) W_{j,T} + b_{j,T}, Y^val_j)    outer loss, over the query sets
+
+``fit`` runs Algorithm 1: each training step is one hyper-iteration on a meta-batch of B episodes
+(heads fitted by T steps of gradient descent, the hypergradient ∇_λ E by far_ho2, one update by
+the compiled optimizer). The B episodes are one far_ho2 inner problem whose variables hold every
+head on a leading axis (W ∈ R^{B×d×N}, b ∈ R^{B×N}) with objective Σ_j L_j: the heads do not
+interact, so its hypergradient is the mean of the episodes' hypergradients. h_λ of the support
+sets is evaluated once per hyper-iteration (far_ho2's ``features=``), so the representation costs
+one forward and one backward pass on the support sets and one of each on the query sets.
+
+``evaluate`` scores episodes: each episode's head is trained from zero by T steps of gradient
+descent on its support features (``heads.fit_heads``), then its query set is classified; it
+reports the mean accuracy, the mean query cross-entropy, and the 95% confidence interval of the
+accuracy over episodes, 1.96·σ/√n (σ the standard deviation over the n episodes).
+
+The network is applied to each episode separately (``heads.episode_features``): its transductive
+normalisation uses per-episode statistics, of the support set and of the query set apart.
+
+Variants (the paper's Table 4), the ``variant`` argument:
+
+    'hyper'          Algorithm 1 (the default).
+    'bilevel_train'  D_val = D_tr: E is evaluated on the support sets.
+    'approx'         ∇_λ E with w_T held constant: only the direct path through h_λ(X^val).
+    'approx_train'   'approx' with D_val = D_tr.
+    'classic'        single-level multitask learning: one linear classifier over all C training
+                     classes (V Glorot-initialised, c = 0), trained jointly with h_λ on
+                     CE(h_λ(X) V + c, Y) over batches of training images (``data.image_batches``);
+                     no inner problem; evaluated like the others (new heads per episode).
+    'multiclass'     an alias of 'classic' (no separate multiclass baseline is implemented).
+
+References:
+    Franceschi, Frasconi, Salzo, Grazzi, Pontil. Bilevel Programming for Hyperparameter
+    Optimization and Meta-Learning. ICML 2018, arXiv:1806.04910.
+"""
+
+from typing import Any, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import far_ho2 as far
+from hyper_repr.data import Episode
+from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
+                              fit_heads, head_logits, ridge, variable_dtype)
+
+VARIANTS = ("hyper", "bilevel_train", "approx", "approx_train", "classic", "multiclass")
+_ON_SUPPORT = ("bilevel_train", "approx_train")  # D_val = D_tr
+_APPROX = ("approx", "approx_train")
+_CLASSIC = ("classic", "multiclass")
+MIN_LEARNING_RATE = 1e-6  # a learned η is kept ≥ this
+
+
+@keras.saving.register_keras_serializable(package="hyper_repr")
+class ConfidenceInterval(keras.metrics.Metric):
+    """Half-width of the 95% confidence interval of the mean of per-episode values:
+
+        ci = 1.96·σ/√n,     σ² = (1/n) Σ_i a_i² − ((1/n) Σ_i a_i)²
+
+    (σ the population standard deviation of the n values seen), accumulated in float64.
+    """
+
+    def __init__(self, name: str = "ci", **kwargs):
+        super().__init__(name=name, dtype="float64", **kwargs)
+        self.count, self.total, self.total_sq = (
+            self.add_variable(shape=(), initializer="zeros", dtype="float64", name=n)
+            for n in ("count", "total", "total_sq"))
+
+    def update_state(self, values: Any) -> None:
+        values = tf.reshape(tf.cast(values, tf.float64), [-1])
+        self.count.assign_add(tf.cast(tf.size(values), tf.float64))
+        self.total.assign_add(tf.reduce_sum(values))
+        self.total_sq.assign_add(tf.reduce_sum(tf.square(values)))
+
+    def result(self) -> tf.Tensor:
+        n = tf.maximum(self.count, 1.0)
+        variance = tf.maximum(self.total_sq / n - tf.square(self.total / n), 0.0)
+        return 1.96 * tf.sqrt(variance / n)
+
+
+def _unwrap(data: Any) -> Any:
+    """A batch as the dataset gives it: ``fit`` passes the element, ``train_on_batch`` and
+    ``test_on_batch`` pass (x, y, sample_weight) with y (for 'classic', the labels) and
+    sample_weight possibly None."""
+    if isinstance(data, tuple) and not isinstance(data, Episode) and len(data) == 3 and data[2] is None:
+        return data[0] if data[1] is None else data[:2]
+    return data
+
+
+def _tf_variable(variable: Any) -> tf.Variable:
+    """The ``tf.Variable`` that holds a Keras variable (far_ho2's functions watch those)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _method_config(method: far.HyperGradient) -> dict:
+    """A hypergradient method as JSON (``get_config``)."""
+    if isinstance(method, far.ReverseHG):
+        return {"class_name": "ReverseHG", "truncate": method.truncate,
+                "checkpoint_every": method.checkpoint_every, "unroll": method.unroll}
+    if callable(method.solver) or callable(method.tolerance):
+        raise ValueError("A HyperRepresentation whose ImplicitHG has a callable solver or "
+                         "tolerance cannot be saved: give `linear_system_solver` as a name and "
+                         "`tolerance` as a number, or save `model.network` alone.")
+    return {"class_name": "ImplicitHG", "linear_system_solver": method.solver,
+            "tolerance": method.tolerance, "max_iter": method.max_iter, "alpha": method.alpha}
+
+
+def _method_from_config(config: dict) -> far.HyperGradient:
+    config = dict(config)
+    return {"ReverseHG": far.ReverseHG, "ImplicitHG": far.ImplicitHG}[config.pop("class_name")](**config)
+
+
+def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> far.HyperGradient:
+    """The hypergradient method, or a clear error for one this model cannot run."""
+    if method is None:
+        return far.ReverseHG()
+    if variant not in ("hyper", "bilevel_train"):
+        raise ValueError(f"`hypergradient` is used by the bilevel variants 'hyper' and "
+                         f"'bilevel_train' only; variant {variant!r} computes its own gradient. "
+                         f"Leave `hypergradient=None`.")
+    if isinstance(method, far.ForwardHG):
+        raise ValueError("`hypergradient=far.ForwardHG()` carries one tangent per scalar "
+                         "hyperparameter (every weight of the network here); use "
+                         "far.ReverseHG() or far.ImplicitHG().")
+    if not isinstance(method, (far.ReverseHG, far.ImplicitHG)):
+        raise TypeError(f"`hypergradient` must be far.ReverseHG(...) or far.ImplicitHG(...), "
+                        f"got {type(method).__name__}.")
+    if getattr(method, "jit_compile", False):
+        raise ValueError("`hypergradient` has jit_compile=True: the model compiles its training "
+                         "step as a whole; pass `jit_compile=True` to `model.compile` instead.")
+    if isinstance(method, far.ImplicitHG) and learn_lr:
+        raise ValueError("far.ImplicitHG differentiates the heads' solution w*(λ), which the "
+                         "heads' learning rate η does not move: use learn_lr=False with it.")
+    if isinstance(method, far.ImplicitHG) and not head_l2 > 0:
+        raise ValueError("far.ImplicitHG solves ∇²_w L q = ∂E/∂w, but without a ridge term the "
+                         "heads' Hessian is singular (the softmax is shift-invariant, and an "
+                         "episode has fewer support images than features): pass head_l2 > 0.")
+    return method
+
+
+class _Heads:
+    """The heads of meta-training, W [B, d, N] and b [B, N] for any B: the variables of far_ho2's
+    inner problem, scratch state reset to 0 at every hyper-iteration. A plain object, so that
+    neither Keras nor ``tf.train.Checkpoint`` tracks them."""
+
+    def __init__(self, dim: int, ways: int, dtype: str):
+        self.variables = [tf.Variable(tf.zeros((0,) + shape, dtype), shape=(None,) + shape,
+                                      trainable=False, name=name)
+                          for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
+
+
+@keras.saving.register_keras_serializable(package="hyper_repr")
+class HyperRepresentation(keras.Model):
+    """A representation network h_λ meta-trained by hypergradients (see the module docstring).
+
+    ``fit`` takes meta-batches of episodes (``data.episode_dataset(..., meta_batch_size=B)``:
+    ``Episode`` tuples with a leading [B] axis), or (images, labels) batches of training images
+    for 'classic'; ``evaluate`` takes batches of episodes (``data.evaluation_episodes``) and
+    returns ``loss`` (query cross-entropy), ``accuracy`` and ``ci``. Calling the model on images
+    [n, H, W, C] gives their features h_λ [n, d] (normalised with the statistics of those n
+    images). A hyper-iteration whose outer loss, hypergradient or heads become NaN or Inf
+    updates nothing and reports a NaN loss (``keras.callbacks.TerminateOnNaN`` stops there).
+
+    Args:
+        network: h_λ, a Keras model images [n, H, W, C] -> features [n, d]; its trainable
+            variables are λ.
+        ways: N, classes per meta-training episode (validation and test episodes may have
+            another N: it is read from their labels).
+        steps: T, gradient-descent steps of the heads in meta-training.
+        learning_rate: η, the heads' learning rate (its initial value if learned). Defaults to
+            `0.1`.
+        learn_lr: make η a hyperparameter, trained with λ and kept ≥ 1e-6. Defaults to `False`.
+        variant: one of ``VARIANTS`` (see the module docstring). Defaults to `'hyper'`.
+        hypergradient: the far_ho2 method of the bilevel variants: ``far.ReverseHG()``
+            (Algorithm 1, the default), ``far.ReverseHG.truncated(K)`` or
+            ``far.ReverseHG(checkpoint_every=k)``, ``far.ImplicitHG(...)`` (η fixed; its
+            warm start is not used, the episodes change at every hyper-iteration).
+        num_classes: C, the training classes ('classic' and 'multiclass' only).
+        head_l2: γ, the ridge penalty (γ/2)(‖W_j‖² + ‖b_j‖²) of the heads, in meta-training and
+            evaluation. Defaults to `0.0` (the paper's heads); ImplicitHG needs γ > 0.
+        clip: clip every hypergradient entry to [−clip, clip]. Defaults to `None`.
+        test_steps: T of ``evaluate``. Defaults to `None` (``steps``); settable later.
+        name: the model's name. Defaults to `"hyper_representation"`.
+
+    Raises:
+        ValueError: for an unknown `variant`, a non-positive size, `learn_lr` with an 'approx'
+            or 'classic' variant or with ImplicitHG (η would get no gradient), `num_classes`
+            missing or given to a bilevel variant, or a method this model cannot run.
+
+    Example:
+        model = HyperRepresentation(build_network("omniglot"), ways=5, steps=5, learn_lr=True)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.fit(train_episodes, steps_per_epoch=500, epochs=10, validation_data=val_episodes)
+        model.evaluate(test_episodes, return_dict=True)  # {'accuracy': …, 'ci': …, 'loss': …}
+    """
+
+    def __init__(self, network: keras.Model, *, ways: int, steps: int, learning_rate: float = 0.1,
+                 learn_lr: bool = False, variant: str = "hyper",
+                 hypergradient: Optional[far.HyperGradient] = None,
+                 num_classes: Optional[int] = None, head_l2: float = 0.0,
+                 clip: Optional[float] = None, test_steps: Optional[int] = None,
+                 name: str = "hyper_representation", **kwargs):
+        if variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
+        for argument, value in (("ways", ways), ("steps", steps), ("test_steps", test_steps or 1),
+                                ("num_classes", num_classes or 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
+        if learn_lr and variant not in ("hyper", "bilevel_train"):
+            raise ValueError(f"`learn_lr=True` needs the inner dynamics, which variant {variant!r} "
+                             f"ignores; use variant 'hyper' or 'bilevel_train', or learn_lr=False.")
+        if (variant in _CLASSIC) != (num_classes is not None):
+            raise ValueError(f"`num_classes` is required by 'classic'/'multiclass' and only by them; "
+                             f"got num_classes={num_classes!r} with variant {variant!r}.")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"`clip` must be positive or None, got {clip!r}.")
+        for argument, value in (("learning_rate", learning_rate), ("head_l2", head_l2)):
+            if not value >= 0:
+                raise ValueError(f"`{argument}` must be non-negative, got {value!r}.")
+        method = _check_method(hypergradient, variant, learn_lr, head_l2)
+        dtype = variable_dtype(network)
+        super().__init__(name=name, dtype=dtype, **kwargs)
+        self.hypergradient = method
+        self.network, self.variant, self.clip, self.head_l2 = network, variant, clip, float(head_l2)
+        self.ways, self.steps, self.num_classes = int(ways), int(steps), num_classes
+        self.learn_lr, self._initial_learning_rate = bool(learn_lr), float(learning_rate)
+        self._test_steps = int(test_steps or steps)
+        self.learning_rate = self.add_weight(
+            shape=(), dtype=dtype, name="learning_rate", trainable=self.learn_lr,
+            initializer=keras.initializers.Constant(learning_rate),
+            constraint=(lambda eta: keras.ops.maximum(eta, MIN_LEARNING_RATE)) if learn_lr else None)
+        if variant in _CLASSIC:
+            dim = network.output_shape[-1]
+            self.classifier_kernel = self.add_weight(  # zeros would stall h_λ's first step
+                shape=(dim, num_classes), dtype=dtype, name="classifier_kernel",
+                initializer=keras.initializers.GlorotUniform(seed=0))
+            self.classifier_bias = self.add_weight(shape=(num_classes,), dtype=dtype,
+                                                   name="classifier_bias", initializer="zeros")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy", dtype="float64")
+        self.ci_tracker = ConfidenceInterval(name="ci")
+        self._heads = _Heads(network.output_shape[-1], self.ways, dtype)
+        self.built = True  # every variable exists (the heads are scratch state, see _Heads)
+
+    # -- Keras ----------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker, self.accuracy_tracker, self.ci_tracker]
+
+    @property
+    def test_steps(self) -> int:
+        """T of ``evaluate``; setting it retraces the evaluation."""
+        return self._test_steps
+
+    @test_steps.setter
+    def test_steps(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`test_steps` must be a positive int, got {value!r}.")
+        self._test_steps, self.test_function = int(value), None
+
+    def compile(self, optimizer: Any = "adam", *, jit_compile: Any = False, **kwargs) -> None:
+        """``keras.Model.compile`` (no loss: the model has its own); ``jit_compile`` defaults to
+        `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with)."""
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
+
+    def compile_from_config(self, config: dict) -> None:
+        """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models
+        that override ``compile``)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+    def call(self, images: Any, training: bool = False) -> tf.Tensor:
+        """h_λ: images [n, H, W, C] -> features [n, d] (normalised with these n images'
+        statistics)."""
+        return self.network(images)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "network": keras.saving.serialize_keras_object(self.network),
+                "ways": self.ways, "steps": self.steps, "learning_rate": self._initial_learning_rate,
+                "learn_lr": self.learn_lr, "variant": self.variant,
+                "hypergradient": (_method_config(self.hypergradient)
+                                  if self.variant in ("hyper", "bilevel_train") else None),
+                "num_classes": self.num_classes, "head_l2": self.head_l2, "clip": self.clip,
+                "test_steps": self.test_steps}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HyperRepresentation":
+        config = dict(config)
+        network = keras.saving.deserialize_keras_object(config.pop("network"))
+        method = config.pop("hypergradient")
+        return cls(network, hypergradient=method and _method_from_config(method), **config)
+
+    # -- one hyper-iteration ----------------------------------------------------------------------
+
+    @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
+    def hypergradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """(E, ∇E, finite) on one meta-batch: the outer loss, its gradient with respect to each of
+        ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and the heads' states
+        are all finite; nothing is updated. ``batch`` is an ``Episode`` with a leading [B] axis
+        (for 'classic', (images, labels)). This is the computation of one device: a replica's
+        share of a meta-batch under ``tf.distribute`` (the mean of per-episode losses and
+        gradients)."""
+        if self.variant in _CLASSIC:
+            loss, grads, finite = self._classic_gradients(*batch)
+        else:
+            episode = Episode(*batch)
+            support = (episode.support_x, episode.support_y)
+            outer = support if self.variant in _ON_SUPPORT else (episode.query_x, episode.query_y)
+            gradients = self._approx_gradients if self.variant in _APPROX else self._bilevel_gradients
+            loss, grads, finite = gradients(support, outer)
+        finite = tf.logical_and(finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                                       for g in grads + [loss]]))
+        if self.clip is not None:
+            grads = [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
+        return loss, grads, finite
+
+    @tf.autograph.experimental.do_not_convert
+    def train_step(self, data: Any) -> dict:
+        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss)."""
+        loss, grads, finite = self.hypergradients(_unwrap(data))
+
+        def update():
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return tf.constant(True)
+        tf.cond(finite, update, lambda: tf.constant(False))
+        self.loss_tracker.update_state(tf.where(finite, loss, np.nan))
+        logs = {"loss": self.loss_tracker.result()}
+        if self.learn_lr:
+            logs["eta"] = tf.convert_to_tensor(self.learning_rate)
+        return logs
+
+    @tf.autograph.experimental.do_not_convert
+    def test_step(self, data: Any) -> dict:
+        """Scores a batch of episodes: new heads, ``test_steps`` GD steps, query predictions."""
+        episode = Episode(*_unwrap(data))
+        support = episode_features(self.network, episode.support_x)
+        ways = tf.reduce_max(episode.support_y) + 1  # labels are 0 … N−1, each in the support set
+        weights, bias = fit_heads(support, episode.support_y, ways=ways, steps=self.test_steps,
+                                  learning_rate=self.learning_rate, l2=self.head_l2)
+        logits = head_logits(weights, bias, episode_features(self.network, episode.query_x))
+        accuracies = episode_accuracy(logits, episode.query_y)
+        self.loss_tracker.update_state(episode_cross_entropy(logits, episode.query_y))
+        self.accuracy_tracker.update_state(accuracies)
+        self.ci_tracker.update_state(accuracies)
+        return {m.name: m.result() for m in self.metrics}
+
+    # -- the gradients of each variant -------------------------------------------------------------
+
+    def _problem(self, batch_size: tf.Tensor) -> far.InnerProblem:
+        """far_ho2's inner problem of B = ``batch_size`` heads: Σ_j L_j minimised by gradient
+        descent with step η from W = 0, b = 0 (the heads are set to 0 first: Φ₀ reads them)."""
+        heads = self._heads.variables
+        for h in heads:
+            h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
+        return far.InnerProblem(
+            lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
+                            + ridge(*heads, self.head_l2)),
+            far.GradientDescentOptimizer(_tf_variable(self.learning_rate)), var_list=heads,
+            init_dynamics_dict=[(h, lambda h=h: tf.zeros_like(h)) for h in heads],
+            features=lambda batch: (episode_features(self.network, batch[0]), batch[1]))
+
+    def _bilevel_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """E and ∇_λ E through the T head steps, by far_ho2 (the method ``hypergradient``)."""
+        problem, heads = self._problem(tf.shape(support[0])[0]), self._heads.variables
+
+        def outer_objective(batch):
+            logits = head_logits(*heads, episode_features(self.network, batch[0]))
+            return tf.reduce_mean(episode_cross_entropy(logits, batch[1]))
+
+        method, hypers = self.hypergradient, [_tf_variable(v) for v in self.trainable_variables]
+        common = dict(steps=self.steps, inner_batches=far.Batches(support, per_step=False),
+                      outer_batch=outer)
+        if isinstance(method, far.ReverseHG):
+            result = far.reverse_hypergradient(
+                problem, outer_objective, hypers, truncate=method.truncate,
+                checkpoint_every=method.checkpoint_every,
+                unrolled=self.steps <= method.unroll and method.checkpoint_every is None, **common)
+        else:
+            result = far.implicit_hypergradient(
+                problem, outer_objective, hypers, solver=method.solver, max_iter=method.max_iter,
+                tol=self._tolerance(), alpha=method.alpha, **common)
+        return result.value, result.grads, tf.reduce_all(result.first_nonfinite < 0)
+
+    def _tolerance(self) -> tf.Tensor:
+        """ImplicitHG's residual target at this hyper-iteration k (a number or a function of k;
+        by default about the square root of the heads' precision)."""
+        tolerance = self.hypergradient.tolerance
+        if tolerance is None:
+            tolerance = 1e-10 if self.learning_rate.dtype == "float64" else 1e-6
+        elif callable(tolerance):
+            tolerance = tolerance(tf.cast(self.optimizer.iterations, tf.float64))
+        return tf.cast(tolerance, tf.float64)
+
+    def _approx_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """∂E/∂λ at fixed w_T = fit_heads(h_λ(X^tr)): the inner dynamics are ignored."""
+        features = tf.stop_gradient(episode_features(self.network, support[0]))
+        heads = fit_heads(features, support[1], ways=self.ways, steps=self.steps,
+                          learning_rate=self.learning_rate, l2=self.head_l2)
+        with tf.GradientTape() as tape:
+            logits = head_logits(*heads, episode_features(self.network, outer[0]))
+            loss = tf.reduce_mean(episode_cross_entropy(logits, outer[1]))
+        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
+
+    def _classic_gradients(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """∇ of CE(h_λ(X) V + c, Y) over one batch of training images with their class numbers."""
+        with tf.GradientTape() as tape:
+            features = self.network(tf.cast(images, self.compute_dtype))
+            logits = (tf.cast(features, self.classifier_kernel.dtype) @ self.classifier_kernel
+                      + self.classifier_bias)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.cast(labels, tf.int32), logits))
+        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
