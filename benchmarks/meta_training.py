@@ -79,13 +79,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,7 +96,8 @@ import numpy as np
 
 if not __package__:  # run as a script: the repository's packages first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.hypergradient_cost import fmt, machine_info, max_rss_mb, table, timed  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import fmt, max_rss_mb, table, timed  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DATA_DIR = REPOSITORY / "data" / "omniglot"
@@ -111,8 +112,6 @@ NORM_EPSILON, MIN_LR = 1e-3, 1e-6  # TransductiveBatchNormalization's ε; η's c
 CHECK_TOLERANCE = 1e-4  # relative: E and ‖∇E‖ of hyper_repr and the PyTorch subject
 PRE_DRAWN = 16  # meta-batches drawn before timing, cycled by the step-only calls
 RESUME_EPISODE = 400_000  # first_episode of the resumed stream (iteration 100,000 at B = 4)
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-WORKER_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,16 +645,6 @@ def measure_loop(settings: LoopSettings) -> LoopMeasurement:
 
 # -- the driver ----------------------------------------------------------------------------------------
 
-def run_worker(arguments: Sequence[str], label: str) -> dict:
-    """One worker in a fresh Python process (its own memory baseline and peak); its JSON line."""
-    command = [sys.executable, "-m", "benchmarks.meta_training", *arguments]  # this repository's packages
-    done = subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV, cwd=REPOSITORY)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {label} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 @dataclasses.dataclass
 class Summary:
     """One (device, B, T)."""
@@ -935,7 +924,8 @@ def main(argv: Sequence[str]) -> None:
     if args.loop_worker is not None:  # internal: the instrumented meta_train run
         print(json.dumps(dataclasses.asdict(measure_loop(LoopSettings(**args.loop_worker)))))
         return
-    info = machine_info()
+    info = harness.machine_info()
+    worker = functools.partial(harness.run_worker, "meta_training")
     quick = ["--quick"] if args.quick else []
     configs = [(B, T) for B in args.meta_batch_sizes for T in args.steps]
     measurements: list[Measurement] = []
@@ -947,16 +937,15 @@ def main(argv: Sequence[str]) -> None:
               file=sys.stderr, flush=True)
     else:
         B, T = args.meta_batch_sizes[0], max(args.steps)
-        check = TorchCheck(**run_worker(["--worker", "check", "--meta-batch-sizes", str(B),
-                                         "--steps", str(T)], "check"))
+        check = TorchCheck(**worker(["--worker", "check", "--meta-batch-sizes", str(B), "--steps", str(T)], "check"))
         print(f"[check] B={B} T={T}: relative differences E {check.loss_error:.1e}, ‖∇E‖ "
               f"{check.norm_error:.1e}  ({time.perf_counter() - start:4.0f} s)",
               file=sys.stderr, flush=True)
     devices = ["cpu"]
     for device in devices:  # "gpu" is appended when a CPU worker saw one
         for i, (B, T) in enumerate(configs, 1):
-            m = Measurement(**run_worker(["--worker", device, "--meta-batch-sizes", str(B), "--steps", str(T),
-                                          *quick], f"{device} B={B} T={T}"))
+            m = Measurement(**worker(["--worker", device, "--meta-batch-sizes", str(B), "--steps", str(T), *quick],
+                                     f"{device} B={B} T={T}"))
             measurements.append(m)
             s = summarize(m)
             print(f"[{device} {i}/{len(configs)}] B={B:<3d} T={T:<3d} {s.step_episodes_per_s:6.1f} episodes/s  "
@@ -966,9 +955,8 @@ def main(argv: Sequence[str]) -> None:
             if m.gpus_visible and "gpu" not in devices:
                 devices.append("gpu")
             if device == "cpu" and check is not None:  # the PyTorch subject, right after
-                t = TorchMeasurement(**run_worker(
-                    ["--worker", "torch", "--meta-batch-sizes", str(B), "--steps", str(T), *quick],
-                    f"torch B={B} T={T}"))
+                t = TorchMeasurement(**worker(["--worker", "torch", "--meta-batch-sizes", str(B), "--steps", str(T),
+                                               *quick], f"torch B={B} T={T}"))
                 pytorch.append(t)
                 print(f"[torch {i}/{len(configs)}] B={B:<3d} T={T:<3d} {t.episodes_per_s:6.1f} "
                       f"episodes/s  {statistics.median(t.step_ms):7.1f} ms/step  first "
@@ -981,7 +969,7 @@ def main(argv: Sequence[str]) -> None:
         s = args.loop
         print(f"[loop] meta_train B={s.meta_batch_size} T={s.steps}, {s.iterations} iterations ...",
               file=sys.stderr, flush=True)
-        loop = LoopMeasurement(**run_worker(["--loop-worker", json.dumps(dataclasses.asdict(s))], "loop"))
+        loop = LoopMeasurement(**worker(["--loop-worker", json.dumps(dataclasses.asdict(s))], "loop"))
         breakdown = loop_breakdown(loop)
         print(f"[loop] {breakdown['loop_episodes_per_s']:.1f} episodes/s over {loop.loop_s:.1f} s  "
               f"({time.perf_counter() - start:4.0f} s)", file=sys.stderr, flush=True)
@@ -993,7 +981,7 @@ def main(argv: Sequence[str]) -> None:
     if loop is not None:
         lines += loop_report(loop, breakdown, summaries, pytorch)
     print("\n".join(lines))
-    prefix = RESULTS_DIR / ("meta_training_quick" if args.quick else "meta_training")
+    prefix = harness.RESULTS_DIR / ("meta_training_quick" if args.quick else "meta_training")
     write_results(prefix, summaries, measurements, pytorch, check, loop, breakdown,
                   {"machine": info, "meta_batch_sizes": args.meta_batch_sizes, "steps": args.steps,
                    "timing": dataclasses.asdict(args.timing), "loop_settings": dataclasses.asdict(args.loop),

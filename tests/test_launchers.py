@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from matplotlib import image as mpimg
 
 from flags import common

@@ -13,7 +13,6 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
-from oracles import relative_error
 
 
 def ridge_with_momentum():

@@ -11,7 +11,6 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
-from oracles import relative_error
 
 EPS = 0.01  # SGLD step: ε·λ_max(A) ≈ 0.16, ε·λ_min(A) ≈ 0.026 on the Gaussian problem
 CHAINS = 64  # independent chains, one inner problem holding them on a leading axis

@@ -18,6 +18,11 @@ from far_ho2.hypergradients.penalty import Penalty, penalty_direction
 from far_ho2.hypergradients.stochastic import StochasticHG, stochastic_hypergradient
 
 
+__all__ = ["BOME", "ForwardHG", "HyperGradient", "ImplicitHG", "Penalty", "ReverseHG", "StochasticHG",
+           "bome_direction", "forward_hypergradient", "implicit_hypergradient", "penalty_direction",
+           "reverse_hypergradient", "stochastic_hypergradient"]
+
+
 class _CallablePackage(types.ModuleType):
     def __call__(self, scope: Optional[str] = None) -> list:
         from far_ho2.hyper_optimizer import all_hypergradients  # noqa: PLC0415 (it imports this package)

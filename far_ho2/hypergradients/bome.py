@@ -94,7 +94,6 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     w_k = [v.read_value() for v in problem.var_list]
     inputs = inputs_lib.prepare(problem, inner_batches, [])
     trajectory = run_steps(problem, empty_trajectory(problem.current_state(), steps), inputs.at, 0, steps, offset)
-    w_hat = trajectory.final.w
 
     def g_at_first_batch() -> tf.Tensor:  # λ-dependent features are recomputed under the tape
         return problem.loss(problem.inputs(inner_batches.at(0)))
