@@ -82,7 +82,7 @@ class Optimizer:
         self._steps = {f: callable(s) and not _is_value(s) and _takes_step(s) for f, s in params.items()}
         self._slots: list[list[tf.Variable]] = []  # outer use: the slots of each updated variable
         self._slot_index: dict[int, int] = {}
-        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_iterations")
+        self._iterations: Optional[tf.Variable] = None  # outer use: created by `build` (not inside tf.function)
 
     @property
     def learning_rate(self) -> Any:
@@ -130,6 +130,13 @@ class Optimizer:
     # -- as an outer optimizer --------------------------------------------------------------------
 
     @property
+    def iterations(self) -> tf.Variable:
+        """The number of outer updates (a variable, created by ``build``)."""
+        if self._iterations is None:
+            self._iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{self.name}_iterations")
+        return self._iterations
+
+    @property
     def variables(self) -> list[tf.Variable]:
         """The outer-use state: the iteration count and the slots of every updated variable."""
         return [self.iterations] + [v for slots in self._slots for v in slots]
@@ -137,6 +144,7 @@ class Optimizer:
     def build(self, var_list: Iterable) -> None:
         """Creates the slots of ``var_list`` (zeros, as at the first update), so that a checkpoint
         can restore them before any update."""
+        self.iterations  # noqa: B018  (created now, outside any tf.function)
         for var in var_list:
             var = as_tf_variable(var, "var_list")
             if id(var) not in self._slot_index:

@@ -49,6 +49,8 @@ import numpy as np
 import tensorflow as tf
 
 import far_ho2 as far
+from far_ho2 import inputs as far_inputs
+from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
                               fit_heads, head_logits, ridge, variable_dtype)
@@ -101,45 +103,27 @@ def _tf_variable(variable: Any) -> tf.Variable:
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def _method_config(method: far.HyperGradient) -> dict:
-    """A hypergradient method as JSON (``get_config``)."""
-    if isinstance(method, far.ReverseHG):
-        return {"class_name": "ReverseHG", "truncate": method.truncate,
-                "checkpoint_every": method.checkpoint_every, "unroll": method.unroll}
-    if callable(method.solver) or callable(method.tolerance):
-        raise ValueError("A HyperRepresentation whose ImplicitHG has a callable solver or "
-                         "tolerance cannot be saved: give `linear_system_solver` as a name and "
-                         "`tolerance` as a number, or save `model.network` alone.")
-    return {"class_name": "ImplicitHG", "linear_system_solver": method.solver,
-            "tolerance": method.tolerance, "max_iter": method.max_iter, "alpha": method.alpha}
-
-
-def _method_from_config(config: dict) -> far.HyperGradient:
-    config = dict(config)
-    return {"ReverseHG": far.ReverseHG, "ImplicitHG": far.ImplicitHG}[config.pop("class_name")](**config)
-
-
 def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> far.HyperGradient:
     """The hypergradient method, or a clear error for one this model cannot run."""
     if method is None:
         return far.ReverseHG()
+    if not isinstance(method, far.HyperGradient):
+        raise TypeError(f"`hypergradient` must be a far_ho2 method (far.ReverseHG(), far.ImplicitHG(), far.BOME(), "
+                        f"far.Penalty(), far.StochasticHG(), ...), got {type(method).__name__}.")
     if variant not in ("hyper", "bilevel_train"):
         raise ValueError(f"`hypergradient` is used by the bilevel variants 'hyper' and "
                          f"'bilevel_train' only; variant {variant!r} computes its own gradient. "
                          f"Leave `hypergradient=None`.")
-    if isinstance(method, far.ForwardHG):
-        raise ValueError("`hypergradient=far.ForwardHG()` carries one tangent per scalar "
-                         "hyperparameter (every weight of the network here); use "
-                         "far.ReverseHG() or far.ImplicitHG().")
-    if not isinstance(method, (far.ReverseHG, far.ImplicitHG)):
-        raise TypeError(f"`hypergradient` must be far.ReverseHG(...) or far.ImplicitHG(...), "
-                        f"got {type(method).__name__}.")
+    if isinstance(method, far.ForwardHG) or getattr(method, "estimator", None) == "pathwise":
+        raise ValueError(f"`hypergradient={method.name}` carries one tangent per scalar hyperparameter (every "
+                         f"weight of the network here); use far.ReverseHG(), far.ImplicitHG(), or "
+                         f"far.StochasticHG('reversed' or 'score').")
     if getattr(method, "jit_compile", False):
         raise ValueError("`hypergradient` has jit_compile=True: the model compiles its training "
                          "step as a whole; pass `jit_compile=True` to `model.compile` instead.")
-    if isinstance(method, far.ImplicitHG) and learn_lr:
-        raise ValueError("far.ImplicitHG differentiates the heads' solution w*(λ), which the "
-                         "heads' learning rate η does not move: use learn_lr=False with it.")
+    if learn_lr and not method.differentiates_dynamics:
+        raise ValueError(f"{method.name} differentiates λ where it enters the objectives, not the heads' "
+                         f"learning rate η: use learn_lr=False with it.")
     if isinstance(method, far.ImplicitHG) and not head_l2 > 0:
         raise ValueError("far.ImplicitHG solves ∇²_w L q = ∂E/∂w, but without a ridge term the "
                          "heads' Hessian is singular (the softmax is shift-invariant, and an "
@@ -183,12 +167,20 @@ class HyperRepresentation(keras.Model):
         hypergradient: the far_ho2 method of the bilevel variants: ``far.ReverseHG()``
             (Algorithm 1, the default), ``far.ReverseHG.truncated(K)`` or
             ``far.ReverseHG(checkpoint_every=k)``, ``far.ImplicitHG(...)`` (η fixed; its
-            warm start is not used, the episodes change at every hyper-iteration).
+            warm start is not used, the episodes change at every hyper-iteration),
+            ``far.BOME(...)`` or ``far.Penalty(...)`` (they step from the current heads w_k,
+            which here are T gradient steps from 0 on each episode: the heads start afresh
+            with every episode, so nothing persists across hyper-iterations; the penalty's γ
+            stays at its initial value: its stages need one problem over many iterations), or
+            ``far.StochasticHG('reversed' or 'score')`` (Langevin heads, see ``temperature``).
         num_classes: C, the training classes ('classic' and 'multiclass' only).
         head_l2: γ, the ridge penalty (γ/2)(‖W_j‖² + ‖b_j‖²) of the heads, in meta-training and
             evaluation. Defaults to `0.0` (the paper's heads); ImplicitHG needs γ > 0.
         clip: clip every hypergradient entry to [−clip, clip]. Defaults to `None`.
         test_steps: T of ``evaluate``. Defaults to `None` (``steps``); settable later.
+        temperature: τ of the Langevin heads of ``far.StochasticHG`` (their T meta-training steps
+            are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration;
+            evaluation stays gradient descent). Required with StochasticHG, and only with it.
         name: the model's name. Defaults to `"hyper_representation"`.
 
     Raises:
@@ -208,7 +200,7 @@ class HyperRepresentation(keras.Model):
                  hypergradient: Optional[far.HyperGradient] = None,
                  num_classes: Optional[int] = None, head_l2: float = 0.0,
                  clip: Optional[float] = None, test_steps: Optional[int] = None,
-                 name: str = "hyper_representation", **kwargs):
+                 temperature: Optional[float] = None, name: str = "hyper_representation", **kwargs):
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
         for argument, value in (("ways", ways), ("steps", steps), ("test_steps", test_steps or 1),
@@ -227,12 +219,17 @@ class HyperRepresentation(keras.Model):
             if not value >= 0:
                 raise ValueError(f"`{argument}` must be non-negative, got {value!r}.")
         method = _check_method(hypergradient, variant, learn_lr, head_l2)
+        stochastic = isinstance(method, far.StochasticHG)
+        if stochastic != (temperature is not None) or (stochastic and not temperature > 0):
+            raise ValueError(f"`temperature` (τ > 0) goes with hypergradient=far.StochasticHG(...) and only with it; "
+                             f"got temperature={temperature!r} with {method.name}.")
         dtype = variable_dtype(network)
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.hypergradient = method
         self.network, self.variant, self.clip, self.head_l2 = network, variant, clip, float(head_l2)
         self.ways, self.steps, self.num_classes = int(ways), int(steps), num_classes
         self.learn_lr, self._initial_learning_rate = bool(learn_lr), float(learning_rate)
+        self.temperature = None if temperature is None else float(temperature)
         self._test_steps = int(test_steps or steps)
         self.learning_rate = self.add_weight(
             shape=(), dtype=dtype, name="learning_rate", trainable=self.learn_lr,
@@ -249,6 +246,9 @@ class HyperRepresentation(keras.Model):
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy", dtype="float64")
         self.ci_tracker = ConfidenceInterval(name="ci")
         self._heads = _Heads(network.output_shape[-1], self.ways, dtype)
+        if self.temperature is not None:  # not tracked: its run counter is scratch state too
+            self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
+                                                           temperature=self.temperature, seed=0)
         self.built = True  # every variable exists (the heads are scratch state, see _Heads)
 
     # -- Keras ----------------------------------------------------------------------------------
@@ -288,17 +288,17 @@ class HyperRepresentation(keras.Model):
         return {"name": self.name, "network": keras.saving.serialize_keras_object(self.network),
                 "ways": self.ways, "steps": self.steps, "learning_rate": self._initial_learning_rate,
                 "learn_lr": self.learn_lr, "variant": self.variant,
-                "hypergradient": (_method_config(self.hypergradient)
+                "hypergradient": (self.hypergradient.get_config()
                                   if self.variant in ("hyper", "bilevel_train") else None),
                 "num_classes": self.num_classes, "head_l2": self.head_l2, "clip": self.clip,
-                "test_steps": self.test_steps}
+                "test_steps": self.test_steps, "temperature": self.temperature}
 
     @classmethod
     def from_config(cls, config: dict) -> "HyperRepresentation":
         config = dict(config)
         network = keras.saving.deserialize_keras_object(config.pop("network"))
         method = config.pop("hypergradient")
-        return cls(network, hypergradient=method and _method_from_config(method), **config)
+        return cls(network, hypergradient=method and far.hypergradients.from_config(method), **config)
 
     # -- one hyper-iteration ----------------------------------------------------------------------
 
@@ -362,10 +362,15 @@ class HyperRepresentation(keras.Model):
         heads = self._heads.variables
         for h in heads:
             h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
+        if self.temperature is None:
+            optimizer = far.GradientDescentOptimizer(_tf_variable(self.learning_rate))
+        else:  # Langevin heads; every hyper-iteration draws a new noise sequence
+            optimizer = self._langevin
+            optimizer.runs.assign_add(1)
         return far.InnerProblem(
             lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
                             + ridge(*heads, self.head_l2)),
-            far.GradientDescentOptimizer(_tf_variable(self.learning_rate)), var_list=heads,
+            optimizer, var_list=heads,
             init_dynamics_dict=[(h, lambda h=h: tf.zeros_like(h)) for h in heads],
             features=lambda batch: (episode_features(self.network, batch[0]), batch[1]))
 
@@ -378,18 +383,16 @@ class HyperRepresentation(keras.Model):
             return tf.reduce_mean(episode_cross_entropy(logits, batch[1]))
 
         method, hypers = self.hypergradient, [_tf_variable(v) for v in self.trainable_variables]
-        common = dict(steps=self.steps, inner_batches=far.Batches(support, per_step=False),
-                      outer_batch=outer)
-        if isinstance(method, far.ReverseHG):
-            result = far.reverse_hypergradient(
-                problem, outer_objective, hypers, truncate=method.truncate,
-                checkpoint_every=method.checkpoint_every,
-                unrolled=self.steps <= method.unroll and method.checkpoint_every is None, **common)
-        else:
-            result = far.implicit_hypergradient(
-                problem, outer_objective, hypers, solver=method.solver, max_iter=method.max_iter,
-                tol=self._tolerance(), alpha=method.alpha, **common)
-        return result.value, result.grads, tf.reduce_all(result.first_nonfinite < 0)
+        batches = far.Batches(support, per_step=False)
+        if method.persistent:  # BOME and the penalty method update w_k: here T head steps from 0
+            inputs = far_inputs.prepare(problem, batches, [])
+            warm = run_steps(problem, empty_trajectory(problem.current_state(), self.steps), inputs.at, 0, self.steps)
+            problem.load(warm.final.w)
+        options = {"tolerance": self._tolerance()} if isinstance(method, far.ImplicitHG) else None
+        result = method.hypergradient(problem, outer_objective, hypers, steps=self.steps, inner_batches=batches,
+                                      outer_batch=outer, options=options)
+        grads = [tf.zeros_like(h) if g is None else g for g, h in zip(result.grads, hypers)]
+        return result.value, grads, all_finite(result.first_nonfinite)
 
     def _tolerance(self) -> tf.Tensor:
         """ImplicitHG's residual target at this hyper-iteration k (a number or a function of k;

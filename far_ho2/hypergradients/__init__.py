@@ -19,8 +19,22 @@ from far_ho2.hypergradients.stochastic import StochasticHG, stochastic_hypergrad
 
 
 __all__ = ["BOME", "ForwardHG", "HyperGradient", "ImplicitHG", "Penalty", "ReverseHG", "StochasticHG",
-           "bome_direction", "forward_hypergradient", "implicit_hypergradient", "penalty_direction",
+           "bome_direction", "forward_hypergradient", "from_config", "implicit_hypergradient", "penalty_direction",
            "reverse_hypergradient", "stochastic_hypergradient"]
+
+METHODS = {cls.__name__: cls for cls in (BOME, ForwardHG, ImplicitHG, Penalty, ReverseHG, StochasticHG)}
+
+
+def from_config(config: dict) -> HyperGradient:
+    """The method a ``HyperGradient.get_config()`` describes."""
+    config = dict(config)
+    name = config.pop("class_name", None)
+    if name not in METHODS:
+        raise ValueError(f"Unknown hypergradient method {name!r}; known: {sorted(METHODS)}.")
+    if name == "BOME" and config.get("inner_optimizer") is not None:
+        import keras  # noqa: PLC0415 (only BOME's inner optimizer needs it)
+        config["inner_optimizer"] = keras.optimizers.deserialize(config["inner_optimizer"])
+    return METHODS[name](**config)
 
 
 class _CallablePackage(types.ModuleType):

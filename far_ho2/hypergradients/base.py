@@ -246,6 +246,15 @@ class HyperGradient:
         """The method's own state, as trackables for a ``tf.train.Checkpoint`` (nothing here)."""
         return {}
 
+    def get_config(self) -> dict:
+        """The method's settings as JSON-able values, ``{"class_name": ..., **arguments}``:
+        ``far_ho2.hypergradients.from_config`` makes the same method again (its state, e.g. a
+        penalty's γ, lives in ``state_variables``)."""
+        return {"class_name": type(self).__name__, "name": self.name, **self._settings()}
+
+    def _settings(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved as a config.")
+
     def after_update(self) -> None:
         """Called by ``HyperOptimizer`` after it has updated the hyperparameters with the last
         run's outer directions: a method that updates the inner variables itself (a joint step)

@@ -186,6 +186,11 @@ class BOME(HyperGradient):
         self._zero_barrier = 0
         self._steps_of: dict = {}
 
+    def _settings(self) -> dict:
+        return {"eta": self.eta, "phi": self.phi, "inner_learning_rate": self.inner_learning_rate,
+                "inner_optimizer": None if self.inner_optimizer is None else
+                keras.optimizers.serialize(self.inner_optimizer), "delta": self.delta}
+
     def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
                       previous=None, online=False, offset=0, options=None) -> RunResult:
         return bome_direction(problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,

@@ -180,6 +180,9 @@ class ForwardHG(HyperGradient):
     def __init__(self, name: str = "ForwardHG"):
         super().__init__(name)
 
+    def _settings(self) -> dict:
+        return {}
+
     def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
                       previous=None, online=False, offset=0, options=None) -> RunResult:
         return forward_hypergradient(

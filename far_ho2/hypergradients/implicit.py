@@ -173,9 +173,16 @@ class ImplicitHG(HyperGradient):
         self.uses_previous = warm_start
         self.residuals: list[tuple[float, int]] = []
 
-    def _tolerance(self, global_step: int) -> float:
+    def _settings(self) -> dict:
+        if callable(self.solver) or callable(self.tolerance):
+            raise ValueError("An ImplicitHG with a callable solver or tolerance cannot be saved as a config: give "
+                             "`linear_system_solver` as a name and `tolerance` as a number.")
+        return {"linear_system_solver": self.solver, "tolerance": self.tolerance, "max_iter": self.max_iter,
+                "alpha": self.alpha, "warm_start": self.uses_previous}
+
+    def _tolerance(self, global_step: int, dtype: Optional[tf.DType] = None) -> float:
         if self.tolerance is None:
-            return default_tolerance(self.inner_problems[0].dtype)
+            return default_tolerance(dtype or self.inner_problems[0].dtype)
         return float(self.tolerance(global_step) if callable(self.tolerance) else self.tolerance)
 
     def _options(self, global_step: int) -> dict:
@@ -186,7 +193,7 @@ class ImplicitHG(HyperGradient):
         return implicit_hypergradient(
             problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,
             outer_batch=outer_batch, solver=self.solver, max_iter=self.max_iter,
-            tol=(options or self._options(0))["tolerance"], alpha=self.alpha,
+            tol=options["tolerance"] if options else self._tolerance(0, problem.dtype), alpha=self.alpha,
             initial_state=previous.state if previous is not None and online else None,
             warm_start=previous.carry.q if previous is not None and self.uses_previous else None,
             offset=offset)

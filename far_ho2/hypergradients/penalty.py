@@ -223,17 +223,30 @@ class Penalty(HyperGradient):
 
     # -- the method -------------------------------------------------------------------------------
 
-    def _initial_state(self, k: int, problem: InnerProblem) -> NamedTuple:
-        template = problem.current_state()
-        flat = [v.read_value() for v in problem.var_list] + [s.read_value() for s in self.slots[k]]
-        return tf.nest.pack_sequence_as(template, flat)
+    def _settings(self) -> dict:
+        return {"gamma": self.initial["gamma"], "lambda_g": self.initial["lambda_g"],
+                "epsilon": self.initial["epsilon"], "nu": self.initial["nu"], "lagrangian": self.lagrangian,
+                "gamma_factor": self.factors["gamma"], "lambda_factor": self.factors["lambda_g"],
+                "epsilon_factor": self.factors["epsilon"], "lr_factor": self.factors["lr"],
+                "outer_lr_factor": self.factors["outer_lr"], "max_gamma": self.max_gamma}
 
     def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
                       previous=None, online=False, offset=0, options=None) -> RunResult:
-        k = self.inner_problems.index(problem)
+        """For a registered problem, from its kept state and multiplier; for another one (called
+        from a user's compiled code, e.g. a Keras ``train_step``), from the weights the inner
+        variables hold with fresh optimizer slots and ν = ν₀, at the current γ."""
+        known = [k for k, p in enumerate(self.inner_problems) if p is problem and k < len(self.nu)]
+        if known:
+            k = known[0]
+            template = problem.current_state()
+            state = tf.nest.pack_sequence_as(template, [v.read_value() for v in problem.var_list]
+                                             + [s.read_value() for s in self.slots[k]])
+            nu = [n.read_value() for n in self.nu[k]]
+        else:
+            state = problem.current_state()
+            nu = [tf.fill(tf.shape(v), tf.constant(self.initial["nu"], v.dtype)) for v in problem.var_list]
         return penalty_direction(problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,
-                                 outer_batch=outer_batch, initial_state=self._initial_state(k, problem),
-                                 nu=[n.read_value() for n in self.nu[k]], gamma=self.gamma.read_value(),
+                                 outer_batch=outer_batch, initial_state=state, nu=nu, gamma=self.gamma.read_value(),
                                  lambda_g=self.lambda_g.read_value(), rate_scale=self.rate_scale.read_value(),
                                  offset=offset)
 

@@ -237,6 +237,10 @@ class ReverseHG(HyperGradient):
             raise ValueError(f"`unroll` must be a non-negative int, got {unroll!r}.")
         self.truncate, self.checkpoint_every, self.unroll = truncate, checkpoint_every, unroll
 
+    def _settings(self) -> dict:
+        return {"truncate": self.truncate, "checkpoint_every": self.checkpoint_every, "unroll": self.unroll,
+                "jit_compile": self.jit_compile}
+
     @staticmethod
     def truncated(reverse_iterations: int, name: str = "TruncatedReverseHG") -> "ReverseHG":
         """Reverse mode through the last ``reverse_iterations`` steps only (K-RMD)."""

@@ -292,6 +292,10 @@ class StochasticHG(HyperGradient):
         self.standard_errors: list = []
         self.statistics: list[dict] = []
 
+    def _settings(self) -> dict:
+        return {"estimator": self.estimator, "burn_in": self.burn_in, "thinning": self.thinning,
+                "batches": self.batches, "warm_start": self.uses_previous}
+
     def _build(self) -> None:
         for problem in self.inner_problems:
             if not isinstance(problem.optimizer, SGLDOptimizer):
