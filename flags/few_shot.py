@@ -69,8 +69,10 @@ PATHS = ("logdir", "data_dir")  # flags whose ~ is expanded
 _FIELDS = {"T": "steps", "test_T": "test_steps", "lr": "learning_rate",
            "hyper_iterations": "iterations", "time_budget": "time_budget_seconds"}
 _FLAG = {field: flag for flag, field in _FIELDS.items()}
-_CHOICES = {"network": NETWORKS, "dtype": DTYPES, "variant": VARIANTS}
-_COUNTS = ("augment_shift",)  # ints that may be 0 (the others must be ≥ 1; floats ≥ 0)
+_CHOICES = {"network": NETWORKS, "dtype": DTYPES, "variant": VARIANTS, "method": train.METHODS,
+            "implicit_solver": ("cg", "neumann", "fixed_point"), "bome_phi": ("grad_norm", "value"),
+            "stochastic_estimator": ("reversed", "score")}
+_COUNTS = ("augment_shift", "truncate", "stochastic_burn_in")  # ints that may be 0 (others ≥ 1; floats ≥ 0)
 
 # The help of a flag per `train.Config` field but seed (the common --seed); each flag's type is
 # its field's, its default the launcher's preset.
@@ -98,6 +100,20 @@ HELP = {
     "meta_lr_decay": "Inverse-time decay rate: meta_lr / (1 + decay·iteration).",
     "clip": "Clip hypergradients to ±clip (default: none).",
     "variant": "Training variant (the paper's Table 4).",
+    "method": "The far_ho2 method of the bilevel variants: reverse (Algorithm 1), implicit, bome, penalty "
+              "or stochastic (Langevin heads); its settings are the flags below.",
+    "truncate": "reverse: back-propagate through the last K head steps only (0: all T).",
+    "head_l2": "γ, the heads' ridge penalty (γ/2)(‖W‖² + ‖b‖²), in training and evaluation "
+               "(implicit needs γ > 0).",
+    "implicit_solver": "implicit: the linear solver of the Hessian system.",
+    "implicit_iterations": "implicit: the solver's iterations at most.",
+    "bome_eta": "bome: η, the barrier's strength.",
+    "bome_phi": "bome: the control φ (grad_norm: η‖∇q̂‖², value: η·q̂).",
+    "penalty_gamma": "penalty: γ, the weight of ‖∇_w L‖² in the heads' surrogate (held).",
+    "penalty_lambda_g": "penalty: λ_g, the weight of L itself in the heads' surrogate.",
+    "stochastic_estimator": "stochastic: the O(|w| + |λ|) Monte-Carlo estimator.",
+    "temperature": "stochastic: τ, the temperature of the Langevin heads.",
+    "stochastic_burn_in": "stochastic: head steps discarded before the samples (of --T).",
     "hyper_iterations": "Maximum hyper-iterations.",
     "eval_every": "Hyper-iterations between validations (a Keras epoch).",
     "eval_episodes": "Validation episodes.",

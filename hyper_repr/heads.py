@@ -55,10 +55,10 @@ def ridge(weights: tf.Tensor, bias: tf.Tensor, l2: Any) -> tf.Tensor:
                        + tf.reduce_sum(tf.square(bias), axis=1))
 
 
-def fit_heads(features: tf.Tensor, labels: tf.Tensor, *, ways: Any, steps: int,
-              learning_rate: Any, l2: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
-    """B logistic heads from zero by T steps of gradient descent on their mean cross-entropy
-    (plus the ridge penalty (γ/2)(‖W‖² + ‖b‖²)):
+def head_iterates(features: tf.Tensor, labels: tf.Tensor, *, ways: Any, steps: int,
+                  learning_rate: Any, l2: float = 0.0) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """The iterates (W_1, b_1) … (W_T, b_T) of B logistic heads from zero by T steps of gradient
+    descent on their mean cross-entropy (plus the ridge penalty (γ/2)(‖W‖² + ‖b‖²)):
 
         G_t = (softmax(X W_t + b_t) − onehot(Y)) / n
         W_{t+1} = W_t − η (Xᵀ G_t + γ W_t),     b_{t+1} = b_t − η (1ᵀ G_t + γ b_t),     W_0 = b_0 = 0
@@ -75,7 +75,7 @@ def fit_heads(features: tf.Tensor, labels: tf.Tensor, *, ways: Any, steps: int,
         l2: γ. Defaults to `0.0` (no penalty, the paper's heads).
 
     Returns:
-        (W_T [B, d, N], b_T [B, N]).
+        [(W_t [B, d, N], b_t [B, N]) for t = 1 … T].
     """
     dtype = features.dtype
     onehot = tf.one_hot(tf.cast(labels, tf.int32), ways, dtype=dtype)
@@ -84,8 +84,16 @@ def fit_heads(features: tf.Tensor, labels: tf.Tensor, *, ways: Any, steps: int,
     batch, dim = tf.shape(features)[0], tf.shape(features)[2]
     weights = tf.zeros(tf.stack([batch, dim, ways]), dtype)
     bias = tf.zeros(tf.stack([batch, ways]), dtype)
+    iterates = []
     for _ in range(steps):
         g = (tf.nn.softmax(head_logits(weights, bias, features)) - onehot) / n
         weights = weights - eta * (tf.einsum("bnd,bnk->bdk", features, g) + l2 * weights)
         bias = bias - eta * (tf.reduce_sum(g, axis=1) + l2 * bias)
-    return weights, bias
+        iterates.append((weights, bias))
+    return iterates
+
+
+def fit_heads(features: tf.Tensor, labels: tf.Tensor, *, ways: Any, steps: int,
+              learning_rate: Any, l2: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+    """(W_T, b_T): the last of ``head_iterates`` (the heads of evaluation and of 'approx')."""
+    return head_iterates(features, labels, ways=ways, steps=steps, learning_rate=learning_rate, l2=l2)[-1]

@@ -31,11 +31,15 @@ Variants (the paper's Table 4), the ``variant`` argument:
     'bilevel_train'  D_val = D_tr: E is evaluated on the support sets.
     'approx'         ∇_λ E with w_T held constant: only the direct path through h_λ(X^val).
     'approx_train'   'approx' with D_val = D_tr.
-    'classic'        single-level multitask learning: one linear classifier over all C training
-                     classes (V Glorot-initialised, c = 0), trained jointly with h_λ on
-                     CE(h_λ(X) V + c, Y) over batches of training images (``data.image_batches``);
-                     no inner problem; evaluated like the others (new heads per episode).
-    'multiclass'     an alias of 'classic' (no separate multiclass baseline is implemented).
+    'classic'        single-level multitask learning: h_λ and the heads both minimise the
+                     training error, the heads by their T steps and h_λ by the gradient of the
+                     support-set loss averaged over the heads' iterates, (1/T) Σ_t ∂L(w_t, λ)/∂λ,
+                     with the heads held (no dependence of w_t on λ); at T = 1 it is 'approx_train'.
+    'multiclass'     one linear classifier over all C training classes (V Glorot-initialised,
+                     c = 0), trained jointly with h_λ on CE(h_λ(X) V + c, Y) over batches of
+                     training images (``data.image_batches``); no inner problem.
+
+Every variant is evaluated alike (new heads per episode, T gradient steps from zero).
 
 References:
     Franceschi, Frasconi, Salzo, Grazzi, Pontil. Bilevel Programming for Hyperparameter
@@ -53,12 +57,13 @@ from far_ho2 import inputs as far_inputs
 from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
-                              fit_heads, head_logits, ridge, variable_dtype)
+                              fit_heads, head_iterates, head_logits, ridge, variable_dtype)
 
 VARIANTS = ("hyper", "bilevel_train", "approx", "approx_train", "classic", "multiclass")
+BILEVEL = ("hyper", "bilevel_train")  # the variants that differentiate the heads' dynamics
 _ON_SUPPORT = ("bilevel_train", "approx_train")  # D_val = D_tr
 _APPROX = ("approx", "approx_train")
-_CLASSIC = ("classic", "multiclass")
+_MULTICLASS = ("multiclass",)
 MIN_LEARNING_RATE = 1e-6  # a learned η is kept ≥ this
 
 
@@ -91,7 +96,7 @@ class ConfidenceInterval(keras.metrics.Metric):
 
 def _unwrap(data: Any) -> Any:
     """A batch as the dataset gives it: ``fit`` passes the element, ``train_on_batch`` and
-    ``test_on_batch`` pass (x, y, sample_weight) with y (for 'classic', the labels) and
+    ``test_on_batch`` pass (x, y, sample_weight) with y (for 'multiclass', the labels) and
     sample_weight possibly None."""
     if isinstance(data, tuple) and not isinstance(data, Episode) and len(data) == 3 and data[2] is None:
         return data[0] if data[1] is None else data[:2]
@@ -148,7 +153,7 @@ class HyperRepresentation(keras.Model):
 
     ``fit`` takes meta-batches of episodes (``data.episode_dataset(..., meta_batch_size=B)``:
     ``Episode`` tuples with a leading [B] axis), or (images, labels) batches of training images
-    for 'classic'; ``evaluate`` takes batches of episodes (``data.evaluation_episodes``) and
+    for 'multiclass'; ``evaluate`` takes batches of episodes (``data.evaluation_episodes``) and
     returns ``loss`` (query cross-entropy), ``accuracy`` and ``ci``. Calling the model on images
     [n, H, W, C] gives their features h_λ [n, d] (normalised with the statistics of those n
     images). A hyper-iteration whose outer loss, hypergradient or heads become NaN or Inf
@@ -173,7 +178,7 @@ class HyperRepresentation(keras.Model):
             with every episode, so nothing persists across hyper-iterations; the penalty's γ
             stays at its initial value: its stages need one problem over many iterations), or
             ``far.StochasticHG('reversed' or 'score')`` (Langevin heads, see ``temperature``).
-        num_classes: C, the training classes ('classic' and 'multiclass' only).
+        num_classes: C, the training classes ('multiclass' only).
         head_l2: γ, the ridge penalty (γ/2)(‖W_j‖² + ‖b_j‖²) of the heads, in meta-training and
             evaluation. Defaults to `0.0` (the paper's heads); ImplicitHG needs γ > 0.
         clip: clip every hypergradient entry to [−clip, clip]. Defaults to `None`.
@@ -185,7 +190,7 @@ class HyperRepresentation(keras.Model):
 
     Raises:
         ValueError: for an unknown `variant`, a non-positive size, `learn_lr` with an 'approx'
-            or 'classic' variant or with ImplicitHG (η would get no gradient), `num_classes`
+            or 'multiclass' variant or with ImplicitHG (η would get no gradient), `num_classes`
             missing or given to a bilevel variant, or a method this model cannot run.
 
     Example:
@@ -210,8 +215,8 @@ class HyperRepresentation(keras.Model):
         if learn_lr and variant not in ("hyper", "bilevel_train"):
             raise ValueError(f"`learn_lr=True` needs the inner dynamics, which variant {variant!r} "
                              f"ignores; use variant 'hyper' or 'bilevel_train', or learn_lr=False.")
-        if (variant in _CLASSIC) != (num_classes is not None):
-            raise ValueError(f"`num_classes` is required by 'classic'/'multiclass' and only by them; "
+        if (variant in _MULTICLASS) != (num_classes is not None):
+            raise ValueError(f"`num_classes` is required by 'multiclass' and only by it; "
                              f"got num_classes={num_classes!r} with variant {variant!r}.")
         if clip is not None and not clip > 0:
             raise ValueError(f"`clip` must be positive or None, got {clip!r}.")
@@ -235,7 +240,7 @@ class HyperRepresentation(keras.Model):
             shape=(), dtype=dtype, name="learning_rate", trainable=self.learn_lr,
             initializer=keras.initializers.Constant(learning_rate),
             constraint=(lambda eta: keras.ops.maximum(eta, MIN_LEARNING_RATE)) if learn_lr else None)
-        if variant in _CLASSIC:
+        if variant in _MULTICLASS:
             dim = network.output_shape[-1]
             self.classifier_kernel = self.add_weight(  # zeros would stall h_λ's first step
                 shape=(dim, num_classes), dtype=dtype, name="classifier_kernel",
@@ -307,16 +312,17 @@ class HyperRepresentation(keras.Model):
         """(E, ∇E, finite) on one meta-batch: the outer loss, its gradient with respect to each of
         ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and the heads' states
         are all finite; nothing is updated. ``batch`` is an ``Episode`` with a leading [B] axis
-        (for 'classic', (images, labels)). This is the computation of one device: a replica's
+        (for 'multiclass', (images, labels)). This is the computation of one device: a replica's
         share of a meta-batch under ``tf.distribute`` (the mean of per-episode losses and
         gradients)."""
-        if self.variant in _CLASSIC:
-            loss, grads, finite = self._classic_gradients(*batch)
+        if self.variant in _MULTICLASS:
+            loss, grads, finite = self._multiclass_gradients(*batch)
         else:
             episode = Episode(*batch)
             support = (episode.support_x, episode.support_y)
             outer = support if self.variant in _ON_SUPPORT else (episode.query_x, episode.query_y)
-            gradients = self._approx_gradients if self.variant in _APPROX else self._bilevel_gradients
+            gradients = {"approx": self._approx_gradients, "approx_train": self._approx_gradients,
+                         "classic": self._classic_gradients}.get(self.variant, self._bilevel_gradients)
             loss, grads, finite = gradients(support, outer)
         finite = tf.logical_and(finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                                                        for g in grads + [loss]]))
@@ -414,7 +420,19 @@ class HyperRepresentation(keras.Model):
             loss = tf.reduce_mean(episode_cross_entropy(logits, outer[1]))
         return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
 
-    def _classic_gradients(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list, tf.Tensor]:
+    def _classic_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """(1/T) Σ_t ∂L(w_t, λ)/∂λ on the support sets, w_1 … w_T the heads' iterates (held)."""
+        images, labels = support
+        features = tf.stop_gradient(episode_features(self.network, images))
+        iterates = head_iterates(features, labels, ways=self.ways, steps=self.steps,
+                                 learning_rate=self.learning_rate, l2=self.head_l2)
+        with tf.GradientTape() as tape:
+            current = episode_features(self.network, images)
+            loss = tf.add_n([tf.reduce_mean(episode_cross_entropy(head_logits(w, b, current), labels))
+                             for w, b in iterates]) / self.steps
+        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
+
+    def _multiclass_gradients(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list, tf.Tensor]:
         """∇ of CE(h_λ(X) V + c, Y) over one batch of training images with their class numbers."""
         with tf.GradientTape() as tape:
             features = self.network(tf.cast(images, self.compute_dtype))

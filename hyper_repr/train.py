@@ -17,7 +17,7 @@
                    raw pixels and the untrained network (the initial weights)
 
 A checkpoint in ``workdir`` means resume: meta-batch i holds episodes i·B … i·B + B − 1 of the
-stream ``seed`` (``data.episode_dataset(first_episode=i·B)``; 'classic': batch i of
+stream ``seed`` (``data.episode_dataset(first_episode=i·B)``; 'multiclass': batch i of
 ``data.image_batches``), so a resumed run trains on the same data with the same weights as an
 uninterrupted one; after a resume mid-epoch, the next validation comes ``eval_every``
 hyper-iterations later. Training stops after ``iterations``, when validation accuracy has not
@@ -45,8 +45,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import far_ho2 as far
 from hyper_repr import callbacks, data
-from hyper_repr.model import HyperRepresentation
+from hyper_repr.model import BILEVEL, HyperRepresentation
 from hyper_repr.models import build_network
 
 RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
@@ -79,6 +80,18 @@ class Config:
     meta_lr_decay: float = 1e-5  # inverse-time decay rate per iteration
     clip: Optional[float] = None  # hypergradient clipping value
     variant: str = "hyper"  # model.VARIANTS
+    method: str = "reverse"  # METHODS: the far_ho2 method of the bilevel variants
+    truncate: int = 0  # reverse: K of truncated reverse mode (0: all T steps)
+    head_l2: float = 0.0  # γ, the heads' ridge penalty (ImplicitHG needs γ > 0)
+    implicit_solver: str = "cg"  # implicit: the linear solver
+    implicit_iterations: int = 20  # implicit: its iterations at most
+    bome_eta: float = 0.5  # bome: η, the barrier's strength
+    bome_phi: str = "grad_norm"  # bome: the control φ
+    penalty_gamma: float = 1.0  # penalty: γ (held: the episodes change at every hyper-iteration)
+    penalty_lambda_g: float = 0.01  # penalty: λ_g, the weight of L in the heads' surrogate
+    stochastic_estimator: str = "reversed"  # stochastic: 'reversed' or 'score'
+    temperature: float = 1e-3  # stochastic: τ of the Langevin heads
+    stochastic_burn_in: int = 0  # stochastic: head steps discarded (of T)
     iterations: int = 50_000
     eval_every: int = 500  # hyper-iterations per epoch: between validations
     eval_episodes: int = 600  # validation episodes
@@ -90,8 +103,29 @@ class Config:
     time_budget_seconds: Optional[float] = None  # of training, over all runs
 
     @property
-    def classic(self) -> bool:
-        return self.variant in ("classic", "multiclass")
+    def multiclass(self) -> bool:
+        """The variant trains on batches of images (``data.image_batches``), not episodes."""
+        return self.variant == "multiclass"
+
+
+METHODS = ("reverse", "implicit", "bome", "penalty", "stochastic")
+
+
+def hypergradient_method(config: Config) -> Optional[far.HyperGradient]:
+    """The far_ho2 method of ``config`` (None for the variants that do not use one)."""
+    if config.variant not in BILEVEL:
+        return None
+    if config.method == "reverse":
+        return far.ReverseHG(truncate=config.truncate or None)
+    if config.method == "implicit":
+        return far.ImplicitHG(config.implicit_solver, max_iter=config.implicit_iterations, warm_start=False)
+    if config.method == "bome":
+        return far.BOME(eta=config.bome_eta, phi=config.bome_phi)
+    if config.method == "penalty":
+        return far.Penalty(gamma=config.penalty_gamma, lambda_g=config.penalty_lambda_g, epsilon=0.0)
+    if config.method == "stochastic":
+        return far.StochasticHG(config.stochastic_estimator, burn_in=config.stochastic_burn_in)
+    raise ValueError(f"`method` must be one of {METHODS}, got {config.method!r}.")
 
 
 class ConfigMismatchError(ValueError):
@@ -167,7 +201,7 @@ def check_data(config: Config, splits: data.Splits,
     evaluated = {"ways": "test_ways" if config.test_ways else "ways", "shots": "shots",
                  "queries": "test_queries" if config.test_queries else "queries"}
     sizes = {"ways": _test_ways(config), "queries": config.test_queries or config.queries}
-    checks = [] if config.classic else [
+    checks = [] if config.multiclass else [
         ("the training split", splits.train, dict(ways=config.ways, shots=config.shots,
                                                   queries=config.queries), {})]
     checks.append(("the validation split", splits.val, sizes | {"shots": config.shots}, evaluated))
@@ -190,8 +224,8 @@ def evaluation_data(config: Config, split: data.Split, *, shots: int, num_episod
 
 
 def training_data(config: Config, split: data.Split, first_iteration: int = 0) -> tf.data.Dataset:
-    """Meta-batches (or 'classic' batches) ``first_iteration``, ``first_iteration`` + 1, …"""
-    if config.classic:
+    """Meta-batches (or 'multiclass' batches) ``first_iteration``, ``first_iteration`` + 1, …"""
+    if config.multiclass:
         size = config.meta_batch_size * config.ways * (config.shots + config.queries)
         return data.image_batches(split, batch_size=size, seed=config.seed, first_batch=first_iteration)
     return data.episode_dataset(split, ways=config.ways, shots=config.shots, queries=config.queries,
@@ -209,11 +243,13 @@ def _network(config: Config, splits: data.Splits) -> keras.Model:
 def build_model(config: Config, splits: data.Splits) -> HyperRepresentation:
     """The compiled model of ``config``: outer Adam with inverse-time decay,
     meta_lr / (1 + meta_lr_decay · iteration)."""
+    method = hypergradient_method(config)
     model = HyperRepresentation(
         _network(config, splits), ways=config.ways, steps=config.steps,
         learning_rate=config.learning_rate, learn_lr=config.learn_lr, variant=config.variant,
-        num_classes=len(splits.train.class_names) if config.classic else None, clip=config.clip,
-        test_steps=config.test_steps)
+        num_classes=len(splits.train.class_names) if config.multiclass else None, clip=config.clip,
+        test_steps=config.test_steps, hypergradient=method, head_l2=config.head_l2,
+        temperature=config.temperature if isinstance(method, far.StochasticHG) else None)
     schedule = keras.optimizers.schedules.InverseTimeDecay(config.meta_lr, decay_steps=1,
                                                            decay_rate=config.meta_lr_decay)
     model.compile(optimizer=keras.optimizers.Adam(schedule))

@@ -109,6 +109,30 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
                                            dataclasses.fields(train.Config) if f.name != "seed")
 
 
+@pytest.mark.parametrize("method, flags_", [
+    ("reverse", ["--truncate=1"]), ("implicit", ["--head_l2=0.1", "--nolearn_lr"]),
+    ("bome", ["--nolearn_lr", "--bome_phi=value"]), ("penalty", ["--nolearn_lr", "--penalty_gamma=2"]),
+    ("stochastic", ["--nolearn_lr", "--temperature=0.01", "--stochastic_estimator=score"])])
+def test_method_flag_runs_every_method_end_to_end(tmp_path, omniglot_splits, method, flags_):
+    """--method and its settings reach the model: the run trains, tests and saves its method."""
+    values = flags.FlagValues()
+    holders = few_shot.define_flags(omniglot.PRESET, data_dir="data", flag_values=values)
+    values(["launcher", f"--method={method}", *flags_, "--T=2", "--ways=3", "--queries=2", "--meta_batch_size=2",
+            "--hyper_iterations=2", "--eval_every=2", "--eval_episodes=4", "--test_episodes=4", "--eval_batch_size=2"])
+    config = few_shot.config_from_flags({k: h.value for k, h in holders.items()}, omniglot.PRESET)
+    assert config.method == method
+    results = few_shot.run_train(config, tmp_path / method, omniglot_splits, verbose=0)
+    scores = results["test"]["3way_1shot"]["hyper"]
+    assert results["iterations"] == 2 and 0 <= scores["accuracy"] <= 1
+    model = train.load_representation(str(tmp_path / method), omniglot_splits)  # best.keras reloads
+    saved = json.loads((tmp_path / method / train.CONFIG).read_text())
+    assert saved["method"] == method and model is not None
+    if method == "implicit":
+        with pytest.raises(few_shot.LaunchError, match="head_l2 > 0"):
+            few_shot.run_train(dataclasses.replace(config, head_l2=0.0), tmp_path / "bad", omniglot_splits,
+                               verbose=0)
+
+
 def test_omniglot_split_rule(omniglot_splits):
     alphabets = [{name.split("/")[0] for name in split.class_names} for split in omniglot_splits]
     assert alphabets[1:] == [{"Early_Aramaic"}, {"Sanskrit", "Tagalog"}]  # 'auto': not 1623

@@ -178,20 +178,45 @@ def test_clip_bounds_every_hypergradient_entry():
 
 # -- fit, evaluate, the variants ---------------------------------------------------------------------
 
-def classic_batches() -> tf.data.Dataset:
+def image_batches() -> tf.data.Dataset:
     return data.image_batches(SPLITS.train, batch_size=12, seed=0)
 
 
-@pytest.mark.parametrize("variant", ["hyper", "bilevel_train", "approx", "approx_train", "classic"])
+@pytest.mark.parametrize("variant", ["hyper", "bilevel_train", "approx", "approx_train", "classic", "multiclass"])
 def test_every_variant_trains_the_representation(variant):
-    classic = variant == "classic"
-    model = model_of(seed=2, dtype="float32", variant=variant, num_classes=12 if classic else None)
+    multiclass = variant == "multiclass"
+    model = model_of(seed=2, dtype="float32", variant=variant, num_classes=12 if multiclass else None)
     before = values(model.network.trainable_variables)
-    history = model.fit(classic_batches() if classic else stream(2), steps_per_epoch=2, epochs=1,
+    history = model.fit(image_batches() if multiclass else stream(2), steps_per_epoch=2, epochs=1,
                         verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0]) and history.history["loss"][0] > 0
     assert all(np.any(v != b) for v, b in zip(values(model.network.trainable_variables), before))
     assert int(model.optimizer.iterations) == 2
+
+
+def test_classic_is_the_support_loss_gradient_averaged_over_the_head_iterates():
+    """'classic' (single-level multitask): (1/T) Σ_t ∂L(w_t, λ)/∂λ with the heads' iterates held;
+    at T = 1 it is 'approx_train' (E = L at the one iterate)."""
+    from hyper_repr.heads import episode_cross_entropy, episode_features, head_iterates, head_logits
+    batch = meta_batch(2, 2)
+    model = model_of(seed=4, variant="classic")
+    loss, grads, _ = model.hypergradients(batch)
+    features = episode_features(model.network, batch.support_x)
+    iterates = head_iterates(features, batch.support_y, ways=WAYS, steps=STEPS, learning_rate=0.5)
+    with tf.GradientTape() as tape:
+        current = episode_features(model.network, batch.support_x)
+        expected = tf.add_n([tf.reduce_mean(episode_cross_entropy(head_logits(w, b, current), batch.support_y))
+                             for w, b in iterates]) / STEPS
+    for g, e in zip(grads, tape.gradient(expected, model.trainable_variables)):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-10, atol=1e-14)  # float64, same arithmetic
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    one_step = [HyperRepresentation(build_network("omniglot", SHAPE, seed=4, dtype="float64"), ways=WAYS, steps=1,
+                                    learning_rate=0.5, variant=v).hypergradients(batch)[1]
+                for v in ("classic", "approx_train")]
+    for a, b in zip(*one_step):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-14)
+    approx = model_of(seed=4, variant="approx_train").hypergradients(batch)[1]  # T = 3: they differ
+    assert sum(float(tf.reduce_sum((a - b) ** 2)) for a, b in zip(grads, approx)) > 1e-8
 
 
 def test_a_non_finite_hyper_iteration_updates_nothing_and_stops_training():
@@ -261,7 +286,7 @@ def test_invalid_options_name_the_argument():
     network = build_network("omniglot", SHAPE, seed=0)
     for options, message in ((dict(variant="maml"), "variant"), (dict(steps=0), "steps"),
                              (dict(variant="approx", learn_lr=True), "learn_lr"),
-                             (dict(variant="classic"), "num_classes"),
+                             (dict(variant="multiclass"), "num_classes"),
                              (dict(hypergradient=far.ForwardHG()), "ForwardHG"),
                              (dict(hypergradient=far.ImplicitHG(), learn_lr=True), "learn_lr=False"),
                              (dict(hypergradient=far.ImplicitHG()), "head_l2 > 0"),

@@ -220,8 +220,10 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
         connected[i] = connected[i] or pulled is not None
         grads.append((tf.reduce_sum(part, axis=0) + (0 if pulled is None else pulled)) / total)
     per_batch = [_per_batch(part, counts) for part in parts]
-    if sources:
-        pulled_batches = [inputs.pull_back([x[k] for x in x_parts], hypers) for k in range(batches)]
+    if sources:  # one pull-back per batch (padded to ``batches``: the batch count is only known in-graph)
+        padded = [tf.concat([x, tf.zeros(tf.concat([[batches - n_batches], tf.shape(x)[1:]], 0), x.dtype)], 0)
+                  for x in x_parts]
+        pulled_batches = [inputs.pull_back([x[k] for x in padded], hypers) for k in range(batches)]
         for i in range(len(hypers)):
             rows = [tf.zeros_like(hypers[i]) if pulled[i] is None else tf.cast(pulled[i], dtype) for pulled in pulled_batches]
             per_batch[i] = per_batch[i] + _per_batch(tf.stack(rows)[:n_batches], counts)

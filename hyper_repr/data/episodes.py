@@ -225,7 +225,7 @@ def evaluation_episodes(split: Split, *, ways: int, shots: int, queries: int,
 def image_batches(split: Split, *, batch_size: int, seed: int,
                   first_batch: int = 0) -> tf.data.Dataset:
     """Endless stream of batches ``first_batch, first_batch + 1, …`` of ``batch_size`` distinct
-    images of ``split`` drawn uniformly, with their class numbers as labels (the 'classic'
+    images of ``split`` drawn uniformly, with their class numbers as labels (the 'multiclass'
     multitask training of hyper_repr.model). Batch i is a pure function of ``(seed, i)``:
 
         u ~ U(0, 1)^n_images (stateless, key (seed, i)),   batch = sort(argsort(u)[:batch_size])
