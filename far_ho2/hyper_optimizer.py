@@ -248,8 +248,8 @@ class HyperOptimizer:
 
     def state(self) -> dict:
         """What a ``tf.train.Checkpoint(**ho.state())`` must hold to resume exactly: the global
-        step, the hyperparameters, the inner variables, the outer optimizers (built) and the
-        method's own state. Available from the start when every ``var_list`` and ``hyper_list``
+        step, the hyperparameters, the inner variables, the inner optimizers' run state (an
+        SGLD chain's run counter), the outer optimizers (built) and the method's own state. Available from the start when every ``var_list`` and ``hyper_list``
         is given, else after the first run (the defaults are found then)."""
         registrations = self._hypergradient.registrations
         known = all(reg.hypers is not None or (reg.explicit and reg.problem.resolved) for reg in registrations)
@@ -275,6 +275,7 @@ class HyperOptimizer:
         return {"global_step": self._global_step,
                 "hyperparameters": flatten_hyperparameters([h for group in hypers.values() for h in group]),
                 "inner_variables": [v for reg in registrations for v in reg.problem.var_list],
+                "inner_optimizers": [v for reg in registrations for v in reg.problem.optimizer.run_variables],
                 "outer_optimizers": optimizers,
                 "method": self._hypergradient.state_variables()}
 

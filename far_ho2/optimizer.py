@@ -122,6 +122,11 @@ class Optimizer:
         """Called once before each run of the dynamics (a hyper-iteration), outside compiled
         code; nothing here (a stochastic optimizer counts its runs)."""
 
+    @property
+    def run_variables(self) -> list[tf.Variable]:
+        """The state ``begin_run`` changes, to checkpoint with the inner variables (none here)."""
+        return []
+
     def minimize(self, loss: Callable, var_list: Optional[Iterable] = None,
                  init_dynamics_dict: Any = None, features: Optional[Callable] = None) -> InnerProblem:
         """The inner problem ``min_w loss`` solved by this optimizer (FAR-HO's ``OptimizerDict``)."""
@@ -310,3 +315,7 @@ class SGLDOptimizer(Optimizer):
 
     def begin_run(self) -> None:
         self.runs.assign_add(1)
+
+    @property
+    def run_variables(self) -> list[tf.Variable]:
+        return [self.runs]

@@ -9,11 +9,22 @@ hyperparameters:
     L(w, λ) = (1/n) Σ_i σ(λ_i) CE(f_w(x_i), ỹ_i)      inner: T steps of GD with rate η
     E(w)    = mean CE(f_w(x), y) over the clean validation set
 
-with λ = 0 (σ = ½) at the start, η clipped to [1e-5, 1], both updated by Adam on the reverse-mode
-hypergradient (far_ho2 ``ReverseHG``). f_w is softmax regression or a one-hidden-layer MLP
-(Keras). At the end the model is retrained from its initial weights on the training set with
-the learned weights and η, and compared with the same training (learned η, same steps) with
-uniform weights (the baseline: no cleaning) and with the corrupted examples removed (the
+with λ = 0 (σ = ½) at the start, η clipped to [1e-5, 1], updated by Adam on the direction of
+``--method``: reverse mode (far_ho2 ``ReverseHG``, ``--truncate`` K for truncated; λ and η),
+forward mode (``ForwardHG``: one tangent per scalar hyperparameter, so it learns η and log ρ
+of an L2 penalty (ρ/2)‖θ‖² only and leaves the weights uniform), ``ImplicitHG`` (needs ρ > 0:
+``--l2``), BOME, the penalty method, or ``StochasticHG`` on an SGLD chain at temperature τ (the
+last four learn λ only: they see the inner solution, or its Gibbs law, not the trajectory, so
+η stays at ``--inner_lr``). f_w is softmax regression or a one-hidden-layer MLP (Keras).
+
+Each hyper-iteration logs to metrics.csv the detection scores at λ_i, the validation loss, the
+validation and test accuracy of the model the iteration leaves (w_T(λ_i); BOME and the penalty
+method: their w, kept across iterations), its seconds and the elapsed total (``--time_budget``
+stops there): test accuracy against time, as in the BOME paper's plots. At the end the model
+is retrained from its initial weights for ``--retrain_steps`` GD steps (rate ``--retrain_lr``,
+or the run's η) with the learned weights normalised to mean 1 (σ(λ_i)/mean σ(λ): the scale
+of the weights is an inner learning rate, not cleaning), and compared with the same training
+with uniform weights (the baseline: no cleaning) and with the corrupted examples removed (the
 oracle). An example is flagged as corrupted when σ(λ_i) < ``--threshold``; precision, recall
 and F1 measure that detection. (RFHO's ICML17 script instead projects the weights onto
 [0, 1] ∩ an L1 ball and flags λ < 1e-3; it also retrains on train + validation.)
@@ -32,6 +43,7 @@ linear model has barely fitted them, and the baseline stays close to the oracle)
 
     python -m flags.hyper_cleaning --logdir /tmp/cleaning                   # the digits
     python -m flags.hyper_cleaning --logdir /tmp/cleaning_50 --corruption 0.5
+    python -m flags.hyper_cleaning --logdir /tmp/bome --method bome --T 10 --l2 1e-3 --time_budget 60
     python -m flags.hyper_cleaning --data ~/.keras/datasets/mnist.npz --logdir /tmp/mnist
 """
 
@@ -59,7 +71,8 @@ DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment; the defaults are for the bundled digits: a third of the labels corrupted
-    as in FAR-HO's demo, softmax regression as in the ICML17 paper (see the module docstring)."""
+    as in FAR-HO's demo, softmax regression as in the ICML17 paper, reverse-mode hypergradients
+    (see the module docstring)."""
 
     data: Optional[str] = None  # a Keras-format MNIST .npz; None: the bundled digits
     n_train: int = 800
@@ -68,13 +81,36 @@ class Config:
     corruption: float = 1 / 3  # fraction of training labels replaced
     model: str = "softmax"  # "softmax" or "mlp"
     hidden: int = 300  # MLP hidden units
-    T: int = 300
+    l2: float = 0.0  # ρ: (ρ/2)‖θ‖² added to the training loss (implicit needs ρ > 0; forward learns it)
+    method: str = "reverse"  # METHODS
+    T: int = 300  # inner steps per hyper-iteration (BOME: steps of ŵ; penalty: steps on w)
     hyper_iterations: int = 100
-    outer_lr: float = 0.1  # Adam on λ and η
-    inner_lr: float = 0.02  # initial η
-    retrain_steps: int = 0  # 0: T
+    time_budget: float = 0.0  # seconds of hyper-iterations (0: no limit)
+    outer_lr: float = 0.1  # Adam on λ (and η with reverse mode)
+    inner_lr: float = 0.02  # (initial) η
+    truncate: int = 0  # reverse: K of truncated reverse mode (0: all T steps)
+    implicit_solver: str = "cg"  # implicit: the linear solver
+    implicit_iterations: int = 20  # implicit: its iterations at most
+    bome_eta: float = 0.5  # bome: η of the barrier
+    bome_phi: str = "value"  # bome: φ, 'value' as the official hyper-cleaning, or 'grad_norm'
+    penalty_gamma: float = 1e-2  # penalty: γ₀
+    penalty_lambda_g: float = 1e-2  # penalty: λ_g₀
+    penalty_epsilon: float = 1e-2  # penalty: ε₀ of the stage test
+    temperature: float = 1e-4  # stochastic: τ of the Langevin chain
+    stochastic_estimator: str = "reversed"  # stochastic: 'reversed' or 'score'
+    stochastic_burn_in: int = 0  # stochastic: steps discarded at the start of the chain
+    stochastic_warm_start: bool = False  # stochastic: each chain starts where the last one ended
+    retrain_steps: int = 300  # GD steps of the final retraining
+    retrain_lr: float = 0.0  # its learning rate (0: the run's η, learned by reverse and forward)
     threshold: float = 0.5  # σ(λ_i) below it: flagged as corrupted
     seed: int = 0
+
+
+# The methods of --method: their far_ho2 classes are in `hypergradient_method`. Forward mode
+# carries one tangent per scalar hyperparameter, so it learns η and log ρ only (the example
+# weights stay uniform: it does not clean); so would the pathwise Langevin estimator, which is left out.
+METHODS = ("reverse", "forward", "implicit", "bome", "penalty", "stochastic")
+STOCHASTIC_ESTIMATORS = ("reversed", "score")
 
 
 class Data(NamedTuple):
@@ -171,18 +207,22 @@ def make_model(config: Config, inputs: int) -> keras.Model:
     return keras.Sequential(layers)
 
 
-def weighted_loss(model: keras.Model, x: tf.Tensor, y: tf.Tensor,
-                  weights: Callable[[], tf.Tensor]) -> Callable[[], tf.Tensor]:
-    """The objective  mean_i w_i · CE(model(x_i), y_i),  w = ``weights()`` (read at each call,
-    so it may depend on hyperparameters)."""
+def weighted_loss(model: keras.Model, x: tf.Tensor, y: tf.Tensor, weights: Callable[[], tf.Tensor],
+                  l2: Optional[Callable[[], tf.Tensor]] = None) -> Callable[[], tf.Tensor]:
+    """The objective  mean_i w_i · CE(model(x_i), y_i) + (ρ/2)‖θ‖²,  w = ``weights()`` and
+    ρ = ``l2()`` (read at each call, so they may depend on hyperparameters; no ρ: 0), θ the
+    model's weights."""
     def loss() -> tf.Tensor:
         ce = keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
-        return tf.reduce_mean(weights() * ce)
+        value = tf.reduce_mean(weights() * ce)
+        if l2 is not None:
+            value += 0.5 * l2() * tf.add_n([tf.reduce_sum(tf.square(v)) for v in model.trainable_variables])
+        return value
     return loss
 
 
 def constant(weights: np.ndarray) -> Callable[[], tf.Tensor]:
-    """Fixed example weights, as the callable ``weighted_loss`` takes."""
+    """Fixed values (example weights, ρ), as the callables ``weighted_loss`` takes."""
     tensor = tf.constant(weights, tf.float32)
     return lambda: tensor
 
@@ -207,11 +247,30 @@ class Experiment(NamedTuple):
     model: keras.Model
     example_weights: tf.Variable  # λ
     learning_rate: tf.Variable  # η
-    optimizer: keras.optimizers.Optimizer  # of λ and η
+    l2: Optional[Callable[[], tf.Tensor]]  # ρ (learned by forward mode)
+    optimizer: keras.optimizers.Optimizer  # of λ (and η)
+    hyper_optimizer: far.HyperOptimizer
     run: Callable  # one hyper-iteration
-    problem: far.InnerProblem  # training with σ(λ) and η
+    learned: far.InnerProblem  # GD from the initial weights with σ(λ) / mean σ(λ) and η
     baseline: far.InnerProblem  # uniform weights, learned η
     oracle: far.InnerProblem  # corrupted examples removed, learned η
+
+
+def hypergradient_method(config: Config) -> far.HyperGradient:
+    """The far_ho2 method of ``config.method``, with its settings."""
+    if config.method == "reverse":
+        return far.ReverseHG(truncate=config.truncate or None)
+    if config.method == "forward":
+        return far.ForwardHG()
+    if config.method == "implicit":
+        return far.ImplicitHG(config.implicit_solver, max_iter=config.implicit_iterations)
+    if config.method == "bome":
+        return far.BOME(eta=config.bome_eta, phi=config.bome_phi)
+    if config.method == "penalty":
+        return far.Penalty(gamma=config.penalty_gamma, lambda_g=config.penalty_lambda_g,
+                           epsilon=config.penalty_epsilon)
+    return far.StochasticHG(config.stochastic_estimator, burn_in=config.stochastic_burn_in,
+                            warm_start=config.stochastic_warm_start)
 
 
 def build(config: Config, data: Data) -> Experiment:
@@ -222,21 +281,31 @@ def build(config: Config, data: Data) -> Experiment:
     lam = far.get_hyperparameter("example_weights", tf.zeros(len(data.x_train)))
     lr = far.get_hyperparameter("lr", float(config.inner_lr),
                                 constraint=lambda v: tf.clip_by_value(v, 1e-5, 1.0))
+    log_l2 = far.get_hyperparameter("log_l2", float(np.log(config.l2))) if config.method == "forward" else None
+    l2 = (lambda: tf.exp(log_l2)) if log_l2 is not None else constant(config.l2) if config.l2 else None
+    # Only reverse and forward mode differentiate the inner trajectory, so only they learn η (the
+    # other methods see the inner problem's solution, or its Gibbs law, which η does not change).
+    hypers = {"reverse": [lam, lr], "forward": [lr, log_l2]}.get(config.method, [lam])
     optimizer = keras.optimizers.Adam(config.outer_lr)
-    optimizer.build([lam, lr])
+    optimizer.build(hypers)
     variables = model.trainable_variables
-    ho = far.HyperOptimizer(far.ReverseHG())
-    problem = ho.inner_problem(weighted_loss(model, x, y, lambda: tf.sigmoid(lam)),
-                               far.GradientDescentOptimizer(lr), var_list=variables)
+    ho = far.HyperOptimizer(hypergradient_method(config))
+    inner_optimizer = (far.SGLDOptimizer(lr, temperature=config.temperature, seed=config.seed)
+                       if config.method == "stochastic" else far.GradientDescentOptimizer(lr))
+    problem = ho.inner_problem(weighted_loss(model, x, y, lambda: tf.sigmoid(lam), l2),
+                               inner_optimizer, var_list=variables)
     ho.outer_problem(weighted_loss(model, xv, yv, constant(np.ones(len(data.x_val)))), problem,
-                     optimizer, hyper_list=[lam, lr])
+                     optimizer, hyper_list=hypers)
     clean = (~data.corrupted).astype(np.float32)
 
-    def fixed(weights: np.ndarray) -> far.InnerProblem:  # the learned η, fixed weights
-        return far.InnerProblem(weighted_loss(model, x, y, constant(weights)),
-                                far.GradientDescentOptimizer(lr), var_list=variables)
-    return Experiment(model, lam, lr, optimizer, ho.finalize(), problem,
-                      fixed(np.ones_like(clean)), fixed(clean / clean.mean()))
+    retrain_lr = config.retrain_lr or lr
+
+    def retraining(weights: Callable[[], tf.Tensor]) -> far.InnerProblem:  # GD with the learned η, ρ
+        return far.InnerProblem(weighted_loss(model, x, y, weights, l2),
+                                far.GradientDescentOptimizer(retrain_lr), var_list=variables)
+    normalised = lambda: tf.sigmoid(lam) / tf.reduce_mean(tf.sigmoid(lam))  # noqa: E731
+    return Experiment(model, lam, lr, l2, optimizer, ho, ho.finalize(), retraining(normalised),
+                      retraining(constant(np.ones_like(clean))), retraining(constant(clean / clean.mean())))
 
 
 # -- the experiment ----------------------------------------------------------------------------
@@ -244,11 +313,15 @@ def build(config: Config, data: Data) -> Experiment:
 
 def check_config(config: Config) -> None:
     """Raises ``ValueError`` naming the first bad setting."""
-    for name in ("n_train", "n_val", "T", "hyper_iterations", "hidden"):
+    for name in ("n_train", "n_val", "T", "hyper_iterations", "hidden", "implicit_iterations"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
-    for name in ("n_test", "retrain_steps"):
+    for name in ("n_test", "retrain_steps", "truncate", "stochastic_burn_in"):
         if getattr(config, name) < 0:
+            raise ValueError(f"--{name} must be ≥ 0, got {getattr(config, name)}.")
+    for name in ("l2", "retrain_lr", "time_budget", "bome_eta", "penalty_gamma", "penalty_lambda_g", "penalty_epsilon",
+                 "temperature"):
+        if not getattr(config, name) >= 0:
             raise ValueError(f"--{name} must be ≥ 0, got {getattr(config, name)}.")
     if not 0 <= config.corruption < 1:
         raise ValueError(f"--corruption must be in [0, 1), got {config.corruption}.")
@@ -257,12 +330,24 @@ def check_config(config: Config) -> None:
     for name in ("outer_lr", "inner_lr", "threshold"):
         if not getattr(config, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
+    if config.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {config.method!r}.")
+    if config.stochastic_estimator not in STOCHASTIC_ESTIMATORS:
+        why = (" (it carries one tangent per scalar hyperparameter: "
+               f"{config.n_train} here)" if config.stochastic_estimator == "pathwise" else "")
+        raise ValueError(f"--stochastic_estimator must be one of {STOCHASTIC_ESTIMATORS}, got "
+                         f"{config.stochastic_estimator!r}{why}.")
+    if config.method == "forward" and not config.l2 > 0:
+        raise ValueError(f"--method=forward learns log ρ: --l2 (its initial ρ) must be positive, got {config.l2}.")
+    if config.truncate >= config.T:
+        raise ValueError(f"--truncate={config.truncate} must be below --T={config.T} (0: no truncation).")
 
 
 def hyper_iteration_metrics(exp: Experiment, data: Data, config: Config) -> dict[str, float]:
     """Detection scores and weights of the corrupted / clean examples at the current λ, η."""
     weights = tf.sigmoid(exp.example_weights).numpy()
     return {**detection(weights, data.corrupted, config.threshold), "lr": float(exp.learning_rate),
+            "l2": float(exp.l2()) if exp.l2 is not None else 0.0,
             "weight_corrupted": float(weights[data.corrupted].mean()) if data.corrupted.any() else 0.0,
             "weight_clean": float(weights[~data.corrupted].mean())}
 
@@ -306,26 +391,34 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
                  data.corrupted.sum(), len(data.x_val), len(data.x_test))
     out = common.Logdir(logdir, config, resume=resume)
     exp = build(config, data)
-    checkpointer = out.checkpointer(example_weights=exp.example_weights,
-                                    learning_rate=exp.learning_rate, optimizer=exp.optimizer)
+    checkpointer = out.checkpointer(learning_rate=exp.learning_rate, **exp.hyper_optimizer.state())
     start = out.resume_run(checkpointer)
+    rows = [r for r in out.read_metrics() if r["run"] == "main"]
+    elapsed = float(rows[-1]["elapsed"]) if rows else 0.0
     xv, yv = tf.constant(data.x_val), tf.constant(data.y_val)
+    xt, yt = tf.constant(data.x_test), tf.constant(data.y_test)
+    done = start
     for i in common.progress(range(start, config.hyper_iterations), config.hyper_iterations,
-                             label="hyper-cleaning"):
+                             label=f"hyper-cleaning ({config.method})"):
+        if config.time_budget and elapsed >= config.time_budget:
+            logging.info("--time_budget=%g s reached after %d hyper-iterations.", config.time_budget, i)
+            break
         metrics = hyper_iteration_metrics(exp, data, config)  # at λ_i, η_i
         seconds = time.perf_counter()
         val_loss = float(exp.run(config.T))
         seconds = time.perf_counter() - seconds
+        elapsed += seconds
         out.log(i, {**metrics, "val_loss": val_loss, "val_accuracy": accuracy(exp.model, xv, yv),
-                    "seconds": seconds})
+                    "test_accuracy": accuracy(exp.model, xt, yt), "seconds": seconds, "elapsed": elapsed})
         checkpointer.save(i + 1)
-    steps = config.retrain_steps or config.T
+        done = i + 1
     weights = tf.sigmoid(exp.example_weights).numpy()
-    results = {**hyper_iteration_metrics(exp, data, config),
-               "test_accuracy": retrained_accuracy(exp.problem, exp.model, steps, data),
+    results = {**hyper_iteration_metrics(exp, data, config), "hyper_iterations_done": done, "elapsed": elapsed,
+               "final_model_test_accuracy": accuracy(exp.model, xt, yt),
+               "test_accuracy": retrained_accuracy(exp.learned, exp.model, config.retrain_steps, data),
                "val_accuracy": accuracy(exp.model, xv, yv),
-               "baseline_test_accuracy": retrained_accuracy(exp.baseline, exp.model, steps, data),
-               "oracle_test_accuracy": retrained_accuracy(exp.oracle, exp.model, steps, data)}
+               "baseline_test_accuracy": retrained_accuracy(exp.baseline, exp.model, config.retrain_steps, data),
+               "oracle_test_accuracy": retrained_accuracy(exp.oracle, exp.model, config.retrain_steps, data)}
     plot_weights(weights, data.corrupted, config.threshold, out.path)
     common.print_table("Hyper-cleaning", [{k: float(v) for k, v in results.items()}])
     return out.write_results(results)
@@ -352,15 +445,53 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                       "0.5).", **into),
         model=flags.DEFINE_enum("model", d.model, ["softmax", "mlp"], "Classifier.", **into),
         hidden=flags.DEFINE_integer("hidden", d.hidden, "MLP hidden units.", **into),
-        T=flags.DEFINE_integer("T", d.T, "Inner GD steps per hyper-iteration.", **into),
+        l2=flags.DEFINE_float("l2", d.l2, "ρ: (ρ/2)‖θ‖² added to the training loss (implicit "
+                              "needs ρ > 0).", **into),
+        method=flags.DEFINE_enum("method", d.method, list(METHODS), "The far_ho2 method: reverse "
+                                 "(also learns η), forward (learns η and log ρ only: no example "
+                                 "weights), implicit, bome, penalty or stochastic (Langevin inner "
+                                 "dynamics); its settings are the flags below.", **into),
+        T=flags.DEFINE_integer("T", d.T, "Inner steps per hyper-iteration (bome: steps of ŵ; "
+                               "penalty: steps on w).", **into),
         hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
-                                              "Hyper-iterations (Adam steps on λ and η).", **into),
-        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Adam learning rate of λ and η.",
+                                              "Hyper-iterations (Adam steps on λ).", **into),
+        time_budget=flags.DEFINE_float("time_budget", d.time_budget, "Stop the hyper-iterations "
+                                       "after this many seconds of them (0: no limit).", **into),
+        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Adam learning rate of λ (and η).",
                                     **into),
-        inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "Initial inner learning rate η.",
+        inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "(Initial) inner learning rate η.",
                                     **into),
+        truncate=flags.DEFINE_integer("truncate", d.truncate, "reverse: back-propagate through "
+                                      "the last K inner steps only (0: all T).", **into),
+        implicit_solver=flags.DEFINE_enum("implicit_solver", d.implicit_solver,
+                                          ["cg", "neumann", "fixed_point"],
+                                          "implicit: the linear solver of the Hessian system.", **into),
+        implicit_iterations=flags.DEFINE_integer("implicit_iterations", d.implicit_iterations,
+                                                 "implicit: the solver's iterations at most.", **into),
+        bome_eta=flags.DEFINE_float("bome_eta", d.bome_eta, "bome: η, the barrier's strength.", **into),
+        bome_phi=flags.DEFINE_enum("bome_phi", d.bome_phi, ["grad_norm", "value"], "bome: the "
+                                   "control φ (grad_norm: η‖∇q̂‖², value: η·q̂).", **into),
+        penalty_gamma=flags.DEFINE_float("penalty_gamma", d.penalty_gamma, "penalty: γ₀, the "
+                                         "initial weight of ‖∇_w L‖².", **into),
+        penalty_lambda_g=flags.DEFINE_float("penalty_lambda_g", d.penalty_lambda_g, "penalty: "
+                                            "λ_g₀, the weight of L in w's surrogate.", **into),
+        penalty_epsilon=flags.DEFINE_float("penalty_epsilon", d.penalty_epsilon, "penalty: ε₀, "
+                                           "the stage tolerance (0: γ held).", **into),
+        temperature=flags.DEFINE_float("temperature", d.temperature, "stochastic: τ, the "
+                                       "temperature of the Langevin chain.", **into),
+        stochastic_estimator=flags.DEFINE_enum("stochastic_estimator", d.stochastic_estimator,
+                                               list(STOCHASTIC_ESTIMATORS), "stochastic: the "
+                                               "O(|w| + |λ|) Monte-Carlo estimator.", **into),
+        stochastic_burn_in=flags.DEFINE_integer("stochastic_burn_in", d.stochastic_burn_in,
+                                                "stochastic: chain steps discarded before the "
+                                                "samples (of --T).", **into),
+        stochastic_warm_start=flags.DEFINE_boolean("stochastic_warm_start", d.stochastic_warm_start,
+                                                   "stochastic: start each chain where the last one "
+                                                   "ended (less burn-in).", **into),
         retrain_steps=flags.DEFINE_integer("retrain_steps", d.retrain_steps,
-                                           "GD steps of the final retraining (0: T).", **into),
+                                           "GD steps of the final retraining.", **into),
+        retrain_lr=flags.DEFINE_float("retrain_lr", d.retrain_lr, "Learning rate of the final "
+                                      "retraining (0: the run's η).", **into),
         threshold=flags.DEFINE_float("threshold", d.threshold,
                                      "Weights below it flag an example as corrupted.", **into))
     return holders

@@ -2,6 +2,7 @@
 per-example loss weights σ(λ_i) and the inner learning rate are hyperparameters), and
 ``flags.hyper_cleaning`` on its default data, the bundled 8×8 digits."""
 
+import csv
 import dataclasses
 import hashlib
 
@@ -110,3 +111,67 @@ def test_a_short_run_on_the_digits_down_weights_corrupted_examples(tmp_path):
     assert metrics["f1"] > 0.5 and 0 <= metrics["test_accuracy"] <= 1
     assert results["config"]["data"] is None and results["config"]["n_train"] == 200
     assert (tmp_path / "weights.png").exists() and (tmp_path / "metrics.csv").exists()
+
+
+# -- every --method on a slice of the digits -------------------------------------------------------
+
+SLICE = dict(n_train=200, n_val=100, l2=1e-3, inner_lr=0.3, retrain_steps=300)
+METHOD_SETTINGS = {  # the first-order methods take many cheap iterations, the others a few
+    "reverse": dict(T=30, hyper_iterations=10, outer_lr=0.2),
+    "truncated reverse": dict(method="reverse", truncate=10, T=30, hyper_iterations=10, outer_lr=0.2),
+    "implicit": dict(method="implicit", T=30, hyper_iterations=10, outer_lr=0.2),
+    "bome value": dict(method="bome", T=10, hyper_iterations=100, outer_lr=0.05),
+    "bome grad_norm": dict(method="bome", bome_phi="grad_norm", T=10, hyper_iterations=100, outer_lr=0.05),
+    "penalty": dict(method="penalty", T=30, hyper_iterations=40, outer_lr=0.1),
+    "stochastic reversed": dict(method="stochastic", T=30, stochastic_burn_in=15, hyper_iterations=10,
+                                outer_lr=0.2),
+    "stochastic score": dict(method="stochastic", stochastic_estimator="score", T=60, stochastic_burn_in=30,
+                             hyper_iterations=20, outer_lr=0.1, temperature=1e-3),
+}
+# The score estimator (a covariance over one short chain) is noisy: the clean examples' weights
+# rise consistently, the corrupted ones' spread over (0.1, 0.8) with a mean just below ½.
+FALL_BELOW = {"stochastic score": 0.49}
+
+
+@pytest.mark.parametrize("name", list(METHOD_SETTINGS))
+def test_each_method_down_weights_the_corrupted_examples(name, tmp_path):
+    results = hyper_cleaning.run_experiment(hyper_cleaning.Config(**SLICE, **METHOD_SETTINGS[name]), tmp_path)
+    m = results["metrics"]
+    assert m["weight_corrupted"] < FALL_BELOW.get(name, 0.45), m  # from σ(0) = 0.5
+    assert m["weight_corrupted"] < m["weight_clean"] - 0.1, m
+    assert m["test_accuracy"] > m["baseline_test_accuracy"] + 0.03, m  # the learned weights help
+    assert m["hyper_iterations_done"] == METHOD_SETTINGS[name]["hyper_iterations"]
+    assert m["lr"] == pytest.approx(0.3) or name.startswith(("reverse", "truncated"))  # only they learn η
+    with (tmp_path / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(m["hyper_iterations_done"]))
+
+
+def test_forward_mode_learns_the_rate_and_the_l2_penalty_only(tmp_path):
+    config = hyper_cleaning.Config(**SLICE, method="forward", T=30, hyper_iterations=5, outer_lr=0.2)
+    m = hyper_cleaning.run_experiment(config, tmp_path)["metrics"]
+    assert m["weight_corrupted"] == m["weight_clean"] == 0.5 and m["f1"] == 0.0  # not a cleaning method
+    assert m["lr"] != pytest.approx(0.3) and m["l2"] != pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match=r"--method=forward learns log ρ: --l2 \(its initial ρ\) must be positive"):
+        hyper_cleaning.check_config(dataclasses.replace(config, l2=0.0))
+
+
+def test_the_time_budget_stops_and_the_log_has_test_accuracy_against_time(tmp_path):
+    config = hyper_cleaning.Config(**SLICE, method="bome", T=5, hyper_iterations=10_000, time_budget=3.0)
+    m = hyper_cleaning.run_experiment(config, tmp_path)["metrics"]
+    assert 3.0 <= m["elapsed"] < 3.0 + 2.0 and 1 < m["hyper_iterations_done"] < 10_000
+    with (tmp_path / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    elapsed = [float(r["elapsed"]) for r in table]
+    assert elapsed == sorted(elapsed) and elapsed[-1] == pytest.approx(m["elapsed"])
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in table)
+    np.testing.assert_allclose(np.cumsum([float(r["seconds"]) for r in table]), elapsed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"truncate": 30}, "--truncate=30 must be below --T=30"),
+    ({"method": "reversed"}, "--method must be one of"),
+    ({"stochastic_estimator": "pathwise"}, "one tangent per scalar hyperparameter: 800 here"),
+    ({"temperature": -1.0}, "--temperature must be ≥ 0, got -1.0")])
+def test_bad_method_settings_are_named(setting, message):
+    with pytest.raises(ValueError, match=message):
+        hyper_cleaning.check_config(hyper_cleaning.Config(T=30, **setting))

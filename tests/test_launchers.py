@@ -25,7 +25,7 @@ from flags import hyper_cleaning
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOT = effect_of_T.Config(data="synthetic", classes=4, dim=6, train_per_class=3, val_per_class=3,
                          test_per_class=5, T=("3", "exact"), hyper_iterations=4, outer_lr=0.05)
-TIMING = {"seconds", "seconds_median", "seconds_mean", "seconds_first"}  # differ between runs
+TIMING = {"seconds", "seconds_median", "seconds_mean", "seconds_first", "elapsed"}  # differ between runs
 
 
 def fake_mnist(path: pathlib.Path, n_train: int = 120, n_test: int = 40, seed: int = 0) -> pathlib.Path:
@@ -209,6 +209,16 @@ def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
     assert_png(logdir / "weights.png")
 
 
+@pytest.mark.parametrize("method", ["bome", "penalty", "stochastic"])
+def test_hyper_cleaning_resumes_the_methods_with_state_exactly(tmp_path, mnist, method):
+    """BOME and the penalty method keep w (and γ, ν, …) across hyper-iterations, the SGLD chain
+    counts its runs (its noise): all of it is checkpointed."""
+    run = lambda config, logdir: hyper_cleaning.run_experiment(config, logdir)
+    config = dataclasses.replace(cleaning_config(mnist), method=method, l2=1e-3, T=6, stochastic_burn_in=2)
+    results = assert_resumed_equals_uninterrupted(run, config, tmp_path, k=2)
+    assert results["metrics"]["hyper_iterations_done"] == 4
+
+
 def test_hyper_cleaning_data_is_split_and_corrupted(mnist):
     config = cleaning_config(mnist)
     data = hyper_cleaning.load_data(config)
@@ -257,7 +267,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 
 def test_command_lines(tmp_path, mnist):
     """Both launchers from the command line, and their errors; started together to overlap."""
-    eot_dir, hc_dir = tmp_path / "eot", tmp_path / "hc"
+    eot_dir, hc_dir, hcm_dir = tmp_path / "eot", tmp_path / "hc", tmp_path / "hcm"
     eot_dir.mkdir()
     (eot_dir / common.METRICS).write_text("run,step\nstale,0\n")  # --noresume deletes it
     processes = {
@@ -266,6 +276,10 @@ def test_command_lines(tmp_path, mnist):
         "hc": launch("hyper_cleaning", f"--logdir={hc_dir}", "--n_train=40", "--n_val=20",
                      "--T=5", "--hyper_iterations=2", "--model=mlp", "--hidden=8",
                      "--corruption=0.5", "--noresume"),  # no --data: the bundled digits
+        "hc_method": launch("hyper_cleaning", f"--logdir={hcm_dir}", "--n_train=40", "--n_val=20",
+                            "--T=3", "--hyper_iterations=3", "--method=bome", "--bome_phi=grad_norm",
+                            "--l2=0.001"),
+        "bad_truncate": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", "--T=5", "--truncate=5"),
         "bad_T": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--data=synthetic", "--T=0,abc"),
         "unknown_flag": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--no_such_flag=1"),
         "bad_enum": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", f"--data={mnist}",
@@ -279,13 +293,14 @@ def test_command_lines(tmp_path, mnist):
     results = {name: finish(p) for name, p in processes.items()}
     expected_errors = {"bad_T": "--T: each value must be a positive int", "unknown_flag": "no_such_flag",
                        "bad_enum": "--model", "missing_data": "missing.npz: no such file",
-                       "missing_features": "--features=", "no_logdir": "--logdir"}
+                       "missing_features": "--features=", "no_logdir": "--logdir",
+                       "bad_truncate": "--truncate=5 must be below --T=5"}
     for name, message in expected_errors.items():
         code, _, stderr = results[name]
         assert code != 0, name
         assert message in stderr, (name, stderr[-2000:])
         assert "Traceback" not in stderr, (name, stderr[-2000:])
-    for name, logdir in (("eot", eot_dir), ("hc", hc_dir)):
+    for name, logdir in (("eot", eot_dir), ("hc", hc_dir), ("hc_method", hcm_dir)):
         code, stdout, stderr = results[name]
         assert code == 0, stderr[-3000:]
         assert json.loads((logdir / common.RESULTS).read_text())["metrics"]
@@ -295,4 +310,7 @@ def test_command_lines(tmp_path, mnist):
     assert (eot_dir / "table2.csv").exists() and (eot_dir / "figure4.png").exists()
     digits = json.loads((hc_dir / common.RESULTS).read_text())["config"]
     assert digits["data"] is None and digits["corruption"] == 0.5 and digits["model"] == "mlp"
+    bome = json.loads((hcm_dir / common.RESULTS).read_text())
+    assert bome["config"]["method"] == "bome" and bome["config"]["bome_phi"] == "grad_norm"
+    assert bome["metrics"]["hyper_iterations_done"] == 3
     assert not (tmp_path / "x").exists()  # errors are caught before anything is written
