@@ -16,11 +16,12 @@ like FAR-HO's graphs: tensor-dependent control flow in them is written with ``tf
 
 A function with float64 inputs is first run (when TensorFlow optimises its graph) with Grappler's
 remapper off: with oneDNN on, the remapper handles float32 and bfloat16 only and logs "Not
-handling type DT_DOUBLE" for every float64 operation it meets.
+handling type DT_DOUBLE" for every float64 operation it meets. A method may name other Grappler
+passes to switch off (``grappler_off``), for the same first run: see ``without_grappler``.
 """
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
 
@@ -50,10 +51,14 @@ PYTHON_CONTROL_FLOW = ("an objective (or a function it calls) uses a tensor as a
 
 
 @contextlib.contextmanager
-def _without_remapper() -> Iterator[None]:
-    """Grappler's remapper off while a float64 function is first run (its graph is optimised)."""
+def without_grappler(passes: Sequence[str]) -> Iterator[None]:
+    """Grappler's ``passes`` (``tf.config.optimizer.set_experimental_options`` names) off inside
+    the block: a function first run there (when its graph is optimised) is optimised without them."""
+    if not passes:
+        yield
+        return
     options = tf.config.optimizer.get_experimental_options()
-    tf.config.optimizer.set_experimental_options({**options, "remapping": False})
+    tf.config.optimizer.set_experimental_options({**options, **{name: False for name in passes}})
     try:
         yield
     finally:
@@ -67,9 +72,11 @@ def _trace(function: Any, args: tuple) -> Any:
         raise TypeError(f"{PYTHON_CONTROL_FLOW} (TensorFlow: {str(error).split('. ')[0]}).") from None
 
 
-def compiled(fn: Callable, jit_compile: bool = False, float64: bool = False) -> Callable:
+def compiled(fn: Callable, jit_compile: bool = False, float64: bool = False,
+             grappler_off: Sequence[str] = ()) -> Callable:
     """``fn`` compiled with ``tf.function`` (by XLA with ``jit_compile``), one concrete function
-    per input signature; ``float64``: it computes in float64 (as when an input is float64)."""
+    per input signature; ``float64``: it computes in float64 (as when an input is float64);
+    ``grappler_off``: Grappler passes its graphs are optimised without."""
     function = tf.function(fn, autograph=False, jit_compile=jit_compile or None)
     concrete: dict = {}
 
@@ -86,8 +93,8 @@ def compiled(fn: Callable, jit_compile: bool = False, float64: bool = False) -> 
                             for leaf in leaves)
             concrete[key] = (traced, _flat_caller(traced, tensors) if plain else None)
         traced, flat_call = concrete[key]
-        doubles = first and (float64 or any(getattr(leaf, "dtype", None) == tf.float64 for leaf in leaves))
-        with _without_remapper() if doubles else contextlib.nullcontext():
+        doubles = float64 or any(getattr(leaf, "dtype", None) == tf.float64 for leaf in leaves)
+        with without_grappler([*grappler_off, *(["remapping"] if doubles else [])] if first else []):
             if flat_call is None:
                 return traced(*args)
             return flat_call([leaf for leaf in leaves if isinstance(leaf, tf.Tensor)])

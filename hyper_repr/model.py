@@ -54,6 +54,7 @@ import tensorflow as tf
 
 import far_ho2 as far
 from far_ho2 import inputs as far_inputs
+from far_ho2.compiled import without_grappler
 from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
@@ -278,6 +279,21 @@ class HyperRepresentation(keras.Model):
         `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with)."""
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras's training function, run without the Grappler passes the method names in
+        ``grappler_off`` (they apply when a call optimises a new graph)."""
+        existing = self.train_function
+        super().make_train_function(force)
+        passes = self.hypergradient.grappler_off if self.variant in BILEVEL else ()
+        if passes and self.train_function is not existing:
+            function = self.train_function
+
+            def train_function(iterator: Any) -> Any:
+                with without_grappler(passes):
+                    return function(iterator)
+            self.train_function = train_function
+        return self.train_function
 
     def compile_from_config(self, config: dict) -> None:
         """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models

@@ -87,6 +87,9 @@ class HyperGradient:
     #: whether every run starts from the inner variables' current values (kept across runs)
     #: instead of from Φ₀.
     persistent: bool = False
+    #: Grappler passes the compiled run is optimised without (``compiled.without_grappler``); a
+    #: Keras ``train_step`` that calls ``hypergradient`` should be first run without them too.
+    grappler_off: tuple = ()
 
     def __init__(self, name: str, jit_compile: bool = False):
         if not isinstance(jit_compile, bool):
@@ -179,7 +182,8 @@ class HyperGradient:
                     reg.problem.keep_if_finite(values, finite)
                 return results, finite
             self._functions[key] = compiled(compute, self.jit_compile,
-                                            float64=any(r.problem.dtype == tf.float64 for r in self._registered))
+                                            float64=any(r.problem.dtype == tf.float64 for r in self._registered),
+                                            grappler_off=self.grappler_off)
         return self._functions[key]
 
     # -- running ----------------------------------------------------------------------------

@@ -276,6 +276,11 @@ class StochasticHG(HyperGradient):
     """
 
     online_modes = ()
+    # Grappler's arithmetic optimizer rewrites adds of the chain's loop body (AddOpsRewrite) into
+    # nodes whose temporary variables collide across the loop's iterations: TensorFlow 2.21 fails
+    # with AlreadyExistsError ".../ArithmeticOptimizer/AddOpsRewrite_add_8/tmp_var" on 40-way
+    # Omniglot episodes (20-way runs); with the pass off the same run trains.
+    grappler_off = ("arithmetic_optimization",)
 
     def __init__(self, estimator: str = "pathwise", burn_in: int = 0, thinning: int = 1, batches: int = 20,
                  warm_start: bool = False, name: str = "StochasticHG"):
