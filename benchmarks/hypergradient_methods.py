@@ -104,20 +104,9 @@ class Config:
 
     @property
     def setting(self) -> str:
-        parts = [f"T={self.steps}"]
-        if self.truncate:
-            parts.append(f"K={self.truncate}")
-        if self.checkpoint_every:
-            parts.append(f"every {self.checkpoint_every}")
-        if self.max_iter:
-            parts.append(f"{self.max_iter} iters")
-        if self.gamma:
-            parts.append(f"γ={self.gamma:g}")
-        if self.temperature:
-            parts.append(f"τ={self.temperature:g}")
-        if self.blocks:
-            parts.append(f"m={self.blocks}")
-        return ", ".join(parts)
+        optional = (("K={:d}", self.truncate), ("every {:d}", self.checkpoint_every), ("{:d} iters", self.max_iter),
+                    ("γ={:g}", self.gamma), ("τ={:g}", self.temperature), ("m={:d}", self.blocks))
+        return ", ".join([f"T={self.steps}"] + [form.format(value) for form, value in optional if value])
 
     @property
     def differentiates_H(self) -> bool:

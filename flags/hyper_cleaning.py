@@ -66,6 +66,7 @@ CLASSES = 10
 DIGITS = pathlib.Path(__file__).resolve().parent.parent / "data" / "digits" / "digits.npz"
 DIGITS_MAX = 16  # the digits' pixels count the ink in 4×4 blocks: 0..16
 DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
+CHECKPOINT_SECONDS = 30.0  # at most this much work is redone after a crash (and at every end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +398,7 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
     elapsed = float(rows[-1]["elapsed"]) if rows else 0.0
     xv, yv = tf.constant(data.x_val), tf.constant(data.y_val)
     xt, yt = tf.constant(data.x_test), tf.constant(data.y_test)
-    done = start
+    done, saved = start, time.monotonic()
     for i in common.progress(range(start, config.hyper_iterations), config.hyper_iterations,
                              label=f"hyper-cleaning ({config.method})"):
         if config.time_budget and elapsed >= config.time_budget:
@@ -410,8 +411,12 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
         elapsed += seconds
         out.log(i, {**metrics, "val_loss": val_loss, "val_accuracy": accuracy(exp.model, xv, yv),
                     "test_accuracy": accuracy(exp.model, xt, yt), "seconds": seconds, "elapsed": elapsed})
-        checkpointer.save(i + 1)
         done = i + 1
+        if time.monotonic() - saved >= CHECKPOINT_SECONDS:
+            checkpointer.save(done)
+            saved = time.monotonic()
+    if done > start:  # the last iterations, and the state the results are computed from
+        checkpointer.save(done)
     weights = tf.sigmoid(exp.example_weights).numpy()
     results = {**hyper_iteration_metrics(exp, data, config), "hyper_iterations_done": done, "elapsed": elapsed,
                "final_model_test_accuracy": accuracy(exp.model, xt, yt),

@@ -83,6 +83,28 @@ T1_REVERSE = [-0.018393531, 0.055180617, 0.0036787055, 0.53872281, -0.076542258]
 T1_FORWARD = [-0.018393533, 0.055180617, 0.003678706, 0.53872269, -0.076542266]
 
 
+def quadratic_run(method: far.HyperGradient, outer_optimizer, inner_optimizer):
+    """The quadratic bilevel problem (seed 0) set up for ``method``: (problem, x, z, ho, run)."""
+    p = quadratic_bilevel(seed=0)
+    x = far.get_hyperparameter("x", np.zeros(3))
+    z = tf.Variable(np.zeros(4), name="z")
+    inner, outer = quadratic_objectives(p, x, z)
+    ho = far.HyperOptimizer(method)
+    run = ho.minimize(outer, outer_optimizer, inner, inner_optimizer, hyper_list=[x], var_list=[z])
+    return p, x, z, ho, run
+
+
+def run_checkpointed(ho: far.HyperOptimizer, run, T: int, iterations: int, directory, resume: bool) -> None:
+    """``iterations`` runs of T steps, from the latest checkpoint in ``directory`` if ``resume``,
+    then a checkpoint of ``ho.state()`` there."""
+    checkpoint = tf.train.Checkpoint(**ho.state())
+    if resume:
+        checkpoint.restore(tf.train.latest_checkpoint(directory)).assert_existing_objects_matched()
+    for _ in range(iterations):
+        run(T)
+    checkpoint.save(f"{directory}/ckpt")
+
+
 def legacy_t1(method: far.HyperGradient) -> list[float]:
     """The T1 problem: cost = mean(v1²) + Σ λ·v2² with λ = three scalar hyperparameters,
     momentum (η = .1, μ = .5, both hyperparameters), E = mean(v1·v2), T = 10 (float32)."""

@@ -76,24 +76,13 @@ def test_a_line_of_lower_level_minimizers_bome_converges_where_implicit_warns():
                                                       hyper_list=[lam], var_list=[w])(50)
 
 
-def quadratic(method, outer_optimizer, inner_lr):
-    p = oracles.quadratic_bilevel(seed=0)
-    x = far.get_hyperparameter("x", np.zeros(3))
-    z = tf.Variable(np.zeros(4), name="z")
-    inner, outer = oracles.quadratic_objectives(p, x, z)
-    ho = far.HyperOptimizer(method)
-    run = ho.minimize(outer, outer_optimizer, inner, far.GradientDescentOptimizer(inner_lr), hyper_list=[x],
-                      var_list=[z])
-    return p, x, z, ho, run
-
-
 @pytest.mark.long
 def test_quadratic_bilevel_problem_converges_towards_the_solution_with_a_decaying_step():
     """BOME is first order and approximate: with a fixed step its iterates settle in an
     oscillation of the step's size; with ξ_k = ξ/(1 + k/1000) the error keeps falling."""
     step = lambda: keras.optimizers.schedules.InverseTimeDecay(0.05, decay_steps=1, decay_rate=1e-3)
-    p, x, z, ho, run = quadratic(far.BOME(eta=0.5, inner_optimizer=keras.optimizers.SGD(step())),
-                                 keras.optimizers.SGD(step()), 0.3)
+    p, x, z, ho, run = oracles.quadratic_run(far.BOME(eta=0.5, inner_optimizer=keras.optimizers.SGD(step())),
+                                             keras.optimizers.SGD(step()), far.GradientDescentOptimizer(0.3))
     errors = []
     for k in range(40_000):
         run(10)
@@ -105,8 +94,8 @@ def test_quadratic_bilevel_problem_converges_towards_the_solution_with_a_decayin
 def test_quadratic_bilevel_problem_short():
     """The short version of the test above: the error falls below 5 % of its start in 600 steps."""
     step = lambda: keras.optimizers.schedules.InverseTimeDecay(0.05, decay_steps=1, decay_rate=1e-3)
-    p, x, z, ho, run = quadratic(far.BOME(eta=0.5, inner_optimizer=keras.optimizers.SGD(step())),
-                                 keras.optimizers.SGD(step()), 0.3)
+    p, x, z, ho, run = oracles.quadratic_run(far.BOME(eta=0.5, inner_optimizer=keras.optimizers.SGD(step())),
+                                             keras.optimizers.SGD(step()), far.GradientDescentOptimizer(0.3))
     start = np.abs(x.numpy() - oracles.quadratic_solution(p)).max()
     for _ in range(600):
         run(10)
@@ -139,12 +128,7 @@ def checkpointed_run(directory, iterations, resume):
     ho = far.HyperOptimizer(far.BOME(inner_optimizer=keras.optimizers.SGD(0.1, momentum=0.9)))
     run = ho.minimize(f, keras.optimizers.SGD(0.1, momentum=0.9), g, far.GradientDescentOptimizer(0.5),
                       hyper_list=[w], var_list=[x])
-    checkpoint = tf.train.Checkpoint(**ho.state())
-    if resume:
-        checkpoint.restore(tf.train.latest_checkpoint(directory)).assert_existing_objects_matched()
-    for _ in range(iterations):
-        run(3)
-    checkpoint.save(f"{directory}/ckpt")
+    oracles.run_checkpointed(ho, run, 3, iterations, directory, resume)
     return np.array([float(w), *x.numpy()]), ho.global_step
 
 

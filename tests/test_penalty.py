@@ -14,16 +14,6 @@ import oracles
 from oracles import relative_error
 
 
-def quadratic(method, outer_optimizer, inner_optimizer):
-    p = oracles.quadratic_bilevel(seed=0)
-    x = far.get_hyperparameter("x", np.zeros(3))
-    z = tf.Variable(np.zeros(4), name="z")
-    inner, outer = oracles.quadratic_objectives(p, x, z)
-    ho = far.HyperOptimizer(method)
-    run = ho.minimize(outer, outer_optimizer, inner, inner_optimizer, hyper_list=[x], var_list=[z])
-    return p, x, z, ho, run
-
-
 def fast_schedule(**options):
     """γ doubling from 1 up to 1.6·10⁴ (then held: the augmented Lagrangian converges at a finite
     γ), ε halving, the inner rate shrinking like 1/γ, the outer rate kept."""
@@ -33,7 +23,8 @@ def fast_schedule(**options):
 
 def test_augmented_lagrangian_reaches_the_quadratic_solution_once_gamma_is_large():
     method = fast_schedule()
-    p, x, z, ho, run = quadratic(method, keras.optimizers.SGD(0.2, momentum=0.9), far.GradientDescentOptimizer(0.1))
+    p, x, z, ho, run = oracles.quadratic_run(method, keras.optimizers.SGD(0.2, momentum=0.9),
+                                             far.GradientDescentOptimizer(0.1))
     for _ in range(400):
         run(60)
     assert float(method.gamma) >= 1e4
@@ -63,8 +54,8 @@ def test_plain_penalty_is_biased_like_one_over_gamma():
         method = far.Penalty(gamma=gamma, lambda_g=0.0, epsilon=0.0, lagrangian=False)
         outer_lr = 1.5 / (gamma * np.linalg.norm(p.C, 2) ** 2 + 1)  # the steps shrink like 1/γ
         inner_lr = 1.0 / (gamma * np.linalg.norm(p.A, 2) ** 2 + np.linalg.norm(p.F, 2))
-        p, x, z, ho, run = quadratic(method, keras.optimizers.SGD(outer_lr, momentum=0.9),
-                                     far.GradientDescentOptimizer(inner_lr))
+        p, x, z, ho, run = oracles.quadratic_run(method, keras.optimizers.SGD(outer_lr, momentum=0.9),
+                                                 far.GradientDescentOptimizer(inner_lr))
         for _ in range(400):
             run(20)
         expected = plain_penalty_point(p, gamma, 0.0)
@@ -130,7 +121,7 @@ def test_inner_state_persists_across_runs():
     for chunks in ((10, 10), (20,)):
         far.clear_hyperparameters()
         method = far.Penalty(gamma=5.0, epsilon=0.0)
-        p, x, z, ho, run = quadratic(method, keras.optimizers.SGD(0.0), far.AdamOptimizer(0.05))
+        p, x, z, ho, run = oracles.quadratic_run(method, keras.optimizers.SGD(0.0), far.AdamOptimizer(0.05))
         for T in chunks:
             run(T)
         results.append((z.numpy(), [s.numpy() for s in method.slots[0]]))
@@ -142,15 +133,9 @@ def test_inner_state_persists_across_runs():
 def checkpointed_run(directory, iterations, resume):
     far.clear_hyperparameters()
     outer_optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    p, x, z, ho, run = quadratic(far.Penalty(gamma=1.0, epsilon=0.5, gamma_factor=1.5, epsilon_factor=0.7,
-                                             lr_factor=0.7),
-                                 outer_optimizer, far.AdamOptimizer(0.05))
-    checkpoint = tf.train.Checkpoint(**ho.state())
-    if resume:
-        checkpoint.restore(tf.train.latest_checkpoint(directory)).assert_existing_objects_matched()
-    for _ in range(iterations):
-        run(10)
-    checkpoint.save(f"{directory}/ckpt")
+    method = far.Penalty(gamma=1.0, epsilon=0.5, gamma_factor=1.5, epsilon_factor=0.7, lr_factor=0.7)
+    p, x, z, ho, run = oracles.quadratic_run(method, outer_optimizer, far.AdamOptimizer(0.05))
+    oracles.run_checkpointed(ho, run, 10, iterations, directory, resume)
     method = ho.hypergradient
     return (np.concatenate([x.numpy(), z.numpy(), np.concatenate([n.numpy() for n in method.nu[0]])]),
             (float(method.gamma), int(method.stage), float(method.epsilon), float(outer_optimizer.learning_rate),
@@ -169,7 +154,8 @@ def test_kill_and_resume_continues_exactly(tmp_path):
 def test_a_diverging_stage_and_bad_arguments_name_the_method():
     method = far.Penalty(gamma=1.0, epsilon=0.1, gamma_factor=2.0, epsilon_factor=0.5, lr_factor=1.0,
                          outer_lr_factor=1.0)  # the steps do not shrink as γ grows: a stage diverges
-    p, x, z, ho, run = quadratic(method, keras.optimizers.SGD(0.2, momentum=0.9), far.GradientDescentOptimizer(0.1))
+    p, x, z, ho, run = oracles.quadratic_run(method, keras.optimizers.SGD(0.2, momentum=0.9),
+                                             far.GradientDescentOptimizer(0.1))
     with pytest.raises(FloatingPointError, match=r"Penalty, hyper-iteration \d+ \(stage \d+, γ = .*\): .*diverged"):
         for _ in range(2000):
             run(20)
@@ -177,7 +163,7 @@ def test_a_diverging_stage_and_bad_arguments_name_the_method():
     far.clear_hyperparameters()
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)  # a rate the stages cannot scale
     with pytest.raises(ValueError, match="outer_lr_factor.*Keras optimizer with a constant learning rate"):
-        quadratic(far.Penalty(), keras.optimizers.SGD(schedule), far.GradientDescentOptimizer(0.1))
+        oracles.quadratic_run(far.Penalty(), keras.optimizers.SGD(schedule), far.GradientDescentOptimizer(0.1))
     for kwargs, name in ((dict(gamma=-1.0), "gamma"), (dict(gamma_factor=0.5), "gamma_factor"),
                          (dict(max_gamma=1e-3), "max_gamma")):
         with pytest.raises(ValueError, match=name):

@@ -326,7 +326,30 @@ class HyperGradient:
                              f"(`hyper_list`); a variable can be only one.")
         reg.hypers, reg.originals = [v for v, _ in pairs], [o for _, o in pairs]
 
+    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
+        """The method's own scalars (symbol, value) to name first when a run is not finite (none
+        here)."""
+        return []
+
+    def _failure_context(self, global_step: int) -> str:
+        """What starts the message of a non-finite run (the method and the hyper-iteration)."""
+        return f"{self.name}, hyper-iteration {global_step}"
+
+    #: what the message of a non-finite diagnostic adds.
+    diverged_hint: str = "the hyperparameters and the inner variables were not updated."
+
     def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
+        try:
+            self._check_each_finite(results, offset, global_step)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{self._failure_context(global_step)}: {error}") from None
+
+    def _check_each_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
+        for k, r in enumerate(results):
+            where = f" (inner problem {k})" if len(results) > 1 else ""
+            for symbol, value in self._diagnostics(r):
+                if not np.isfinite(float(value.numpy())):
+                    raise FloatingPointError(f"{symbol}{where} is {float(value.numpy())}: {self.diverged_hint}")
         for k, (reg, r) in enumerate(zip(self._registered, results)):
             where = f" of inner problem {k}" if len(results) > 1 else ""
             raise_if_diverged(reg.problem, r.final_state, r.first_nonfinite, offset, where)
@@ -338,8 +361,7 @@ class HyperGradient:
                     raise FloatingPointError(
                         f"The hypergradient{where} with respect to {describe(h)} is not finite; "
                         f"the hyperparameters were not updated.")
-        raise FloatingPointError(f"{self.name}: a non-finite quantity at hyper-iteration {global_step}; "
-                                 f"the hyperparameters were not updated.")
+        raise FloatingPointError("a non-finite quantity; the hyperparameters were not updated.")
 
     # -- results ------------------------------------------------------------------------------
 

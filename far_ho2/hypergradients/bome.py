@@ -11,7 +11,6 @@ function theorem is not), and it updates the inner variables w itself: they are 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from far_ho2 import autodiff
@@ -221,20 +220,9 @@ class BOME(HyperGradient):
                              f"not change with the inner variables (is it constant in w?), so the "
                              f"constraint q ≤ 0 gives no direction.")
 
-    def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
-        for k, r in enumerate(results):
-            where = f" (inner problem {k})" if len(results) > 1 else ""
-            for field, symbol in (("q", "q̂"), ("grad_q_norm", "‖∇q̂‖"), ("grad_f_norm", "‖∇f‖"),
-                                  ("mu", "μ")):
-                value = float(getattr(r.carry, field).numpy())
-                if not np.isfinite(value):
-                    raise FloatingPointError(f"{self.name}, hyper-iteration {global_step}{where}: {symbol} is "
-                                             f"{value}; the hyperparameters and the inner variables were "
-                                             f"not updated.")
-        try:
-            super()._check_finite(results, offset, global_step)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{self.name}, hyper-iteration {global_step}: {error}") from None
+    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
+        carry = result.carry
+        return [("q̂", carry.q), ("‖∇q̂‖", carry.grad_q_norm), ("‖∇f‖", carry.grad_f_norm), ("μ", carry.mu)]
 
     def after_update(self) -> None:
         """The joint step on w:  w ← w − ξ_w d_w  (or ``inner_optimizer`` on d_w)."""

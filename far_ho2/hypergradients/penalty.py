@@ -158,6 +158,10 @@ class Penalty(HyperGradient):
     online_modes = ()
     differentiates_dynamics = False
     persistent = True
+    diverged_hint = ("the stage diverged (its step sizes are too large for γ); lower the learning rates, "
+                     "or `lr_factor`, or `gamma_factor`. The hyperparameters and the inner variables were "
+                     "not updated.")
+
     unconnected_hint = (" The penalty method differentiates no inner trajectory: optimizer "
                         "hyperparameters (learning rate, momentum) and the initialisation Φ₀ get no "
                         "direction; use ReverseHG or ForwardHG for them.")
@@ -261,21 +265,13 @@ class Penalty(HyperGradient):
                              "constraint": float(r.carry.lower_gradient_norm.numpy()),
                              "gradient_norm2": float(r.carry.grad_h_norm2.numpy())} for r in results]
 
-    def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
-        where = (f"{self.name}, hyper-iteration {global_step} (stage {int(self.stage.numpy())}, "
-                 f"γ = {float(self.gamma.numpy()):.4g})")
-        for k, r in enumerate(results):
-            for symbol, value in (("h_w", r.carry.surrogate), ("‖∇_w g‖", r.carry.lower_gradient_norm),
-                                  ("‖∇h‖²", r.carry.grad_h_norm2)):
-                if not np.isfinite(float(value.numpy())):
-                    raise FloatingPointError(
-                        f"{where}: {symbol} is {float(value.numpy())}: the stage diverged (its step sizes are "
-                        f"too large for γ); lower the learning rates, or `lr_factor`, or `gamma_factor`. "
-                        f"The hyperparameters and the inner variables were not updated.")
-        try:
-            super()._check_finite(results, offset, global_step)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{where}: {error}") from None
+    def _failure_context(self, global_step: int) -> str:
+        return (f"{self.name}, hyper-iteration {global_step} (stage {int(self.stage.numpy())}, "
+                f"γ = {float(self.gamma.numpy()):.4g})")
+
+    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
+        carry = result.carry
+        return [("h_w", carry.surrogate), ("‖∇_w g‖", carry.lower_gradient_norm), ("‖∇h‖²", carry.grad_h_norm2)]
 
     def after_update(self) -> None:
         """The stage test and, on a pass, the schedule (see the class docstring)."""

@@ -1,0 +1,205 @@
+"""Every bilevel method on one real problem, side by side: data hyper-cleaning on the bundled
+8×8 digits (``flags.hyper_cleaning``), a third or half of the 800 training labels corrupted, one
+weight σ(λ_i) per training example, softmax regression with (ρ/2)‖θ‖², ρ = 1e-3.
+
+Each method gets the same wall-clock budget of hyper-iterations (``--budget`` seconds, tracing
+included) per seed, in a process of its own (its peak memory is its own). Reported per method
+and corruption, mean ± standard deviation over the seeds:
+
+- test accuracy after retraining from the initial weights with the learned weights (normalised
+  to mean 1; 1000 GD steps at rate 0.5, the same for every method and for the two baselines:
+  uniform weights, "all noisy data", and the corrupted examples removed, "clean oracle");
+- the test accuracy of the model the method itself ends with (its w_T(λ), or BOME's and the
+  penalty method's persistent w);
+- precision, recall and F1 of flagging σ(λ_i) < ½ as corrupted;
+- hyper-iterations done, the median seconds of one (the first, which traces, left out), and
+  the peak resident memory of the process above its baseline after importing TensorFlow;
+- test accuracy against time: ``bilevel_methods.png`` (the mean over seeds of the accuracy of
+  the method's current model, at each second of the budget).
+
+Settings: T inner GD steps at η = 0.3 (reverse and forward mode learn η), Adam on λ. The
+first-order methods take many cheap iterations (BOME: T = 10 steps of ŵ; penalty: T = 10 steps
+on w), the others T = 100. ForwardHG carries one tangent per scalar hyperparameter: it learns
+η and log ρ only (no example weights), so its row shows what tuning those alone gives.
+
+Each run keeps its folder under ``benchmarks/results/bilevel_methods/``: a killed benchmark
+started again resumes each run from its last checkpoint (and reuses finished ones).
+
+    python -m benchmarks.bilevel_methods            # 5 seeds, 30 s per run: about an hour here
+    python -m benchmarks.bilevel_methods --quick    # 1 seed, 6 s per run
+"""
+
+import argparse
+import csv
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from benchmarks import harness
+
+CORRUPTIONS = (1 / 3, 0.5)
+COMMON = dict(n_train=800, n_val=200, l2=1e-3, inner_lr=0.3, retrain_steps=1000, retrain_lr=0.5,
+              hyper_iterations=1_000_000)
+METHODS = {  # label: the flags.hyper_cleaning.Config settings
+    "ReverseHG": dict(method="reverse", T=100, outer_lr=0.1),
+    "ReverseHG truncated K=20": dict(method="reverse", T=100, truncate=20, outer_lr=0.1),
+    "ForwardHG (η, log ρ only)": dict(method="forward", T=100, outer_lr=0.1),
+    "ImplicitHG cg": dict(method="implicit", T=100, implicit_iterations=20, outer_lr=0.1),
+    "BOME value": dict(method="bome", bome_phi="value", T=10, outer_lr=0.05),
+    "BOME grad_norm": dict(method="bome", bome_phi="grad_norm", T=10, outer_lr=0.05),
+    "Penalty": dict(method="penalty", T=10, outer_lr=0.05),
+    "StochasticHG reversed": dict(method="stochastic", stochastic_estimator="reversed", T=100,
+                                  stochastic_burn_in=50, temperature=1e-4, outer_lr=0.1),
+}
+FOLDER = harness.RESULTS_DIR / "bilevel_methods"
+
+
+RUN_SUMMARY = "benchmark_run.json"  # in a run's folder once it has finished
+
+
+def run_name(label: str, corruption: float, seed: int, budget: float) -> str:
+    slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+    return f"c{round(100 * corruption)}_{budget:g}s_{slug}_seed{seed}"
+
+
+def worker(label: str, corruption: float, seed: int, budget: float) -> dict:
+    """One run in this process (resumed from its folder if it was cut short; read back if it
+    finished): the launcher's results, timing and memory, and the accuracy of the method's
+    model against the elapsed time."""
+    logdir = FOLDER / run_name(label, corruption, seed, budget)
+    if (logdir / RUN_SUMMARY).exists():
+        return json.loads((logdir / RUN_SUMMARY).read_text())
+    baseline_mb = harness.max_rss_mb()
+    from flags import hyper_cleaning  # TensorFlow is imported here
+    imported_mb = harness.max_rss_mb()
+    config = hyper_cleaning.Config(**COMMON, **METHODS[label], corruption=corruption, seed=seed,
+                                   time_budget=budget)
+    results = hyper_cleaning.run_experiment(config, logdir)
+    with open(logdir / hyper_cleaning.common.METRICS, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["run"] == "main"]
+    seconds = [float(r["seconds"]) for r in rows]
+    run = {"label": label, "corruption": corruption, "seed": seed, **results["metrics"],
+           "seconds_median": float(np.median(seconds[1:] or seconds)),
+           "peak_mb": harness.max_rss_mb() - imported_mb, "import_mb": imported_mb - baseline_mb,
+           "curve": [[float(r["elapsed"]), float(r["test_accuracy"])] for r in rows]}
+    (logdir / RUN_SUMMARY).write_text(json.dumps(run))
+    return run
+
+
+def mean_sd(values: list) -> str:
+    values = np.asarray(values, np.float64)
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f}"
+
+
+def summary(runs: list, corruption: float) -> tuple[list, list]:
+    """The table rows of one corruption level: the two baselines, then every method."""
+    mine = [r for r in runs if r["corruption"] == corruption]
+    seeds = sorted({r["seed"] for r in mine})
+    first = {s: next(r for r in mine if r["seed"] == s) for s in seeds}
+    rows = [["all noisy data (uniform weights)", mean_sd([first[s]["baseline_test_accuracy"] for s in seeds]),
+             "-", "-", "-", "-", "-", "-", "-", "-"],
+            ["clean oracle (corrupted removed)", mean_sd([first[s]["oracle_test_accuracy"] for s in seeds]),
+             "-", "-", "-", "-", "-", "-", "-", "-"]]
+    gains = []
+    for label in METHODS:
+        group = [r for r in mine if r["label"] == label]
+        if not group:
+            continue
+        gain = [r["test_accuracy"] - r["baseline_test_accuracy"] for r in group]
+        gains.append((label, gain))
+        rows.append([label, mean_sd([r["test_accuracy"] for r in group]), mean_sd(gain),
+                     mean_sd([r["final_model_test_accuracy"] for r in group]),
+                     mean_sd([r["f1"] for r in group]), mean_sd([r["precision"] for r in group]),
+                     mean_sd([r["recall"] for r in group]),
+                     f"{np.mean([r['hyper_iterations_done'] for r in group]):.0f}",
+                     f"{1000 * np.median([r['seconds_median'] for r in group]):.1f}",
+                     f"{np.max([r['peak_mb'] for r in group]):.0f}"])
+    return rows, gains
+
+
+def plot(runs: list, budget: float, path: Any) -> None:
+    """Test accuracy of each method's model against time, mean over seeds, one panel per corruption."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(CORRUPTIONS), figsize=(6 * len(CORRUPTIONS), 4.5), squeeze=False)
+    grid = np.linspace(0, budget, 200)
+    for ax, corruption in zip(axes[0], CORRUPTIONS):
+        for label in METHODS:
+            group = [r for r in runs if r["corruption"] == corruption and r["label"] == label and r["curve"]]
+            if not group:
+                continue
+            curves = [np.interp(grid, *np.asarray(r["curve"]).T, left=np.nan) for r in group]
+            ax.plot(grid, np.nanmean(curves, axis=0), label=label)
+        mine = [r for r in runs if r["corruption"] == corruption]
+        if mine:
+            for key, style, name in (("baseline_test_accuracy", ":", "all noisy data"),
+                                     ("oracle_test_accuracy", "--", "clean oracle")):
+                ax.axhline(np.mean([r[key] for r in mine]), color="k", ls=style, lw=1, label=f"{name} (retrained)")
+        ax.set(xlabel="seconds of hyper-iterations", ylabel="test accuracy of the current model",
+               title=f"Hyper-cleaning, digits, {corruption:.0%} of the labels corrupted", ylim=(0.5, 1.0))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 6 s per run")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; --quick: 1)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default 30; --quick: 6)")
+    parser.add_argument("--worker", nargs=4, metavar=("LABEL", "CORRUPTION", "SEED", "BUDGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        label, corruption, seed, budget = args.worker
+        print(json.dumps(worker(label, float(corruption), int(seed), float(budget))))
+        return
+    seeds = args.seeds or (1 if args.quick else 5)
+    budget = args.budget or (6.0 if args.quick else 30.0)
+    if seeds < 1 or budget <= 0:
+        sys.exit("bilevel_methods: --seeds must be ≥ 1 and --budget positive.")
+    machine = harness.machine_info()
+    runs = []
+    jobs = [(label, c, s) for c in CORRUPTIONS for s in range(seeds) for label in METHODS]
+    for k, (label, corruption, seed) in enumerate(jobs):
+        run = harness.run_worker("bilevel_methods", ["--worker", label, str(corruption), str(seed), str(budget)],
+                                 label=run_name(label, corruption, seed, budget))
+        runs.append(run)
+        print(f"[{k + 1}/{len(jobs)}] {corruption:.0%} seed {seed} {label:27s} test {100 * run['test_accuracy']:.1f} "
+              f"(noisy {100 * run['baseline_test_accuracy']:.1f}), F1 {run['f1']:.3f}, "
+              f"{run['hyper_iterations_done']} iterations", flush=True)
+    suffix = "_quick" if args.quick else ""
+    header = ["method", "test acc %", "gain vs noisy", "own model %", "F1", "precision", "recall", "iterations",
+              "ms/iter", "peak MB"]
+    print(f"\nData hyper-cleaning on the bundled digits (800 train / 200 val / 599 test), softmax regression, "
+          f"{seeds} seed(s), {budget:g} s of hyper-iterations per run; mean ± sd over seeds, in %.")
+    end_load = harness.machine_info()["load_average"][0]
+    print(f"load average at start {machine['load_average'][0]:.2f}, at the end {end_load:.2f} (2 cores).")
+    tables = {}
+    for corruption in CORRUPTIONS:
+        rows, gains = summary(runs, corruption)
+        tables[corruption] = rows
+        print(f"\n{corruption:.0%} of the training labels corrupted\n" + harness.table(header, rows, left=1))
+        worse = [label for label, gain in gains if np.mean(gain) <= 0]
+        print("every method beats training on all the noisy data" if not worse else
+              f"not better than training on all the noisy data: {worse}")
+    harness.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = harness.RESULTS_DIR / f"bilevel_methods{suffix}"
+    (out.with_suffix(".json")).write_text(json.dumps({"machine": machine, "budget": budget, "seeds": seeds,
+                                                      "common": COMMON, "methods": METHODS, "runs": runs}, indent=1))
+    with open(out.with_suffix(".csv"), "w") as f:
+        f.write("corruption," + ",".join(header) + "\n")
+        for corruption, rows in tables.items():
+            f.writelines(f"{corruption:.3f}," + ",".join(f'"{c}"' for c in row) + "\n" for row in rows)
+    plot(runs, budget, out.with_suffix(".png"))
+    print(f"\nWrote {out}.json, .csv and .png")
+
+
+if __name__ == "__main__":
+    main()
