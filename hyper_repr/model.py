@@ -98,6 +98,17 @@ def _unwrap(data: Any) -> Any:
     return data
 
 
+def _reducible(logs: dict) -> dict:
+    """A step's logs as Keras can reduce them over the replicas: under MultiWorkerMirroredStrategy
+    with several workers, Keras 3 reduces each log with ``strategy.reduce("MEAN", v, axis=0)``,
+    which fails for scalars (tensorflow/tensorflow#72388), so there they are given as [1] vectors
+    (and come out of the reduction as scalars)."""
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
 def _tf_variable(variable: Any) -> tf.Variable:
     """The ``tf.Variable`` that holds a Keras variable (far_ho2's functions watch those)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -137,9 +148,9 @@ class _Heads:
     neither Keras nor ``tf.train.Checkpoint`` tracks them."""
 
     def __init__(self, dim: int, ways: int, dtype: str):
-        self.variables = [tf.Variable(tf.zeros((0,) + shape, dtype), shape=(None,) + shape,
-                                      trainable=False, name=name)
-                          for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
+        with far.distribute.local_variables():  # under tf.distribute: each replica's own heads
+            self.variables = [tf.Variable(tf.zeros((0,) + shape, dtype), shape=(None,) + shape, name=name)
+                              for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
 
 
 @keras.saving.register_keras_serializable(package="hyper_repr")
@@ -247,8 +258,9 @@ class HyperRepresentation(keras.Model):
         self.ci_tracker = ConfidenceInterval(name="ci")
         self._heads = _Heads(network.output_shape[-1], self.ways, dtype)
         if self.temperature is not None:  # not tracked: its run counter is scratch state too
-            self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
-                                                           temperature=self.temperature, seed=0)
+            with far.distribute.local_variables():
+                self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
+                                                               temperature=self.temperature, seed=0)
         self.built = True  # every variable exists (the heads are scratch state, see _Heads)
 
     # -- Keras ----------------------------------------------------------------------------------
@@ -273,6 +285,22 @@ class HyperRepresentation(keras.Model):
         `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with)."""
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
+
+    def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """``keras.Model.fit``; under a strategy of R replicas, a clear error for meta-batches of
+        ``x`` that R does not divide (see ``train_step``)."""
+        if isinstance(x, tf.data.Dataset):
+            size = tf.nest.flatten(x.element_spec)[0].shape[0]
+            if size is not None:
+                far.distribute.replica_batch_size(size, self.distribute_strategy, "`x`: the meta-batch size")
+        return super().fit(x, *args, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Nothing to build: every variable exists from the constructor and ``compile`` builds
+        the optimizer. (Under a strategy, Keras's symbolic build draws a batch and reduces it
+        across replicas first, which fails for a meta-batch that does not split evenly and,
+        under MultiWorkerMirroredStrategy, for any nested batch: tf.distribute's ``reduce``
+        takes no nests.)"""
 
     def compile_from_config(self, config: dict) -> None:
         """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models
@@ -304,12 +332,17 @@ class HyperRepresentation(keras.Model):
 
     @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
     def hypergradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
-        """(E, ∇E, finite) on one meta-batch: the outer loss, its gradient with respect to each of
-        ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and the heads' states
-        are all finite; nothing is updated. ``batch`` is an ``Episode`` with a leading [B] axis
-        (for 'classic', (images, labels)). This is the computation of one device: a replica's
-        share of a meta-batch under ``tf.distribute`` (the mean of per-episode losses and
-        gradients)."""
+        """(E, ∇E, finite) on one meta-batch, on one device: the outer loss, its gradient with
+        respect to each of ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and
+        the heads' states are all finite; nothing is updated. ``batch`` is an ``Episode`` with a
+        leading [B] axis (for 'classic', (images, labels)). Under ``tf.distribute``,
+        ``train_step`` combines the replicas' unclipped results on their shares of the
+        meta-batch (``far.distribute.share``) and clips their mean."""
+        loss, grads, finite = self._gradients(batch)
+        return loss, self._clipped(grads), finite
+
+    def _gradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """``hypergradients`` before clipping: means over the episodes (images) of ``batch``."""
         if self.variant in _CLASSIC:
             loss, grads, finite = self._classic_gradients(*batch)
         else:
@@ -320,31 +353,45 @@ class HyperRepresentation(keras.Model):
             loss, grads, finite = gradients(support, outer)
         finite = tf.logical_and(finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                                                        for g in grads + [loss]]))
-        if self.clip is not None:
-            grads = [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
         return loss, grads, finite
+
+    def _clipped(self, grads: list) -> list:
+        if self.clip is None:
+            return grads
+        return [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
 
     @tf.autograph.experimental.do_not_convert
     def train_step(self, data: Any) -> dict:
-        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss)."""
-        loss, grads, finite = self.hypergradients(_unwrap(data))
+        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss).
 
-        def update():
-            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-            return tf.constant(True)
-        tf.cond(finite, update, lambda: tf.constant(False))
-        self.loss_tracker.update_state(tf.where(finite, loss, np.nan))
+        Under ``tf.distribute`` (the model built under ``strategy.scope()``), ``fit`` gives each
+        of the R replicas B/R of the B episodes (images for 'classic') of a meta-batch; their
+        E^(r) and ∇E^(r), divided by R (``far.distribute.share``), are summed by the
+        optimizer's all-reduce into the means over the B episodes, E and ∇E: the update is that
+        of one device with the whole meta-batch. With ``clip``, ∇E is summed here first (clipping
+        is not linear), and each replica passes clip(∇E)/R."""
+        batch = _unwrap(data)
+        loss, grads, finite = self._gradients(batch)
+        share = far.distribute.share(loss, grads, finite, tf.shape(tf.nest.flatten(batch)[0])[0])
+        grads = share.grads
+        if self.clip is not None:
+            context = tf.distribute.get_replica_context()
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads = [g / context.num_replicas_in_sync for g in self._clipped(total)]
+        far.distribute.apply_gradients(self.optimizer, grads, self.trainable_variables, share.finite)
+        self.loss_tracker.update_state(tf.where(share.finite, share.value, np.nan))
         logs = {"loss": self.loss_tracker.result()}
         if self.learn_lr:
             logs["eta"] = tf.convert_to_tensor(self.learning_rate)
-        return logs
+        return _reducible(logs)
 
     @tf.autograph.experimental.do_not_convert
     def test_step(self, data: Any) -> dict:
         """Scores a batch of episodes: new heads, ``test_steps`` GD steps, query predictions."""
         episode = Episode(*_unwrap(data))
         support = episode_features(self.network, episode.support_x)
-        ways = tf.reduce_max(episode.support_y) + 1  # labels are 0 … N−1, each in the support set
+        # labels are 0 … N−1, each in the support set; ≥ 1 for a replica's empty share of a last batch
+        ways = tf.maximum(tf.reduce_max(episode.support_y) + 1, 1)
         weights, bias = fit_heads(support, episode.support_y, ways=ways, steps=self.test_steps,
                                   learning_rate=self.learning_rate, l2=self.head_l2)
         logits = head_logits(weights, bias, episode_features(self.network, episode.query_x))
@@ -352,7 +399,7 @@ class HyperRepresentation(keras.Model):
         self.loss_tracker.update_state(episode_cross_entropy(logits, episode.query_y))
         self.accuracy_tracker.update_state(accuracies)
         self.ci_tracker.update_state(accuracies)
-        return {m.name: m.result() for m in self.metrics}
+        return _reducible({m.name: m.result() for m in self.metrics})
 
     # -- the gradients of each variant -------------------------------------------------------------
 
@@ -364,9 +411,12 @@ class HyperRepresentation(keras.Model):
             h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
         if self.temperature is None:
             optimizer = far.GradientDescentOptimizer(_tf_variable(self.learning_rate))
-        else:  # Langevin heads; every hyper-iteration draws a new noise sequence
+        else:  # Langevin heads; every hyper-iteration, and every replica, draws a new noise sequence
             optimizer = self._langevin
-            optimizer.runs.assign_add(1)
+            context = tf.distribute.get_replica_context()  # run k of replica r of R: k·R + r
+            replicas = context.num_replicas_in_sync
+            optimizer.runs.assign((optimizer.runs // replicas + 1) * replicas
+                                  + tf.cast(context.replica_id_in_sync_group, tf.int64))
         return far.InnerProblem(
             lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
                             + ridge(*heads, self.head_l2)),
