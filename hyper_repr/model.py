@@ -25,6 +25,15 @@ accuracy over episodes, 1.96·σ/√n (σ the standard deviation over the n epis
 The network is applied to each episode separately (``heads.episode_features``): its transductive
 normalisation uses per-episode statistics, of the support set and of the query set apart.
 
+Under ``tf.distribute`` (the model built in ``strategy.scope()``: ``MirroredStrategy`` for the
+GPUs of a machine, ``MultiWorkerMirroredStrategy`` for several machines), ``fit`` splits each
+meta-batch across the R replicas (R must divide B): replica r fits the heads of its B/R episodes
+(each replica's own variables) and computes their E^(r), ∇E^(r); the optimizer's all-reduce sums
+∇E^(r)/R into ∇E, the mean over the B episodes, and applies one update (``train_step``): the
+update of one device holding the whole meta-batch. ``evaluate`` splits its episodes the same way
+(any split: its metrics sum over the replicas). Langevin heads draw each replica's own noise;
+'classic' normalises each replica's share of its images with that share's statistics.
+
 Variants (the paper's Table 4), the ``variant`` argument:
 
     'hyper'          Algorithm 1 (the default).
@@ -51,6 +60,7 @@ import tensorflow as tf
 import far_ho2 as far
 from far_ho2 import inputs as far_inputs
 from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
+from hyper_repr import callbacks
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
                               fit_heads, head_logits, ridge, variable_dtype)
@@ -99,12 +109,11 @@ def _unwrap(data: Any) -> Any:
 
 
 def _reducible(logs: dict) -> dict:
-    """A step's logs as Keras can reduce them over the replicas: under MultiWorkerMirroredStrategy
-    with several workers, Keras 3 reduces each log with ``strategy.reduce("MEAN", v, axis=0)``,
-    which fails for scalars (tensorflow/tensorflow#72388), so there they are given as [1] vectors
-    (and come out of the reduction as scalars)."""
-    strategy = tf.distribute.get_strategy()
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+    """A step's logs as Keras can reduce them over the replicas: with several workers (Keras's
+    test: MultiWorkerMirroredStrategy in multi-worker mode), Keras 3 reduces each log by
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails for scalars (tensorflow/tensorflow#72388),
+    so there they are given as [1] vectors (and come out of the reduction as scalars)."""
+    if callbacks.worker_count(tf.distribute.get_strategy()) > 1:
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
 
@@ -144,8 +153,9 @@ def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> 
 
 class _Heads:
     """The heads of meta-training, W [B, d, N] and b [B, N] for any B: the variables of far_ho2's
-    inner problem, scratch state reset to 0 at every hyper-iteration. A plain object, so that
-    neither Keras nor ``tf.train.Checkpoint`` tracks them."""
+    inner problem, scratch state reset to 0 at every hyper-iteration; under ``tf.distribute``,
+    each replica's own (``far.distribute.local_variables``), of its share of the meta-batch. A
+    plain object, so that neither Keras nor ``tf.train.Checkpoint`` tracks them."""
 
     def __init__(self, dim: int, ways: int, dtype: str):
         with far.distribute.local_variables():  # under tf.distribute: each replica's own heads
@@ -190,8 +200,10 @@ class HyperRepresentation(keras.Model):
         clip: clip every hypergradient entry to [−clip, clip]. Defaults to `None`.
         test_steps: T of ``evaluate``. Defaults to `None` (``steps``); settable later.
         temperature: τ of the Langevin heads of ``far.StochasticHG`` (their T meta-training steps
-            are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration;
-            evaluation stays gradient descent). Required with StochasticHG, and only with it.
+            are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration:
+            run k·R + r of ``far.SGLDOptimizer`` for replica r of R at hyper-iteration k, so each
+            replica draws its own; evaluation stays gradient descent). Required with
+            StochasticHG, and only with it.
         name: the model's name. Defaults to `"hyper_representation"`.
 
     Raises:
@@ -204,6 +216,11 @@ class HyperRepresentation(keras.Model):
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.fit(train_episodes, steps_per_epoch=500, epochs=10, validation_data=val_episodes)
         model.evaluate(test_episodes, return_dict=True)  # {'accuracy': …, 'ci': …, 'loss': …}
+
+        with tf.distribute.MirroredStrategy().scope():  # the same on every GPU of the machine
+            model = HyperRepresentation(build_network("omniglot"), ways=5, steps=5)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.fit(train_episodes, steps_per_epoch=500)  # meta-batches of B: B/R per replica
     """
 
     def __init__(self, network: keras.Model, *, ways: int, steps: int, learning_rate: float = 0.1,
@@ -356,6 +373,7 @@ class HyperRepresentation(keras.Model):
         return loss, grads, finite
 
     def _clipped(self, grads: list) -> list:
+        """The hypergradients clipped to [−clip, clip] (as they are without ``clip``)."""
         if self.clip is None:
             return grads
         return [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
