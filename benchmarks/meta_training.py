@@ -643,6 +643,119 @@ def measure_loop(settings: LoopSettings) -> LoopMeasurement:
                            timer.peak_mb - baseline, memory_mb, os.getloadavg()[0], outside, outside_cpu_ms)
 
 
+# -- worker 5: the step under a MirroredStrategy of R replicas ------------------------------------------
+
+DEFAULT_REPLICAS, STRATEGY_BATCH_SIZE = (1, 2, 4), 8  # --strategy mirrored: R, and B (a multiple of every R)
+REPLICA_MODES = ("step", "compute", "all_reduce")
+
+
+@dataclasses.dataclass
+class ReplicaMeasurement:
+    """One (device, R, B, T) under ``--strategy``: fit's hyper-iteration and its parts."""
+
+    device: str  # "cpu" (R logical devices of the CPU) or "gpu" (R GPUs)
+    strategy: str  # "none" (no strategy: one device) or "mirrored"
+    replicas: int  # R
+    meta_batch_size: int  # B, the global meta-batch (B/R episodes per replica)
+    steps: int  # T
+    ms: dict  # mode -> ms of every timed call, over the chunks (REPLICA_MODES)
+    first_call_s: float  # tracing + one hyper-iteration
+    gpus_visible: int
+    tensorflow: str
+    load_average: float
+
+    @property
+    def medians(self) -> tuple[float, float, float]:
+        """Median ms of a step, of the compute alone and of the all-reduce alone."""
+        return tuple(statistics.median(self.ms[mode]) for mode in REPLICA_MODES)
+
+
+def distributed_measure(device: str, strategy_name: str, replicas: int, meta_batch_size: int, steps: int,
+                        timing: Timing) -> ReplicaMeasurement:
+    """In this fresh process, under ``strategy_name`` ("none", or "mirrored" over R logical CPU
+    devices or R GPUs), alternating chunks of three calls on pre-drawn meta-batches of B episodes:
+
+    * step: one hyper-iteration as ``fit`` runs it (Keras's train function on the distributed
+      dataset: each replica's B/R episodes, the all-reduce of the hypergradients, the update);
+    * compute: each replica's ``hypergradients`` on its episodes, no cross-replica reduction and
+      no update (``strategy.run`` on the same distributed dataset);
+    * all_reduce: the all-reduce alone of tensors shaped like the hypergradients and the three
+      scalars of ``far.distribute.share`` (what a hyper-iteration reduces across replicas).
+    """
+    tf, gpus = import_tensorflow(device)
+    if device == "cpu" and replicas > 1:  # before TensorFlow initialises its devices
+        tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                                   [tf.config.LogicalDeviceConfiguration()] * replicas)
+    if strategy_name == "none":
+        strategy = tf.distribute.get_strategy()
+    else:
+        devices = tf.config.list_logical_devices("CPU" if device == "cpu" else "GPU")[:replicas]
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    splits = load_splits()
+    iterator = iter(training_episodes(splits, meta_batch_size, first_episode=meta_batch_size))
+    drawn = [next(iterator) for _ in range(PRE_DRAWN)]
+    episodes = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda *x: tf.concat(x, 0), *drawn))
+    meta_batches = strategy.experimental_distribute_dataset(
+        episodes.batch(meta_batch_size, drop_remainder=True).repeat())  # the pre-drawn ones, cycled
+    with strategy.scope():
+        model = build_model(steps, splits)
+    batches = iter(meta_batches)
+    model.make_train_function()  # Keras 3 keeps it in model.train_function
+    train_function = model.train_function
+    shaped = [tf.ones(v.shape, v.dtype) for v in model.trainable_variables] + [tf.ones([], tf.float32)] * 3
+
+    def total(tensors: Sequence[Any]) -> Any:  # one number that needs every tensor (nothing pruned)
+        return tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in tensors])
+
+    @tf.function
+    def compute(iterator: Any) -> Any:
+        return strategy.run(lambda batch: total(model.hypergradients(batch)[1]), args=(next(iterator),))
+
+    @tf.function
+    def all_reduce() -> Any:
+        return strategy.run(lambda: total(tf.distribute.get_replica_context().all_reduce("SUM", shaped)))
+
+    calls = {"step": lambda: train_function(batches)["loss"], "compute": lambda: compute(batches),
+             "all_reduce": all_reduce}
+    run = {mode: (lambda call=call: [x.numpy() for x in strategy.experimental_local_results(call())])
+           for mode, call in calls.items()}  # each call waits for its result
+    first_call_s = first_call_and_warm_up(run["step"], timing.warmup_seconds)
+    for mode in REPLICA_MODES[1:]:
+        first_call_and_warm_up(run[mode], timing.warmup_seconds / 2)
+    ms: dict = {mode: [] for mode in REPLICA_MODES}
+    for _ in range(timing.chunks):  # side by side: the load hits every mode alike
+        for mode in REPLICA_MODES:
+            ms[mode].extend(chunk(run[mode], timing.chunk_seconds / len(REPLICA_MODES))[3])
+    return ReplicaMeasurement(device, strategy_name, strategy.num_replicas_in_sync, meta_batch_size, steps, ms,
+                              first_call_s, gpus, tf.__version__, os.getloadavg()[0])
+
+
+def replica_report(measurements: Sequence[ReplicaMeasurement], info: dict, timing: Timing) -> list[str]:
+    """The table of ``--strategy``: episodes/s per replica count and the all-reduce's share."""
+    rows = []
+    for m in measurements:
+        step, compute, reduce = m.medians
+        rows.append([m.device, m.strategy, str(m.replicas), str(m.meta_batch_size), str(m.steps),
+                     f"{1e3 * m.meta_batch_size / step:.1f}", f"{1e3 * m.meta_batch_size / step / m.replicas:.1f}",
+                     f"{step:.1f}", f"{compute:.1f}", f"{step - compute:.1f}", f"{reduce:.2f}",
+                     f"{100 * reduce / step:.1f}%", f"{m.first_call_s:.1f}", f"{m.load_average:.1f}"])
+    return [
+        "Meta-training under tf.distribute: hyper_repr.HyperRepresentation, Omniglot 5-way 1-shot, float32,",
+        f"  learned η; TF {info['tensorflow']}, {info['cpu_count']} CPUs ({info['cpu']}); one fresh process per row;",
+        f"  medians of every call over {timing.chunks} rounds of the three modes side by side (≥ "
+        f"{timing.chunk_seconds / len(REPLICA_MODES):.2f} s each), after the first call and warm-up.",
+        "",
+        table(["device", "strategy", "R", "B", "T", "episodes/s", "per replica", "ms/step", "compute ms",
+               "rest ms", "all-reduce ms", "all-reduce share", "first call s", "load"], rows, left=2),
+        "  ms/step: fit's hyper-iteration (each replica's B/R episodes, the all-reduce, the update); compute: the",
+        "  replicas' hypergradients alone (no cross-replica reduction, no update); rest = ms/step − compute: the",
+        "  reduction, the update and the step's bookkeeping; all-reduce: the all-reduce alone of tensors shaped like",
+        "  the hypergradients (and far.distribute's three scalars); its share: of ms/step. cpu rows: R logical",
+        "  devices of the same CPU cores (they share them: no speed-up is expected here, the rows measure the",
+        "  strategy's overhead); gpu rows: R GPUs.",
+    ]
+
+
 # -- the driver ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -893,10 +1006,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: B in {QUICK_BATCH_SIZES}, T in {QUICK_STEPS}, short timing, "
                              f"a {QUICK_LOOP.iterations}-iteration loop")
+    parser.add_argument("--strategy", choices=("none", "mirrored"), default="none",
+                        help="mirrored: instead of the tables above, episodes/s per replica count R under "
+                             "tf.distribute.MirroredStrategy (R logical CPU devices, and 1 … n GPUs where "
+                             "visible; B = --meta-batch-sizes, default 8) with the all-reduce's share of the step")
+    parser.add_argument("--replicas", type=int, nargs="+",
+                        help=f"the replica counts R of --strategy mirrored (default {DEFAULT_REPLICAS})")
     parser.add_argument("--worker", choices=("cpu", "gpu", "torch", "check"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--replica-worker", type=json.loads, help=argparse.SUPPRESS)
     parser.add_argument("--loop-worker", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.replicas and args.strategy == "none":
+        parser.error("--replicas goes with --strategy mirrored")
+    args.replicas = sorted(set(args.replicas or DEFAULT_REPLICAS))
+    if args.strategy == "mirrored":
+        args.meta_batch_sizes = args.meta_batch_sizes or [STRATEGY_BATCH_SIZE]
+        args.steps = args.steps or [5]
+        indivisible = [(B, R) for B in args.meta_batch_sizes for R in args.replicas if B % R]
+        if indivisible or min(args.replicas) < 1:
+            parser.error(f"--meta-batch-sizes must be multiples of every --replicas (positive); got B, R = "
+                         f"{indivisible[0] if indivisible else args.replicas}")
     args.meta_batch_sizes = sorted(set(args.meta_batch_sizes or (QUICK_BATCH_SIZES if args.quick
                                                                  else DEFAULT_BATCH_SIZES)))
     args.steps = sorted(set(args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)))
@@ -923,6 +1053,12 @@ def main(argv: Sequence[str]) -> None:
         return
     if args.loop_worker is not None:  # internal: the instrumented meta_train run
         print(json.dumps(dataclasses.asdict(measure_loop(LoopSettings(**args.loop_worker)))))
+        return
+    if args.replica_worker is not None:  # internal: one (device, strategy, R, B, T)
+        print(json.dumps(dataclasses.asdict(distributed_measure(**args.replica_worker, timing=args.timing))))
+        return
+    if args.strategy == "mirrored":
+        strategy_main(args)
         return
     info = harness.machine_info()
     worker = functools.partial(harness.run_worker, "meta_training")
@@ -989,6 +1125,47 @@ def main(argv: Sequence[str]) -> None:
                                "learning_rate": LEARNING_RATE, "learn_lr": LEARN_LR,
                                "data": str(DATA_DIR.relative_to(REPOSITORY)),
                                "test_alphabets": TEST_ALPHABETS, "val_alphabets": VAL_ALPHABETS}})
+    print(f"\nWrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}")
+
+
+def strategy_main(args: argparse.Namespace) -> None:
+    """``--strategy mirrored``: a row per (device, R, B, T), each in a fresh process (R logical CPU
+    devices must be configured before TensorFlow starts), and one without a strategy."""
+    info = harness.machine_info()
+    quick = ["--quick"] if args.quick else []
+    start, measurements = time.perf_counter(), []
+    devices = ["cpu"]
+    for device in devices:  # "gpu" is appended when a CPU worker saw GPUs
+        gpus = measurements[-1].gpus_visible if measurements else 0
+        counts = args.replicas if device == "cpu" else [r for r in args.replicas if r <= gpus]
+        for B, T in itertools.product(args.meta_batch_sizes, args.steps):
+            for strategy, replicas in [("none", 1)] + [("mirrored", r) for r in counts]:
+                spec = dict(device=device, strategy_name=strategy, replicas=replicas, meta_batch_size=B, steps=T)
+                m = ReplicaMeasurement(**harness.run_worker(
+                    "meta_training", ["--replica-worker", json.dumps(spec), *quick],
+                    f"{device} {strategy} R={replicas}"))
+                measurements.append(m)
+                step, _, reduce = m.medians
+                print(f"[{device} {strategy} R={replicas}] B={B} T={T}: {1e3 * B / step:6.1f} episodes/s, "
+                      f"all-reduce {reduce:.2f} of {step:.1f} ms  "
+                      f"({time.perf_counter() - start:4.0f} s)", file=sys.stderr, flush=True)
+        if device == "cpu" and measurements[-1].gpus_visible:
+            devices.append("gpu")
+    info["tensorflow"] = measurements[0].tensorflow
+    print("\n".join(replica_report(measurements, info, args.timing)))
+    prefix = harness.RESULTS_DIR / ("meta_training_mirrored_quick" if args.quick else "meta_training_mirrored")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(prefix.with_suffix(".json"), "w") as f:
+        json.dump({"machine": info, "timing": dataclasses.asdict(args.timing),
+                   "measurements": [dataclasses.asdict(m) for m in measurements]}, f, indent=1)
+    with open(prefix.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["device", "strategy", "replicas", "meta_batch_size", "steps", "episodes_per_s",
+                         "step_ms", "compute_ms", "all_reduce_ms", "all_reduce_share", "first_call_s", "load"])
+        for m in measurements:
+            step, compute, reduce = m.medians
+            writer.writerow([m.device, m.strategy, m.replicas, m.meta_batch_size, m.steps,
+                             1e3 * m.meta_batch_size / step, step, compute, reduce, reduce / step, m.first_call_s, m.load_average])
     print(f"\nWrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}")
 
 

@@ -10,7 +10,7 @@ and 2018).
 """
 
 from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads TensorFlow)
-from far_ho2 import dynamics, linear_solve, oracles, utils
+from far_ho2 import distribute, dynamics, linear_solve, oracles, utils
 from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
 from far_ho2.hyper_optimizer import HyperOptimizer
@@ -32,7 +32,7 @@ __all__ = [
     "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "ForwardHG",
     "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
     "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
-    "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "dynamics", "forward_hypergradient",
+    "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "distribute", "dynamics", "forward_hypergradient",
     "get_hyperparameter", "hypergradients", "hyperparameters", "implicit_hypergradient",
     "linear_solve", "oracles", "reinitialize", "reverse_hypergradient", "utils",
 ]

@@ -25,6 +25,15 @@ test_results.json and leaves the training's files as they are.
 Errors (bad flags, data too small for the episodes, a --logdir in use or holding another run)
 stop with a one-line message naming the flag, and exit code 1.
 
+``--strategy`` spreads each meta-batch across devices with ``tf.distribute`` (``train.meta_train``:
+the result is that of one device holding the whole meta-batch; ``--meta_batch_size`` must be a
+multiple of the replicas): ``mirrored`` over the GPUs of this machine (or, with
+``--cpu_devices=N``, over N logical devices of its CPU: what the tests and benchmarks here
+measure), ``multi_worker`` over several machines, each running the same command with its own
+``TF_CONFIG`` (the cluster and its task; the chief writes --logdir, which every worker must
+read, the others write to temporary folders). The replicas and the per-replica meta-batch are
+logged.
+
 TensorFlow runs on a GPU whenever one is visible. ``--xla`` turns on XLA auto-clustering
 (``tf.config.optimizer.set_jit``), which acts on GPUs only. ``--dtype=mixed_bfloat16`` is mixed
 precision: float32 weights and heads, bfloat16 convolutions (float16 would need loss scaling in
@@ -58,6 +67,7 @@ PRESET = train.Config(ways=5, shots=1, queries=15, steps=5, learning_rate=0.1, l
                       meta_batch_size=4, meta_lr=1e-3, meta_lr_decay=1e-5, iterations=50_000,
                       eval_every=250, eval_episodes=600, test_episodes=600, patience=40)
 MODES = ("train", "test")
+STRATEGIES = ("none", "mirrored", "multi_worker")
 NETWORKS = ("omniglot", "c4l", "rn")  # models.build_network names
 DTYPES = ("float32", "float64", "mixed_bfloat16")
 EVALUATION = ("test_ways", "test_steps", "test_shots", "test_queries", "test_episodes",
@@ -144,8 +154,9 @@ def _kind(field: str) -> Any:
 
 def define_flags(preset: train.Config, *, data_dir: Optional[str],
                  flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-    """Defines ``--mode``, ``--data_dir``, ``--xla``, ``--verbose``, ``--checkpoint_every`` and the
-    settings (``HELP``), with ``preset``'s values as defaults."""
+    """Defines ``--mode``, ``--data_dir``, ``--xla``, ``--strategy``, ``--cpu_devices``,
+    ``--verbose``, ``--checkpoint_every`` and the settings (``HELP``), with ``preset``'s values as
+    defaults."""
     holders = dict(
         mode=flags.DEFINE_enum("mode", "train", list(MODES), "train: meta-train (resuming from "
                                "--logdir), then meta-test; test: meta-test the best model in "
@@ -154,6 +165,14 @@ def define_flags(preset: train.Config, *, data_dir: Optional[str],
                                      flag_values=flag_values),
         xla=flags.DEFINE_boolean("xla", False, "XLA auto-clustering (GPU only).",
                                  flag_values=flag_values),
+        strategy=flags.DEFINE_enum("strategy", "none", list(STRATEGIES), "tf.distribute: none (one "
+                                   "device), mirrored (this machine's GPUs, or --cpu_devices), "
+                                   "multi_worker (several machines, each with its TF_CONFIG); each "
+                                   "meta-batch is split across the replicas.", flag_values=flag_values),
+        cpu_devices=flags.DEFINE_integer("cpu_devices", 1, "With --strategy=mirrored on a machine "
+                                         "without GPU: split the CPU into this many logical "
+                                         "devices, one replica each (for testing).", lower_bound=1,
+                                         flag_values=flag_values),
         verbose=flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras progress "
                                   "output: 1 a progress bar, 2 a line per epoch, 0 none; auto: 1 "
                                   "on a terminal, else 2.", flag_values=flag_values),
@@ -199,18 +218,40 @@ def config_from_flags(values: Mapping[str, Any], preset: train.Config) -> train.
     return dataclasses.replace(preset, **fields)
 
 
-def set_up_devices(xla: bool) -> None:
-    """Logs the device TensorFlow uses (a visible GPU, else the CPU); ``xla`` turns on XLA
-    auto-clustering when a GPU is visible."""
+def set_up_devices(xla: bool, strategy: str = "none", cpu_devices: int = 1) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy of ``--strategy`` (made before TensorFlow initialises its
+    devices: ``cpu_devices`` logical CPU devices for ``mirrored``); logs the devices it uses (the
+    visible GPUs, else the CPU); ``xla`` turns on XLA auto-clustering when a GPU is visible.
+
+    Raises:
+        LaunchError: for ``--cpu_devices`` > 1 with another strategy than ``mirrored`` or with a
+            GPU visible, and for ``--strategy=multi_worker`` without TF_CONFIG.
+    """
     gpus = tf.config.list_physical_devices("GPU")
+    if cpu_devices > 1 and (strategy != "mirrored" or gpus):
+        raise LaunchError(f"--cpu_devices={cpu_devices} splits a CPU without GPU for --strategy=mirrored; "
+                          f"here --strategy={strategy} with {len(gpus)} GPU(s) visible.")
+    if strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
+        raise LaunchError("--strategy=multi_worker needs the TF_CONFIG environment variable: the cluster "
+                          "(every worker's host:port) and this worker's task (see the README).")
     if gpus:
         logging.info("Running on %d GPU(s): %s", len(gpus), ", ".join(g.name for g in gpus))
     else:
-        logging.info("No GPU visible: running on the CPU.")
+        logging.info("No GPU visible: running on the CPU%s.",
+                     f" split into {cpu_devices} devices" if cpu_devices > 1 else "")
     if xla and gpus:
         tf.config.optimizer.set_jit("autoclustering")
     elif xla:
         logging.warning("--xla ignored: XLA auto-clustering acts on GPUs, and none is visible.")
+    if strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if strategy == "mirrored":
+        if cpu_devices > 1:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+        devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
 
 
 def plot_metrics(logdir: Any) -> None:
@@ -268,7 +309,7 @@ def _verbose(value: str) -> int:
 
 def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume: bool = True,
               flag_values: Optional[Mapping[str, Any]] = None, verbose: Any = "auto",
-              checkpoint_seconds: float = 60.0) -> dict:
+              checkpoint_seconds: float = 60.0, strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Meta-trains then meta-tests in ``logdir`` (``train.meta_train``); writes the outputs of
     the module docstring, prints the summary.
 
@@ -281,20 +322,24 @@ def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume:
         flag_values: every flag value, for results.json. Defaults to `None` (none).
         verbose: Keras's progress output (0, 1, 2 or "auto"). Defaults to `"auto"`.
         checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
+        strategy: the ``tf.distribute`` strategy (``set_up_devices``); only its chief writes
+            the outputs and prints. Defaults to `None` (one device).
 
     Returns:
         The content of results.json.
 
     Raises:
-        LaunchError: for data too small for the episodes, a ``logdir`` in use by another
-            launch, or holding a run with other settings.
+        LaunchError: for data too small for the episodes, a meta-batch the replicas do not
+            divide, a ``logdir`` in use by another launch, or holding a run with other settings.
         callbacks.Interrupted: on SIGINT/SIGTERM, once the run is saved.
     """
+    strategy = strategy or tf.distribute.get_strategy()
     try:
         train.check_data(config, splits, flag_name)
+        train.check_replicas(config, strategy, flag_name)
         results = train.meta_train(config, logdir, splits, resume=resume,
                                    outputs=(PLOT, TEST_RESULTS), verbose=verbose,
-                                   checkpoint_seconds=checkpoint_seconds)
+                                   checkpoint_seconds=checkpoint_seconds, strategy=strategy)
     except train.ConfigMismatchError as error:
         saved = train.read_config(logdir)
         changes = ", ".join(f"{flag_name(f)}={getattr(saved, f)!r} in the run, "
@@ -304,12 +349,13 @@ def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume:
                           f"delete it and restart.") from None
     except (train.LockedError, OSError) as error:
         raise LaunchError(f"--logdir={logdir}: {error}") from None
-    except ValueError as error:  # check_data's, in flag names
+    except ValueError as error:  # check_data's and check_replicas', in flag names
         raise LaunchError(str(error)) from None
-    plot_metrics(logdir)
     results = {**results, "config": dataclasses.asdict(config), "flags": dict(flag_values or {})}
-    common.write_json(pathlib.Path(logdir) / train.RESULTS, results)
-    _print(summary(results, config))
+    if callbacks.is_chief(strategy):
+        plot_metrics(logdir)
+        common.write_json(pathlib.Path(logdir) / train.RESULTS, results)
+        _print(summary(results, config))
     return results
 
 
@@ -357,7 +403,7 @@ def _launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
     logdir = values["logdir"]
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise LaunchError(f"--logdir={logdir} is a file, not a folder.")
-    set_up_devices(values["xla"])
+    strategy = set_up_devices(values["xla"], values["strategy"], values["cpu_devices"])
     try:
         splits = load_splits(values)
     except (ValueError, FileNotFoundError) as error:
@@ -369,7 +415,8 @@ def _launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
         run_test(logdir, splits, overrides, flag_values=values)
     else:
         run_train(config, logdir, splits, resume=values["resume"], flag_values=values,
-                  verbose=_verbose(values["verbose"]), checkpoint_seconds=values["checkpoint_every"])
+                  verbose=_verbose(values["verbose"]), checkpoint_seconds=values["checkpoint_every"],
+                  strategy=strategy)
 
 
 def _not_checkpoint_chatter(record: Any) -> bool:

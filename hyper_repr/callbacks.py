@@ -19,6 +19,12 @@ weights and patience across runs:
 
 Callbacks run in list order: ``Checkpoint`` goes after the callbacks it tracks (it saves their
 state at the end of each epoch, after they have seen it).
+
+Under ``MultiWorkerMirroredStrategy`` every worker runs the callbacks: ``is_chief`` says which
+one writes the run's outputs (the others write to temporary folders, as Keras recommends), a
+``Checkpoint`` of another worker restores the chief's saves (``restore_from``: a folder every
+worker reads), and ``TrainingBudget`` takes the workers' mean clock, so that every worker stops
+at the same hyper-iteration.
 """
 
 import json
@@ -32,6 +38,20 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
+
+
+def worker_count(strategy: tf.distribute.Strategy) -> int:
+    """The processes training together: MultiWorkerMirroredStrategy's workers (TF_CONFIG), else 1."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's outputs: the only process, or the chief of a
+    MultiWorkerMirroredStrategy cluster (task 'chief', else worker 0; tf.distribute's
+    ``should_checkpoint``)."""
+    return bool(strategy.extended.should_checkpoint)
 
 
 class Progress(NamedTuple):
@@ -64,7 +84,8 @@ class TrainingBudget(keras.callbacks.Callback):
 
     Attributes:
         iterations_done: hyper-iterations done.
-        elapsed: seconds of training.
+        elapsed: seconds of training (under MultiWorkerMirroredStrategy, with a time budget, the
+            mean over the workers, agreed at every hyper-iteration by an all-reduce).
         stopped_by: 'iterations' or 'time budget' once a limit is reached, else None.
     """
 
@@ -99,6 +120,9 @@ class TrainingBudget(keras.callbacks.Callback):
 
     def _tick(self) -> None:
         self.elapsed = self._elapsed_at_start + time.monotonic() - self._clock
+        strategy = self.model.distribute_strategy
+        if self.seconds is not None and worker_count(strategy) > 1:  # every worker stops at the same step
+            self.elapsed = float(strategy.reduce("MEAN", tf.constant(self.elapsed, tf.float64), axis=None))
         if self.stopped_by:
             self.model.stop_training = True
 
@@ -191,19 +215,24 @@ class Checkpoint(keras.callbacks.Callback):
         directory: the checkpoint folder (``tf.train.CheckpointManager``, 2 kept).
         every_seconds: the longest time between saves. Defaults to `60.0`; `0` saves after
             every hyper-iteration.
+        restore_from: the folder ``restore`` reads, if not ``directory``: under
+            MultiWorkerMirroredStrategy, a worker other than the chief restores the chief's
+            saves and writes its own to a temporary ``directory``. Defaults to `None`.
         track: callbacks whose state is saved and restored: ``keras.callbacks.EarlyStopping``
             (patience count, best value and weights), ``keras.callbacks.ModelCheckpoint`` (best
             value), and any callback with ``get_state()``/``set_state(state)`` (e.g.
             ``TrainingBudget``).
     """
 
-    def __init__(self, directory: Any, *, every_seconds: float = 60.0, track: Sequence[Any] = ()):
+    def __init__(self, directory: Any, *, every_seconds: float = 60.0, track: Sequence[Any] = (),
+                 restore_from: Any = None):
         super().__init__()
         if not every_seconds >= 0:
             raise ValueError(f"`every_seconds` must be ≥ 0, got {every_seconds!r}.")
         for callback in track:
             _check_trackable(callback)
         self.directory, self.every_seconds, self.track = str(directory), every_seconds, list(track)
+        self.restore_from = str(restore_from or directory)
         self.iterations = self.epochs = self._epoch_start = 0
         self._pending: Optional[list] = None  # restored callback states, applied in on_train_begin
         self._saver: Optional[tuple] = None
@@ -231,16 +260,17 @@ class Checkpoint(keras.callbacks.Callback):
         callbacks (now, and again when ``fit`` starts); returns what the run had done (0, 0 if
         nothing was saved)."""
         manager, state, best = self._checkpoint(model)
-        if manager.latest_checkpoint is None:
+        latest = tf.train.latest_checkpoint(self.restore_from)
+        if latest is None:
             return Progress(0, 0)
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
         saved = json.loads(state.numpy().decode())
         self.iterations, self.epochs = saved["iterations"], saved["epochs"]
         self._pending = [(s, [v.numpy() for v in weights] if s.pop("has_best_weights", False) else None)
                          for s, weights in zip(saved["callbacks"], best)]
         for callback, (s, weights) in zip(self.track, self._pending):
             _set_state(callback, s, weights)  # now, for the caller to read (e.g. the time spent)
-        logging.info("Resumed %s at hyper-iteration %d.", manager.latest_checkpoint, self.iterations)
+        logging.info("Resumed %s at hyper-iteration %d.", latest, self.iterations)
         return Progress(self.iterations, self.epochs)
 
     def save(self) -> None:

@@ -25,6 +25,15 @@ accuracy over episodes, 1.96·σ/√n (σ the standard deviation over the n epis
 The network is applied to each episode separately (``heads.episode_features``): its transductive
 normalisation uses per-episode statistics, of the support set and of the query set apart.
 
+Under ``tf.distribute`` (the model built in ``strategy.scope()``: ``MirroredStrategy`` for the
+GPUs of a machine, ``MultiWorkerMirroredStrategy`` for several machines), ``fit`` splits each
+meta-batch across the R replicas (R must divide B): replica r fits the heads of its B/R episodes
+(each replica's own variables) and computes their E^(r), ∇E^(r); the optimizer's all-reduce sums
+∇E^(r)/R into ∇E, the mean over the B episodes, and applies one update (``train_step``): the
+update of one device holding the whole meta-batch. ``evaluate`` splits its episodes the same way
+(any split: its metrics sum over the replicas). Langevin heads draw each replica's own noise;
+'multiclass' normalises each replica's share of its images with that share's statistics.
+
 Variants (the paper's Table 4), the ``variant`` argument:
 
     'hyper'          Algorithm 1 (the default).
@@ -56,6 +65,7 @@ import far_ho2 as far
 from far_ho2 import inputs as far_inputs
 from far_ho2.compiled import without_grappler
 from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
+from hyper_repr import callbacks
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
                               fit_heads, head_iterates, head_logits, ridge, variable_dtype)
@@ -104,6 +114,16 @@ def _unwrap(data: Any) -> Any:
     return data
 
 
+def _reducible(logs: dict) -> dict:
+    """A step's logs as Keras can reduce them over the replicas: with several workers (Keras's
+    test: MultiWorkerMirroredStrategy in multi-worker mode), Keras 3 reduces each log by
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails for scalars (tensorflow/tensorflow#72388),
+    so there they are given as [1] vectors (and come out of the reduction as scalars)."""
+    if callbacks.worker_count(tf.distribute.get_strategy()) > 1:
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
 def _tf_variable(variable: Any) -> tf.Variable:
     """The ``tf.Variable`` that holds a Keras variable (far_ho2's functions watch those)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -139,13 +159,14 @@ def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> 
 
 class _Heads:
     """The heads of meta-training, W [B, d, N] and b [B, N] for any B: the variables of far_ho2's
-    inner problem, scratch state reset to 0 at every hyper-iteration. A plain object, so that
-    neither Keras nor ``tf.train.Checkpoint`` tracks them."""
+    inner problem, scratch state reset to 0 at every hyper-iteration; under ``tf.distribute``,
+    each replica's own (``far.distribute.local_variables``), of its share of the meta-batch. A
+    plain object, so that neither Keras nor ``tf.train.Checkpoint`` tracks them."""
 
     def __init__(self, dim: int, ways: int, dtype: str):
-        self.variables = [tf.Variable(tf.zeros((0,) + shape, dtype), shape=(None,) + shape,
-                                      trainable=False, name=name)
-                          for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
+        with far.distribute.local_variables():  # under tf.distribute: each replica's own heads
+            self.variables = [tf.Variable(tf.zeros((0,) + shape, dtype), shape=(None,) + shape, name=name)
+                              for shape, name in (((dim, ways), "heads_kernel"), ((ways,), "heads_bias"))]
 
 
 @keras.saving.register_keras_serializable(package="hyper_repr")
@@ -185,8 +206,10 @@ class HyperRepresentation(keras.Model):
         clip: clip every hypergradient entry to [−clip, clip]. Defaults to `None`.
         test_steps: T of ``evaluate``. Defaults to `None` (``steps``); settable later.
         temperature: τ of the Langevin heads of ``far.StochasticHG`` (their T meta-training steps
-            are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration;
-            evaluation stays gradient descent). Required with StochasticHG, and only with it.
+            are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration:
+            run k·R + r of ``far.SGLDOptimizer`` for replica r of R at hyper-iteration k, so each
+            replica draws its own; evaluation stays gradient descent). Required with
+            StochasticHG, and only with it.
         name: the model's name. Defaults to `"hyper_representation"`.
 
     Raises:
@@ -199,6 +222,11 @@ class HyperRepresentation(keras.Model):
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.fit(train_episodes, steps_per_epoch=500, epochs=10, validation_data=val_episodes)
         model.evaluate(test_episodes, return_dict=True)  # {'accuracy': …, 'ci': …, 'loss': …}
+
+        with tf.distribute.MirroredStrategy().scope():  # the same on every GPU of the machine
+            model = HyperRepresentation(build_network("omniglot"), ways=5, steps=5)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.fit(train_episodes, steps_per_epoch=500)  # meta-batches of B: B/R per replica
     """
 
     def __init__(self, network: keras.Model, *, ways: int, steps: int, learning_rate: float = 0.1,
@@ -253,8 +281,9 @@ class HyperRepresentation(keras.Model):
         self.ci_tracker = ConfidenceInterval(name="ci")
         self._heads = _Heads(network.output_shape[-1], self.ways, dtype)
         if self.temperature is not None:  # not tracked: its run counter is scratch state too
-            self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
-                                                           temperature=self.temperature, seed=0)
+            with far.distribute.local_variables():
+                self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
+                                                               temperature=self.temperature, seed=0)
         self.built = True  # every variable exists (the heads are scratch state, see _Heads)
 
     # -- Keras ----------------------------------------------------------------------------------
@@ -295,6 +324,22 @@ class HyperRepresentation(keras.Model):
             self.train_function = train_function
         return self.train_function
 
+    def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """``keras.Model.fit``; under a strategy of R replicas, a clear error for meta-batches of
+        ``x`` that R does not divide (see ``train_step``)."""
+        if isinstance(x, tf.data.Dataset):
+            size = tf.nest.flatten(x.element_spec)[0].shape[0]
+            if size is not None:
+                far.distribute.replica_batch_size(size, self.distribute_strategy, "`x`: the meta-batch size")
+        return super().fit(x, *args, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Nothing to build: every variable exists from the constructor and ``compile`` builds
+        the optimizer. (Under a strategy, Keras's symbolic build draws a batch and reduces it
+        across replicas first, which fails for a meta-batch that does not split evenly and,
+        under MultiWorkerMirroredStrategy, for any nested batch: tf.distribute's ``reduce``
+        takes no nests.)"""
+
     def compile_from_config(self, config: dict) -> None:
         """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models
         that override ``compile``)."""
@@ -325,12 +370,17 @@ class HyperRepresentation(keras.Model):
 
     @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
     def hypergradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
-        """(E, ∇E, finite) on one meta-batch: the outer loss, its gradient with respect to each of
-        ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and the heads' states
-        are all finite; nothing is updated. ``batch`` is an ``Episode`` with a leading [B] axis
-        (for 'multiclass', (images, labels)). This is the computation of one device: a replica's
-        share of a meta-batch under ``tf.distribute`` (the mean of per-episode losses and
-        gradients)."""
+        """(E, ∇E, finite) on one meta-batch, on one device: the outer loss, its gradient with
+        respect to each of ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and
+        the heads' states are all finite; nothing is updated. ``batch`` is an ``Episode`` with a
+        leading [B] axis (for 'multiclass', (images, labels)). Under ``tf.distribute``,
+        ``train_step`` combines the replicas' unclipped results on their shares of the
+        meta-batch (``far.distribute.share``) and clips their mean."""
+        loss, grads, finite = self._gradients(batch)
+        return loss, self._clipped(grads), finite
+
+    def _gradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
+        """``hypergradients`` before clipping: means over the episodes (images) of ``batch``."""
         if self.variant in _MULTICLASS:
             loss, grads, finite = self._multiclass_gradients(*batch)
         else:
@@ -342,31 +392,46 @@ class HyperRepresentation(keras.Model):
             loss, grads, finite = gradients(support, outer)
         finite = tf.logical_and(finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                                                        for g in grads + [loss]]))
-        if self.clip is not None:
-            grads = [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
         return loss, grads, finite
+
+    def _clipped(self, grads: list) -> list:
+        """The hypergradients clipped to [−clip, clip] (as they are without ``clip``)."""
+        if self.clip is None:
+            return grads
+        return [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
 
     @tf.autograph.experimental.do_not_convert
     def train_step(self, data: Any) -> dict:
-        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss)."""
-        loss, grads, finite = self.hypergradients(_unwrap(data))
+        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss).
 
-        def update():
-            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-            return tf.constant(True)
-        tf.cond(finite, update, lambda: tf.constant(False))
-        self.loss_tracker.update_state(tf.where(finite, loss, np.nan))
+        Under ``tf.distribute`` (the model built under ``strategy.scope()``), ``fit`` gives each
+        of the R replicas B/R of the B episodes (images for 'multiclass') of a meta-batch; their
+        E^(r) and ∇E^(r), divided by R (``far.distribute.share``), are summed by the
+        optimizer's all-reduce into the means over the B episodes, E and ∇E: the update is that
+        of one device with the whole meta-batch. With ``clip``, ∇E is summed here first (clipping
+        is not linear), and each replica passes clip(∇E)/R."""
+        batch = _unwrap(data)
+        loss, grads, finite = self._gradients(batch)
+        share = far.distribute.share(loss, grads, finite, tf.shape(tf.nest.flatten(batch)[0])[0])
+        grads = share.grads
+        if self.clip is not None:
+            context = tf.distribute.get_replica_context()
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads = [g / context.num_replicas_in_sync for g in self._clipped(total)]
+        far.distribute.apply_gradients(self.optimizer, grads, self.trainable_variables, share.finite)
+        self.loss_tracker.update_state(tf.where(share.finite, share.value, np.nan))
         logs = {"loss": self.loss_tracker.result()}
         if self.learn_lr:
             logs["eta"] = tf.convert_to_tensor(self.learning_rate)
-        return logs
+        return _reducible(logs)
 
     @tf.autograph.experimental.do_not_convert
     def test_step(self, data: Any) -> dict:
         """Scores a batch of episodes: new heads, ``test_steps`` GD steps, query predictions."""
         episode = Episode(*_unwrap(data))
         support = episode_features(self.network, episode.support_x)
-        ways = tf.reduce_max(episode.support_y) + 1  # labels are 0 … N−1, each in the support set
+        # labels are 0 … N−1, each in the support set; ≥ 1 for a replica's empty share of a last batch
+        ways = tf.maximum(tf.reduce_max(episode.support_y) + 1, 1)
         weights, bias = fit_heads(support, episode.support_y, ways=ways, steps=self.test_steps,
                                   learning_rate=self.learning_rate, l2=self.head_l2)
         logits = head_logits(weights, bias, episode_features(self.network, episode.query_x))
@@ -374,7 +439,7 @@ class HyperRepresentation(keras.Model):
         self.loss_tracker.update_state(episode_cross_entropy(logits, episode.query_y))
         self.accuracy_tracker.update_state(accuracies)
         self.ci_tracker.update_state(accuracies)
-        return {m.name: m.result() for m in self.metrics}
+        return _reducible({m.name: m.result() for m in self.metrics})
 
     # -- the gradients of each variant -------------------------------------------------------------
 
@@ -386,9 +451,12 @@ class HyperRepresentation(keras.Model):
             h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
         if self.temperature is None:
             optimizer = far.GradientDescentOptimizer(_tf_variable(self.learning_rate))
-        else:  # Langevin heads; every hyper-iteration draws a new noise sequence
+        else:  # Langevin heads; every hyper-iteration, and every replica, draws a new noise sequence
             optimizer = self._langevin
-            optimizer.runs.assign_add(1)
+            context = tf.distribute.get_replica_context()  # run k of replica r of R: k·R + r
+            replicas = context.num_replicas_in_sync
+            optimizer.runs.assign((optimizer.runs // replicas + 1) * replicas
+                                  + tf.cast(context.replica_id_in_sync_group, tf.int64))
         return far.InnerProblem(
             lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
                             + ridge(*heads, self.head_l2)),

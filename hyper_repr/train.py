@@ -26,6 +26,14 @@ improved for ``patience`` epochs (``keras.callbacks.EarlyStopping``), when
 hypergradient (``keras.callbacks.TerminateOnNaN``); each stop ends an epoch, so it is validated.
 A lock file keeps a second run out of ``workdir`` while one trains.
 ``meta_test(config, workdir, splits)`` tests the run's best.keras again, writing nothing.
+
+``meta_train(..., strategy=)`` trains under a ``tf.distribute`` strategy of R replicas: the model
+is built in its scope, each meta-batch of B episodes (R must divide B) is split across the
+replicas by ``fit`` (see ``HyperRepresentation.train_step``) and the evaluations' episodes too.
+Under ``MultiWorkerMirroredStrategy`` every worker runs ``meta_train`` with the same arguments:
+the chief writes ``workdir`` (and holds its lock), the other workers write to temporary folders
+that are deleted at the end (as Keras recommends), and every worker resumes from the chief's
+checkpoints, so ``workdir`` must be a folder every worker reads (a shared filesystem).
 """
 
 import contextlib
@@ -38,6 +46,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import keras
@@ -217,6 +226,13 @@ def check_data(config: Config, splits: data.Splits,
             names={k: name(fields.get(k, k)) for k in values})
 
 
+def check_replicas(config: Config, strategy: tf.distribute.Strategy,
+                   name: Callable[[str], str] = lambda field: f"`{field}`") -> int:
+    """B/R, the episodes of each replica of ``strategy``; a ValueError naming
+    ``name("meta_batch_size")`` unless its R replicas divide the meta-batch B."""
+    return far.distribute.replica_batch_size(config.meta_batch_size, strategy, name("meta_batch_size"))
+
+
 def evaluation_data(config: Config, split: data.Split, *, shots: int, num_episodes: int) -> tf.data.Dataset:
     """The fixed validation or test episodes of ``config`` (test ways and queries)."""
     return data.evaluation_episodes(split, ways=_test_ways(config), shots=shots,
@@ -301,7 +317,8 @@ def _delete(root: pathlib.Path, names: Sequence[str]) -> None:
 
 def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: bool = True,
                outputs: Sequence[str] = (), verbose: Any = "auto", checkpoint_seconds: float = 60.0,
-               extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+               extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+               strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Meta-trains with ``fit``, resuming from ``workdir`` if it holds a checkpoint; then
     meta-tests (see the module docstring).
 
@@ -317,13 +334,16 @@ def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: boo
         checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
         extra_callbacks: more Keras callbacks for ``fit`` (e.g. timers), called before the
             run's own.
+        strategy: the ``tf.distribute`` strategy to train under (see the module docstring).
+            Defaults to `None`: the current one (one device, outside a strategy's scope).
 
     Returns:
         The content of results.json.
 
     Raises:
-        ValueError: if the config is invalid, the data too small for its episodes, or
-            ``workdir`` holds a run with another config (``ConfigMismatchError``).
+        ValueError: if the config is invalid, the data too small for its episodes, the
+            meta-batch not a multiple of the replicas, or ``workdir`` holds a run with another
+            config (``ConfigMismatchError``).
         LockedError: if another process trains in ``workdir``.
         callbacks.Interrupted: on SIGINT or SIGTERM, once the run is saved.
     """
@@ -331,51 +351,79 @@ def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: boo
         raise ValueError(f"`eval_every` and `iterations` must be ≥ 1, got {config.eval_every} and "
                          f"{config.iterations}.")
     check_data(config, splits)
+    strategy = strategy or tf.distribute.get_strategy()
+    per_replica = check_replicas(config, strategy)
+    logging.info("%s: %d replicas on %d worker(s); meta-batch of %d episodes, %d per replica.",
+                 type(strategy).__name__, strategy.num_replicas_in_sync, callbacks.worker_count(strategy),
+                 config.meta_batch_size, per_replica)
     root = pathlib.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    with lock(root):
-        if not resume:
-            _delete(root, OUTPUTS + tuple(outputs))
-        saved = root / "checkpoints"
-        if tf.train.latest_checkpoint(str(saved)) is not None:
-            _check_resumable(config, root)
-        model = build_model(config, splits)
-        budget = callbacks.TrainingBudget(config.iterations, config.time_budget_seconds,
-                                          episodes_per_iteration=config.meta_batch_size)
-        stopping = keras.callbacks.EarlyStopping("val_accuracy", mode="max", patience=config.patience,
-                                                 restore_best_weights=True)
-        best = keras.callbacks.ModelCheckpoint(str(root / BEST_MODEL), monitor="val_accuracy",
-                                               mode="max", save_best_only=True)
-        checkpoint = callbacks.Checkpoint(saved, every_seconds=checkpoint_seconds,
-                                          track=[budget, stopping, best])
-        done = checkpoint.restore(model)
-        (root / CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        _drop_rows(root / METRICS, done.epochs)
-        history = None
-        if budget.stopped_by is None and stopping.wait < config.patience:
-            epochs = done.epochs + math.ceil((config.iterations - done.iterations) / config.eval_every)
-            validation = evaluation_data(config, splits.val, shots=config.shots,
-                                         num_episodes=config.eval_episodes)
-            history = model.fit(
-                training_data(config, splits.train, done.iterations), validation_data=validation,
-                steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
-                shuffle=False, verbose=verbose,
-                callbacks=[*extra_callbacks, keras.callbacks.TerminateOnNaN(), budget, stopping, best,
-                           keras.callbacks.CSVLogger(str(root / METRICS), append=True),
-                           _tensorboard(root / "tensorboard"),
-                           checkpoint])
-        elif stopping.best_weights is not None:  # finished earlier: test its best weights
-            model.set_weights(stopping.best_weights)
-    nonfinite = history is not None and not np.isfinite(history.history["loss"][-1])
-    stopped_by = ("non-finite loss" if nonfinite else budget.stopped_by
-                  or ("patience" if stopping.wait >= config.patience else None))
-    best_row = next((r for r in read_metrics(root) if r["epoch"] == stopping.best_epoch), {})
-    results = {"iterations": budget.iterations_done, "elapsed_seconds": budget.elapsed,
-               "stopped_by": stopped_by, "best_val_accuracy": stopping.best,
-               "best_iteration": best_row.get("iteration"),
-               **score(config, model, splits)}
-    (root / RESULTS).write_text(json.dumps(results, indent=2))
+    chief = callbacks.is_chief(strategy)
+    if chief:
+        root.mkdir(parents=True, exist_ok=True)
+    # the folder this process writes: the run's for the chief, a temporary one for another worker
+    with contextlib.nullcontext(str(root)) if chief else tempfile.TemporaryDirectory(prefix="worker_") as folder:
+        out = pathlib.Path(folder)
+        with lock(out):
+            if not resume and chief:
+                _delete(root, OUTPUTS + tuple(outputs))
+            _barrier(strategy)  # the other workers look for checkpoints once the chief has deleted them
+            if tf.train.latest_checkpoint(str(root / "checkpoints")) is not None:
+                _check_resumable(config, root)
+            with strategy.scope():
+                model = build_model(config, splits)
+            budget = callbacks.TrainingBudget(config.iterations, config.time_budget_seconds,
+                                              episodes_per_iteration=config.meta_batch_size)
+            stopping = keras.callbacks.EarlyStopping("val_accuracy", mode="max", patience=config.patience,
+                                                     restore_best_weights=True)
+            best = keras.callbacks.ModelCheckpoint(str(out / BEST_MODEL), monitor="val_accuracy",
+                                                   mode="max", save_best_only=True)
+            checkpoint = callbacks.Checkpoint(out / "checkpoints", every_seconds=checkpoint_seconds,
+                                              track=[budget, stopping, best], restore_from=root / "checkpoints")
+            done = checkpoint.restore(model)
+            _check_same_start(strategy, done.iterations)  # (and the chief writes only after the others read)
+            (out / CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            _drop_rows(out / METRICS, done.epochs)
+            history = None
+            if budget.stopped_by is None and stopping.wait < config.patience:
+                epochs = done.epochs + math.ceil((config.iterations - done.iterations) / config.eval_every)
+                validation = evaluation_data(config, splits.val, shots=config.shots,
+                                             num_episodes=config.eval_episodes)
+                history = model.fit(
+                    training_data(config, splits.train, done.iterations), validation_data=validation,
+                    steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
+                    shuffle=False, verbose=verbose,
+                    callbacks=[*extra_callbacks, keras.callbacks.TerminateOnNaN(), budget, stopping, best,
+                               keras.callbacks.CSVLogger(str(out / METRICS), append=True),
+                               _tensorboard(out / "tensorboard"),
+                               checkpoint])
+            elif stopping.best_weights is not None:  # finished earlier: test its best weights
+                model.set_weights(stopping.best_weights)
+        nonfinite = history is not None and not np.isfinite(history.history["loss"][-1])
+        stopped_by = ("non-finite loss" if nonfinite else budget.stopped_by
+                      or ("patience" if stopping.wait >= config.patience else None))
+        best_row = next((r for r in read_metrics(out) if r["epoch"] == stopping.best_epoch), {})
+        results = {"iterations": budget.iterations_done, "elapsed_seconds": budget.elapsed,
+                   "stopped_by": stopped_by, "best_val_accuracy": stopping.best,
+                   "best_iteration": best_row.get("iteration"),
+                   **score(config, model, splits)}
+        (out / RESULTS).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _barrier(strategy: tf.distribute.Strategy) -> None:
+    """Waits until every worker is here (an all-reduce of a scalar; nothing with one worker)."""
+    if callbacks.worker_count(strategy) > 1:
+        strategy.reduce("SUM", tf.constant(1.0), axis=None)
+
+
+def _check_same_start(strategy: tf.distribute.Strategy, iterations: int) -> None:
+    """Raises unless every worker resumed at the same hyper-iteration (each read the chief's
+    checkpoints: a folder they all see)."""
+    if callbacks.worker_count(strategy) > 1:
+        mean = float(strategy.reduce("MEAN", tf.constant(float(iterations), tf.float64), axis=None))
+        if mean != iterations:
+            raise ValueError(f"The workers resumed at different hyper-iterations (this one at {iterations}, "
+                             f"their mean {mean:g}): `workdir` must be a folder every worker reads.")
 
 
 def _baselines(config: Config, splits: data.Splits, learning_rate: float) -> dict:
@@ -397,7 +445,8 @@ def score(config: Config, model: HyperRepresentation, splits: data.Splits) -> di
     ``config.test_shots``: ``{"learning_rate": η, "test": {"5way_1shot": {name: {"accuracy",
     "ci"}}}}``."""
     eta = float(keras.ops.convert_to_numpy(model.learning_rate))
-    models = {config.variant: model, **_baselines(config, splits, eta)}
+    with model.distribute_strategy.scope():  # the baselines are evaluated as the model is
+        models = {config.variant: model, **_baselines(config, splits, eta)}
     scores: dict = {}
     for shots in config.test_shots or (config.shots,):
         episodes = evaluation_data(config, splits.test, shots=shots, num_episodes=config.test_episodes)

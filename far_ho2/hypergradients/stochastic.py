@@ -38,7 +38,7 @@ import tensorflow as tf
 from far_ho2 import autodiff
 from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
-from far_ho2.hypergradients import forward
+from far_ho2.hypergradients.forward import contract, forward_step, prepare_tangents, start_tangents
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.optimizer import SGLDOptimizer
@@ -110,9 +110,9 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
     n_batches = tf.minimum(tf.constant(batches, tf.int32), kept)
     if estimator == "pathwise":  # forward mode carries ∂x/∂λ of hoisted inputs in its tangents
-        tangents = forward.prepare_tangents(problem, hypers, inner_batches)
+        tangents = prepare_tangents(problem, hypers, inner_batches)
         inputs, sources = tangents.inputs, []
-        s0, z0 = (forward.start_tangents(problem, tangents, hypers) if initial_state is None else
+        s0, z0 = (start_tangents(problem, tangents, hypers) if initial_state is None else
                   (initial_state, [[tf.zeros_like(x) for x in tf.nest.flatten(initial_state)]
                                    for _ in tangents.components]))
     else:
@@ -147,8 +147,8 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
         sums = list(sums)
         outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
         if estimator == "pathwise":  # the step first: it marks which components reach the state
-            new, new_z, loss = forward.forward_step(problem, tangents, hypers, state, z, t, t + offset)
-            for i, g in enumerate(forward.contract(tangents, hypers, outer, z)):
+            new, new_z, loss = forward_step(problem, tangents, hypers, state, z, t, t + offset)
+            for i, g in enumerate(contract(tangents, hypers, outer, z)):
                 add(sums, i, b, g, weight, i)
             z = new_z
         elif estimator == "reversed":

@@ -1,0 +1,344 @@
+"""Runs under ``tf.distribute`` for tests/test_distribute.py, each in a fresh process: the
+logical CPU devices of a MirroredStrategy must be configured before TensorFlow initialises its
+devices (the pytest process has), and MultiWorkerMirroredStrategy reads TF_CONFIG at start-up.
+
+    python tests/distributed.py mirrored DEVICES CASE[,CASE...]    one JSON line {case: results}
+    python tests/distributed.py worker OUT.npz     3 hyper-iterations of ``fit`` (Adam, float64) under
+                                                   MultiWorkerMirroredStrategy if TF_CONFIG is set,
+                                                   else on one device; the weights to OUT.npz
+
+Each ``mirrored`` case runs the same computation under a MirroredStrategy of DEVICES logical CPU
+devices and on one device of the same process (float64), and returns relative errors (and the
+messages of the errors it provokes); the test asserts on them.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository's packages
+
+import far_ho2 as far  # noqa: E402  (first: its CPU kernels)
+import tensorflow as tf  # noqa: E402
+
+if __name__ == "__main__" and sys.argv[1] == "mirrored":  # before anything initialises the devices
+    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                               [tf.config.LogicalDeviceConfiguration()] * int(sys.argv[2]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hyper_repr import callbacks, data, train  # noqa: E402
+from oracles import relative_error  # noqa: E402
+from test_few_shot_launchers import last_checkpoint  # noqa: E402
+from test_hyper_representation import (QUERIES, SHOTS, SPLITS, WAYS, Crash, Crashed, model_of,  # noqa: E402
+                                       stream, validation)
+
+ONE = tf.distribute.get_strategy()  # the default strategy: one device
+
+
+def values(variables) -> list[np.ndarray]:
+    return [np.array(v.numpy()) for v in variables]
+
+
+# -- the cases --------------------------------------------------------------------------------------
+
+def sgd_step(strategy: tf.distribute.Strategy, batches: tf.data.Dataset, **options) -> tuple:
+    """One fit step with SGD(1) under ``strategy``: λ_0 − λ_1 (the hypergradient it applied),
+    fit's loss, and the model."""
+    with strategy.scope():
+        model = model_of(**options)
+        model.compile(optimizer=keras.optimizers.SGD(1.0))
+    start = values(model.trainable_variables)
+    history = model.fit(batches, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
+    return [b - e for b, e in zip(start, values(model.trainable_variables))], history.history["loss"], model
+
+
+def compare_step(strategy: tf.distribute.Strategy, **options) -> dict:
+    """One fit step with SGD(1) (λ_1 = λ_0 − ∇E, a learned η included), against ``hypergradients``
+    of the whole meta-batch on one device; E, fit's loss (a float32 Keras metric)."""
+    size = 2 * strategy.num_replicas_in_sync
+    loss, grads, finite = tf.function(model_of(learn_lr=True, **options).hypergradients)(next(iter(stream(size))))
+    steps, fit_loss, model = sgd_step(strategy, stream(size), learn_lr=True, **options)
+    return {"grads": max(relative_error(s, g.numpy()) for s, g in zip(steps, grads)),
+            "loss": relative_error(fit_loss[0], float(loss)), "finite": bool(finite),
+            "heads": type(model._heads.variables[0]).__name__}
+
+
+def hypergradient(strategy: tf.distribute.Strategy) -> dict:
+    return compare_step(strategy)
+
+
+def clipped(strategy: tf.distribute.Strategy) -> dict:
+    """``compare_step`` with clipping, which applies to the all-reduced mean ∇E (the threshold
+    clips some of its entries)."""
+    raw = tf.function(model_of(learn_lr=True).hypergradients)(next(iter(stream(2 * strategy.num_replicas_in_sync))))[1]
+    clip = 0.5 * max(float(np.abs(g.numpy()).max()) for g in raw)
+    return {**compare_step(strategy, clip=clip),
+            "clipped": float(np.mean([np.mean(np.abs(g.numpy()) > clip) for g in raw]))}
+
+
+def adam(strategy: tf.distribute.Strategy) -> dict:
+    """Two fit steps with Adam and a learned η, against one device."""
+    updates = []
+    for s in (ONE, strategy):
+        with s.scope():
+            model = model_of(learn_lr=True)
+        start = values(model.trainable_variables)
+        model.fit(stream(2 * strategy.num_replicas_in_sync), steps_per_epoch=2, epochs=1, verbose=0, shuffle=False)
+        updates.append([end - begin for end, begin in zip(values(model.trainable_variables), start)])
+    return {"update": max(relative_error(d, s) for s, d in zip(*updates))}
+
+
+def by_share(strategy: tf.distribute.Strategy, batches: tf.data.Dataset, before=None, **options) -> dict:
+    """A fit step with SGD(1) under ``strategy``, against the mean of the hypergradients of the
+    replicas' shares of the batch computed one by one on one device (``before(model, r)``
+    runs before share r)."""
+    replicas, batch = strategy.num_replicas_in_sync, next(iter(batches))
+    model = model_of(**options)
+    compute, shares = tf.function(model.hypergradients), []
+    for r in range(replicas):
+        if before is not None:
+            before(model, r)
+        size = tf.shape(tf.nest.flatten(batch)[0])[0] // replicas
+        shares.append(compute(tf.nest.map_structure(lambda x: x[r * size:(r + 1) * size], batch))[1])
+    steps = sgd_step(strategy, batches, **options)[0]
+    return {"steps": steps, "expected": [np.mean([s[k].numpy() for s in shares], axis=0) for k in range(len(steps))],
+            "compute": compute, "model": model, "batch": batch}
+
+
+def langevin(strategy: tf.distribute.Strategy) -> dict:
+    """StochasticHG with Langevin heads: replica r of R draws the noise of run R + r at the first
+    hyper-iteration (the same on one device, share by share, with the run counter set to it);
+    not the noise of run 1 on every replica (which an unchanged counter would draw)."""
+    replicas = strategy.num_replicas_in_sync
+    options = dict(hypergradient=far.StochasticHG("reversed", batches=3), temperature=1e-3)
+    run = by_share(strategy, stream(2 * replicas), lambda model, r: model._langevin.runs.assign(replicas + r - 1),
+                   **options)
+    compute, model, batch = run["compute"], run["model"], run["batch"]
+    same = []
+    for r in range(replicas):
+        model._langevin.runs.assign(0)
+        same.append(compute(tf.nest.map_structure(lambda x: x[2 * r:2 * r + 2], batch))[1])
+    naive = [np.mean([s[k].numpy() for s in same], axis=0) for k in range(len(same[0]))]
+    return {"grads": max(relative_error(s, e) for s, e in zip(run["steps"], run["expected"])),
+            "naive": min(relative_error(s, n) for s, n in zip(run["steps"], naive))}
+
+
+def multiclass(strategy: tf.distribute.Strategy) -> dict:
+    """The 'multiclass' variant: batches of images split across the replicas, each normalised with
+    its own share's statistics (as a Keras BatchNormalization under a strategy); against the
+    mean of the shares' gradients on one device."""
+    images = data.image_batches(SPLITS.train, batch_size=6 * strategy.num_replicas_in_sync, seed=0)
+    run = by_share(strategy, images, variant="multiclass", num_classes=12)
+    return {"grads": max(relative_error(s, e) for s, e in zip(run["steps"], run["expected"]))}
+
+
+def evaluate(strategy: tf.distribute.Strategy) -> dict:
+    """evaluate() of 6 episodes in batches of 4: the last batch splits unevenly (some replicas get
+    no episode); the metrics sum over the replicas."""
+    results = []
+    for s in (ONE, strategy):
+        with s.scope():
+            results.append(model_of(seed=3).evaluate(validation(6), verbose=0, return_dict=True))
+    return {name: relative_error(results[1][name], results[0][name]) for name in results[0]}
+
+
+def backup(strategy: tf.distribute.Strategy) -> dict:
+    """Keras's BackupAndRestore under the strategy: a run crashed in epoch 2 of 3 and relaunched
+    ends with the weights of an uninterrupted one (and of one device)."""
+    size, folder = 2 * strategy.num_replicas_in_sync, pathlib.Path(tempfile.mkdtemp())
+    batches = stream(size).take(2)
+
+    def run(s: tf.distribute.Strategy, name: str, crash: int = 0) -> list[np.ndarray]:
+        with s.scope():
+            model = model_of(seed=8, learn_lr=True)
+        try:
+            model.fit(batches, epochs=3, verbose=0, shuffle=False,
+                      callbacks=[keras.callbacks.BackupAndRestore(str(folder / name))] + ([Crash(crash)] if crash else []))
+        except Crashed:
+            pass
+        return values(model.trainable_variables)
+
+    one, straight = run(ONE, "one"), run(strategy, "straight")
+    run(strategy, "resumed", crash=3)
+    resumed = run(strategy, "resumed")
+    return {"resumed": max(relative_error(r, s) for r, s in zip(resumed, straight)),
+            "one_device": max(relative_error(s, o) for s, o in zip(straight, one))}
+
+
+def tiny_config(meta_batch_size: int, iterations: int) -> train.Config:
+    """A meta_train run of a few seconds on the synthetic episodes (float64)."""
+    return train.Config(network="omniglot", dtype="float64", ways=WAYS, shots=SHOTS, queries=QUERIES, steps=2,
+                        meta_batch_size=meta_batch_size, iterations=iterations, eval_every=2, eval_episodes=4,
+                        test_episodes=4, eval_batch_size=4)
+
+
+def meta_train(strategy: tf.distribute.Strategy) -> dict:
+    """The launchers' run (callbacks.Checkpoint, EarlyStopping, ModelCheckpoint, CSVLogger, the
+    lock, results.json) under the strategy: 2 hyper-iterations, then resumed to 4, against 4 in
+    a row on one device: the last checkpoints' weights and optimizer state, and the tests."""
+    folder = pathlib.Path(tempfile.mkdtemp())
+    config = tiny_config(2 * strategy.num_replicas_in_sync, iterations=2)
+    train.meta_train(config, folder / "resumed", SPLITS, verbose=0, strategy=strategy)
+    longer = dataclasses.replace(config, iterations=4)
+    results = {name: train.meta_train(longer, folder / name, SPLITS, verbose=0, strategy=s)
+               for name, s in (("resumed", strategy), ("one", ONE))}
+    resumed, one = (last_checkpoint(folder / name) for name in ("resumed", "one"))
+    return {"checkpoint": max(relative_error(resumed[n], one[n]) for n in one if np.any(one[n])),
+            "variables": sorted(one) == sorted(resumed) and len(one),
+            "files": sorted(p.name for p in (folder / "resumed").iterdir()),
+            "rows": [r["iteration"] for r in train.read_metrics(folder / "resumed")],
+            "test": [results[name]["test"] for name in ("resumed", "one")]}
+
+
+def ridge_problems(size: int, seed: int = 0) -> tuple:
+    """``size`` ridge regressions (far.oracles.ridge_data), stacked on a leading axis."""
+    problems = [far.oracles.ridge_data(seed=seed + j) for j in range(size)]
+    return problems, tuple(tf.constant(np.stack([getattr(p, f) for p in problems])) for f in ("X", "Y", "Xv", "Yv"))
+
+
+class Ridge:
+    """B ridge regressions sharing the hyperparameters H (a matrix), ρ and η (far.oracles'):
+
+        L = Σ_j ½‖X_j H w_j − Y_j‖² + (ρ/2)‖w_j‖²,     E = (1/B) Σ_j ½‖Xv_j H w_j − Yv_j‖²
+
+    T steps of gradient descent with step η from w = 0; ``local`` makes w each replica's own."""
+
+    def __init__(self, local: bool):
+        self.H = tf.Variable(np.eye(5) + 0.1 * np.random.default_rng(1).normal(size=(5, 5)), name="H")
+        self.rho = tf.Variable(np.float64(0.3), name="rho")
+        self.eta = tf.Variable(np.float64(0.02), name="eta")
+        with far.distribute.local_variables() if local else tf.name_scope("w"):
+            self.w = tf.Variable(tf.zeros((0, 5, 2), tf.float64), shape=(None, 5, 2), name="w")
+        self.hypers = [self.H, self.rho, self.eta]
+        self.problem = far.InnerProblem(self.inner, far.GradientDescentOptimizer(self.eta), var_list=[self.w],
+                                        init_dynamics_dict=[(self.w, lambda: tf.zeros_like(self.w))])
+
+    def inner(self, batch):
+        X, Y = batch[0], batch[1]
+        residual = tf.einsum("bnd,de,bec->bnc", X, self.H, self.w) - Y
+        return 0.5 * tf.reduce_sum(tf.square(residual)) + 0.5 * self.rho * tf.reduce_sum(tf.square(self.w))
+
+    def outer(self, batch):
+        residual = tf.einsum("bnd,de,bec->bnc", batch[2], self.H, self.w) - batch[3]
+        return tf.reduce_mean(0.5 * tf.reduce_sum(tf.square(residual), axis=[1, 2]))
+
+    def reset(self, size) -> None:
+        self.w.assign(tf.zeros(tf.stack([size, 5, 2]), tf.float64))
+
+
+def generic(strategy: tf.distribute.Strategy, steps: int = 10, iterations: int = 2) -> dict:
+    """far.distribute's recipe (its module docstring) on B ridge problems, against a
+    far.HyperOptimizer of the same batched problem on one device and the closed form
+    (far.oracles.unrolled_ridge, the mean over the problems): ∇E of the first hyper-iteration and
+    the hyperparameters after ``iterations`` Adam updates."""
+    size = 2 * strategy.num_replicas_in_sync
+    problems, batch = ridge_problems(size)
+    single = Ridge(local=False)
+    exact = [far.oracles.unrolled_ridge(p, single.H.numpy(), 0.3, 0.02, steps) for p in problems]
+    exact = [np.mean([getattr(e, f) for e in exact], axis=0) for f in ("H", "rho", "eta")]
+    single.reset(size)
+    ho = far.HyperOptimizer(far.ReverseHG())
+    run = ho.minimize(single.outer, keras.optimizers.Adam(0.01), single.inner, single.problem.optimizer,
+                      hyper_list=single.hypers, var_list=[single.w],
+                      init_dynamics_dict=[(single.w, lambda: tf.zeros_like(single.w))])
+    start, reference = values(single.hypers), []
+    for _ in range(iterations):
+        run(steps, inner_objective_feed_dicts=batch, outer_objective_feed_dicts=batch)
+        reference.append([g.numpy() for g, _ in ho.hypergradients()])
+
+    with strategy.scope():
+        ridge = Ridge(local=True)
+        optimizer = keras.optimizers.Adam(0.01)
+        optimizer.build(ridge.hypers)
+    method = far.ReverseHG()
+
+    @tf.function
+    def hyper_iteration(batch):
+        def replica(batch):
+            ridge.reset(tf.shape(batch[0])[0])
+            share = far.distribute.hypergradient(method, ridge.problem, ridge.outer, ridge.hypers, steps=steps,
+                                                 inner_batches=far.Batches(batch, False), outer_batch=batch)
+            far.distribute.apply_gradients(optimizer, share.grads, ridge.hypers, share.finite)
+            return share.value, share.grads
+        value, grads = strategy.run(replica, args=(batch,))
+        return strategy.reduce("MEAN", value, axis=None), [strategy.reduce("SUM", g, axis=None) for g in grads]
+
+    distributed = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+    first = [g.numpy() for g in hyper_iteration(next(iter(distributed)))[1]]
+    for _ in range(iterations - 1):
+        hyper_iteration(next(iter(distributed)))
+    return {"closed_form": max(relative_error(g, e) for g, e in zip(first, exact)),
+            "hyper_optimizer": max(relative_error(g, r) for g, r in zip(first, reference[0])),
+            "hypers": max(relative_error(d.numpy(), s.numpy()) for d, s in zip(ridge.hypers, single.hypers)),
+            "moved": min(relative_error(s.numpy(), b) for s, b in zip(single.hypers, start)),
+            "w": type(ridge.w).__name__}
+
+
+def errors(strategy: tf.distribute.Strategy) -> dict:
+    """A meta-batch the replicas do not divide: fit's error, far.distribute's check, and the
+    error of a custom loop that distributes it anyway (tf.distribute splits it unevenly)."""
+    replicas = strategy.num_replicas_in_sync
+    messages = {}
+    with strategy.scope():
+        model = model_of()
+    try:
+        model.fit(stream(replicas + 1), steps_per_epoch=1, epochs=1, verbose=0)
+    except ValueError as error:
+        messages["fit"] = str(error)
+    try:
+        far.distribute.replica_batch_size(replicas + 1, strategy, "--meta_batch_size")
+    except ValueError as error:
+        messages["check"] = str(error)
+    with strategy.scope():
+        ridge = Ridge(local=True)
+
+    @tf.function
+    def shares(batch):
+        def replica(batch):
+            ridge.reset(tf.shape(batch[0])[0])
+            return far.distribute.hypergradient(far.ReverseHG(), ridge.problem, ridge.outer, ridge.hypers, steps=2,
+                                                inner_batches=far.Batches(batch, False), outer_batch=batch).value
+        return strategy.run(replica, args=(batch,))
+
+    _, batch = ridge_problems(2 * replicas + 1)
+    try:
+        shares(next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch)))))
+    except tf.errors.InvalidArgumentError as error:
+        messages["uneven"] = error.message
+    return messages
+
+
+CASES = {f.__name__: f for f in (hypergradient, clipped, adam, multiclass, langevin, evaluate, backup, meta_train, generic,
+                                 errors)}
+
+
+def worker(out: str) -> None:
+    """3 hyper-iterations of fit on meta-batches of 4 (Adam, a learned η, float64), under
+    MultiWorkerMirroredStrategy when TF_CONFIG is set, else on one device; the weights to ``out``
+    (.npz), the process's role to stdout."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if os.environ.get("TF_CONFIG") else ONE
+    with strategy.scope():
+        model = model_of(learn_lr=True)
+    history = model.fit(stream(4), steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
+    np.savez(out, *values(model.trainable_variables))
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "workers": callbacks.worker_count(strategy),
+                      "chief": callbacks.is_chief(strategy), "loss": history.history["loss"]}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "mirrored":
+        strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+        results = {}
+        for name in sys.argv[3].split(","):
+            start = time.perf_counter()
+            results[name] = {**CASES[name](strategy), "seconds": time.perf_counter() - start}
+        print(json.dumps(results))
+    else:
+        worker(sys.argv[2])
