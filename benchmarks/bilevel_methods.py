@@ -25,7 +25,7 @@ on w), the others T = 100. ForwardHG carries one tangent per scalar hyperparamet
 Each run keeps its folder under ``benchmarks/results/bilevel_methods/``: a killed benchmark
 started again resumes each run from its last checkpoint (and reuses finished ones).
 
-    python -m benchmarks.bilevel_methods            # 5 seeds, 30 s per run: about an hour here
+    python -m benchmarks.bilevel_methods            # 5 seeds, 12 s per run: about 35 minutes here
     python -m benchmarks.bilevel_methods --quick    # 1 seed, 6 s per run
 """
 
@@ -133,8 +133,9 @@ def plot(runs: list, budget: float, path: Any) -> None:
             group = [r for r in runs if r["corruption"] == corruption and r["label"] == label and r["curve"]]
             if not group:
                 continue
-            curves = [np.interp(grid, *np.asarray(r["curve"]).T, left=np.nan) for r in group]
-            ax.plot(grid, np.nanmean(curves, axis=0), label=label)
+            curves = np.array([np.interp(grid, *np.asarray(r["curve"]).T, left=np.nan) for r in group])
+            seen = ~np.all(np.isnan(curves), axis=0)  # from the first hyper-iteration of any seed on
+            ax.plot(grid[seen], np.nanmean(curves[:, seen], axis=0), label=label)
         mine = [r for r in runs if r["corruption"] == corruption]
         if mine:
             for key, style, name in (("baseline_test_accuracy", ":", "all noisy data"),
@@ -153,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 s per run")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; --quick: 1)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default 30; --quick: 6)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default 12; --quick: 6)")
     parser.add_argument("--worker", nargs=4, metavar=("LABEL", "CORRUPTION", "SEED", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -161,7 +162,7 @@ def main() -> None:
         print(json.dumps(worker(label, float(corruption), int(seed), float(budget))))
         return
     seeds = args.seeds or (1 if args.quick else 5)
-    budget = args.budget or (6.0 if args.quick else 30.0)
+    budget = args.budget or (6.0 if args.quick else 12.0)
     if seeds < 1 or budget <= 0:
         sys.exit("bilevel_methods: --seeds must be ≥ 1 and --budget positive.")
     machine = harness.machine_info()

@@ -28,7 +28,7 @@ def lls(phi: str, T: int):
 
 
 @pytest.mark.parametrize("phi, tolerance", [("grad_norm", 1e-8), ("value", 1e-4)])
-@pytest.mark.parametrize("T", [1, 10])
+@pytest.mark.parametrize("T", [1, pytest.param(10, marks=pytest.mark.long)])
 def test_lls_toy_reaches_the_optimistic_solution_with_the_barrier_invariants(phi, tolerance, T):
     w, x, method, ho, run = lls(phi, T)
     for _ in range(2000):

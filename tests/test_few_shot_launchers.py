@@ -110,8 +110,10 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
 
 
 @pytest.mark.parametrize("method, flags_", [
-    ("reverse", ["--truncate=1"]), ("implicit", ["--head_l2=0.1", "--nolearn_lr"]),
-    ("bome", ["--nolearn_lr", "--bome_phi=value"]), ("penalty", ["--nolearn_lr", "--penalty_gamma=2"]),
+    ("reverse", ["--truncate=1"]),
+    pytest.param("implicit", ["--head_l2=0.1", "--nolearn_lr"], marks=pytest.mark.long),
+    ("bome", ["--nolearn_lr", "--bome_phi=value"]),
+    pytest.param("penalty", ["--nolearn_lr", "--penalty_gamma=2"], marks=pytest.mark.long),
     ("stochastic", ["--nolearn_lr", "--temperature=0.01", "--stochastic_estimator=score"])])
 def test_method_flag_runs_every_method_end_to_end(tmp_path, omniglot_splits, method, flags_):
     """--method and its settings reach the model: the run trains, tests and saves its method."""
@@ -256,9 +258,10 @@ def error_line(stderr: str) -> str:
     return lines[-2] if lines[-1].startswith("Pass --helpshort") else lines[-1]
 
 
-def test_few_shot_command_lines(tmp_path, mini):
+def test_few_shot_command_lines(tmp_path, mini, pytestconfig):
     """flags.miniimagenet end to end (--nolearn_lr, --noresume), bad flags and data, a corrected
-    relaunch after a failed one, ~ in --logdir; started together to overlap."""
+    relaunch after a failed one, ~ in --logdir; started together to overlap (three of the bad
+    flags with --long only: each launch costs a TensorFlow start-up)."""
     logdir, home = tmp_path / "mini_run", tmp_path / "home"
     home.mkdir()
     (logdir / "checkpoints").mkdir(parents=True)
@@ -270,12 +273,13 @@ def test_few_shot_command_lines(tmp_path, mini):
         "run": launch(*run, "--T=1", "--noresume"),
         "missing": launch("omniglot", f"--logdir={tmp_path / 'x'}", f"--data_dir={tmp_path / 'missing'}"),
         "shots": launch(*bad[:1], "--logdir=~/run", *bad[2:], "--shots=4", home=home),
-        "test_queries": launch(*bad, "--test_queries=9"),
         "T": launch(*bad, "--T=0"),
-        "hyper_iterations": launch(*bad, "--hyper_iterations=0"),
-        "time_budget": launch(*bad, "--time_budget=0"),
         "no_logdir": launch("miniimagenet", *mini),
     }
+    if pytestconfig.getoption("--long"):
+        processes.update({"test_queries": launch(*bad, "--test_queries=9"),
+                          "hyper_iterations": launch(*bad, "--hyper_iterations=0"),
+                          "time_budget": launch(*bad, "--time_budget=0")})
     results = {name: finish(p) for name, p in processes.items()}
     code, stdout, stderr = results.pop("run")
     assert code == 0, stderr[-3000:]
@@ -290,6 +294,8 @@ def test_few_shot_command_lines(tmp_path, mini):
                 "T": "flag --T=0: ", "hyper_iterations": "flag --hyper_iterations=0: ",
                 "time_budget": "--time_budget must be a positive number", "no_logdir": "--logdir"}
     for name, pattern in expected.items():
+        if name not in results:
+            continue  # a --long case
         code, _, stderr = results[name]
         assert code == 1 and re.search(pattern, error_line(stderr)), (name, stderr[-2000:])
         assert not re.search("usage|USAGE|flags:", stderr), (name, stderr[-2000:])
@@ -321,6 +327,7 @@ def wait_for_checkpoint(logdir: pathlib.Path, process: subprocess.Popen, at_leas
     return checkpoint_number(logdir)
 
 
+@pytest.mark.long
 def test_few_shot_runs_lose_nothing_when_interrupted(tmp_path, mini):
     """SIGKILL mid-run then the same command: the weights and optimizer state of an
     uninterrupted run (float64); Ctrl-C and SIGTERM: saved, one line, no traceback."""

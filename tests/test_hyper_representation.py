@@ -94,7 +94,8 @@ def directional_derivative(model, batch, direction, eps=1e-6) -> float:
     return (losses[0] - losses[1]) / (2 * eps)
 
 
-@pytest.mark.parametrize("method", [None, far.ReverseHG(unroll=0), far.ReverseHG(checkpoint_every=2)],
+@pytest.mark.parametrize("method", [None, far.ReverseHG(unroll=0),
+                                    pytest.param(far.ReverseHG(checkpoint_every=2), marks=pytest.mark.long)],
                          ids=["unrolled", "compiled_loops", "checkpointed"])
 def test_hypergradient_matches_central_finite_differences(method):
     """Each path of ReverseHG through the heads with a dynamic meta-batch axis."""
