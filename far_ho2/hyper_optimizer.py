@@ -249,8 +249,9 @@ class HyperOptimizer:
     def state(self) -> dict:
         """What a ``tf.train.Checkpoint(**ho.state())`` must hold to resume exactly: the global
         step, the hyperparameters, the inner variables, the inner optimizers' run state (an
-        SGLD chain's run counter), the outer optimizers (built) and the method's own state. Available from the start when every ``var_list`` and ``hyper_list``
-        is given, else after the first run (the defaults are found then)."""
+        SGLD chain's run counter), the outer optimizers (built) and the method's own state.
+        Available from the start when every ``var_list`` and ``hyper_list`` is given, else after
+        the first run (the defaults are found then)."""
         registrations = self._hypergradient.registrations
         known = all(reg.hypers is not None or (reg.explicit and reg.problem.resolved) for reg in registrations)
         if not known or not self._hypergradient.ensure_built():

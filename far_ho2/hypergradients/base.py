@@ -348,8 +348,9 @@ class HyperGradient:
         for k, r in enumerate(results):
             where = f" (inner problem {k})" if len(results) > 1 else ""
             for symbol, value in self._diagnostics(r):
-                if not np.isfinite(float(value.numpy())):
-                    raise FloatingPointError(f"{symbol}{where} is {float(value.numpy())}: {self.diverged_hint}")
+                number = float(value.numpy())
+                if not np.isfinite(number):
+                    raise FloatingPointError(f"{symbol}{where} is {number}: {self.diverged_hint}")
         for k, (reg, r) in enumerate(zip(self._registered, results)):
             where = f" of inner problem {k}" if len(results) > 1 else ""
             raise_if_diverged(reg.problem, r.final_state, r.first_nonfinite, offset, where)
