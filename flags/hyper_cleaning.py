@@ -66,6 +66,8 @@ CLASSES = 10
 DIGITS = pathlib.Path(__file__).resolve().parent.parent / "data" / "digits" / "digits.npz"
 DIGITS_MAX = 16  # the digits' pixels count the ink in 4×4 blocks: 0..16
 DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
+METHOD_SETTING_PREFIXES = {"truncate": "reverse", "implicit_": "implicit", "bome_": "bome", "penalty_": "penalty",
+                           "stochastic_": "stochastic", "temperature": "stochastic"}  # a setting's method
 CHECKPOINT_SECONDS = 30.0  # at most this much work is redone after a crash (and at every end)
 
 
@@ -342,6 +344,12 @@ def check_config(config: Config) -> None:
         raise ValueError(f"--method=forward learns log ρ: --l2 (its initial ρ) must be positive, got {config.l2}.")
     if config.truncate >= config.T:
         raise ValueError(f"--truncate={config.truncate} must be below --T={config.T} (0: no truncation).")
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        owner = next((method for prefix, method in METHOD_SETTING_PREFIXES.items() if field.name.startswith(prefix)),
+                     None)
+        if owner not in (None, config.method) and getattr(config, field.name) != getattr(defaults, field.name):
+            raise ValueError(f"--{field.name} is a setting of --method={owner}; here --method={config.method}.")
 
 
 def hyper_iteration_metrics(exp: Experiment, data: Data, config: Config) -> dict[str, float]:

@@ -171,7 +171,8 @@ def test_the_time_budget_stops_and_the_log_has_test_accuracy_against_time(tmp_pa
     ({"truncate": 30}, "--truncate=30 must be below --T=30"),
     ({"method": "reversed"}, "--method must be one of"),
     ({"stochastic_estimator": "pathwise"}, "one tangent per scalar hyperparameter: 800 here"),
-    ({"temperature": -1.0}, "--temperature must be ≥ 0, got -1.0")])
+    ({"temperature": -1.0}, "--temperature must be ≥ 0, got -1.0"),
+    ({"method": "bome", "truncate": 3}, "--truncate is a setting of --method=reverse; here --method=bome")])
 def test_bad_method_settings_are_named(setting, message):
     with pytest.raises(ValueError, match=message):
         hyper_cleaning.check_config(hyper_cleaning.Config(T=30, **setting))
