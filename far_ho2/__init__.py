@@ -10,9 +10,10 @@ and 2018).
 """
 
 from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads TensorFlow)
-from far_ho2 import distribute, dynamics, linear_solve, oracles, utils
+from far_ho2 import distribute, dynamics, guard, linear_solve, oracles, utils
 from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
+from far_ho2.guard import DivergenceError
 from far_ho2.hyper_optimizer import HyperOptimizer
 from far_ho2.hypergradients import (BOME, ForwardHG, HyperGradient, ImplicitHG, Penalty, ReverseHG, StochasticHG, forward_hypergradient,
                                     implicit_hypergradient, reverse_hypergradient)
@@ -29,11 +30,11 @@ ReverseHg = ReverseHG  # FAR-HO's deprecated spelling
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "ForwardHG",
+    "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "DivergenceError", "ForwardHG",
     "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
     "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
     "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "distribute", "dynamics", "forward_hypergradient",
-    "get_hyperparameter", "hypergradients", "hyperparameters", "implicit_hypergradient",
+    "get_hyperparameter", "guard", "hypergradients", "hyperparameters", "implicit_hypergradient",
     "linear_solve", "oracles", "reinitialize", "reverse_hypergradient", "utils",
 ]
 

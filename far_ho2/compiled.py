@@ -21,6 +21,8 @@ passes to switch off (``grappler_off``), for the same first run: see ``without_g
 """
 
 import contextlib
+import os
+import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
@@ -45,9 +47,26 @@ def _flat_caller(concrete: Any, tensors: list) -> Optional[Callable]:
     return lambda flat: call_flat(flat, captured)
 
 
-PYTHON_CONTROL_FLOW = ("an objective (or a function it calls) uses a tensor as a Python bool, e.g. "
-                       "`if loss > 0:`; far_ho2 traces objectives as written, without AutoGraph: write "
-                       "`tf.cond(...)` or `tf.where(...)` instead")
+PYTHON_CONTROL_FLOW = ("far_ho2 traces objectives as written, without AutoGraph, and a tensor cannot be a Python "
+                       "bool there: write `tf.cond(pred, true_fn, false_fn)` or `tf.where(pred, a, b)` for an "
+                       "`if`, `tf.while_loop` for a `while`")
+
+
+def _user_line(error: BaseException) -> str:
+    """``file:line: `code``` of the innermost frame of ``error`` outside TensorFlow, Keras and
+    far_ho2 (the user's line that used a tensor as a bool), or ''."""
+    library = (os.path.dirname(tf.__file__), os.path.dirname(os.path.dirname(__file__)) + os.sep + "far_ho2",
+               os.sep + "keras" + os.sep, os.sep + "tensorflow" + os.sep)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not any(part in f.filename for part in library)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" ({frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`)"
+
+
+def control_flow_error(error: BaseException, what: str = "an objective (or a function it calls)") -> TypeError:
+    """The error for ``what`` using a tensor as a Python bool (an ``if`` / ``while`` on a tensor)."""
+    return TypeError(f"{what} uses a tensor as a Python bool{_user_line(error)}: {PYTHON_CONTROL_FLOW}.")
 
 
 @contextlib.contextmanager
@@ -69,7 +88,7 @@ def _trace(function: Any, args: tuple) -> Any:
     try:
         return function.get_concrete_function(*args)
     except tf.errors.OperatorNotAllowedInGraphError as error:
-        raise TypeError(f"{PYTHON_CONTROL_FLOW} (TensorFlow: {str(error).split('. ')[0]}).") from None
+        raise control_flow_error(error) from None
 
 
 def compiled(fn: Callable, jit_compile: bool = False, float64: bool = False,

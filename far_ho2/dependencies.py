@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import tensorflow as tf
 
 from far_ho2 import batches as batching
+from far_ho2.compiled import control_flow_error
 from far_ho2.hyperparameters import describe
 
 
@@ -85,3 +86,17 @@ def analyse(problem: Any, outer_objective: Callable, candidates: Sequence[tf.Var
     initialization = _connected(init_tape, initial, candidates + read)
     return Dependencies(objectives, optimizer, initialization & candidate_ids,
                         [v for v in read if id(v) in initialization])
+
+
+def check_traceable(problem: Any, outer_objective: Callable, inner_batch: Any, outer_batch: Any) -> None:
+    """A ``TypeError`` naming the line when an objective uses a tensor as a Python bool (an
+    ``if`` or ``while`` on a tensor): the eager analysis above takes one branch at the current
+    values and cannot see the dependencies of the other, so it is called before saying that a
+    hyperparameter affects nothing."""
+    for what, objective, batch in (("the inner objective", lambda b: problem.loss(problem.inputs(b)), inner_batch),
+                                   ("the outer objective", lambda b: batching.scalar_objective(outer_objective, b),
+                                    outer_batch)):
+        try:
+            tf.function(objective, autograph=False).get_concrete_function(batch)
+        except tf.errors.OperatorNotAllowedInGraphError as error:
+            raise control_flow_error(error, what) from None

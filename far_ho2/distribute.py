@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from far_ho2.hypergradients.base import HyperGradient, _result_finite
+from far_ho2.hypergradients.base import HyperGradient, _result_healthy
 from far_ho2.inner_problem import InnerProblem
 
 __all__ = ["Share", "apply_gradients", "hypergradient", "local_variables", "replica_batch_size", "share"]
@@ -133,7 +133,7 @@ def hypergradient(method: HyperGradient, problem: InnerProblem, outer_objective:
     ``tf.function``); ``finite`` covers the inner states, E, ∇E and the method's own checked
     quantities."""
     result = method.hypergradient(problem, outer_objective, hypers, **arguments)
-    return share(result.value, result.grads, _result_finite(result, method._checked(result)),
+    return share(result.value, result.grads, _result_healthy(result, method._checked(result)),
                  tf.shape(problem.var_list[0])[0])
 
 

@@ -7,19 +7,23 @@
 One ``run`` is one hyper-iteration: ``compute_hypergradients`` (reset the inner state to Φ₀ — or,
 for a method that keeps it, continue from the inner variables —, run T inner steps, compute the
 outer direction) then ``apply_hypergradients`` (update the hyperparameters with the outer
-optimizer, project them onto their constraints, let the method update its own state).
+optimizer, project them onto their constraints, let the method update its own state). The guard
+(``far_ho2.guard``) checks each part; a failure raises ``far.DivergenceError`` and restores every
+variable the hyper-iteration touched.
 """
 
 import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from far_ho2 import guard
 from far_ho2.compiled import compiled
-from far_ho2.hypergradients.base import HyperGradient, Registration
+from far_ho2.hypergradients.base import OUTER_ADVICE, HyperGradient, Registration
 from far_ho2.hypergradients.reverse import ReverseHG
-from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters, variable_name
+from far_ho2.hyperparameters import apply_constraints, describe, flatten_hyperparameters, variable_name
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.types import InnerOptimizer
 
@@ -56,6 +60,10 @@ class HyperOptimizer:
         self._outer: list[tuple[Any, Registration]] = []  # (outer optimizer, problem)
         self._finalized: Optional[tuple] = None
         self._updates: dict = {}  # compiled outer updates, per (optimizer, variables)
+        self._snapshot: Optional[guard.Snapshot] = None  # what a failed hyper-iteration restores
+        self._before: Optional[list] = None  # its values before the last compute_hypergradients
+        self._bounds: dict = {}  # id(hyperparameter or inner variable) -> its growth bound
+        self._inner_check: Optional[Callable] = None
         self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         _INSTANCES.append(weakref.ref(self))
 
@@ -188,8 +196,12 @@ class HyperOptimizer:
         (the mean over the inner problems)."""
         if self._finalized is None:
             raise ValueError("Call `minimize` (or `finalize`) before `run`.")
-        results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
-                                          self.global_step, online, callback)
+        try:
+            results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
+                                              self.global_step, online, callback, before_compute=self._take_snapshot)
+        except guard.DivergenceError:
+            self._restore()
+            raise
         return (results[0].value if len(results) == 1 else  # no eager ops when there is one
                 tf.reduce_mean(tf.stack([r.value for r in results])))
 
@@ -200,10 +212,110 @@ class HyperOptimizer:
         if self._finalized is None:
             raise ValueError("Call `minimize` (or `finalize`) before `run`.")
         aggregation_fn, process_fn = self._finalized
+        if self._before is None:  # not right after compute_hypergradients: what this update changes
+            self._take_snapshot()
+        moved = 0.0
         for optimizer, group in self._groups():
-            self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
+            healthy, change = self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
+            if not healthy:
+                message = self._update_failure(optimizer, group)
+                self._restore()
+                raise guard.DivergenceError(message)
+            moved = max(moved, change)
         self._hypergradient.after_update()
+        if self._hypergradient.persistent and not self._inner_healthy():
+            message = self._inner_failure()
+            self._restore()
+            raise guard.DivergenceError(message)
+        self._before = None
+        self._hypergradient.after_step(moved, self.global_step)
         self._global_step.assign_add(1)
+
+    # -- the guard --------------------------------------------------------------------------------
+
+    def _guarded(self) -> list[tf.Variable]:
+        """Every variable a hyper-iteration may change: the inner variables and their optimizers'
+        run state, the hyperparameters, the outer optimizers' variables, the method's state."""
+        registrations = self._hypergradient.registrations
+        variables = [v for reg in registrations for v in reg.problem.var_list]
+        variables += [v for reg in registrations for v in reg.problem.optimizer.run_variables]
+        variables += flatten_hyperparameters([h for _, group in self._groups() for h in group])
+        for optimizer in self._optimizers():
+            variables += _variables_of(optimizer)
+        variables += _variables_of(self._hypergradient.state_variables())
+        unique: dict = {}
+        for v in variables:
+            unique.setdefault(id(v), v)
+        return list(unique.values())
+
+    def _optimizers(self) -> list:
+        optimizers: list = []
+        for optimizer, _ in self._outer:
+            if not any(optimizer is o for o in optimizers):
+                optimizers.append(optimizer)
+        return optimizers
+
+    def _take_snapshot(self) -> None:
+        """Called once the problems are resolved, before the compiled run: on the first call, the
+        outer optimizers are built (their slots exist before the first update) and the growth
+        bounds of the hyperparameters and inner variables fixed; every call saves the values."""
+        if self._snapshot is None:
+            for optimizer, group in self._groups():
+                variables = flatten_hyperparameters(group)
+                if isinstance(optimizer, keras.optimizers.Optimizer):
+                    if not optimizer.built:
+                        optimizer.build(variables)
+                elif hasattr(optimizer, "build"):
+                    optimizer.build(variables)
+            limit = self._hypergradient.growth_limit
+            bounded = flatten_hyperparameters([h for _, group in self._groups() for h in group])
+            bounded += [v for reg in self._hypergradient.registrations for v in reg.problem.var_list]
+            self._bounds = {id(v): float(guard.bound(v, limit).numpy()) for v in bounded}
+            self._snapshot = guard.Snapshot(self._guarded())
+        self._before = self._snapshot.take()
+
+    def _restore(self) -> None:
+        if self._snapshot is not None and self._before is not None:
+            self._snapshot.restore(self._before)
+        self._before = None
+
+    def _inner_healthy(self) -> bool:
+        """Whether the inner variables are finite and within their bounds (after a method's own
+        step on them)."""
+        variables = [v for reg in self._hypergradient.registrations for v in reg.problem.var_list]
+        if self._inner_check is None:
+            self._inner_check = compiled(lambda bounds: tf.reduce_all(tf.stack(
+                [guard.healthy(v, bounds[i]) for i, v in enumerate(variables)])))
+        return bool(self._inner_check(tf.constant([self._bounds[id(v)] for v in variables], tf.float64)).numpy())
+
+    def _inner_failure(self) -> str:
+        method = self._hypergradient
+        for reg in method.registrations:
+            for v in reg.problem.var_list:
+                value = v.numpy()
+                if not np.all(np.isfinite(value)) or np.max(np.abs(value), initial=0.0) > self._bounds[id(v)]:
+                    what = ("became NaN/Inf" if not np.all(np.isfinite(value)) else
+                            f"grew to ‖·‖∞ = {np.max(np.abs(value)):.3g}, beyond growth_limit × max(‖its first "
+                            f"value‖∞, 1) = {self._bounds[id(v)]:.3g}")
+                    return (f"{method._failure_context(self.global_step)}: the method's own step on the inner "
+                            f"variables: {describe(v)} {what}: lower its step size; {guard.UNCHANGED}")
+        return f"{method._failure_context(self.global_step)}: the method's own step failed; {guard.UNCHANGED}"
+
+    def _update_failure(self, optimizer: Any, group: list) -> str:
+        """Why an outer update was rejected: a non-finite hypergradient, or else the update
+        itself (the hyperparameters or the optimizer's slots)."""
+        method = self._hypergradient
+        name = type(optimizer).__name__
+        aggregation_fn, process_fn = self._finalized
+        for g, h in method.hgrads_hvars(group, aggregation_fn, process_fn):
+            variable = flatten_hyperparameters([h])[0]
+            if not np.all(np.isfinite(np.asarray(g))):
+                return (f"{method._failure_context(self.global_step)}: the hypergradient with respect to "
+                        f"{describe(variable)} is not finite; {guard.UNCHANGED}")
+        names = ", ".join(describe(v) for v in flatten_hyperparameters(group))
+        return (f"{method._failure_context(self.global_step)}: the outer update by {name} would make "
+                f"{names} non-finite or grow beyond growth_limit × max(‖its first value‖∞, 1): "
+                f"{method.diverged_hint or OUTER_ADVICE}; {guard.UNCHANGED}")
 
     def _groups(self) -> list[tuple[Any, list]]:
         """(outer optimizer, the hyperparameters it updates), once the problems are resolved."""
@@ -219,24 +331,37 @@ class HyperOptimizer:
                 groups.append((optimizer, list(hypers)))
         return groups
 
-    def _update(self, optimizer: Any, pairs: list) -> None:
-        """λ ← P(λ − step): the outer optimizer's update, then the constraints' projections. A
-        Keras optimizer's update is compiled after its first (eager, slot-building) call."""
+    def _update(self, optimizer: Any, pairs: list) -> tuple[bool, float]:
+        """λ ← P(λ − step): the outer optimizer's update, then the constraints' projections; then
+        whether the hyperparameters and the optimizer's variables are healthy (finite, λ within
+        its growth bound) and max ‖Δλ‖∞. A Keras optimizer's update is compiled after its first
+        (eager) call."""
         if not pairs:
-            return
+            return True, 0.0
         grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+        flat = flatten_hyperparameters(variables)
+        bounds = tf.constant([self._bounds.get(id(v), np.inf) for v in flat], tf.float64)
+        slots = _variables_of(optimizer)
+
+        def update(grads, bounds):
+            before = [tf.identity(v) for v in flat]
+            optimizer.apply_gradients(zip(grads, variables))
+            apply_constraints(flat)
+            healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[i]) for i, v in enumerate(flat)]
+                                             + [tf.reduce_all(tf.math.is_finite(s)) for s in slots
+                                                if s.dtype.is_floating]))
+            change = tf.reduce_max(tf.stack([guard.max_abs(v - b) for v, b in zip(flat, before)]))
+            return tf.stack([tf.cast(healthy, tf.float64), change])
+
         key = (id(optimizer), tuple(id(v) for v in variables))
         if key in self._updates:
-            self._updates[key](grads)
-            return
-        optimizer.apply_gradients(pairs)
-        apply_constraints(flatten_hyperparameters(variables))
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            def update(grads):
-                optimizer.apply_gradients(zip(grads, variables))
-                apply_constraints(flatten_hyperparameters(variables))
-            self._updates[key] = compiled(update, float64=any(v.dtype == tf.float64 for v in
-                                                               flatten_hyperparameters(variables)))
+            status = self._updates[key](grads, bounds)
+        else:
+            status = update(grads, bounds)  # eagerly: a Keras optimizer may still create variables
+            if isinstance(optimizer, keras.optimizers.Optimizer):
+                self._updates[key] = compiled(update, float64=any(v.dtype == tf.float64 for v in flat))
+        healthy, change = status.numpy()
+        return bool(healthy), float(change)
 
     # -- results and state ------------------------------------------------------------------------
 
@@ -279,6 +404,22 @@ class HyperOptimizer:
                 "inner_optimizers": [v for reg in registrations for v in reg.problem.optimizer.run_variables],
                 "outer_optimizers": optimizers,
                 "method": self._hypergradient.state_variables()}
+
+
+def _variables_of(obj: Any) -> list[tf.Variable]:
+    """The tf.Variables of a method's state or an optimizer (nested dicts and lists, Keras
+    variables and optimizers, far optimizers)."""
+    if isinstance(obj, dict):
+        return [v for value in obj.values() for v in _variables_of(value)]
+    if isinstance(obj, (list, tuple)):
+        return [v for value in obj for v in _variables_of(value)]
+    if isinstance(obj, keras.Variable):
+        return [obj.value]
+    if isinstance(obj, tf.Variable):
+        return [obj]
+    if isinstance(obj, keras.optimizers.Optimizer) or hasattr(obj, "variables"):
+        return _variables_of(list(obj.variables))
+    return []
 
 
 def all_hypergradients(scope: Optional[str] = None) -> list[tf.Tensor]:

@@ -9,7 +9,7 @@ problem as the transition
 and evaluate it at any stored state s_t by loading w_t into the inner variables, as FAR-HO fed
 stored states through ``feed_dict``; under a tape that watches the variables, derivatives with
 respect to the variables are derivatives with respect to w_t. A method may step along another
-direction than ∇_w L (``transition(..., direction=)``, e.g. a penalty method's surrogate).
+objective than L (``transition(..., objective=)``, e.g. a penalty method's surrogate).
 """
 
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
@@ -24,7 +24,7 @@ from far_ho2 import trajectory as trajectories
 from far_ho2.compiled import compiled
 from far_ho2.hyperparameters import (HyperparameterComponents, as_tf_variable, describe, hyperparameters,
                                      variable_name)
-from far_ho2.types import Direction, InnerOptimizer
+from far_ho2.types import InnerOptimizer, Objective
 
 
 def _init_pairs(init_dynamics_dict: Any) -> list[tuple[tf.Variable, Any]]:
@@ -176,7 +176,7 @@ class InnerProblem:
                 lambda steps, data: self._run(steps, batching.Batches(data, batches.per_step)),
                 float64=self.dtype == tf.float64)
         trajectory = self._compiled[batches.per_step](tf.constant(T), batches.data)
-        trajectories.raise_if_diverged(self, trajectory.final, trajectory.first_nonfinite)
+        trajectories.raise_if_diverged(self, trajectory.final, trajectory.health)
         return trajectory.losses
 
     def _run(self, steps: tf.Tensor, batches: batching.Batches) -> trajectories.Trajectory:
@@ -184,13 +184,13 @@ class InnerProblem:
         s0 = self.initial_state()
         inputs = inputs_lib.prepare(self, batches, [])
         trajectory = trajectories.run_steps(self, trajectories.empty_trajectory(s0, steps), inputs.at, 0, steps)
-        self.keep_if_finite(before, trajectories.all_finite(trajectory.first_nonfinite))
+        self.keep_if_healthy(before, trajectories.all_healthy(trajectory.health))
         return trajectory._replace(losses=trajectory.losses.stack())
 
-    def keep_if_finite(self, before: Sequence[tf.Tensor], finite: tf.Tensor) -> None:
-        """Inside compiled code: the variables get back ``before`` unless ``finite``."""
+    def keep_if_healthy(self, before: Sequence[tf.Tensor], healthy: tf.Tensor) -> None:
+        """Inside compiled code: the variables get back ``before`` unless ``healthy``."""
         for v, old in zip(self.var_list, before):
-            v.assign(tf.where(finite, v.read_value(), old))
+            v.assign(tf.where(healthy, v.read_value(), old))
 
     # -- the transition, used by the hypergradient methods inside compiled code --------------------
 
@@ -234,11 +234,11 @@ class InnerProblem:
         """L(w, λ) at the weights held by the variables (summed if the objective is a tensor)."""
         return batching.scalar_objective(self.objective, inputs)
 
-    def gradient(self, inputs: Any) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """(∇_w L, L) at the weights the variables hold."""
+    def gradient(self, inputs: Any, objective: Optional[Objective] = None) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """(∇_w L, L) at the weights the variables hold (of ``objective`` instead of L if given)."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.var_list)
-            loss = self.loss(inputs)
+            loss = (objective or self.loss)(inputs)
         grads = tape.gradient(loss, self.var_list)
         for v, g in zip(self.var_list, grads):
             if g is None:
@@ -246,26 +246,27 @@ class InnerProblem:
                                  f"in `var_list`; remove it from `var_list`.")
         return [tf.convert_to_tensor(g) for g in grads], loss  # densify IndexedSlices
 
-    def _loss_at(self, weights: Sequence[tf.Tensor], inputs: Any) -> tf.Tensor:
-        """L(w', λ) for other weights w', not differentiated; the variables keep their values."""
+    def _value_at(self, objective: Objective, weights: Sequence[tf.Tensor], inputs: Any) -> tf.Tensor:
+        """``objective`` at other weights w', not differentiated; the variables keep their values."""
         current = [v.read_value() for v in self.var_list]
         self.load([tf.stop_gradient(w) for w in weights])
-        value = tf.stop_gradient(self.loss(inputs))
+        value = tf.stop_gradient(objective(inputs))
         self.load(current)
         return value
 
-    def transition(self, state: NamedTuple, inputs: Any, step: Any, direction: Optional[Direction] = None,
+    def transition(self, state: NamedTuple, inputs: Any, step: Any, objective: Optional[Objective] = None,
                    rate_scale: Optional[tf.Tensor] = None) -> tuple[NamedTuple, tf.Tensor]:
         """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must
         hold ``state.w``; differentiable in the variables, the slots and the hyperparameters.
-        ``direction(inputs) -> (d, L)`` replaces (∇_w L_t, L_t); ``rate_scale`` multiplies the
-        optimizer's learning rate η."""
+        ``objective(inputs)`` replaces L_t (in the step and in a line search's evaluations);
+        ``rate_scale`` multiplies the optimizer's learning rate η."""
         w = [tf.convert_to_tensor(v) for v in self.var_list]
-        grads, loss = (direction or self.gradient)(inputs)
+        objective = objective or self.loss
+        grads, loss = self.gradient(inputs, objective)
         params = self.optimizer.params(step, self.dtype)
         if rate_scale is not None:
             params = params._replace(learning_rate=params.learning_rate * tf.cast(rate_scale, self.dtype))
-        params = self.optimizer.adapt(params, w, loss, grads, lambda other: self._loss_at(other, inputs))
+        params = self.optimizer.adapt(params, w, loss, grads, lambda other: self._value_at(objective, other, inputs))
         return self.dynamics.step(state._replace(w=w), grads, params), loss
 
     def state_sources(self, state: NamedTuple) -> list:

@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from far_ho2.dynamics import Dynamics
 
-#: ``direction(inputs) -> (gradients, loss)`` at the weights the inner variables hold: what a
-#: transition steps along instead of ∇_w L (e.g. the gradient of a penalty method's surrogate).
-Direction = Callable[[Any], tuple[list[tf.Tensor], tf.Tensor]]
+#: ``objective(inputs) -> scalar`` at the weights the inner variables hold: what a transition
+#: descends instead of L (e.g. a penalty method's surrogate); a line search evaluates it too.
+Objective = Callable[[Any], tf.Tensor]
 
 
 @runtime_checkable
@@ -35,7 +35,7 @@ class Problem(Protocol):
     def loss(self, inputs: Any) -> tf.Tensor:
         """L(w, λ) at the weights the variables hold."""
 
-    def transition(self, state: NamedTuple, inputs: Any, step: Any, direction: Optional[Direction] = None,
+    def transition(self, state: NamedTuple, inputs: Any, step: Any, objective: Optional[Objective] = None,
                    rate_scale: Optional[tf.Tensor] = None) -> tuple[NamedTuple, tf.Tensor]:
         """(s', L_t): one step of Φ from ``state``, whose weights the variables hold."""
 
@@ -46,6 +46,14 @@ class Problem(Protocol):
         """Readable names of the flattened state components."""
 
 
+class Health(NamedTuple):
+    """Per flattened state component of a run, for the guard (``far_ho2.guard``)."""
+
+    first_bad: tf.Tensor  # int32: the first step t whose s_{t+1} is unhealthy (−1: none; −2: s_0 non-finite)
+    grew: tf.Tensor  # bool: it was finite then, beyond its bound (else: non-finite)
+    bound: tf.Tensor  # float64: the largest ‖·‖∞ accepted (the weights' G·max(‖w_0‖∞, 1); ∞)
+
+
 class RunResult(NamedTuple):
     """One inner problem's result of a run of a hypergradient method."""
 
@@ -53,7 +61,7 @@ class RunResult(NamedTuple):
     grads: list  # ∇_λ E per hyperparameter (the outer direction); None where E does not depend on it
     final_state: NamedTuple  # s_T
     inner_losses: tf.Tensor  # L_t(w_t), t = 0 … T−1
-    first_nonfinite: tf.Tensor  # per state component, the first step making it non-finite (−1: none)
+    health: Health  # per state component, the first step making it non-finite or too large
     carry: Any = None  # what the method keeps or reports (forward tangents Z, a solver's residual, ...)
 
 

@@ -64,7 +64,7 @@ import tensorflow as tf
 import far_ho2 as far
 from far_ho2 import inputs as far_inputs
 from far_ho2.compiled import without_grappler
-from far_ho2.trajectory import all_finite, empty_trajectory, run_steps
+from far_ho2.trajectory import all_healthy, empty_trajectory, run_steps
 from hyper_repr import callbacks
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
@@ -482,7 +482,7 @@ class HyperRepresentation(keras.Model):
         result = method.hypergradient(problem, outer_objective, hypers, steps=self.steps, inner_batches=batches,
                                       outer_batch=outer, options=options)
         grads = [tf.zeros_like(h) if g is None else g for g, h in zip(result.grads, hypers)]
-        return result.value, grads, all_finite(result.first_nonfinite)
+        return result.value, grads, all_healthy(result.health)
 
     def _tolerance(self) -> tf.Tensor:
         """ImplicitHG's residual target at this hyper-iteration k (a number or a function of k;

@@ -71,7 +71,7 @@ class _OneStep(far.HyperGradient):
         outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
         state = problem.current_state()
         return far.RunResult(outer.value, outer.hypers, state, tf.zeros([steps], problem.dtype),
-                             trajectory.empty_trajectory(state, steps).first_nonfinite, carry=outer.weights)
+                             trajectory.empty_trajectory(state, steps).health, carry=outer.weights)
 
     def after_update(self):
         self.updates.append(float(tf.reduce_sum(self.inner_problems[0].var_list[0])))
@@ -99,14 +99,14 @@ def test_a_persistent_method_keeps_the_inner_variables_and_updates_them_after_th
         run(1, online=True)
 
 
-def test_a_transition_along_another_direction_or_with_a_scaled_rate():
+def test_a_transition_descending_another_objective_or_with_a_scaled_rate():
     rho, w, inner, outer = ridge()
     problem = far.InnerProblem(inner, far.GradientDescentOptimizer(0.02), var_list=[w])
     w.assign(np.arange(5.0))
     state = problem.current_state()
     plain, _ = problem.transition(state, None, 0)
-    doubled = lambda inputs: ([2 * g for g in problem.gradient(inputs)[0]], problem.loss(inputs))
-    along, _ = problem.transition(state, None, 0, direction=doubled)
+    doubled = lambda inputs: 2 * problem.loss(inputs)  # noqa: E731
+    along, _ = problem.transition(state, None, 0, objective=doubled)
     scaled, _ = problem.transition(state, None, 0, rate_scale=tf.constant(2.0, tf.float64))
     w0 = np.arange(5.0)
     np.testing.assert_allclose(along.w[0] - w0, 2 * (plain.w[0] - w0), rtol=1e-14)

@@ -12,19 +12,25 @@ across runs and update them themselves (``persistent``, ``after_update``).
 """
 
 import inspect
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2 import dependencies
+from far_ho2 import dependencies, guard
 from far_ho2.compiled import compiled
 from far_ho2.hyperparameters import (describe, describe_all, flatten_hyperparameters, hyperparameter_pairs,
                                      hyperparameters)
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.trajectory import all_finite, raise_if_diverged
+from far_ho2.trajectory import all_healthy, divergence
 from far_ho2.types import Previous, RunResult
+
+
+OUTER_ADVICE = ("lower the outer learning rate, bound the hyperparameters with `constraint=`, or raise "
+                "`growth_limit` if such values are legitimate")
+STALL_ITERATIONS = 50  # hyper-iterations with λ unmoved before a method may warn (``after_step``)
 
 
 class Registration:
@@ -40,12 +46,19 @@ class Registration:
         self.originals: list = []  # what the user passed, per resolved hyperparameter
 
 
-def _result_finite(result: RunResult, extra: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Whether the inner states, E, every hypergradient of ``result`` and the method's ``extra``
-    quantities are finite (in-graph)."""
-    checks = [all_finite(result.first_nonfinite), tf.reduce_all(tf.math.is_finite(result.value))]
+def _result_healthy(result: RunResult, extra: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether the inner states of ``result`` stayed healthy (finite, within their growth
+    bounds) and E, every hypergradient and the method's ``extra`` quantities are finite
+    (in-graph)."""
+    checks = [all_healthy(result.health), tf.reduce_all(tf.math.is_finite(result.value))]
     checks += [tf.reduce_all(tf.math.is_finite(g)) for g in list(result.grads) + list(extra) if g is not None]
     return tf.reduce_all(tf.stack(checks))
+
+
+def _largest(results: Sequence[RunResult]) -> tf.Tensor:
+    """max ‖∇_λ‖∞ over every hypergradient of ``results`` (float64; 0 if none)."""
+    return tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(g) for r in results
+                                                               for g in r.grads if g is not None]))
 
 
 def _mean(hypergradients: list) -> tf.Tensor:
@@ -101,10 +114,26 @@ class HyperGradient:
         self._steps_done = 0
         self._functions: dict = {}
         self._failure: Optional[str] = None  # why the last run gave no hypergradients
+        self._growth_limit: Optional[float] = guard.DEFAULT_GROWTH_LIMIT
+        self._grad_reference: Optional[float] = None  # ‖∇_λ‖∞ of the first healthy run
+        self._still, self._stall_warned = 0, False  # hyper-iterations in a row λ did not move
         self._streams = batching.Streams()
         self._built = False
 
     # -- set-up -----------------------------------------------------------------------------
+
+    @property
+    def growth_limit(self) -> Optional[float]:
+        """G of the guard's relative-growth test (``far_ho2.guard``): a run fails when the inner
+        weights exceed G·max(‖w_0‖∞, 1), the hypergradient G·max(‖first one‖∞, 1), or (in
+        ``HyperOptimizer``) a hyperparameter G·max(‖its first value‖∞, 1). Defaults to
+        `1e8`; None keeps the finiteness tests only."""
+        return self._growth_limit
+
+    @growth_limit.setter
+    def growth_limit(self, value: Optional[float]) -> None:
+        self._growth_limit = guard.check_growth_limit(value)
+        self._functions.clear()
 
     def compute_gradients(self, outer_objective: Callable, optimizer_dict: InnerProblem,
                           hyper_list: Optional[Sequence] = None) -> list:
@@ -169,18 +198,21 @@ class HyperGradient:
     def _compiled(self, per_step: bool, online: Any, with_previous: bool) -> Callable:
         key = (per_step, online, with_previous)
         if key not in self._functions:
-            def compute(steps, inner_data, outer_data, previous, offset, options):
+            def compute(steps, inner_data, outer_data, previous, offset, options, grad_bound):
                 before = [[v.read_value() for v in reg.problem.var_list] for reg in self._registered]
-                results = [self.hypergradient(reg.problem, reg.outer_objective, reg.hypers, steps=steps,
-                                              inner_batches=batching.Batches(inner_data, per_step),
-                                              outer_batch=outer_data,
-                                              previous=previous[k] if with_previous else None,
-                                              online=online, offset=offset, options=options)
-                           for k, reg in enumerate(self._registered)]
-                finite = tf.reduce_all(tf.stack([_result_finite(r, self._checked(r)) for r in results]))
+                with guard.limit(self.growth_limit):
+                    results = [self.hypergradient(reg.problem, reg.outer_objective, reg.hypers, steps=steps,
+                                                  inner_batches=batching.Batches(inner_data, per_step),
+                                                  outer_batch=outer_data,
+                                                  previous=previous[k] if with_previous else None,
+                                                  online=online, offset=offset, options=options)
+                               for k, reg in enumerate(self._registered)]
+                largest = _largest(results)
+                healthy = tf.reduce_all(tf.stack([_result_healthy(r, self._checked(r)) for r in results]
+                                                 + [largest <= grad_bound]))
                 for reg, values in zip(self._registered, before):  # nothing changes on failure
-                    reg.problem.keep_if_finite(values, finite)
-                return results, finite
+                    reg.problem.keep_if_healthy(values, healthy)
+                return results, tf.stack([tf.cast(healthy, tf.float64), largest])
             self._functions[key] = compiled(compute, self.jit_compile,
                                             float64=any(r.problem.dtype == tf.float64 for r in self._registered),
                                             grappler_off=self.grappler_off)
@@ -189,13 +221,19 @@ class HyperGradient:
     # -- running ----------------------------------------------------------------------------
 
     def run(self, T: Any, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
-            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None) -> list[RunResult]:
+            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None,
+            before_compute: Optional[Callable[[], None]] = None) -> list[RunResult]:
         """One hyper-iteration's hypergradients: T inner steps from Φ₀ (or, ``online``, from the
         last run's state; for a ``persistent`` method, from the inner variables' values), then
         the hypergradient of every registered problem.
 
         ``callback(step, inner_objective_values)`` is called for every inner step after the
-        compiled run, with the inner objectives' values L_t (one per problem).
+        compiled run, with the inner objectives' values L_t (one per problem);
+        ``before_compute()`` once the problems are resolved, before the compiled run.
+
+        Raises:
+            far.DivergenceError: the guard's (``far_ho2.guard``); the inner variables keep their
+                values.
         """
         T = batching.check_steps(T)
         check_callback(callback)
@@ -218,20 +256,22 @@ class HyperGradient:
         outer = batching.outer_batch(outer_supplier, global_step)
         self._resolve(inner, outer)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
+        if before_compute is not None:
+            before_compute()
         for reg in self._registered:
             reg.problem.optimizer.begin_run()
         compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
         self._failure = None
-        results, finite = compute(self._steps(T), inner.data, outer,
+        results, status = compute(self._steps(T), inner.data, outer,
                                   self._previous if with_previous else None, tf.constant(offset),
-                                  self._options(global_step))
-        if not finite.numpy():  # one flag to read; the details only when something is wrong
+                                  self._options(global_step), tf.constant(self._grad_bound(), tf.float64))
+        healthy, largest = status.numpy()  # two numbers to read; the details only when something is wrong
+        if not healthy:
             self._results = None
-            try:
-                self._check_finite(results, offset, global_step)
-            except FloatingPointError as error:
-                self._failure = str(error)
-                raise
+            self._failure = self._diagnosis(results, offset, global_step, largest)
+            raise guard.DivergenceError(self._failure)
+        if self._grad_reference is None:
+            self._grad_reference = float(largest)
         self._after_run(results, global_step)
         self._results = results
         self._previous = [Previous(r.final_state, r.carry) for r in results]
@@ -267,6 +307,28 @@ class HyperGradient:
     def _after_run(self, results: list[RunResult], global_step: int) -> None:
         """A hook for methods to report on a run (e.g. a linear solver's residual)."""
 
+    def after_step(self, moved: float, global_step: int) -> None:
+        """Called by ``HyperOptimizer`` at the end of a healthy hyper-iteration with max ‖Δλ‖∞ of
+        its update: after ``STALL_ITERATIONS`` in a row where λ did not move at all, a warning
+        (once) if the method says why that is not convergence (``_stall_reason``)."""
+        self._still = self._still + 1 if moved == 0 else 0
+        if self._still == 1:
+            self._stall_start()
+        if self._still == STALL_ITERATIONS and not self._stall_warned:
+            reason = self._stall_reason()
+            if reason is not None:
+                self._stall_warned = True
+                warnings.warn(f"{self.name}, hyper-iteration {global_step}: the hyperparameters have not moved "
+                              f"for {STALL_ITERATIONS} hyper-iterations: {reason}", RuntimeWarning, stacklevel=3)
+
+    def _stall_start(self) -> None:
+        """Called when λ first stays still: a method notes what it needs for ``_stall_reason``."""
+
+    def _stall_reason(self) -> Optional[str]:
+        """Why λ standing still for ``STALL_ITERATIONS`` is a failure, not convergence (None:
+        it may be convergence; no warning)."""
+        return None
+
     def _resolve(self, inner: batching.Batches, outer: Any) -> None:
         """On the first run: the default ``var_list`` of every problem, then its hyperparameters
         (``dependencies.analyse``) and the errors for those it cannot use."""
@@ -279,7 +341,8 @@ class HyperGradient:
                 continue
             reg.problem.resolve(first, every_candidate)
             self._resolve_hyperparameters(reg, dependencies.analyse(
-                reg.problem, reg.outer_objective, [v for v, _ in reg.candidates], first, outer))
+                reg.problem, reg.outer_objective, [v for v, _ in reg.candidates], first, outer),
+                lambda reg=reg: dependencies.check_traceable(reg.problem, reg.outer_objective, first, outer))
         self.ensure_built()
 
     def ensure_built(self) -> bool:
@@ -290,7 +353,11 @@ class HyperGradient:
             self._built = True
         return self._built
 
-    def _resolve_hyperparameters(self, reg: Registration, found: dependencies.Dependencies) -> None:
+    def _resolve_hyperparameters(self, reg: Registration, found: dependencies.Dependencies,
+                                 check_traceable: Callable[[], None]) -> None:
+        """``reg``'s hyperparameters from what it depends on (``found``), or the error for those
+        the method cannot use; ``check_traceable()`` raises first where a Python ``if`` on a
+        tensor may have hidden a dependency from the eager analysis."""
         usable = found.objectives | (found.optimizer | found.initialization if self.differentiates_dynamics else set())
         only_dynamics = [v for v, _ in reg.candidates
                          if id(v) not in usable and id(v) in found.optimizer | found.initialization]
@@ -301,11 +368,14 @@ class HyperGradient:
                        f"{'is a concrete tensor' if len(frozen) == 1 else 'are concrete tensors'}: if "
                        f"computed from a hyperparameter, pass a callable instead, e.g. "
                        f"`lambda: tf.nn.sigmoid(beta)`." if frozen else "")
-        if reg.explicit and only_dynamics:
+        if only_dynamics:
+            given = "" if reg.explicit else (" (the registered hyperparameters are the default `hyper_list`: pass "
+                                             "`hyper_list` without them to keep them fixed)")
             raise ValueError(f"{self.name} cannot differentiate {describe_all(only_dynamics)}: "
                              f"only the optimizer's parameters or the initial dynamics read "
-                             f"{'it' if len(only_dynamics) == 1 else 'them'}.{self.unconnected_hint}")
+                             f"{'it' if len(only_dynamics) == 1 else 'them'}.{self.unconnected_hint}{given}")
         if reg.explicit and unused:
+            check_traceable()
             raise ValueError(f"Hyperparameter(s) {describe_all(unused)} in `hyper_list`: "
                              f"neither the inner objective, the optimizer, the initial dynamics nor "
                              f"the outer objective depend on them. Remove them from `hyper_list` or "
@@ -315,10 +385,10 @@ class HyperGradient:
             known = {id(v) for v, _ in pairs} | {id(v) for v in reg.problem.var_list}
             pairs += [(v, v) for v in found.init_variables if id(v) not in known]  # learned Φ₀
         if not pairs:
+            check_traceable()
             names = describe_all(v for v, _ in reg.candidates)
-            hint = self.unconnected_hint if only_dynamics else ""
             raise ValueError(f"None of the registered hyperparameters {names} affects this problem "
-                             f"in a way {self.name} differentiates; pass `hyper_list`.{frozen_hint}{hint}")
+                             f"in a way {self.name} differentiates; pass `hyper_list`.{frozen_hint}")
         hyper_ids = {id(v) for v, _ in pairs}
         overlap = [v for v in reg.problem.var_list if id(v) in hyper_ids]
         if overlap:
@@ -332,37 +402,54 @@ class HyperGradient:
         return []
 
     def _failure_context(self, global_step: int) -> str:
-        """What starts the message of a non-finite run (the method and the hyper-iteration)."""
+        """What starts the message of a failed run (the method and the hyper-iteration)."""
         return f"{self.name}, hyper-iteration {global_step}"
 
-    #: what the message of a non-finite diagnostic adds.
-    diverged_hint: str = "the hyperparameters and the inner variables were not updated."
+    #: advice for a diverged inner run or a non-finite diagnostic (None: the default advice).
+    diverged_hint: Optional[str] = None
 
-    def _check_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
-        try:
-            self._check_each_finite(results, offset, global_step)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{self._failure_context(global_step)}: {error}") from None
+    def _grad_bound(self) -> float:
+        """The largest ‖∇_λ‖∞ the growth test accepts: G·max(the first run's, 1)."""
+        if self.growth_limit is None or self._grad_reference is None:
+            return np.inf
+        return self.growth_limit * max(self._grad_reference, 1.0)
 
-    def _check_each_finite(self, results: list[RunResult], offset: int, global_step: int) -> None:
+    def _diagnosis(self, results: list[RunResult], offset: int, global_step: int, largest: float) -> str:
+        """The guard's one-line message for a failed run: what went wrong first, and that
+        nothing changed."""
+        return f"{self._failure_context(global_step)}: {self._what_failed(results, offset, largest)}; {guard.UNCHANGED}"
+
+    def _what_failed(self, results: list[RunResult], offset: int, largest: float) -> str:
+        several = len(results) > 1
+        for reg in self._registered:
+            bad = [h for h in reg.hypers if not np.all(np.isfinite(h.numpy()))]
+            if bad:
+                return (f"the hyperparameter(s) {describe_all(bad)} held NaN/Inf before the run (assigned outside "
+                        f"far_ho2?): assign finite values")
         for k, r in enumerate(results):
-            where = f" (inner problem {k})" if len(results) > 1 else ""
+            where = f" (inner problem {k})" if several else ""
             for symbol, value in self._diagnostics(r):
                 number = float(value.numpy())
                 if not np.isfinite(number):
-                    raise FloatingPointError(f"{symbol}{where} is {number}: {self.diverged_hint}")
+                    return f"{symbol}{where} is {number}: {self.diverged_hint or 'check the objectives'}"
         for k, (reg, r) in enumerate(zip(self._registered, results)):
-            where = f" of inner problem {k}" if len(results) > 1 else ""
-            raise_if_diverged(reg.problem, r.final_state, r.first_nonfinite, offset, where)
+            where = f" of inner problem {k}" if several else ""
+            message = divergence(reg.problem, r.final_state, r.health, offset, where, self.diverged_hint)
+            if message is not None:
+                return message
             if not np.isfinite(r.value.numpy()):
-                raise FloatingPointError(f"The outer objective{where} is {r.value.numpy()} at the end "
-                                         f"of the inner run; the hyperparameters were not updated.")
+                return f"the outer objective{where} is {r.value.numpy()} at the end of the inner run"
             for h, g in zip(reg.hypers, r.grads):
                 if g is not None and not np.all(np.isfinite(g.numpy())):
-                    raise FloatingPointError(
-                        f"The hypergradient{where} with respect to {describe(h)} is not finite; "
-                        f"the hyperparameters were not updated.")
-        raise FloatingPointError("a non-finite quantity; the hyperparameters were not updated.")
+                    return f"the hypergradient{where} with respect to {describe(h)} is not finite"
+        for reg, r in zip(self._registered, results):
+            for h, g in zip(reg.hypers, r.grads):
+                if g is not None and np.max(np.abs(g.numpy()), initial=0.0) >= largest > self._grad_bound():
+                    return (f"the hypergradient with respect to {describe(h)} grew without bound: ‖·‖∞ = "
+                            f"{largest:.3g}, beyond growth_limit × max(the first hyper-iteration's "
+                            f"{self._grad_reference:.3g}, 1) = {self._grad_bound():.3g}: "
+                            f"{self.diverged_hint or OUTER_ADVICE}")
+        return "a quantity of the method is not finite"
 
     # -- results ------------------------------------------------------------------------------
 

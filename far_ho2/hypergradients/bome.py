@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from far_ho2 import autodiff
+from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.compiled import compiled
@@ -38,6 +39,7 @@ class BOMECarry(NamedTuple):
     grad_dot: tf.Tensor  # ⟨∇f, ∇q̂_k⟩
     barrier: tf.Tensor  # ⟨d, ∇q̂_k⟩ = ⟨∇f, ∇q̂_k⟩ + μ_k ‖∇q̂_k‖², at least φ_k (up to δ)
     inner_direction: list  # d_w = ∇_w f + μ_k ∇_w q̂, per inner variable
+    outer_at_w: tf.Tensor  # f(λ_k, w_k), the outer objective at the method's own w
 
 
 def _add(a: Optional[tf.Tensor], b: Optional[tf.Tensor], scale: tf.Tensor = None) -> Optional[tf.Tensor]:
@@ -71,7 +73,9 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
 
     with f = E and g = L. As the official code (Cranial-XIX/BOME), the 'grad_norm' rule is
     computed as μ = max(η − ⟨∇f, ∇q̂⟩/(‖∇q̂‖² + δ), 0). The q̂ terms use the batch of the first
-    step. The inner variables hold w_k afterwards.
+    step. The inner variables hold w_k afterwards. The value reported is E at the inner solution
+    ŵ, E(λ_k, ŵ): w_k, an optimisation variable of the reformulation, need not solve the lower
+    level, and f(λ_k, w_k) (in ``carry.outer_at_w``) is optimistic.
 
     Args:
         problem, outer_objective, hypers, steps, inner_batches, outer_batch, offset: as
@@ -81,7 +85,7 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
         delta: δ, the guard of the denominator.
 
     Returns:
-        ``RunResult``: ``value`` is f(λ_k, w_k), ``grads`` the λ part of d (None where neither f
+        ``RunResult``: ``value`` is E(λ_k, ŵ), ``grads`` the λ part of d (None where neither f
         nor g depends on λ), ``carry`` a ``BOMECarry``.
 
     References:
@@ -97,6 +101,7 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     def g_at_first_batch() -> tf.Tensor:  # λ-dependent features are recomputed under the tape
         return problem.loss(problem.inputs(inner_batches.at(0)))
 
+    value = tf.stop_gradient(batching.scalar_objective(outer_objective, outer_batch))  # E(λ_k, ŵ)
     at_hat = autodiff.value_and_gradients(problem, g_at_first_batch, hypers)  # the variables hold ŵ
     problem.load(w_k)
     at_k = autodiff.value_and_gradients(problem, g_at_first_batch, hypers)
@@ -116,9 +121,10 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     grads = [_add(f, gq, mu) for f, gq in zip(outer.hypers, q_hypers)]
     inner_direction = [f + mu * gq for f, gq in zip(outer.weights, q_weights)]
     f_norm = tf.sqrt(_squared_norm(outer.hypers, dtype) + _squared_norm(outer.weights, dtype))
-    carry = BOMECarry(mu, q, control, tf.sqrt(q_norm2), f_norm, inner, inner + mu * q_norm2, inner_direction)
-    return RunResult(outer.value, grads, problem.current_state(), trajectory.losses.stack(),
-                     trajectory.first_nonfinite, carry=carry)
+    carry = BOMECarry(mu, q, control, tf.sqrt(q_norm2), f_norm, inner, inner + mu * q_norm2, inner_direction,
+                      outer.value)
+    return RunResult(value, grads, problem.current_state(), trajectory.losses.stack(),
+                     trajectory.health, carry=carry)
 
 
 class BOME(HyperGradient):
@@ -129,9 +135,13 @@ class BOME(HyperGradient):
 
         w ← w − ξ_w d_w        (``inner_learning_rate`` ξ_w), or ``inner_optimizer`` on d_w.
 
-    The inner variables are kept across runs (never reset to Φ₀). ``diagnostics`` holds, per
-    inner problem, the last iteration's μ, q̂, φ, ‖∇q̂‖ and ‖∇f‖. With several inner problems,
-    each has its own barrier (μ per problem) and their λ directions are averaged.
+    The inner variables are kept across runs (never reset to Φ₀). ``HyperOptimizer.run``
+    returns E(λ, ŵ), E at the inner solution ŵ, not at w (``carry.outer_at_w``). The joint step
+    is checked by the guard (``far_ho2.guard``): a step that makes w non-finite or grow without
+    bound undoes the hyper-iteration. ``diagnostics`` holds, per inner problem, the last
+    iteration's μ, q̂, φ, ‖∇q̂‖ and ‖∇f‖; a warning says when λ's direction has been exactly 0
+    for ``STALL_ITERATIONS`` hyper-iterations while w moves (an inactive barrier). With several
+    inner problems, each has its own barrier (μ per problem) and their λ directions are averaged.
 
     Args:
         eta: η, the barrier's strength (0.5 in the official toys). Defaults to `0.5`.
@@ -219,6 +229,16 @@ class BOME(HyperGradient):
                              f"iterations in a row while ‖∇f‖ = {norm:.3g}: the lower-level objective does "
                              f"not change with the inner variables (is it constant in w?), so the "
                              f"constraint q ≤ 0 gives no direction.")
+
+    def _stall_reason(self) -> Optional[str]:
+        moving = [d for d in self.diagnostics if d["grad_f_norm"] > 0 or d["grad_q_norm"] > 0]
+        if not moving:
+            return None
+        d = moving[0]
+        return (f"the direction on λ, ∇_λ f + μ∇_λ q̂, is 0 while w still moves (μ = {d['mu']:.3g}, q̂ = {d['q']:.3g}, "
+                f"⟨∇f, ∇q̂⟩ = {d['grad_dot']:.3g}, ‖∇q̂‖ = {d['grad_q_norm']:.3g}): with μ = 0 the barrier is "
+                f"inactive and λ only follows ∇_λ f, here 0, so it learns nothing. Raise `eta` (φ must exceed "
+                f"⟨∇f, ∇q̂⟩), or T (q̂ grows with the steps of ŵ).")
 
     def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
         carry = result.carry

@@ -12,7 +12,7 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.inputs import InnerInputs
-from far_ho2.trajectory import empty_trajectory, mark_nonfinite
+from far_ho2.trajectory import empty_trajectory, mark_unhealthy
 from far_ho2.types import Problem, RunResult
 
 
@@ -146,20 +146,20 @@ def forward_hypergradient(problem: InnerProblem, outer_objective: Callable,
         s0 = initial_state
         z0 = initial_tangents or [[tf.zeros_like(x) for x in tf.nest.flatten(s0)] for _ in tangents.components]
 
-    def body(t, flat, z, losses, first_bad):
+    def body(t, flat, z, losses, health):
         new, new_z, loss = forward_step(problem, tangents, hypers, tf.nest.pack_sequence_as(s0, flat), z, t,
                                         t + offset)
         new_flat = tf.nest.flatten(new)
-        return t + 1, new_flat, new_z, losses.write(t, loss), mark_nonfinite(first_bad, t, new_flat)
+        return t + 1, new_flat, new_z, losses.write(t, loss), mark_unhealthy(health, t, new_flat)
 
     trajectory = empty_trajectory(s0, steps)
-    _, flat, z, losses, first_bad = tf.while_loop(
+    _, flat, z, losses, health = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), tf.nest.flatten(s0), z0, trajectory.losses, trajectory.first_nonfinite))
+        (tf.constant(0), tf.nest.flatten(s0), z0, trajectory.losses, trajectory.health))
     final = tf.nest.pack_sequence_as(s0, flat)
     problem.load(final.w)
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
-    return RunResult(outer.value, contract(tangents, hypers, outer, z), final, losses.stack(), first_bad, carry=z)
+    return RunResult(outer.value, contract(tangents, hypers, outer, z), final, losses.stack(), health, carry=z)
 
 
 class ForwardHG(HyperGradient):

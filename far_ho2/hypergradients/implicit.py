@@ -106,7 +106,7 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
     total = autodiff.accumulate(total, inputs.pull_back(x_terms, hypers), connected)
     curvature = result.curvature if result.curvature is not None else tf.fill([2], tf.constant(float("nan"), s_T.w[0].dtype))
     return RunResult(outer.value, [g if c else None for g, c in zip(total, connected)], s_T,
-                     trajectory.losses.stack(), trajectory.first_nonfinite,
+                     trajectory.losses.stack(), trajectory.health,
                      carry=ImplicitCarry(result.x, result.residual, result.iterations, curvature))
 
 

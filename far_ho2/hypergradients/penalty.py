@@ -21,22 +21,23 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.trajectory import empty_trajectory, run_steps
-from far_ho2.types import RunResult
+from far_ho2.types import Health, RunResult
 
 
 class PenaltyCarry(NamedTuple):
     """What the stage test and the multiplier update need of a run."""
 
-    grad_h_norm2: tf.Tensor  # ‖∇_λ h_λ‖² + ‖∇_w h_w‖² at (λ_k, w_T)
+    grad_h_norm2: tf.Tensor  # ‖G_λ‖² + ‖∇_w h_w‖² at (λ_k, w_T), G_λ the projected gradient of h_λ
     lower_gradient: list  # ∇_w g(λ_k, w_T), per inner variable
     lower_gradient_norm: tf.Tensor  # ‖∇_w g(λ_k, w_T)‖, the constraint's residual
     surrogate: tf.Tensor  # h_w(λ_k, w_T)
+    surrogate_outer: tf.Tensor  # f(λ_k, w_T), the outer objective at the method's own w
 
 
 def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: Any, inputs: Any,
                nu: Sequence[tf.Tensor], gamma: tf.Tensor, lambda_g: tf.Tensor
                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, list]:
-    """(h_λ, h_w, g, ∇_w g) at the weights the inner variables hold:
+    """(h_λ, h_w, f, ∇_w g) at the weights the inner variables hold:
 
         h_λ = f + νᵀ∇_w g + (γ/2)‖∇_w g‖²,        h_w = h_λ + λ_g·g
 
@@ -48,7 +49,26 @@ def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: An
     f = batching.scalar_objective(outer_objective, outer_batch)
     h_upper = (f + tf.add_n([tf.reduce_sum(n * d) for n, d in zip(nu, lower)])
                + 0.5 * gamma * tf.add_n([tf.reduce_sum(d * d) for d in lower]))
-    return h_upper, h_upper + lambda_g * g, g, lower
+    return h_upper, h_upper + lambda_g * g, f, lower
+
+
+def projected_gradient(hyper: tf.Variable, gradient: tf.Tensor) -> tf.Tensor:
+    """G(λ) = λ − P(λ − ∇), the projected-gradient mapping (step 1) of a hyperparameter whose
+    ``constraint`` P is the Euclidean projection onto a closed convex set (∇ itself without a
+    constraint): G = 0 exactly at the points satisfying the constrained first-order (KKT)
+    conditions, where the raw gradient need not vanish."""
+    constraint = getattr(hyper, "constraint", None)
+    if constraint is None:
+        return gradient
+    value = tf.convert_to_tensor(hyper)
+    return value - tf.convert_to_tensor(constraint(value - gradient))
+
+
+def _merge_health(first: Health, then: Health, steps: tf.Tensor) -> Health:
+    """The health of two runs in a row, the second's steps counted after the first's."""
+    clean = tf.equal(first.first_bad, -1)
+    return Health(tf.where(clean & (then.first_bad >= 0), then.first_bad + steps, first.first_bad),
+                  tf.where(clean, then.grew, first.grew), tf.where(clean, then.bound, first.bound))
 
 
 def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
@@ -58,16 +78,21 @@ def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: 
     """One iteration of the penalty method from s_0 = ``initial_state`` (the current w and the
     inner optimizer's kept slots):
 
-        T steps   w ← Φ(w, ∇_w h_w(λ, w))    (the inner optimizer's rate times ``rate_scale``)
+        T steps   w ← Φ(w, ∇_w h_w(λ, w))    (the inner optimizer's rate times ``rate_scale``;
+                                              a line search evaluates h_w)
         direction ∇_λ h_λ(λ, w_T)
 
     which, as γ → ∞ (and with the multiplier ν), tends to the implicit hypergradient
     ∇_λ f − ∇²_{λw} g (∇²_{ww} g)⁻¹ ∇_w f: stationarity of h_w in w gives ν + γ∇_w g ≈
-    −(∇²_{ww} g)⁻¹ ∇_w f. The inner variables hold w_T afterwards.
+    −(∇²_{ww} g)⁻¹ ∇_w f. The method's w_T does not solve the lower level (∇_w g(w_T) = O(1/γ)
+    for the plain penalty), so the value reported is E at an inner solution: ŵ = T steps of the
+    inner optimizer on g itself from w_T (fresh slots, not differentiated), E(λ, ŵ). The inner
+    variables hold w_T afterwards.
 
     Returns:
-        ``RunResult``: ``value`` is f(λ, w_T), ``grads`` ∇_λ h_λ, ``inner_losses`` h_w along the
-        steps, ``carry`` a ``PenaltyCarry``.
+        ``RunResult``: ``value`` is f(λ, ŵ), ``grads`` ∇_λ h_λ, ``inner_losses`` h_w along the
+        steps, ``health`` that of the T surrogate steps then of the T steps of ŵ (counted
+        T … 2T − 1), ``carry`` a ``PenaltyCarry`` (with f(λ, w_T) as ``surrogate_outer``).
 
     References:
         Mehra, Hamm. Penalty Method for Inversion-Free Deep Bilevel Optimization. ACML 2021,
@@ -79,29 +104,30 @@ def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: 
     steps = tf.convert_to_tensor(steps, tf.int32)
     inputs = inputs_lib.prepare(problem, inner_batches, [])
 
-    def lower_surrogate_gradient(step_inputs):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(problem.var_list)
-            _, h_lower, _, _ = surrogates(problem, outer_objective, outer_batch, step_inputs, nu, gamma, lambda_g)
-        return [tf.convert_to_tensor(d) for d in tape.gradient(h_lower, problem.var_list)], h_lower
+    def lower_surrogate(step_inputs):
+        return surrogates(problem, outer_objective, outer_batch, step_inputs, nu, gamma, lambda_g)[1]
 
     trajectory = run_steps(problem, empty_trajectory(initial_state, steps), inputs.at, 0, steps, offset,
-                           direction=lower_surrogate_gradient, rate_scale=rate_scale)
+                           objective=lower_surrogate, rate_scale=rate_scale)
     with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
         tape.watch(problem.var_list)
         tape.watch(hypers)
-        h_upper, h_lower, _, lower = surrogates(problem, outer_objective, outer_batch,
+        h_upper, h_lower, f, lower = surrogates(problem, outer_objective, outer_batch,
                                                 problem.inputs(inner_batches.at(steps - 1)), nu, gamma, lambda_g)
-        f = batching.scalar_objective(outer_objective, outer_batch)
     grads = tape.gradient(h_upper, hypers)
     lower_direction = tape.gradient(h_lower, problem.var_list)
     del tape
-    norm2 = tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(g * g) for g in grads if g is not None]
+    stationarity = [projected_gradient(h, g) for h, g in zip(hypers, grads) if g is not None]
+    norm2 = tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(tf.square(tf.cast(g, dtype))) for g in stationarity]
                      + [tf.reduce_sum(tf.square(tf.convert_to_tensor(d))) for d in lower_direction])
     residual = tf.sqrt(tf.add_n([tf.reduce_sum(d * d) for d in lower]))
-    carry = PenaltyCarry(norm2, lower, residual, h_lower)
-    return RunResult(f, grads, trajectory.final, trajectory.losses.stack(), trajectory.first_nonfinite,
-                     carry=carry)
+    w_T = [v.read_value() for v in problem.var_list]
+    solution = run_steps(problem, empty_trajectory(problem.current_state(), steps), inputs.at, 0, steps, offset)
+    value = tf.stop_gradient(batching.scalar_objective(outer_objective, outer_batch))
+    problem.load(w_T)
+    carry = PenaltyCarry(norm2, lower, residual, h_lower, f)
+    return RunResult(value, grads, trajectory.final, trajectory.losses.stack(),
+                     _merge_health(trajectory.health, solution.health, steps), carry=carry)
 
 
 class Penalty(HyperGradient):
@@ -111,17 +137,25 @@ class Penalty(HyperGradient):
     ∇_λ h_λ for the outer optimizer (see ``penalty_direction``). After each update the stage
     test of the official code, on squared gradient norms,
 
-        ‖∇_λ h_λ‖² + ‖∇_w h_w‖² < ε²   ⇒   γ ← c_γ γ,  λ_g ← c_λ λ_g,  ε ← c_ε ε,
-                                          ν ← ν + γ ∇_w g,  step sizes ← c_lr · step sizes
+        ‖G_λ‖² + ‖∇_w h_w‖² < ε²   ⇒   γ ← c_γ γ,  λ_g ← c_λ λ_g,  ε ← c_ε ε,
+                                       ν ← ν + γ ∇_w g,  step sizes ← c_lr · step sizes
 
     where ∇_w g and γ are those of the run that passed (the official code compares ε² with the
     sum of the squares of squared norms, i.e. fourth powers, which stops tightening early, and
     updates ν with the new γ, which overshoots the multiplier by c_γ: harmless at c_γ = 1.1, a
-    non-converging oscillation of ν at c_γ = 2). The step sizes
+    non-converging oscillation of ν at c_γ = 2), and G_λ = λ − P(λ − ∇_λ h_λ) is the projected
+    gradient of a hyperparameter with a ``constraint=`` P (∇_λ h_λ without one): at a solution
+    on the boundary of the feasible set ∇_λ h_λ does not vanish, G_λ does. ``constraint=`` must
+    be the Euclidean projection onto a closed convex set (e.g. ``tf.clip_by_value`` for a box;
+    a ``scalar=True`` hyperparameter's is applied per component). The step sizes
     must shrink as γ grows: the surrogates' curvature grows like γ‖∇²g‖², and fixed steps
-    diverge once it leaves their stable range. The inner optimizer's learning rate is scaled
+    diverge once it leaves their stable range (the guard, ``far_ho2.guard``, then stops the run
+    with advice on the step sizes). The inner optimizer's learning rate is scaled
     by the method; the outer optimizer's, a Keras optimizer with a constant learning rate, is
-    multiplied in place (with ``lr_factor=1`` any outer optimizer works).
+    multiplied in place (with ``lr_factor=1`` any outer optimizer works). ``HyperOptimizer.run``
+    returns E at an inner solution ŵ (see ``penalty_direction``), not f at the method's w; a
+    warning says when λ stands still for ``STALL_ITERATIONS`` hyper-iterations while the stage
+    test fails.
 
     ``state_variables()`` holds γ, λ_g, ε, the stage, the step-size scale, ν and the inner
     optimizer's slots (checkpointable); ``diagnostics`` the last run's γ, stage, ‖∇_w g‖ (the
@@ -139,9 +173,9 @@ class Penalty(HyperGradient):
         gamma_factor, lambda_factor, epsilon_factor, lr_factor: c_γ, c_λ, c_ε and c_lr (the
             inner optimizer's rate). Default to `1.1`, `0.9`, `0.9`, `0.9` (the official code's).
         outer_lr_factor: the outer optimizer's c_lr. Defaults to `lr_factor` (the official
-            code shrinks both); 1 keeps the outer rate, which suffices while the T inner steps
-            keep w near the surrogate's minimizer (the outer direction then tends to a
-            hypergradient of bounded curvature).
+            code shrinks both). 1 keeps the outer rate: then the outer step must stay stable as the
+            surrogate's curvature in λ grows with γ, which a fixed rate does not ensure (on a 1-D
+            quadratic λ ran away at γ ≈ 9 with SGD(0.1)); the guard then stops the run.
         max_gamma: γ stops growing here (the stages go on updating ν and ε, and the step sizes
             stop shrinking): the augmented Lagrangian converges at a finite γ. Defaults to
             `None` (no limit, as the official code).
@@ -158,9 +192,9 @@ class Penalty(HyperGradient):
     online_modes = ()
     differentiates_dynamics = False
     persistent = True
-    diverged_hint = ("the stage diverged (its step sizes are too large for γ); lower the learning rates, "
-                     "or `lr_factor`, or `gamma_factor`. The hyperparameters and the inner variables were "
-                     "not updated.")
+    diverged_hint = ("the stage diverged: its step sizes are too large for γ (the surrogates' curvature grows like "
+                     "γ‖∇²_w g‖²); lower the learning rates, or `lr_factor` / `outer_lr_factor` (below 1 they shrink "
+                     "the steps at every stage), or `gamma_factor`")
 
     unconnected_hint = (" The penalty method differentiates no inner trajectory: optimizer "
                         "hyperparameters (learning rate, momentum) and the initialisation Φ₀ get no "
@@ -264,6 +298,18 @@ class Penalty(HyperGradient):
         self.diagnostics = [{"gamma": float(self.gamma.numpy()), "stage": int(self.stage.numpy()),
                              "constraint": float(r.carry.lower_gradient_norm.numpy()),
                              "gradient_norm2": float(r.carry.grad_h_norm2.numpy())} for r in results]
+
+    def _stall_start(self) -> None:
+        self._stage_when_still = int(self.stage.numpy())
+
+    def _stall_reason(self) -> Optional[str]:
+        if int(self.stage.numpy()) != self._stage_when_still:
+            return None
+        gradient = max(d["gradient_norm2"] for d in self.diagnostics)
+        return (f"stage {int(self.stage.numpy())} has not passed its test meanwhile (‖G_λ‖² + ‖∇_w h_w‖² = "
+                f"{gradient:.3g} ≥ ε² = {float(self.epsilon.numpy()) ** 2:.3g}), so γ stays {float(self.gamma.numpy()):.4g} "
+                f"and λ is not the bilevel solution. Is a `constraint=` not a projection (the test uses λ − P(λ − ∇h))? "
+                f"Otherwise raise `epsilon` or the inner learning rate (w does not settle on the surrogate).")
 
     def _failure_context(self, global_step: int) -> str:
         return (f"{self.name}, hyper-iteration {global_step} (stage {int(self.stage.numpy())}, "

@@ -11,8 +11,8 @@ from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.trajectory import Trajectory, empty_trajectory, mark_nonfinite, run_steps, store, stored_state
-from far_ho2.types import RunResult
+from far_ho2.trajectory import Trajectory, empty_trajectory, mark_unhealthy, run_steps, store, stored_state
+from far_ho2.types import Health, RunResult
 
 
 UNROLL = 16  # ReverseHG unrolls runs of at most this many steps
@@ -23,7 +23,7 @@ class _Forward(NamedTuple):
 
     final: NamedTuple  # s_T
     losses: tf.Tensor  # L_t(w_t), t = 0 … T−1
-    first_nonfinite: tf.Tensor  # per state component, the first step making it non-finite (−1: none)
+    health: Health  # per state component, the first step making it non-finite or too large
     backward: Callable  # (α_T, Σ∂/∂λ, Σ∂/∂x) -> (α_{T−K}, Σ∂/∂λ, Σ∂/∂x) through the last K steps
     reached_start: tf.Tensor  # 1 if K = T (α_0 reaches Φ₀), else 0
 
@@ -108,7 +108,7 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
     total = autodiff.accumulate(total, inputs.pull_back(total_x, hypers), connected)
     problem.load(forward.final.w)
     return RunResult(outer.value, [g if c else None for g, c in zip(total, connected)],
-                     forward.final, forward.losses, forward.first_nonfinite)
+                     forward.final, forward.losses, forward.health)
 
 
 def _taped_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, steps: int,
@@ -117,7 +117,7 @@ def _taped_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, s
     """The T steps unrolled in the graph, the tapes of the last K kept for the reverse pass."""
     first = steps - min(truncate or steps, steps)
     state, losses, recorded = s0, [], []
-    first_bad = empty_trajectory(s0, steps).first_nonfinite
+    health = empty_trajectory(s0, steps).health
     for t in range(steps):
         if t < first:
             problem.load(state.w)
@@ -126,7 +126,7 @@ def _taped_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, s
             recorded.append(autodiff.record_transition(problem, state, lambda t=t: inputs_at(t), t + offset,
                                                        hypers, x_sources))
             new, loss = recorded[-1].new_state, recorded[-1].loss
-        first_bad = mark_nonfinite(first_bad, t, tf.nest.flatten(new))
+        health = mark_unhealthy(health, t, tf.nest.flatten(new))
         state = new
         losses.append(loss)
 
@@ -136,7 +136,7 @@ def _taped_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, s
             alpha_flat, total, total_x = accumulate(vjp, total, total_x)
         return alpha_flat, total, total_x
 
-    return _Forward(state, tf.stack(losses), first_bad, backward, tf.constant(first == 0))
+    return _Forward(state, tf.stack(losses), health, backward, tf.constant(first == 0))
 
 
 def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, steps: Any,
@@ -156,19 +156,19 @@ def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, 
     checkpoints = [tf.TensorArray(x.dtype, size=n_segments, element_shape=x.shape)
                    for x in tf.nest.flatten(trajectory.final)]  # the last segment's stays unused
 
-    def forward_segment(i, flat, checkpoints, losses, first_bad):
+    def forward_segment(i, flat, checkpoints, losses, health):
         start = first + i * segment
         checkpoints = [ta.write(i, x) for ta, x in zip(checkpoints, flat)]
-        part = run_steps(problem, Trajectory(tf.nest.pack_sequence_as(s0, flat), [], losses, first_bad),
+        part = run_steps(problem, Trajectory(tf.nest.pack_sequence_as(s0, flat), [], losses, health),
                       inputs_at, start, start + segment, offset)
-        return i + 1, tf.nest.flatten(part.final), checkpoints, part.losses, part.first_nonfinite
+        return i + 1, tf.nest.flatten(part.final), checkpoints, part.losses, part.health
 
-    _, flat, checkpoints, losses, first_bad = tf.while_loop(
+    _, flat, checkpoints, losses, health = tf.while_loop(
         lambda i, *_: i < n_segments - 1, forward_segment,
         (tf.constant(0), tf.nest.flatten(trajectory.final), checkpoints, trajectory.losses,
-         trajectory.first_nonfinite))
+         trajectory.health))
     last = Trajectory(tf.nest.pack_sequence_as(s0, flat), store(tf.nest.pack_sequence_as(s0, flat),
-                      steps - last_start + 1), losses, first_bad)
+                      steps - last_start + 1), losses, health)
     trajectory = run_steps(problem, last, inputs_at, last_start, steps, offset, keep=True)
 
     def reverse_segment(states, start, stop, alpha_flat, total, total_x):
@@ -194,7 +194,7 @@ def _stored_forward(problem: InnerProblem, s0: NamedTuple, inputs_at: Callable, 
             lambda i, *_: i >= 0, recomputed_segment, (n_segments - 2, alpha_flat, total, total_x))
         return alpha_flat, total, total_x
 
-    return _Forward(trajectory.final, trajectory.losses.stack(), trajectory.first_nonfinite, backward,
+    return _Forward(trajectory.final, trajectory.losses.stack(), trajectory.health, backward,
                     tf.equal(first, 0))
 
 

@@ -42,7 +42,7 @@ from far_ho2.hypergradients.forward import contract, forward_step, prepare_tange
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.optimizer import SGLDOptimizer
-from far_ho2.trajectory import empty_trajectory, mark_nonfinite
+from far_ho2.trajectory import empty_trajectory, mark_unhealthy
 from far_ho2.types import RunResult
 
 ESTIMATORS = ("pathwise", "score", "reversed")
@@ -138,7 +138,7 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
             connected[hyper] = True
         sums[index] = tf.tensor_scatter_nd_add(sums[index], [[b]], [weight * tf.cast(tf.convert_to_tensor(value), dtype)])
 
-    def body(t, flat, z, q, sums, stats, losses, first_bad):
+    def body(t, flat, z, q, sums, stats, losses, health):
         state = tf.nest.pack_sequence_as(s0, flat)
         problem.load(state.w)
         sample = (t >= burn_in) & (tf.math.floormod(t - burn_in, thinning) == 0)
@@ -182,14 +182,14 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
                  lag + tf.where(sample & ~tf.equal(t, burn_in), previous * current, zero),
                  square + weight * current * current, value_sum + weight * tf.cast(outer.value, dtype))
         new_flat = tf.nest.flatten(new)
-        return (t + 1, new_flat, z, q, sums, stats, losses.write(t, current), mark_nonfinite(first_bad, t, new_flat))
+        return (t + 1, new_flat, z, q, sums, stats, losses.write(t, current), mark_unhealthy(health, t, new_flat))
 
     sums0 = [tf.zeros((batches,) + shape, dtype) for shape in shapes]
     stats0 = (zero, tf.zeros((batches, 2), dtype), zero, zero, zero)
     trajectory = empty_trajectory(s0, steps)
-    _, flat, _, _, sums, stats, losses, first_bad = tf.while_loop(
+    _, flat, _, _, sums, stats, losses, health = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), tf.nest.flatten(s0), z0, q0, sums0, stats0, trajectory.losses, trajectory.first_nonfinite))
+        (tf.constant(0), tf.nest.flatten(s0), z0, q0, sums0, stats0, trajectory.losses, trajectory.health))
     final = tf.nest.pack_sequence_as(s0, flat)
     problem.load(final.w)
 
@@ -241,7 +241,7 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     statistics = ChainStatistics(total, mean_loss, rho, total * (1 - rho) / (1 + rho), drift)
     carry = StochasticCarry([e if c else None for e, c in zip(errors, connected)], statistics)
     return RunResult(value_sum / total, [g if c else None for g, c in zip(grads, connected)], final, losses.stack(),
-                     first_bad, carry=carry)
+                     health, carry=carry)
 
 
 class StochasticHG(HyperGradient):

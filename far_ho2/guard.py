@@ -1,0 +1,109 @@
+"""The guard: a hyper-iteration whose numbers cannot be trusted raises one error and changes
+nothing.
+
+Every method runs under it (``HyperGradient.run`` and ``HyperOptimizer``). A quantity x is
+*unhealthy* when it is not finite or when it grows without bound, by the relative-growth test
+
+    ‖x‖∞ > G · max(‖x_ref‖∞, 1)          (G = ``growth_limit``, 1e8 by default)
+
+with the reference x_ref and the quantities:
+
+* the inner weights w_t at every inner step, against w at the start of the run (Φ₀, or the
+  kept w of a method that warm-starts);
+* E at the end of the inner run and the method's own scalars: finiteness only;
+* the hypergradient (outer direction), against the first hyper-iteration's;
+* the hyperparameters after the outer update, against their values at the first
+  hyper-iteration; the outer optimizer's slots: finiteness. The update is checked before the
+  hyper-iteration ends and undone if unhealthy, as is a method's own step on w (BOME's).
+
+Divergence is geometric, so any G catches it before the numbers overflow; G only sets how early,
+and how far a legitimate quantity may move from its scale (a weight initialised at 0 may reach
+1e8). ``growth_limit=None`` keeps the finiteness tests only.
+
+On failure a ``DivergenceError`` (a ``FloatingPointError``) names the method, the
+hyper-iteration, the inner step and what grew, and every variable — inner variables,
+hyperparameters, the outer optimizer's slots and the method's own state — holds the value it had
+before the hyper-iteration (``Snapshot``).
+"""
+
+import contextlib
+import threading
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from far_ho2.compiled import compiled
+
+DEFAULT_GROWTH_LIMIT = 1e8
+UNCHANGED = ("every variable (inner variables, hyperparameters, optimizer slots, the method's state) "
+             "keeps its value from before this hyper-iteration.")
+
+
+class DivergenceError(FloatingPointError):
+    """A hyper-iteration whose inner states, outer objective, hypergradient or outer update
+    became non-finite or grew without bound (see the module docstring); nothing was changed."""
+
+
+def check_growth_limit(value: Optional[float]) -> Optional[float]:
+    """``value`` as a growth limit G (> 1, finite), or None; a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 < value < np.inf:
+        raise ValueError(f"`growth_limit` must be a finite number > 1 (or None: finiteness tests only), "
+                         f"got {value!r}.")
+    return float(value)
+
+
+_LIMIT = threading.local()
+
+
+@contextlib.contextmanager
+def limit(value: Optional[float]) -> Iterator[None]:
+    """G for the loops traced inside the block (``current_limit``)."""
+    previous = getattr(_LIMIT, "value", DEFAULT_GROWTH_LIMIT)
+    _LIMIT.value = value
+    try:
+        yield
+    finally:
+        _LIMIT.value = previous
+
+
+def current_limit() -> Optional[float]:
+    """G of the method being traced (``DEFAULT_GROWTH_LIMIT`` outside a method's run)."""
+    return getattr(_LIMIT, "value", DEFAULT_GROWTH_LIMIT)
+
+
+def max_abs(x: tf.Tensor) -> tf.Tensor:
+    """‖x‖∞ as float64 (0 for an empty tensor)."""
+    x = tf.convert_to_tensor(x)
+    return tf.cast(tf.reduce_max(tf.concat([tf.reshape(tf.abs(x), [-1]), tf.zeros([1], x.dtype)], 0)), tf.float64)
+
+
+def bound(reference: tf.Tensor, growth_limit: Optional[float]) -> tf.Tensor:
+    """G · max(‖x_ref‖∞, 1): the largest ‖x‖∞ the growth test accepts (inf without a limit)."""
+    if growth_limit is None:
+        return tf.constant(np.inf, tf.float64)
+    return growth_limit * tf.maximum(max_abs(reference), 1.0)
+
+
+def healthy(x: tf.Tensor, largest: tf.Tensor) -> tf.Tensor:
+    """Whether x is finite and ‖x‖∞ ≤ ``largest``."""
+    return tf.reduce_all(tf.math.is_finite(x)) & (max_abs(x) <= largest)
+
+
+class Snapshot:
+    """Saves and restores the values of ``variables`` (one compiled read per ``take``)."""
+
+    def __init__(self, variables: Sequence[tf.Variable]):
+        self.variables = list(variables)
+        self._read = compiled(lambda: [tf.identity(v) for v in self.variables])
+
+    def take(self) -> list[tf.Tensor]:
+        """The values now."""
+        return self._read() if self.variables else []
+
+    def restore(self, values: Sequence[tf.Tensor]) -> None:
+        """Writes back the values of a ``take``."""
+        for v, value in zip(self.variables, values):
+            v.assign(value)
