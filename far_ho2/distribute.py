@@ -133,7 +133,7 @@ def hypergradient(method: HyperGradient, problem: InnerProblem, outer_objective:
     ``tf.function``); ``finite`` covers the inner states, E, ∇E and the method's own checked
     quantities."""
     result = method.hypergradient(problem, outer_objective, hypers, **arguments)
-    return share(result.value, result.grads, _result_healthy(result, method._checked(result)),
+    return share(result.value, result.grads, _result_healthy(result, method._checked(result)) & method._trusted(result),
                  tf.shape(problem.var_list[0])[0])
 
 

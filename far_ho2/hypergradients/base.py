@@ -195,6 +195,15 @@ class HyperGradient:
         here; the state, E and the hypergradients are always checked)."""
         return []
 
+    def _trusted(self, result: RunResult) -> tf.Tensor:
+        """Whether the assumptions of the method's result hold (in-graph; e.g. an inner loop
+        that converges); a run where they do not fails like a diverged one (True here)."""
+        return tf.constant(True)
+
+    def _distrust(self, result: RunResult) -> Optional[str]:
+        """Why ``_trusted`` is False for ``result``, in words (eagerly, after a failed run)."""
+        return None
+
     def _compiled(self, per_step: bool, online: Any, with_previous: bool) -> Callable:
         key = (per_step, online, with_previous)
         if key not in self._functions:
@@ -208,8 +217,8 @@ class HyperGradient:
                                                   online=online, offset=offset, options=options)
                                for k, reg in enumerate(self._registered)]
                 largest = _largest(results)
-                healthy = tf.reduce_all(tf.stack([_result_healthy(r, self._checked(r)) for r in results]
-                                                 + [largest <= grad_bound]))
+                healthy = tf.reduce_all(tf.stack([_result_healthy(r, self._checked(r)) & self._trusted(r)
+                                                  for r in results] + [largest <= grad_bound]))
                 for reg, values in zip(self._registered, before):  # nothing changes on failure
                     reg.problem.keep_if_healthy(values, healthy)
                 return results, tf.stack([tf.cast(healthy, tf.float64), largest])
@@ -439,6 +448,9 @@ class HyperGradient:
                 return message
             if not np.isfinite(r.value.numpy()):
                 return f"the outer objective{where} is {r.value.numpy()} at the end of the inner run"
+            distrust = self._distrust(r)
+            if distrust is not None:
+                return f"{distrust}{where}"
             for h, g in zip(reg.hypers, r.grads):
                 if g is not None and not np.all(np.isfinite(g.numpy())):
                     return f"the hypergradient{where} with respect to {describe(h)} is not finite"

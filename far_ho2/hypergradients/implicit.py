@@ -20,11 +20,15 @@ from far_ho2.types import RunResult
 SOLVERS = ("cg", "neumann", "fixed_point")
 
 
+DIVERGING = 2.0  # ‖∇_w L(w_T)‖ above this many times ‖∇_w L(w_0)‖: the inner loop is not converging
+
+
 class ImplicitCarry(NamedTuple):
     q: list  # the solution of the linear system (the next run's warm start)
     residual: tf.Tensor  # its relative residual
     iterations: tf.Tensor  # the solver's iterations
     curvature: tf.Tensor  # CG: [min, max] Rayleigh quotient of its directions ([nan, nan] otherwise)
+    stationarity: tf.Tensor  # [‖∇_w L(w_0)‖, ‖∇_w L(w_T)‖, |L(w_T)|] on the last step's batch
 
 
 def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
@@ -56,6 +60,10 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
         alpha: the Neumann step α (< 2/‖∇²L‖). Defaults to the inner learning rate.
         warm_start: the solver's initial guess (the previous run's q).
 
+    The inner loop must converge: ``carry.stationarity`` holds ‖∇_w L‖ at w_0 and at w_T (on the
+    last step's batch); to first order the hypergradient's error is proportional to
+    ‖∇_w L(w_T)‖ (w_T − w* ≈ (∇²_w L)⁻¹ ∇_w L(w_T)).
+
     Returns:
         ``RunResult`` whose ``carry`` is an ``ImplicitCarry``.
 
@@ -74,8 +82,12 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
         return inputs_at(steps - 1)
 
     s0 = problem.initial_state() if initial_state is None else initial_state
+    problem.load(s0.w)
+    start_gradient = _norm(problem.gradient(last_inputs())[0])
     trajectory = run_steps(problem, empty_trajectory(s0, steps), inputs_at, 0, steps, offset)
     s_T = trajectory.final
+    end_gradient, end_loss = problem.gradient(last_inputs())
+    stationarity = tf.stack([start_gradient, _norm(end_gradient), tf.abs(tf.cast(end_loss, start_gradient.dtype))])
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
     total = autodiff.accumulate(autodiff.zeros_for_none([None] * len(hypers), hypers),
                                 outer.hypers, connected)
@@ -107,7 +119,11 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
     curvature = result.curvature if result.curvature is not None else tf.fill([2], tf.constant(float("nan"), s_T.w[0].dtype))
     return RunResult(outer.value, [g if c else None for g, c in zip(total, connected)], s_T,
                      trajectory.losses.stack(), trajectory.health,
-                     carry=ImplicitCarry(result.x, result.residual, result.iterations, curvature))
+                     carry=ImplicitCarry(result.x, result.residual, result.iterations, curvature, stationarity))
+
+
+def _norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
 
 
 def hoag_tolerance(global_step: int) -> float:
@@ -142,6 +158,10 @@ class ImplicitHG(HyperGradient):
     ``run(..., online=True)`` starts the inner run from the previous run's final state (HOAG's
     warm start of the inner problem). After each run ``residuals`` holds every problem's
     (relative residual, iterations); a warning says when the solver stopped above tolerance.
+    The hypergradient assumes w_T ≈ w*(λ): a run whose inner loop moves away from stationarity,
+    ‖∇_w L(w_T)‖ > ``DIVERGING``·‖∇_w L(w_0)‖ + √ε_dtype·(1 + |L(w_T)|) (an inner learning rate
+    beyond the stable range at these hyperparameters), fails as a diverged one (``far.DivergenceError``), before the growth
+    test would.
     """
 
     online_modes = (True,)
@@ -197,6 +217,18 @@ class ImplicitHG(HyperGradient):
             initial_state=previous.state if previous is not None and online else None,
             warm_start=previous.carry.q if previous is not None and self.uses_previous else None,
             offset=offset)
+
+    def _trusted(self, result: RunResult) -> tf.Tensor:
+        start, end, loss = tf.unstack(result.carry.stationarity)
+        return end <= DIVERGING * start + np.sqrt(np.finfo(start.dtype.as_numpy_dtype).eps) * (1 + loss)
+
+    def _distrust(self, result: RunResult) -> Optional[str]:
+        if self._trusted(result).numpy():
+            return None
+        start, end, _ = result.carry.stationarity.numpy()
+        return (f"the inner loop does not converge: ‖∇_w L‖ grew from {start:.3g} at w_0 to {end:.3g} at w_T, "
+                f"and the implicit hypergradient needs w_T ≈ w*(λ): lower the inner learning rate (it is beyond "
+                f"the stable range at these hyperparameters), or bound the hyperparameters that steepen L")
 
     def _after_run(self, results: list[RunResult], global_step: int) -> None:
         self.residuals = [(float(r.carry.residual), int(r.carry.iterations)) for r in results]
