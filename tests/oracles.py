@@ -2,14 +2,17 @@
 problems whose hypergradients are known exactly (closed forms of ``far_ho2.oracles``, in float64)
 or were published by FAR-HO (float32 notebooks)."""
 
+from typing import Any, NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 import far_ho2 as far
 from far_ho2.oracles import (QuadraticBilevel, central_difference, gaussian_bilevel, numpy_unroll,  # noqa: F401
-                             quadratic_bilevel, quadratic_hypergradient, quadratic_solution,
-                             ridge_bilevel, ridge_data, ridge_per_feature, unrolled_ridge)
+                             quadratic_bilevel, quadratic_hypergradient, quadratic_inner, quadratic_outer,
+                             quadratic_solution, ridge_bilevel, ridge_data, ridge_per_feature, safe_norm,
+                             unroll_quadratic, unrolled_ridge)
 
 T, ETA, RHO = 20, 0.02, 0.3
 EXACT = 1e-8  # float64 closed form vs float64 autodiff: agreement is at round-off (~1e-13)
@@ -135,3 +138,67 @@ def legacy_t3(method: far.HyperGradient, steps: int) -> np.ndarray:
     ho.minimize(oo, far.GradientDescentOptimizer(0.1), io, far.GradientDescentOptimizer(0.1),
                 hyper_list=[e])(steps, _skip_hyper_ts=True)
     return hypergradients(ho)[0]
+
+
+# -- one iteration of BOME and of the penalty method on the quadratic problem, in float64 NumPy ------
+
+class BomeStep(NamedTuple):
+    direction_x: np.ndarray  # d_λ = ∇_λ f + μ ∇_λ q̂
+    direction_w: np.ndarray  # d_w = ∇_w f + μ ∇_w q̂
+    mu: float
+    q: float  # q̂ = g(λ, w) − g(λ, ŵ)
+    value: float  # f(λ, w)
+    scale: float  # the size of the terms summed: ‖∇f‖ + μ‖∇q̂‖
+    run: Any  # the T steps giving ŵ (far_ho2.oracles.QuadraticUnroll)
+
+
+def bome_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: Any, eta: float, phi: str,
+              delta: float) -> BomeStep:
+    """One BOME iteration at (λ, w) as ``far_ho2.hypergradients.bome.bome_direction`` defines it:
+    ŵ = T steps of the inner optimizer from w (fresh slots), then μ and d."""
+    run = unroll_quadratic(p.A, p.C, p.a, x, w, T, spec)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g_k, gx_k, gw_k = quadratic_inner(p, x, w)
+        g_hat, gx_hat, _ = quadratic_inner(p, x, run.w)
+        f, fx, fw = quadratic_outer(p, x, w)
+        q_x, q_w, q = gx_k - gx_hat, gw_k, g_k - g_hat
+        norm2 = q_x @ q_x + q_w @ q_w
+        dot = fx @ q_x + fw @ q_w
+        if phi == "grad_norm":  # as the official code: relu(η − ⟨∇f, ∇q̂⟩/(‖∇q̂‖² + δ))
+            mu = max(eta - dot / (norm2 + delta), 0.0)
+        else:
+            mu = max((eta * q - dot) / (norm2 + delta), 0.0)
+        scale = np.sqrt(fx @ fx + fw @ fw) + mu * np.sqrt(norm2)
+    return BomeStep(fx + mu * q_x, fw + mu * q_w, float(mu), float(q), f, float(scale), run)
+
+
+class PenaltyStep(NamedTuple):
+    direction: np.ndarray  # ∇_λ h_λ at (λ, w_T)
+    w: np.ndarray  # w_T
+    slots: tuple  # the inner optimizer's slots after the T steps
+    lower: np.ndarray  # ∇_w g(λ, w_T)
+    norm2: float  # ‖∇_λ h_λ‖² + ‖∇_w h_w‖², the stage test's statistic
+    value: float  # f(λ, w_T)
+    scale: float  # the size of the terms of the direction
+    run: Any  # far_ho2.oracles.QuadraticUnroll of the T steps on h_w
+
+
+def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: Any, nu: np.ndarray,
+                 gamma: float, lambda_g: float, rate_scale: float) -> PenaltyStep:
+    """One iteration of ``far_ho2.Penalty`` from w (fresh optimizer slots): T steps of the inner
+    optimizer (rate × ``rate_scale``) on h_w = f + νᵀ∇_w g + (γ/2)‖∇_w g‖² + λ_g g, a quadratic
+    in w with Hessian F + γA² + λ_g A, then the direction ∇_λ h_λ = ∇_λ f + Cν + γ C ∇_w g."""
+    A, C = p.A, p.C
+    hessian = p.F + gamma * A @ A + lambda_g * A
+    coupling = p.K + gamma * C @ A + lambda_g * C
+    linear = p.f_v + A @ nu + gamma * A @ p.a + lambda_g * p.a
+    run = unroll_quadratic((hessian + hessian.T) / 2, coupling, linear, x, w, T,
+                           spec._replace(learning_rate=spec.learning_rate * rate_scale))
+    with np.errstate(over="ignore", invalid="ignore"):
+        f, fx, _ = quadratic_outer(p, x, run.w)
+        _, _, lower = quadratic_inner(p, x, run.w)
+        direction = fx + C @ nu + gamma * C @ lower
+        surrogate_w = hessian @ run.w + coupling.T @ x + linear
+        scale = safe_norm(fx) + safe_norm(C @ nu) + gamma * safe_norm(C, 2) * safe_norm(lower)
+        norm2 = direction @ direction + surrogate_w @ surrogate_w
+    return PenaltyStep(direction, run.w, run.slots, lower, float(norm2), f, float(scale), run)
