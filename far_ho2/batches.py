@@ -172,11 +172,26 @@ def call_objective(objective: Callable, batch: Any) -> tf.Tensor:
     return objective() if batch is None else objective(batch)
 
 
-def scalar_objective(objective: Callable, batch: Any) -> tf.Tensor:
-    """The objective's value; a non-scalar tensor is summed, as ``tf.gradients`` (FAR-HO) and
-    ``GradientTape.gradient`` do with non-scalar targets."""
+def _floating_value(objective: Callable, batch: Any) -> tf.Tensor:
     value = tf.convert_to_tensor(call_objective(objective, batch))
     if not value.dtype.is_floating:
         raise TypeError(f"An objective returned a {value.dtype.name} tensor; objectives must be "
                         f"floating point.")
+    return value
+
+
+def scalar_objective(objective: Callable, batch: Any) -> tf.Tensor:
+    """The objective's value; a non-scalar tensor is summed, as ``tf.gradients`` (FAR-HO) and
+    ``GradientTape.gradient`` do with non-scalar targets."""
+    value = _floating_value(objective, batch)
     return value if value.shape.rank == 0 else tf.reduce_sum(value)
+
+
+def chain_values(objective: Callable, batch: Any, chains: int, argument: str) -> tf.Tensor:
+    """The objective's values of ``chains`` = K independent problems stacked on a leading axis,
+    a [K] vector (one value per chain); a one-line error for another shape."""
+    value = _floating_value(objective, batch)
+    if not value.shape.is_compatible_with([chains]):
+        raise ValueError(f"`{argument}` must return one value per chain (`chains={chains}`), a vector of "
+                         f"shape ({chains},); got shape {tuple(value.shape)}.")
+    return tf.ensure_shape(value, [chains])

@@ -2,7 +2,11 @@
 exactly by the reverse pass), and StochasticHG's three estimators against closed forms — the
 Gaussian problem (the Gibbs distribution and the stationary law of its discretized chain), the
 τ → 0 limit, one hyperparameter per weight, and a double-well inner energy whose expectation is
-computed by quadrature — each within a few of its own standard errors (float64)."""
+computed by quadrature — each within a few of its own standard errors (float64); K chains stacked
+on a leading axis (``chains=K``), whose pooled 'score' SE falls like 1/√K and matches the spread
+of repeated estimates; and the chain diagnostics (effective samples, drift, one warning)."""
+
+import warnings
 
 import keras
 import numpy as np
@@ -11,6 +15,8 @@ import tensorflow as tf
 
 import far_ho2 as far
 import oracles
+from far_ho2.hypergradients import stochastic
+from far_ho2.hypergradients.stochastic import DRIFT_LIMIT, ESTIMATORS, chain_statistics, visibly_not_mixed
 
 EPS = 0.01  # SGLD step: ε·λ_max(A) ≈ 0.16, ε·λ_min(A) ≈ 0.026 on the Gaussian problem
 CHAINS = 64  # independent chains, one inner problem holding them on a leading axis
@@ -161,12 +167,19 @@ def test_reverse_passes_replay_the_noise_of_the_chain(method):
     assert not np.allclose(w.numpy(), first)
 
 
-def test_diagnostics_warn_when_the_chain_has_not_mixed_and_bad_input_is_named():
+def not_mixing_problem():
+    """(λ, L, E): chains started far from the distribution (w = 20); 400 SGLD steps of 0.002
+    without burn-in do not mix."""
     X, y, Xv, yv = gaussian_data()
     lam = far.get_hyperparameter("lambda", np.float64(1.0))
-    w = tf.Variable(np.full((CHAINS, 3), 20.0), name="w")  # far from the distribution, no burn-in
+    w = tf.Variable(np.full((CHAINS, 3), 20.0), name="w")
     inner = lambda: 0.5 * tf.reduce_sum((w @ X.T - y) ** 2) + 0.5 * lam * tf.reduce_sum(w ** 2)
     outer = lambda: 0.5 * tf.reduce_sum((w @ Xv.T - yv) ** 2) / CHAINS
+    return lam, inner, outer
+
+
+def test_diagnostics_warn_when_the_chain_has_not_mixed_and_bad_input_is_named():
+    lam, inner, outer = not_mixing_problem()
     run = far.HyperOptimizer(far.StochasticHG("score")).minimize(
         outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(0.002, seed=1), hyper_list=[lam])
     with pytest.warns(RuntimeWarning, match=r"has visibly not mixed .* standard errors between the first and"):
@@ -183,6 +196,55 @@ def test_diagnostics_warn_when_the_chain_has_not_mixed_and_bad_input_is_named():
     with pytest.raises(ValueError, match="cannot differentiate .*'eps'.*use 'pathwise'"):
         far.HyperOptimizer(far.StochasticHG("score")).minimize(
             outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(lambda: eps), hyper_list=[lam, eps])(10)
+
+
+def test_a_chain_that_has_not_mixed_warns_once_then_is_counted_and_summed_up(monkeypatch):
+    monkeypatch.setattr(stochastic, "SUMMARY_EVERY", 3)
+    lam, inner, outer = not_mixing_problem()
+    method = far.StochasticHG("score")
+    ho_run = far.HyperOptimizer(method).minimize(outer, keras.optimizers.SGD(0.0), inner,
+                                                 far.SGLDOptimizer(0.002, seed=1), hyper_list=[lam])
+    run = lambda: ho_run(400, _skip_hyper_ts=True)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match=r"not mixed at hyper-iteration 0: .* moved by -?\d+\.\d standard "
+                                            r"errors .*, and \d+ of 400 samples are effective.* `not_mixed_runs`"):
+        run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()  # counted, silent
+        assert not caught
+        run()  # the third run: the summary of the runs not reported
+    assert len(caught) == 1 and str(caught[0].message).startswith("StochasticHG: 2 more chains had not mixed")
+    assert "(3 of 3 runs so far)" in str(caught[0].message)
+    assert method.not_mixed_runs == method.runs == 3
+
+
+def test_chain_statistics_effective_samples_at_most_the_samples_and_a_calibrated_drift():
+    """On AR(1) traces x_t = φx_{t−1} + √(1 − φ²)ξ_t (τ = (1 + φ)/(1 − φ)): anti-correlated ones
+    have M effective samples, not more (a lag-1 formula clipped at ρ = −0.99 gave 199·M); the
+    drift of stationary squared traces (skewed, τ ≈ 10) exceeds DRIFT_LIMIT on 0.5 % of them
+    (the batch-means test it replaces: 4.6 %), and a chain that starts off its law is flagged (a
+    transient raises |z|, or τ̂ and so lowers the effective samples)."""
+    rng = np.random.default_rng(0)
+
+    def ar1(phi, runs, m):
+        x = np.empty((runs, m))
+        x[:, 0] = rng.normal(size=runs)
+        for t in range(1, m):
+            x[:, t] = phi * x[:, t - 1] + np.sqrt(1 - phi ** 2) * rng.normal(size=runs)
+        return x
+    statistics = tf.function(lambda trace, chains: chain_statistics(trace, chains))
+    for phi, chains in ((-0.99, 1), (-0.9, 4), (0.0, 1), (0.9, 1)):
+        s = statistics(tf.constant(ar1(phi, 1, 4000)[0]), chains)
+        assert float(s.samples) == 4000 * chains and float(s.effective_samples) <= float(s.samples)
+        assert abs(float(s.autocorrelation) - phi) < 0.05
+        expected = chains * 4000 * min((1 - phi) / (1 + phi), 1.0)
+        assert abs(float(s.effective_samples) / expected - 1) < 0.3, (phi, float(s.effective_samples), expected)
+    stationary = ar1(0.9, 400, 400) ** 2  # squares: ρ_s = 0.81^s
+    drift = np.array([float(statistics(tf.constant(x), 1).drift) for x in stationary])
+    assert np.mean(np.abs(drift) > DRIFT_LIMIT) <= 0.015 and 0.8 < drift.std() < 1.5
+    transient = stationary[:50] + 10 * np.sqrt(2) * np.exp(-np.arange(400) / 50)  # 10 sd, decaying
+    for x in transient:
+        assert visibly_not_mixed({k: float(v) for k, v in statistics(tf.constant(x), 1)._asdict().items()}, True)
 
 
 @pytest.mark.parametrize("estimator", ["pathwise", "score", "reversed"])
@@ -211,3 +273,103 @@ def test_hoisted_features_give_the_estimate_of_features_evaluated_at_every_step(
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)  # round-off apart
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
     assert np.all(results[0][1] > 0)
+
+
+# -- chains stacked on a leading axis, declared with ``chains=K`` -----------------------------------
+
+def stacked_chains(estimator, chains, *, steps, burn_in, declared=True, seed=1, step=EPS):
+    """K chains of the Gaussian problem as one inner problem (w [K, 3]), started at μ; declared:
+    the objectives return the K chains' L_k and E_k, else the scalar idiom (Σ_k L_k, mean_k E_k).
+    Returns (once, method): ``once()`` is one more run (new noise), giving (estimate, SE, F̂)."""
+    far.clear_hyperparameters()
+    X, y, Xv, yv = gaussian_data()
+    lam = far.get_hyperparameter("lambda", np.float64(1.0))
+    w = tf.Variable(np.tile(np.linalg.solve(X.T @ X + np.eye(3), X.T @ y), (chains, 1)), name="w")
+    per_chain_inner = lambda: (0.5 * tf.reduce_sum((w @ X.T - y) ** 2, axis=1)
+                               + 0.5 * lam * tf.reduce_sum(w ** 2, axis=1))
+    per_chain_outer = lambda: 0.5 * tf.reduce_sum((w @ Xv.T - yv) ** 2, axis=1)
+    inner, outer = ((per_chain_inner, per_chain_outer) if declared else
+                    (lambda: tf.reduce_sum(per_chain_inner()), lambda: tf.reduce_mean(per_chain_outer())))
+    method = far.StochasticHG(estimator, burn_in=burn_in, chains=chains if declared else None)
+    ho = far.HyperOptimizer(method)
+    run = ho.minimize(outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(step, seed=seed), hyper_list=[lam])
+
+    def once():
+        value = run(steps, _skip_hyper_ts=True)
+        return float(ho.hypergradients()[0][0]), float(method.standard_errors[0][0]), float(value)
+    return once, method
+
+
+POOLED_STEP = 0.05  # ε·λ_min(A) ≈ 0.13: short chains mix; the oracle is exact for the chain at any ε
+
+
+def pooled_score_over_chains(runs, *, steps=400, burn_in=50):
+    """Per K: the estimates and reported SEs of 'score' over ``runs[K]`` runs of K chains."""
+    results = {}
+    for chains, count in runs.items():
+        once, _ = stacked_chains("score", chains, steps=steps, burn_in=burn_in, step=POOLED_STEP)
+        results[chains] = np.array([once()[:2] for _ in range(count)]).T
+    return results
+
+
+def check_pooled_score(results, ratio_tolerance, honesty):
+    """SE(K)/SE(4) ≈ √(4/K), each K's SE the root mean square over its runs (SE² is unbiased for
+    the variance; one SE from 4 chains has 3 degrees of freedom); the mean of each K's runs
+    within Z of their SE of the exact value; the spread of the estimates about it, over all runs
+    in units of their K's SE, within ``honesty`` of 1."""
+    X, y, Xv, yv = gaussian_data()
+    exact = oracles.gaussian_bilevel(X, y, Xv, yv, 1.0, 1.0, step=POOLED_STEP).score  # the chain's law
+    se = {k: np.sqrt(np.mean(errors ** 2)) for k, (_, errors) in results.items()}
+    for chains, (estimates, _) in results.items():
+        np.testing.assert_allclose(se[chains] / se[4], np.sqrt(4 / chains), rtol=ratio_tolerance)
+        assert abs(estimates.mean() - exact) < Z * se[chains] / np.sqrt(len(estimates)), (chains, estimates, exact)
+    spread = np.sqrt(np.mean(np.concatenate([((e - exact) / se[k]) ** 2 for k, (e, _) in results.items()])))
+    assert honesty[0] < spread < honesty[1], spread
+
+
+def test_score_pools_stacked_chains_its_standard_error_falls_like_one_over_root_k():
+    """Declared chains: only each chain's own Cov(E_k, ∂L_k/∂λ) enters and the SEs come from the
+    spread across chains, so they fall like 1/√K. Over 200 runs each: SEs 0.210, 0.105, 0.054 at
+    K = 4, 16, 64 against root-mean-square errors 0.206, 0.107, 0.053 (summed objectives, whose
+    cross-chain products are pure noise: SEs 0.23, 0.18, 0.17)."""
+    check_pooled_score(pooled_score_over_chains({4: 128, 16: 24, 64: 8}), ratio_tolerance=0.3, honesty=(0.75, 1.3))
+
+
+@pytest.mark.long
+def test_score_pools_stacked_chains_long():
+    check_pooled_score(pooled_score_over_chains({4: 1000, 16: 200, 64: 50}), ratio_tolerance=0.1,
+                       honesty=(0.92, 1.08))
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "reversed", "score"])
+def test_declared_chains_estimate_the_scalar_idioms_objective(estimator):
+    """The same chains (same noise) with per-chain objectives or summed (L) and averaged (E) ones:
+    'pathwise' and 'reversed' give the same estimate and SEs to round-off (their per-sample
+    estimate is linear in the chains' terms, their SEs batch means either way); 'score' the same
+    F̂, and with one chain the same estimate and SE."""
+    chains = 1 if estimator == "score" else 8
+    declared, summed = (stacked_chains(estimator, chains, steps=200, burn_in=50, declared=d)[0]()
+                        for d in (True, False))
+    np.testing.assert_allclose(declared, summed, rtol=1e-10)
+    if estimator == "score":
+        declared, summed = (stacked_chains("score", 8, steps=200, burn_in=50, declared=d)[0]() for d in (True, False))
+        np.testing.assert_allclose(declared[2], summed[2], rtol=1e-12)
+
+
+def test_declared_chains_bad_shapes_are_one_line_errors():
+    X, y, Xv, yv = gaussian_data()
+    lam = far.get_hyperparameter("lambda", np.float64(1.0))
+    w = tf.Variable(np.zeros((4, 3)), name="w")
+    per_chain = lambda: 0.5 * tf.reduce_sum((w @ X.T - y) ** 2, axis=1) + 0.5 * lam * tf.reduce_sum(w ** 2, axis=1)
+    summed = lambda: tf.reduce_sum(per_chain())
+    for inner, outer, message in (
+            (summed, per_chain, r"^`inner_objective` must return one value per chain \(`chains=4`\), a vector of "
+                                r"shape \(4,\); got shape \(\)\.$"),
+            (per_chain, lambda: w @ Xv.T, r"^`outer_objective` must return .* got shape \(4, 12\)\.$")):
+        for estimator in ESTIMATORS:
+            run = far.HyperOptimizer(far.StochasticHG(estimator, chains=4)).minimize(
+                outer, keras.optimizers.SGD(0.0), inner, far.SGLDOptimizer(EPS), hyper_list=[lam])
+            with pytest.raises(ValueError, match=message):
+                run(10, _skip_hyper_ts=True)
+    with pytest.raises(ValueError, match=r"`chains` must be None or an int ≥ 1, got 0"):
+        far.StochasticHG("score", chains=0)

@@ -12,9 +12,17 @@ defined whether the inner problem has one minimizer, several, or is not solved t
                 (A_t = ∂Φ_t/∂w, B_t = ∂Φ_t/∂λ): forward mode through the chain (ForwardHG's
                 recursion), exact in expectation for the discretized chain; memory O(|w|·m),
                 m JVPs per step (m scalar hyperparameter components).
-    'score'     ∇F = E_p[∂E/∂λ] − Cov_p(E, ∂L/∂λ)/τ  (differentiating the Gibbs density):
-                running moments only, memory O(|w| + |λ|), one gradient of L and of E per
-                kept sample; exact for p (the chain's O(ε) discretization bias aside).
+    'score'     ∇F = E_p[∂E/∂λ] − Cov_p(E, ∂L/∂λ)/τ  (differentiating the Gibbs density), and
+                for K independent chains stacked on a leading axis (``chains=K``: L = Σ_k L_k,
+                p = Π_k p_k, F = (1/K) Σ_k E_p[E_k]) each chain's own covariance:
+                    ∇F = (1/K) Σ_k (E_p[∂E_k/∂λ] − Cov_p(E_k, ∂L_k/∂λ)/τ),
+                    ĝ = (1/KM) Σ_{k,t} [∂E_kt/∂λ − (E_kt − Ē)(∂L_kt/∂λ − ḡ)/τ]
+                around the grand means Ē, ḡ. Exactly centred after the chain from per-row sums of
+                E, Q = ∂E/∂λ − E·∂L/∂λ/τ and S = ∂L/∂λ, by Σ(E − Ē)(g − ḡ) = ΣEg − ĒΣg − ḡΣE + nĒḡ.
+                Cost per kept sample (none in the burn-in): one Jacobian of 2G rows (Q and S of
+                each of G groups of chains, G = min(K, ``batches``); G = 1 without chains), i.e.
+                2G vectorized vector-Jacobian products; memory O(|w| + R·|λ|) for R rows of
+                standard errors. Exact for p (the chain's O(ε) discretization bias aside).
     'reversed'  q_{t+1} = A_tᵀ q_t + ∂E/∂w(w_t),  ĝ = mean_t [∂E/∂λ(w_t) + B_tᵀ q_t]: the
                 pathwise sum over pairs s < t with the two ends of every pair exchanged. For a
                 stationary time-reversible chain both orders of a pair have the same law, so the
@@ -24,18 +32,23 @@ defined whether the inner problem has one minimizer, several, or is not solved t
                 approximation of the forward recursion whose exact form could not be read here,
                 and 'reversed' is not claimed to be it.
 
-Every estimate comes with the standard error of each component by batch means: the kept
-samples are cut into ``batches`` consecutive batches and SE = sd(batch estimates)/√batches, which
-accounts for the autocorrelation of the chain when a batch spans several autocorrelation times.
+Every estimate comes with the standard error of each component, SE = sd(row estimates)/√R over
+R rows: by batch means, the kept samples cut into R = ``batches`` consecutive batches, which
+accounts for the autocorrelation of the chain when a batch spans several autocorrelation times;
+for 'score' with K ≥ 2 chains, over R = min(K, ``batches``) groups of chains, independent by
+construction: honest whatever the autocorrelation, falling like 1/√K, itself uncertain with few
+chains (R − 1 degrees of freedom). 'pathwise' and 'reversed' keep batch means with chains: their
+per-sample estimate is already the mean of the chains' terms.
 """
 
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from far_ho2 import autodiff
+from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.forward import contract, forward_step, prepare_tangents, start_tangents
@@ -48,17 +61,19 @@ from far_ho2.types import RunResult
 ESTIMATORS = ("pathwise", "score", "reversed")
 DRIFT_LIMIT = 4.0  # |z| of the mean inner loss, first half vs second half, that says "not mixed"
 MIN_EFFECTIVE_SAMPLES = 10.0  # fewer effective samples than this: the SEs are not trustworthy
+SUMMARY_EVERY = 100  # runs: after its first "not mixed" warning, StochasticHG sums up at most this often
 
 
 class ChainStatistics(NamedTuple):
-    """A chain's diagnostics (SGLD has no accept/reject step: these use the inner loss)."""
+    """A run's diagnostics (SGLD has no accept/reject step: these use the inner loss L, summed
+    over the chains, at the kept samples; see ``chain_statistics``)."""
 
-    samples: tf.Tensor  # M, the kept samples
+    samples: tf.Tensor  # K·M, the kept samples of the K chains
+    chains: tf.Tensor  # K
     mean_inner_loss: tf.Tensor  # mean of L over the kept samples
-    autocorrelation: tf.Tensor  # ρ₁, the lag-1 autocorrelation of L over the kept samples
-    effective_samples: tf.Tensor  # M (1 − ρ₁)/(1 + ρ₁)
-    drift: tf.Tensor  # z of the mean of L in the first half of the batches against the second half
-    #                   (with the spread of the second half's batch means: a trend shows up)
+    autocorrelation: tf.Tensor  # ρ₁, the lag-1 autocorrelation of L
+    effective_samples: tf.Tensor  # K·M/τ̂ ≤ K·M (τ̂ ≥ 1, the integrated autocorrelation time of L)
+    drift: tf.Tensor  # z of the mean of L in the first half of the samples against the second half
 
 
 class StochasticCarry(NamedTuple):
@@ -66,38 +81,90 @@ class StochasticCarry(NamedTuple):
     statistics: ChainStatistics
 
 
-def _per_batch(sums: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
-    """Batch sums [B, ...] divided by the batch counts [B]."""
-    return tf.einsum("b,b...->b...", 1 / tf.maximum(counts, 1.0), sums)
+def _mean(x: tf.Tensor) -> tf.Tensor:
+    """The mean of a vector (0 for an empty one)."""
+    return tf.math.divide_no_nan(tf.reduce_sum(x), tf.cast(tf.size(x), x.dtype))
 
 
-def _standard_error(per_batch: tf.Tensor) -> tf.Tensor:
-    """sd(batch estimates)/√B."""
-    n = tf.cast(tf.shape(per_batch)[0], per_batch.dtype)
-    return tf.sqrt(tf.reduce_sum(tf.square(per_batch - tf.reduce_mean(per_batch, axis=0)), axis=0) / ((n - 1) * n))
+def chain_statistics(trace: tf.Tensor, chains: int) -> ChainStatistics:
+    """The diagnostics of the kept inner losses L_1 … L_M of a run (L summed over K independent
+    chains has the autocorrelations of one chain's loss):
+
+        ρ_s = Σ_t (L_t − L̄)(L_{t+s} − L̄) / Σ_t (L_t − L̄)²,   Γ_m = ρ_{2m} + ρ_{2m+1},
+        τ̂ = max(1, −1 + 2 Σ_{m < m*} Γ_m),  m* the first m with Γ_m ≤ 0  (Geyer's initial positive
+        sequence), effective samples K·M/τ̂ ≤ K·M,
+        drift z = (L̄₁ − L̄₂) / √(s₂² τ̂ (1/n₁ + 1/n₂))  over the halves 1 and 2 of the samples,
+
+    s₂² the second half's variance: a transient at the start of the chain inflates neither s₂ nor
+    the first half's weight, while τ̂ makes z a standard score on a stationary chain (on the
+    Gaussian test problem |z| > 4 on 0.5 % of stationary runs of M = 200, on none of M = 1000).
+    A transient also raises τ̂, i.e. lowers the effective samples: ``visibly_not_mixed`` flags
+    either.
+    """
+    dtype = trace.dtype
+    m = tf.size(trace)
+    size = tf.cast(m, dtype)
+    centred = trace - _mean(trace)
+    spectrum = tf.signal.rfft(centred, [2 * m])
+    covariances = tf.signal.irfft(spectrum * tf.math.conj(spectrum), [2 * m])[:m]
+    rho = tf.math.divide_no_nan(covariances, covariances[0])
+    pairs = rho[0:2 * (m // 2):2] + rho[1:2 * (m // 2):2]
+    initial = tf.math.cumprod(tf.cast(pairs > 0, dtype))  # 1 up to the first Γ_m ≤ 0, then 0
+    tau = tf.maximum(2 * tf.reduce_sum(initial * pairs) - 1, 1.0)
+    half = m // 2
+    first, second = trace[:half], trace[half:]
+    n1, n2 = tf.cast(half, dtype), tf.cast(m - half, dtype)
+    spread = tf.reduce_sum(tf.square(second - _mean(second))) / tf.maximum(n2 - 1, 1.0)
+    drift = tf.math.divide_no_nan(_mean(first) - _mean(second),
+                                  tf.sqrt(spread * tau * (tf.math.divide_no_nan(1.0, n1) + 1 / n2)))
+    k = tf.constant(chains, dtype)
+    return ChainStatistics(k * size, k, _mean(trace), tf.pad(rho, [[0, 1]])[1], k * size / tau, drift)
 
 
-def _totals(sums: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    return [tf.reduce_sum(x, axis=0) for x in sums]
+def effective_samples(statistics: Mapping[str, float], batch_means: bool) -> tuple[float, float]:
+    """(effective samples, samples) behind the standard errors, from the fields of a
+    ``ChainStatistics`` as numbers: each chain's for batch means (a batch must span several
+    autocorrelation times of one chain), all the chains' for their spread across chains."""
+    chains = statistics["chains"] if batch_means else 1.0
+    return statistics["effective_samples"] / chains, statistics["samples"] / chains
 
 
-def _centred(product: tf.Tensor, lower: tf.Tensor, outer: tf.Tensor, counts: tf.Tensor, e_mean: tf.Tensor,
-             g_mean: tf.Tensor) -> tf.Tensor:
-    """Σ_{t∈b} (E_t − Ē)(g_t − ḡ) per batch b, from the batch sums of E·g, g and E and the counts."""
+def visibly_not_mixed(statistics: Mapping[str, float], batch_means: bool) -> bool:
+    """|drift| > ``DRIFT_LIMIT``, or fewer than ``MIN_EFFECTIVE_SAMPLES`` effective samples behind
+    the standard errors (``effective_samples``)."""
+    return (abs(statistics["drift"]) > DRIFT_LIMIT
+            or effective_samples(statistics, batch_means)[0] < MIN_EFFECTIVE_SAMPLES)
+
+
+def _standard_error(parts: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
+    """The SE of ĝ = Σ_r P_r / N from R independent rows of sums P_r [R, ...] over n_r samples
+    (N = Σ n_r, ĝ_r = P_r/n_r):  SE² = Σ_r n_r (ĝ_r − ĝ)² / ((R − 1) N),  sd(ĝ_r)/√R for equal n_r."""
+    n = tf.cast(tf.shape(parts)[0], parts.dtype)
+    total = tf.reduce_sum(counts)
+    per_row = tf.einsum("b,b...->b...", 1 / tf.maximum(counts, 1.0), parts)
+    deviations = tf.einsum("b,b...->b...", counts, tf.square(per_row - tf.reduce_sum(parts, axis=0) / total))
+    return tf.sqrt(tf.reduce_sum(deviations, axis=0) / ((n - 1) * total))
+
+
+def _centring(lower: tf.Tensor, outer: tf.Tensor, counts: tf.Tensor, e_mean: tf.Tensor, g_mean: tf.Tensor) -> tf.Tensor:
+    """Σ_{t∈r} (E_t g_t − (E_t − Ē)(g_t − ḡ)) = Ē·Σg + ḡ·ΣE − n·Ē·ḡ per row r, from its sums of g and
+    E and its count n (Ē, ḡ the means over every row)."""
     expand = lambda v: tf.reshape(v, tf.concat([tf.shape(v), tf.ones(tf.rank(lower) - 1, tf.int32)], 0))  # noqa: E731
-    return product - e_mean * lower - expand(outer) * g_mean + expand(counts) * e_mean * g_mean
+    return e_mean * lower + expand(outer) * g_mean - expand(counts) * e_mean * g_mean
 
 
 def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
                              steps: Any, inner_batches: Batches, outer_batch: Any = None,
                              estimator: str = "pathwise", burn_in: int = 0, thinning: int = 1, batches: int = 20,
-                             initial_state: Any = None, offset: Any = 0) -> RunResult:
+                             chains: Optional[int] = None, initial_state: Any = None, offset: Any = 0) -> RunResult:
     """The Monte-Carlo hypergradient of F(λ) = E_{w∼p(·|λ)}[E(w, λ)] along one SGLD chain of T =
     ``steps`` steps from Φ₀ (or ``initial_state``): the states w_t, t = ``burn_in``, … , T − 1,
     every ``thinning``-th one, are the M samples (see the module docstring for the estimators).
-    The samples are cut into ``batches`` batches (at most M) for the standard errors. Hoisted
-    features x = φ_λ(batch) are differentiated as extra sources and pulled back to λ once per
-    batch of samples (all the estimators are linear in the per-sample terms).
+    With ``chains`` = K the objectives return the [K] values of K independent problems stacked on
+    a leading axis: the energy is Σ_k L_k, F = (1/K) Σ_k E_p[E_k]. The standard errors come from
+    ``batches`` rows: batches of consecutive samples, or for 'score' with K ≥ 2 groups of chains.
+    Hoisted features x = φ_λ(batch) are differentiated as extra sources and pulled back to λ once
+    per row (all the estimators are linear in the per-sample terms).
 
     Returns:
         ``RunResult``: ``value`` is the MC estimate of F, ``grads`` the estimate of ∇F,
@@ -105,10 +172,17 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+    static_steps = tf.get_static_value(steps)
+    if static_steps is not None and static_steps <= burn_in:
+        raise ValueError(f"`steps` = {static_steps} leaves no sample after `burn_in` = {burn_in}.")
     hypers, dtype = list(hypers), problem.dtype
+    n_chains = chains or 1
+    pooled = estimator == "score" and n_chains >= 2  # rows: groups of chains, not batches of samples
+    groups = min(n_chains, batches) if pooled else 1  # the rows one sample adds to
+    rows = groups if pooled else batches
     steps = tf.convert_to_tensor(steps, tf.int32)
     kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
-    n_batches = tf.minimum(tf.constant(batches, tf.int32), kept)
+    n_rows = tf.constant(rows) if pooled else tf.minimum(tf.constant(batches, tf.int32), kept)
     if estimator == "pathwise":  # forward mode carries ∂x/∂λ of hoisted inputs in its tangents
         tangents = prepare_tangents(problem, hypers, inner_batches)
         inputs, sources = tangents.inputs, []
@@ -116,19 +190,60 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
                   (initial_state, [[tf.zeros_like(x) for x in tf.nest.flatten(initial_state)]
                                    for _ in tangents.components]))
     else:
-        inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=batches + 1)
+        inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=rows + 1)
         sources, tangents, z0 = inputs.sources, None, []
         s0 = problem.initial_state() if initial_state is None else initial_state
     q0 = [tf.zeros_like(w) for w in s0.w] if estimator == "reversed" else []
-    zero = tf.zeros((), dtype)
+    if chains is not None:  # the inner objective's shape, checked once
+        batching.chain_values(problem.objective, inputs.at(0), chains, "inner_objective")
+
+    def outer_values() -> tf.Tensor:
+        """E_k per chain, [K] (a scalar objective as [1])."""
+        if chains is None:
+            return tf.reshape(batching.scalar_objective(outer_objective, outer_batch), [1])
+        return batching.chain_values(outer_objective, outer_batch, chains, "outer_objective")
+
+    def inner_values(t: tf.Tensor) -> tf.Tensor:
+        """L_k per chain, [K]."""
+        if chains is None:
+            return tf.reshape(problem.loss(inputs.at(t)), [1])
+        return batching.chain_values(problem.objective, inputs.at(t), chains, "inner_objective")
+
     connected = [False] * len(hypers)
-    # per-batch sums, for λ and for the hoisted inputs x: 'score' keeps E, then (∂E/∂λ, ∂L/∂λ,
-    # E·∂L/∂λ) per λ and (∂L/∂x, E·∂L/∂x) per x; the others the per-sample estimate.
-    per_hyper, per_source = (3, 2) if estimator == "score" else (1, 1)
-    shapes = ([()] if estimator == "score" else []) + [tuple(h.shape) for h in hypers for _ in range(per_hyper)] \
-        + [tuple(x.shape) for x in sources for _ in range(per_source)]
-    first_hyper = 1 if estimator == "score" else 0
-    first_source = first_hyper + per_hyper * len(hypers)
+    # per-row sums, for λ and for the hoisted inputs x: 'score' keeps E, then (Q, S) per λ and per
+    # x (see score_terms); the others the per-sample estimate.
+    per_source = 2 if estimator == "score" else 1
+    shapes = ([()] if estimator == "score" else []) + [tuple(x.shape) for x in hypers + sources
+                                                        for _ in range(per_source)]
+    first_source = len(hypers)  # of 'pathwise' and 'reversed'
+    if estimator == "score":
+        temperature = tf.stop_gradient(tf.cast(problem.optimizer.params(steps + offset, dtype).temperature, dtype))
+        member = tf.one_hot(tf.range(n_chains) * groups // n_chains, groups, dtype=dtype)  # [K, G]: chain k's group
+    sizes = tf.reduce_sum(member, 0) if estimator == "score" else tf.ones([1], dtype)  # per sample and row: its count
+
+    def score_terms(t: tf.Tensor) -> list[tf.Tensor]:
+        """One sample's sums per group g (its chains k): Σ_k E_k, then per λ and per x
+        Q_g = ∂/∂λ Σ_k (E_k − E_k L_k/τ)  (E_k held fixed in the product) and S_g = ∂/∂λ Σ_k L_k:
+        one Jacobian of the 2G rows (Q, S) by vectorized reverse mode (row by row when run eagerly,
+        where the vectorization would be traced again at every step)."""
+        eager = tf.executing_eagerly()
+        with tf.GradientTape(watch_accessed_variables=False, persistent=eager) as tape:
+            tape.watch(hypers + sources)
+            e = tf.cast(outer_values(), dtype)
+            lower = tf.cast(inner_values(t), dtype)
+            per_chain = tf.stack([e - tf.stop_gradient(e) * lower / temperature, lower])  # [2, K]
+            grouped = tf.reshape(tf.matmul(per_chain, member), [2 * groups])
+        jacobians = tape.jacobian(grouped, hypers + sources, experimental_use_pfor=not eager)
+        terms = [tf.linalg.matvec(member, tf.stop_gradient(e), transpose_a=True)]
+        for i, (jacobian, x) in enumerate(zip(jacobians, hypers + sources)):
+            if jacobian is None:
+                terms += [tf.zeros((groups,) + tuple(x.shape), dtype)] * 2
+                continue
+            if i < len(hypers):
+                connected[i] = True
+            jacobian = tf.cast(tf.convert_to_tensor(jacobian), dtype)
+            terms += [jacobian[:groups], jacobian[groups:]]
+        return terms
 
     def add(sums: list, index: int, b: tf.Tensor, value: Optional[tf.Tensor], weight: tf.Tensor,
             hyper: Optional[int] = None) -> None:
@@ -138,14 +253,22 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
             connected[hyper] = True
         sums[index] = tf.tensor_scatter_nd_add(sums[index], [[b]], [weight * tf.cast(tf.convert_to_tensor(value), dtype)])
 
-    def body(t, flat, z, q, sums, stats, losses, health):
+    def body(t, flat, z, q, sums, counts, value_sum, losses, health):
         state = tf.nest.pack_sequence_as(s0, flat)
         problem.load(state.w)
         sample = (t >= burn_in) & (tf.math.floormod(t - burn_in, thinning) == 0)
         weight = tf.cast(sample, dtype)
-        b = tf.clip_by_value(((t - burn_in) // thinning) * n_batches // kept, 0, n_batches - 1)
+        b = tf.clip_by_value(((t - burn_in) // thinning) * n_rows // kept, 0, n_rows - 1)
+        index = tf.range(groups)[:, None] if pooled else [[b]]
+        counts = tf.tensor_scatter_nd_add(counts, index, weight * sizes)
         sums = list(sums)
-        outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
+        if estimator == "score":  # only the kept samples: the burn-in costs the steps alone
+            terms = tf.cond(sample, lambda: score_terms(t), lambda: [tf.zeros((groups,) + s, dtype) for s in shapes])
+            sums = [tf.tensor_scatter_nd_add(x, index, term) for x, term in zip(sums, terms)]
+            new, loss = problem.transition(state, inputs.at(t), t + offset)
+        else:
+            outer = autodiff.value_and_gradients(problem, lambda: tf.reduce_mean(outer_values()), hypers)
+            value_sum = value_sum + weight * tf.cast(outer.value, dtype)
         if estimator == "pathwise":  # the step first: it marks which components reach the state
             new, new_z, loss = forward_step(problem, tangents, hypers, state, z, t, t + offset)
             for i, g in enumerate(contract(tangents, hypers, outer, z)):
@@ -161,86 +284,46 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
                 add(sums, first_source + j, b, through, weight)
             q = [a + v for a, v in zip(tf.nest.flatten(vjp.state)[:len(q)], outer.weights)]
             new, loss = recorded.new_state, recorded.loss
-        else:
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(hypers + sources)
-                lower_value = problem.loss(inputs.at(t))
-            lower = tape.gradient(lower_value, hypers + sources)
-            add(sums, 0, b, outer.value, weight)
-            for i, (outer_grad, lower_grad) in enumerate(zip(outer.hypers, lower[:len(hypers)])):
-                add(sums, 1 + 3 * i, b, outer_grad, weight, i)
-                add(sums, 2 + 3 * i, b, lower_grad, weight, i)
-                add(sums, 3 + 3 * i, b, None if lower_grad is None else outer.value * lower_grad, weight, i)
-            for j, lower_grad in enumerate(lower[len(hypers):]):
-                add(sums, first_source + 2 * j, b, lower_grad, weight)
-                add(sums, first_source + 2 * j + 1, b, None if lower_grad is None else outer.value * lower_grad, weight)
-            new, loss = problem.transition(state, inputs.at(t), t + offset)
-        previous, by_batch, lag, square, value_sum = stats
-        current = tf.cast(loss, dtype)
-        stats = (tf.where(sample, current, previous),
-                 tf.tensor_scatter_nd_add(by_batch, [[b]], [tf.stack([weight, weight * current])]),
-                 lag + tf.where(sample & ~tf.equal(t, burn_in), previous * current, zero),
-                 square + weight * current * current, value_sum + weight * tf.cast(outer.value, dtype))
         new_flat = tf.nest.flatten(new)
-        return (t + 1, new_flat, z, q, sums, stats, losses.write(t, current), mark_unhealthy(health, t, new_flat))
+        return (t + 1, new_flat, z, q, sums, counts, value_sum, losses.write(t, tf.cast(loss, dtype)),
+                mark_unhealthy(health, t, new_flat))
 
-    sums0 = [tf.zeros((batches,) + shape, dtype) for shape in shapes]
-    stats0 = (zero, tf.zeros((batches, 2), dtype), zero, zero, zero)
+    sums0 = [tf.zeros((rows,) + shape, dtype) for shape in shapes]
     trajectory = empty_trajectory(s0, steps)
-    _, flat, _, _, sums, stats, losses, health = tf.while_loop(
+    _, flat, _, _, sums, counts, value_sum, losses, health = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), tf.nest.flatten(s0), z0, q0, sums0, stats0, trajectory.losses, trajectory.health))
+        (tf.constant(0), tf.nest.flatten(s0), z0, q0, sums0, tf.zeros((rows,), dtype), tf.zeros((), dtype),
+         trajectory.losses, trajectory.health))
     final = tf.nest.pack_sequence_as(s0, flat)
     problem.load(final.w)
 
-    _, by_batch, lag, square, value_sum = stats
-    counts = by_batch[:n_batches, 0]
-    total = tf.reduce_sum(counts)
-    sums = [x[:n_batches] for x in sums]
-    hyper_sums, source_sums = sums[first_hyper:first_source], sums[first_source:]
+    total = tf.reduce_sum(counts)  # rows past n_rows hold zeros
     if estimator == "score":
-        temperature = problem.optimizer.params(steps + offset, dtype).temperature
         e_mean = tf.reduce_sum(sums[0]) / total
-        parts = []  # per λ: the λ part of the per-sample estimate, summed per batch
-        for i in range(len(hypers)):
-            outer_grad, lower_grad, product = hyper_sums[3 * i: 3 * i + 3]
-            g_mean = tf.reduce_sum(lower_grad, axis=0) / total
-            parts.append(outer_grad - _centred(product, lower_grad, sums[0], counts, e_mean, g_mean) / temperature)
-        x_parts = []
-        for j in range(len(sources)):
-            lower_grad, product = source_sums[2 * j: 2 * j + 2]
-            g_mean = tf.reduce_sum(lower_grad, axis=0) / total
-            x_parts.append(-_centred(product, lower_grad, sums[0], counts, e_mean, g_mean) / temperature)
+        value, parts = e_mean, []  # per λ and per x: the per-sample estimate, summed per row
+        for k in range(len(hypers) + len(sources)):
+            raised, lower = sums[1 + 2 * k: 3 + 2 * k]
+            g_mean = tf.reduce_sum(lower, axis=0) / total
+            parts.append(raised + _centring(lower, sums[0], counts, e_mean, g_mean) / temperature)
+        parts, x_parts = parts[:len(hypers)], parts[len(hypers):]
     else:
-        parts, x_parts = hyper_sums, source_sums
-    # λ parts plus the pull-back of the x parts: the total, then each batch (for the SEs)
-    through_x = inputs.pull_back(_totals(x_parts), hypers) if sources else [None] * len(hypers)
+        value, parts, x_parts = value_sum / total, sums[:first_source], sums[first_source:]
+    # λ parts plus the pull-back of the x parts: the total, then each row (for the SEs)
+    through_x = (inputs.pull_back([tf.reduce_sum(x, axis=0) for x in x_parts], hypers) if sources
+                 else [None] * len(hypers))
     grads = []
     for i, (part, pulled) in enumerate(zip(parts, through_x)):
         connected[i] = connected[i] or pulled is not None
         grads.append((tf.reduce_sum(part, axis=0) + (0 if pulled is None else pulled)) / total)
-    per_batch = [_per_batch(part, counts) for part in parts]
-    if sources:  # one pull-back per batch (padded to ``batches``: the batch count is only known in-graph)
-        padded = [tf.concat([x, tf.zeros(tf.concat([[batches - n_batches], tf.shape(x)[1:]], 0), x.dtype)], 0)
-                  for x in x_parts]
-        pulled_batches = [inputs.pull_back([x[k] for x in padded], hypers) for k in range(batches)]
+    if sources:  # one pull-back per row
+        pulled_rows = [inputs.pull_back([x[r] for x in x_parts], hypers) for r in range(rows)]
         for i in range(len(hypers)):
-            rows = [tf.zeros_like(hypers[i]) if pulled[i] is None else tf.cast(pulled[i], dtype) for pulled in pulled_batches]
-            per_batch[i] = per_batch[i] + _per_batch(tf.stack(rows)[:n_batches], counts)
-    errors = [_standard_error(x) for x in per_batch]
-    loss_means = by_batch[:n_batches, 1] / tf.maximum(counts, 1.0)
-    mean_loss = tf.reduce_sum(by_batch[:n_batches, 1]) / total
-    variance = square / total - mean_loss * mean_loss
-    rho = tf.clip_by_value(tf.math.divide_no_nan(lag / tf.maximum(total - 1, 1.0) - mean_loss * mean_loss, variance),
-                           -0.99, 0.99)
-    half = n_batches // 2
-    first, second = loss_means[:half], loss_means[half:]
-    n1, n2 = tf.cast(tf.size(first), dtype), tf.cast(tf.size(second), dtype)
-    spread = tf.reduce_sum(tf.square(second - tf.reduce_mean(second))) / tf.maximum(n2 - 1, 1.0)
-    drift = tf.math.divide_no_nan(tf.reduce_mean(first) - tf.reduce_mean(second), tf.sqrt(spread * (1 / n1 + 1 / n2)))
-    statistics = ChainStatistics(total, mean_loss, rho, total * (1 - rho) / (1 + rho), drift)
+            parts[i] = parts[i] + tf.stack([tf.zeros_like(hypers[i], dtype) if p[i] is None else tf.cast(p[i], dtype)
+                                            for p in pulled_rows])
+    errors = [_standard_error(part[:n_rows], counts[:n_rows]) for part in parts]
+    statistics = chain_statistics(tf.gather(losses.stack(), tf.range(burn_in, steps, thinning)), n_chains)
     carry = StochasticCarry([e if c else None for e, c in zip(errors, connected)], statistics)
-    return RunResult(value_sum / total, [g if c else None for g, c in zip(grads, connected)], final, losses.stack(),
+    return RunResult(value, [g if c else None for g, c in zip(grads, connected)], final, losses.stack(),
                      health, carry=carry)
 
 
@@ -251,19 +334,34 @@ class StochasticHG(HyperGradient):
     ``burn_in``, keeps every ``thinning``-th state, and returns the Monte-Carlo hypergradient of
     E_p[E]; the outer optimizer then updates λ as with any method.
 
+    Stacked chains (the meta-batch idiom: K independent inner problems as inner variables with a
+    leading axis K) are declared with ``chains=K``: the inner objective then returns the K
+    chains' losses L_k and the outer objective their outer losses E_k, both [K] vectors, each
+    reading chain k's weights only; the energy is Σ_k L_k and F = (1/K) Σ_k E_p[E_k]. 'score'
+    then pools the chains (only each chain's own covariance Cov(E_k, ∂L_k/∂λ) enters) and takes
+    its standard errors from their spread, so they fall like 1/√K. Without ``chains`` a tensor-valued objective is summed, as
+    with every method.
+
     After each run ``standard_errors`` holds, per inner problem and hyperparameter, the standard
-    error of every component, and ``statistics`` the chain's ``ChainStatistics``; a warning says
-    when the chain has visibly not mixed (|drift| > ``DRIFT_LIMIT``: the mean inner loss of the
-    first half of the samples differs from the second's) or has fewer than
-    ``MIN_EFFECTIVE_SAMPLES`` effective samples.
+    error of every component, and ``statistics`` the chain's ``ChainStatistics``. A chain has
+    visibly not mixed when |drift| > ``DRIFT_LIMIT`` (the mean inner loss of the first half of
+    the samples differs from the second's) or it has fewer than ``MIN_EFFECTIVE_SAMPLES``
+    effective samples behind the standard errors: the first such run gives a warning with its
+    numbers, the next ones are counted in ``not_mixed_runs`` (of ``runs``) and summed up in one
+    warning at most every ``SUMMARY_EVERY`` runs.
 
     Args:
         estimator: 'pathwise', 'score' or 'reversed'. Defaults to `'pathwise'`.
         burn_in: steps discarded at the start of each chain. Defaults to `0`.
         thinning: keep every k-th state. Defaults to `1`.
-        batches: batches for the standard errors (at least 2). Defaults to `20`.
+        batches: rows of the standard errors (at least 2): batches of consecutive samples, or
+            for 'score' with K ≥ 2 chains groups of chains (each chain its own when K ≤
+            ``batches``). Defaults to `20`.
         warm_start: start each chain from the previous run's last state instead of Φ₀ (the
             chain goes on; ``burn_in`` may then be small). Defaults to `False`.
+        chains: K, the number of chains stacked on the leading axis of the inner variables,
+            whose losses the objectives return as [K] vectors; `None` for scalar objectives.
+            Defaults to `None`.
         name: a name.
 
     'score' and 'reversed' differentiate λ where it enters the objectives L and E; a
@@ -283,14 +381,18 @@ class StochasticHG(HyperGradient):
     grappler_off = ("arithmetic_optimization",)
 
     def __init__(self, estimator: str = "pathwise", burn_in: int = 0, thinning: int = 1, batches: int = 20,
-                 warm_start: bool = False, name: str = "StochasticHG"):
+                 warm_start: bool = False, chains: Optional[int] = None, name: str = "StochasticHG"):
         super().__init__(name)
         if estimator not in ESTIMATORS:
             raise ValueError(f"StochasticHG: `estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
         for argument, value, low in (("burn_in", burn_in, 0), ("thinning", thinning, 1), ("batches", batches, 2)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"StochasticHG: `{argument}` must be an int ≥ {low}, got {value!r}.")
+        if chains is not None and (isinstance(chains, bool) or not isinstance(chains, (int, np.integer)) or chains < 1):
+            raise ValueError(f"StochasticHG: `chains` must be None or an int ≥ 1, got {chains!r}.")
         self.estimator, self.burn_in, self.thinning, self.batches = estimator, int(burn_in), int(thinning), int(batches)
+        self.chains = None if chains is None else int(chains)
+        self.batch_means = estimator != "score" or (self.chains or 1) == 1  # else the spread across chains
         self.uses_previous = bool(warm_start)
         self.differentiates_dynamics = estimator == "pathwise"
         self.unconnected_hint = ("" if estimator == "pathwise" else
@@ -298,10 +400,12 @@ class StochasticHG(HyperGradient):
                                  f"'pathwise' for the SGLD optimizer's parameters or Φ₀.")
         self.standard_errors: list = []
         self.statistics: list[dict] = []
+        self.runs, self.not_mixed_runs = 0, 0  # runs, and those where a chain had not mixed
+        self._unreported: list[dict] = []  # the statistics of not-mixed chains since the last warning
 
     def _settings(self) -> dict:
         return {"estimator": self.estimator, "burn_in": self.burn_in, "thinning": self.thinning,
-                "batches": self.batches, "warm_start": self.uses_previous}
+                "batches": self.batches, "warm_start": self.uses_previous, "chains": self.chains}
 
     def _build(self) -> None:
         for problem in self.inner_problems:
@@ -319,7 +423,7 @@ class StochasticHG(HyperGradient):
                       previous=None, online=False, offset=0, options=None) -> RunResult:
         return stochastic_hypergradient(problem, outer_objective, hypers, steps=steps, inner_batches=inner_batches,
                                         outer_batch=outer_batch, estimator=self.estimator, burn_in=self.burn_in,
-                                        thinning=self.thinning, batches=self.batches,
+                                        thinning=self.thinning, batches=self.batches, chains=self.chains,
                                         initial_state=previous.state if previous is not None else None,
                                         offset=offset)
 
@@ -330,12 +434,28 @@ class StochasticHG(HyperGradient):
         self.standard_errors = [[None if e is None else e.numpy() for e in r.carry.standard_errors] for r in results]
         self.statistics = [{field: float(value.numpy()) for field, value in r.carry.statistics._asdict().items()}
                            for r in results]
-        for k, s in enumerate(self.statistics):
+        self.runs += 1
+        unmixed = [(k, s) for k, s in enumerate(self.statistics) if visibly_not_mixed(s, self.batch_means)]
+        if unmixed:
+            self.not_mixed_runs += 1
+        if unmixed and self.not_mixed_runs == 1:
+            k, s = unmixed[0]
             where = f" of inner problem {k}" if len(results) > 1 else ""
-            if abs(s["drift"]) > DRIFT_LIMIT or s["effective_samples"] < MIN_EFFECTIVE_SAMPLES:
-                warnings.warn(f"{self.name}: the chain{where} has visibly not mixed at hyper-iteration "
-                              f"{global_step}: the mean inner loss moved by {s['drift']:.1f} standard errors "
-                              f"between the first and the second half of the samples, and "
-                              f"{s['effective_samples']:.0f} of {s['samples']:.0f} samples are effective. The "
-                              f"hypergradient and its standard errors are unreliable: raise `burn_in` or T, or "
-                              f"the step size.", RuntimeWarning, stacklevel=3)
+            effective, samples = effective_samples(s, self.batch_means)
+            each = " of each chain" if self.batch_means and s["chains"] > 1 else ""
+            warnings.warn(f"{self.name}: the chain{where} has visibly not mixed at hyper-iteration "
+                          f"{global_step}: the mean inner loss moved by {s['drift']:.1f} standard errors "
+                          f"between the first and the second half of the samples, and {effective:.0f} of "
+                          f"{samples:.0f} samples{each} are effective. The hypergradient and its standard "
+                          f"errors are unreliable: raise `burn_in` or T, or the step size. Further such runs "
+                          f"are counted in `not_mixed_runs`.", RuntimeWarning, stacklevel=3)
+        elif unmixed:
+            self._unreported += [s for _, s in unmixed]
+        if self._unreported and self.runs % SUMMARY_EVERY == 0:
+            worst = max(abs(s["drift"]) for s in self._unreported)
+            fewest = min(effective_samples(s, self.batch_means)[0] for s in self._unreported)
+            warnings.warn(f"{self.name}: {len(self._unreported)} more chains had not mixed by hyper-iteration "
+                          f"{global_step} ({self.not_mixed_runs} of {self.runs} runs so far): up to {worst:.1f} "
+                          f"standard errors of drift, down to {fewest:.0f} effective samples.",
+                          RuntimeWarning, stacklevel=3)
+            self._unreported = []
