@@ -255,19 +255,35 @@ class InnerProblem:
         return value
 
     def transition(self, state: NamedTuple, inputs: Any, step: Any, objective: Optional[Objective] = None,
-                   rate_scale: Optional[tf.Tensor] = None) -> tuple[NamedTuple, tf.Tensor]:
+                   rate_scale: Optional[tf.Tensor] = None, search: bool = True) -> tuple[NamedTuple, tf.Tensor]:
         """(s', L_t):  s' = Φ(s, ∇_w L_t(w, λ), η(λ)) with w read from the variables, which must
         hold ``state.w``; differentiable in the variables, the slots and the hyperparameters.
         ``objective(inputs)`` replaces L_t (in the step and in a line search's evaluations);
-        ``rate_scale`` multiplies the optimizer's learning rate η."""
+        ``rate_scale`` multiplies the optimizer's learning rate η; ``search=False`` skips the
+        optimizer's line search (its factor then comes in ``rate_scale``, see ``search_scale``)."""
         w = [tf.convert_to_tensor(v) for v in self.var_list]
         objective = objective or self.loss
         grads, loss = self.gradient(inputs, objective)
         params = self.optimizer.params(step, self.dtype)
         if rate_scale is not None:
             params = params._replace(learning_rate=params.learning_rate * tf.cast(rate_scale, self.dtype))
-        params = self.optimizer.adapt(params, w, loss, grads, lambda other: self._value_at(objective, other, inputs))
+        if search:
+            params = self.optimizer.adapt(params, w, loss, grads, lambda other: self._value_at(objective, other, inputs))
         return self.dynamics.step(state._replace(w=w), grads, params), loss
+
+    def search_scale(self, inputs: Any, step: Any) -> Optional[tf.Tensor]:
+        """The factor the optimizer's line search puts on η at the weights the variables hold,
+        not differentiated (None for an optimizer without one): forward mode runs the search
+        before its accumulators (a search assigns the variables inside a loop, which
+        ``tf.autodiff.ForwardAccumulator`` cannot follow) and gives this factor to
+        ``transition(..., rate_scale=, search=False)``."""
+        if not getattr(self.optimizer, "searches", False):
+            return None
+        w = [tf.convert_to_tensor(v) for v in self.var_list]
+        grads, loss = self.gradient(inputs)
+        params = self.optimizer.params(step, self.dtype)
+        adapted = self.optimizer.adapt(params, w, loss, grads, lambda other: self._value_at(self.loss, other, inputs))
+        return tf.stop_gradient(adapted.learning_rate / params.learning_rate)
 
     def state_sources(self, state: NamedTuple) -> list:
         """What to watch to differentiate with respect to the state: the inner variables in place

@@ -111,6 +111,9 @@ class Optimizer:
             values[field] = value if value.dtype == dtype else tf.cast(value, dtype)
         return values
 
+    #: whether ``adapt`` searches (evaluates the objective elsewhere than at w).
+    searches: bool = False
+
     def adapt(self, params: NamedTuple, weights: list, loss: tf.Tensor, grads: list,
               loss_at: Callable[[list], tf.Tensor]) -> NamedTuple:
         """The parameters of one step once the objective has been looked at: ``loss`` = L(w),
@@ -216,6 +219,8 @@ class BackTrackingGradientDescentOptimizer(GradientDescentOptimizer):
         name: a name.
         max_backtracks: the most shrinks per step (FAR-HO had no limit). Defaults to `30`.
     """
+
+    searches = True
 
     def __init__(self, learning_rate: Any, c: float = 0.5, tau: float = 0.5, use_locking: bool = False,
                  name: str = "GradientDescent", *, max_backtracks: int = 30):

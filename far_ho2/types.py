@@ -36,7 +36,7 @@ class Problem(Protocol):
         """L(w, λ) at the weights the variables hold."""
 
     def transition(self, state: NamedTuple, inputs: Any, step: Any, objective: Optional[Objective] = None,
-                   rate_scale: Optional[tf.Tensor] = None) -> tuple[NamedTuple, tf.Tensor]:
+                   rate_scale: Optional[tf.Tensor] = None, search: bool = True) -> tuple[NamedTuple, tf.Tensor]:
         """(s', L_t): one step of Φ from ``state``, whose weights the variables hold."""
 
     def state_sources(self, state: NamedTuple) -> list:

@@ -88,10 +88,11 @@ def forward_step(problem: Problem, tangents: Tangents, hypers: Sequence[tf.Varia
     one forward-over-reverse JVP of the step per component."""
     problem.load(state.w)
     sources = problem.state_sources(state) + list(hypers) + tangents.inputs.sources
+    scale = problem.search_scale(tangents.inputs.at(t), step)  # a line search runs outside the accumulators
     new_z, new, loss = [], None, None
     for j, d in enumerate(tangents.components):
         with tf.autodiff.ForwardAccumulator(sources, z[j] + d.tangent + tangents.x_tangents[j]) as acc:
-            new, loss = problem.transition(state, tangents.inputs.at(t), step)
+            new, loss = problem.transition(state, tangents.inputs.at(t), step, rate_scale=scale, search=scale is None)
         new_z.append(_jvps(acc, tf.nest.flatten(new), tangents.connected, j))
     return new, new_z, loss
 
