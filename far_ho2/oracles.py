@@ -300,15 +300,17 @@ class QuadraticUnroll(NamedTuple):
 
 
 def unroll_quadratic(hessian: np.ndarray, coupling: np.ndarray, linear: np.ndarray, x: np.ndarray,
-                     w0: np.ndarray, T: int, spec: InnerOptimizerSpec,
-                     truncate: Optional[int] = None) -> QuadraticUnroll:
+                     w0: np.ndarray, T: int, spec: InnerOptimizerSpec, truncate: Optional[int] = None,
+                     roundoff: Optional[np.random.Generator] = None) -> QuadraticUnroll:
     """T steps of far_ho2's inner optimizer ``spec`` on  L(w) = ½wᵀ·hessian·w + xᵀ·coupling·w +
     linearᵀw  (plus terms in x only) from w_0, and the exact derivative Z_T = dw_T/dx by the
     forward (tangent) recursion Z_{t+1} = ∂Φ/∂s·Z_t + ∂Φ/∂x in float64 NumPy (no finite
     differences). ``truncate`` = K starts the recursion at step T − K with Z = 0 (truncated
     reverse mode's target). Momentum: m' = μm + g, w' = w − η m' (Nesterov: w' = w − η(g + μm'));
     Adam: as ``far_ho2.dynamics.adam``; back-tracking: the step's rate η τ^j is replayed and held
-    constant in Z, as ``BackTrackingGradientDescentOptimizer`` does."""
+    constant in Z, as ``BackTrackingGradientDescentOptimizer`` does. ``roundoff`` (a generator)
+    multiplies every entry of the state and of Z by 1 + u·ξ (u the unit round-off, ξ ~ N(0, 1))
+    after each step: a model of float64 round-off, to measure how much the run amplifies it."""
     n, m = len(w0), len(x)
     w = np.array(w0, np.float64)
     mom, v = np.zeros(n), np.zeros(n)
@@ -362,6 +364,9 @@ def unroll_quadratic(hessian: np.ndarray, coupling: np.ndarray, linear: np.ndarr
             else:
                 raise ValueError(f"unknown optimizer kind {kind!r}")
             rates.append(lr)
+            if roundoff is not None:
+                jitter = lambda v: v * (1 + np.finfo(np.float64).eps / 2 * roundoff.normal(size=np.shape(v)))  # noqa: E731
+                w, Z, mom, v, Zm, Zv = (jitter(u) for u in (w, Z, mom, v, Zm, Zv))
             now = max(safe_norm(w - w_star) / w_scale, safe_norm(Z - Z_star) / Z_scale if t >= start else 0.0)
             growth = max(growth, now) if np.isfinite(now) else np.inf
     slots = {"gd": (), "backtracking": (), "momentum": (mom,), "nesterov": (mom,)}.get(spec.kind, (mom, v, b1p, b2p))
@@ -376,12 +381,12 @@ class QuadraticHypergradient(NamedTuple):
 
 
 def unrolled_quadratic_hypergradient(p: QuadraticBilevel, x: np.ndarray, w0: np.ndarray, T: int,
-                                     spec: InnerOptimizerSpec,
-                                     truncate: Optional[int] = None) -> QuadraticHypergradient:
+                                     spec: InnerOptimizerSpec, truncate: Optional[int] = None,
+                                     roundoff: Optional[np.random.Generator] = None) -> QuadraticHypergradient:
     """The exact hypergradient of E = f(x, w_T(x)) for T steps of ``spec`` on the inner objective
     g of ``p`` from the constant w_0 (``truncate`` = K: w_{T−K} held constant): the target of
-    ReverseHG, ``ReverseHG.truncated(K)`` and ForwardHG."""
-    run = unroll_quadratic(p.A, p.C, p.a, x, w0, T, spec, truncate)
+    ReverseHG, ``ReverseHG.truncated(K)`` and ForwardHG (``roundoff``: see ``unroll_quadratic``)."""
+    run = unroll_quadratic(p.A, p.C, p.a, x, w0, T, spec, truncate, roundoff)
     value, gx, gw = quadratic_outer(p, x, run.w)
     with np.errstate(over="ignore", invalid="ignore"):
         scale = safe_norm(gx) + safe_norm(run.tangent, 2) * safe_norm(gw)

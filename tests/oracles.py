@@ -2,7 +2,7 @@
 problems whose hypergradients are known exactly (closed forms of ``far_ho2.oracles``, in float64)
 or were published by FAR-HO (float32 notebooks)."""
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -153,10 +153,10 @@ class BomeStep(NamedTuple):
 
 
 def bome_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: Any, eta: float, phi: str,
-              delta: float) -> BomeStep:
+              delta: float, roundoff: Optional[np.random.Generator] = None) -> BomeStep:
     """One BOME iteration at (λ, w) as ``far_ho2.hypergradients.bome.bome_direction`` defines it:
     ŵ = T steps of the inner optimizer from w (fresh slots), then μ and d."""
-    run = unroll_quadratic(p.A, p.C, p.a, x, w, T, spec)
+    run = unroll_quadratic(p.A, p.C, p.a, x, w, T, spec, roundoff=roundoff)
     with np.errstate(over="ignore", invalid="ignore"):
         g_k, gx_k, gw_k = quadratic_inner(p, x, w)
         g_hat, gx_hat, _ = quadratic_inner(p, x, run.w)
@@ -184,7 +184,8 @@ class PenaltyStep(NamedTuple):
 
 
 def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: Any, nu: np.ndarray,
-                 gamma: float, lambda_g: float, rate_scale: float) -> PenaltyStep:
+                 gamma: float, lambda_g: float, rate_scale: float,
+                 roundoff: Optional[np.random.Generator] = None) -> PenaltyStep:
     """One iteration of ``far_ho2.Penalty`` from w (fresh optimizer slots): T steps of the inner
     optimizer (rate × ``rate_scale``) on h_w = f + νᵀ∇_w g + (γ/2)‖∇_w g‖² + λ_g g, a quadratic
     in w with Hessian F + γA² + λ_g A, then the direction ∇_λ h_λ = ∇_λ f + Cν + γ C ∇_w g."""
@@ -193,7 +194,7 @@ def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec
     coupling = p.K + gamma * C @ A + lambda_g * C
     linear = p.f_v + A @ nu + gamma * A @ p.a + lambda_g * p.a
     run = unroll_quadratic((hessian + hessian.T) / 2, coupling, linear, x, w, T,
-                           spec._replace(learning_rate=spec.learning_rate * rate_scale))
+                           spec._replace(learning_rate=spec.learning_rate * rate_scale), roundoff=roundoff)
     with np.errstate(over="ignore", invalid="ignore"):
         f, fx, _ = quadratic_outer(p, x, run.w)
         _, _, lower = quadratic_inner(p, x, run.w)
