@@ -2,7 +2,7 @@
 problems whose hypergradients are known exactly (closed forms of ``far_ho2.oracles``, in float64)
 or were published by FAR-HO (float32 notebooks)."""
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -147,7 +147,7 @@ class BomeStep(NamedTuple):
     direction_w: np.ndarray  # d_w = ∇_w f + μ ∇_w q̂
     mu: float
     q: float  # q̂ = g(λ, w) − g(λ, ŵ)
-    value: float  # f(λ, w)
+    value: float  # f(λ, ŵ)
     scale: float  # the size of the terms summed: ‖∇f‖ + μ‖∇q̂‖
     run: Any  # the T steps giving ŵ (far_ho2.oracles.QuadraticUnroll)
 
@@ -169,7 +169,21 @@ def bome_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: A
         else:
             mu = max((eta * q - dot) / (norm2 + delta), 0.0)
         scale = np.sqrt(fx @ fx + fw @ fw) + mu * np.sqrt(norm2)
-    return BomeStep(fx + mu * q_x, fw + mu * q_w, float(mu), float(q), f, float(scale), run)
+        value = quadratic_outer(p, x, run.w)[0]
+    return BomeStep(fx + mu * q_x, fw + mu * q_w, float(mu), float(q), value, float(scale), run)
+
+
+def armijo_descent(loss: Callable[[np.ndarray], float], gradient: Callable[[np.ndarray], np.ndarray],
+                   w: np.ndarray, rate: float, steps: int, halvings: int = 60) -> np.ndarray:
+    """``far_ho2.hypergradients.penalty.lower_solution`` in NumPy: T steps of gradient descent
+    whose rate doubles, then halves until g(w − r∇g) ≤ g(w) − ½r‖∇g‖²."""
+    for _ in range(steps):
+        g, value = gradient(w), loss(w)
+        rate, j = 2 * rate, 0
+        while j < halvings and not loss(w - rate * g) <= value - 0.5 * rate * (g @ g):
+            rate, j = rate / 2, j + 1
+        w = w - rate * g
+    return w
 
 
 class PenaltyStep(NamedTuple):
@@ -178,7 +192,7 @@ class PenaltyStep(NamedTuple):
     slots: tuple  # the inner optimizer's slots after the T steps
     lower: np.ndarray  # ∇_w g(λ, w_T)
     norm2: float  # ‖∇_λ h_λ‖² + ‖∇_w h_w‖², the stage test's statistic
-    value: float  # f(λ, w_T)
+    value: float  # f(λ, ŵ), ŵ = T steps of ``armijo_descent`` on g from w_T
     scale: float  # the size of the terms of the direction
     run: Any  # far_ho2.oracles.QuadraticUnroll of the T steps on h_w
 
@@ -196,8 +210,11 @@ def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec
     run = unroll_quadratic((hessian + hessian.T) / 2, coupling, linear, x, w, T,
                            spec._replace(learning_rate=spec.learning_rate * rate_scale), roundoff=roundoff)
     with np.errstate(over="ignore", invalid="ignore"):
-        f, fx, _ = quadratic_outer(p, x, run.w)
+        _, fx, _ = quadratic_outer(p, x, run.w)
         _, _, lower = quadratic_inner(p, x, run.w)
+        w_hat = armijo_descent(lambda z: quadratic_inner(p, x, z)[0], lambda z: quadratic_inner(p, x, z)[2],
+                               run.w, spec.learning_rate, T)
+        f = quadratic_outer(p, x, w_hat)[0]
         direction = fx + C @ nu + gamma * C @ lower
         surrogate_w = hessian @ run.w + coupling.T @ x + linear
         scale = safe_norm(fx) + safe_norm(C @ nu) + gamma * safe_norm(C, 2) * safe_norm(lower)

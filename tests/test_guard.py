@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import far_ho2 as far
+import oracles
 
 
 def every_value(ho: far.HyperOptimizer, optimizer) -> list[np.ndarray]:
@@ -269,9 +270,10 @@ def numpy_descent(w: np.ndarray, gradient, learning_rate: float, steps: int) -> 
 
 @pytest.mark.parametrize("name", ["penalty", "bome"])
 def test_first_order_methods_report_e_at_an_inner_solution(name):
-    """The value ``run`` returns is E(λ, ŵ) at ŵ = T gradient-descent steps on g from the method's
-    own w (w_T for the penalty method, w_k for BOME), computed here in NumPy, not f at the
-    method's w, which does not solve the lower level (and is reported as such in the carry)."""
+    """The value ``run`` returns is E(λ, ŵ) at an inner solution ŵ from the method's own w (w_T
+    for the penalty method: T Armijo gradient steps on g; w_k for BOME: T steps of the inner
+    optimizer), computed here in NumPy, not f at the method's w, which does not solve the lower
+    level (and is reported as such in the carry)."""
     X, y, Xv, yv = ridge(seed=5, n=20, d=4)
     n = len(y)
     w = tf.Variable(np.ones(4), name="w")
@@ -287,7 +289,11 @@ def test_first_order_methods_report_e_at_an_inner_solution(name):
     result = method.results[0]
     own_w = (result.final_state.w[0].numpy() if name == "penalty" else start)
     gradient = lambda v: X.T @ (X @ v - y) / n + 0.5 * v  # noqa: E731
-    w_hat = numpy_descent(own_w, gradient, 0.05, T)
+    if name == "penalty":  # gradient descent on g with an Armijo step (the inner rate is sized for h_w)
+        loss = lambda v: 0.5 * np.sum((X @ v - y) ** 2) / n + 0.25 * v @ v  # noqa: E731
+        w_hat = oracles.armijo_descent(loss, gradient, own_w, 0.05, T)
+    else:  # BOME: ŵ = T steps of the inner optimizer
+        w_hat = numpy_descent(own_w, gradient, 0.05, T)
     E = lambda v: 0.5 * np.sum((Xv @ v - yv) ** 2) / n  # noqa: E731
     assert value == pytest.approx(E(w_hat), rel=1e-12)
     reported_at_own = float(result.carry.surrogate_outer if name == "penalty" else result.carry.outer_at_w)

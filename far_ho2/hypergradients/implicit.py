@@ -220,15 +220,26 @@ class ImplicitHG(HyperGradient):
 
     def _trusted(self, result: RunResult) -> tf.Tensor:
         start, end, loss = tf.unstack(result.carry.stationarity)
-        return end <= DIVERGING * start + np.sqrt(np.finfo(start.dtype.as_numpy_dtype).eps) * (1 + loss)
+        converging = end <= DIVERGING * start + np.sqrt(np.finfo(start.dtype.as_numpy_dtype).eps) * (1 + loss)
+        return converging & (tf.cast(result.carry.residual, tf.float64) < 1)
 
     def _distrust(self, result: RunResult) -> Optional[str]:
-        if self._trusted(result).numpy():
-            return None
-        start, end, _ = result.carry.stationarity.numpy()
-        return (f"the inner loop does not converge: ‖∇_w L‖ grew from {start:.3g} at w_0 to {end:.3g} at w_T, "
-                f"and the implicit hypergradient needs w_T ≈ w*(λ): lower the inner learning rate (it is beyond "
-                f"the stable range at these hyperparameters), or bound the hyperparameters that steepen L")
+        start, end, loss = result.carry.stationarity.numpy()
+        if not end <= DIVERGING * start + np.sqrt(np.finfo(result.carry.stationarity.dtype.as_numpy_dtype).eps) * (1 + loss):
+            return (f"the inner loop does not converge: ‖∇_w L‖ grew from {start:.3g} at w_0 to {end:.3g} at w_T, "
+                    f"and the implicit hypergradient needs w_T ≈ w*(λ): lower the inner learning rate (it is beyond "
+                    f"the stable range at these hyperparameters), or bound the hyperparameters that steepen L")
+        residual, iterations = float(result.carry.residual.numpy()), int(result.carry.iterations.numpy())
+        if not residual < 1:
+            hint = {"neumann": " (the Neumann series needs 0 < α < 2/‖∇²_w L‖: lower `alpha`, which defaults to the "
+                               "inner learning rate)",
+                    "fixed_point": " (the fixed-point iteration needs a contraction: the inner step at w_T must be "
+                                   "stable; lower the inner learning rate)",
+                    "cg": " (conjugate gradient needs ∇²_w L positive definite and finite products)"}
+            return (f"the linear system did not converge: relative residual {residual:.3g} ≥ 1 after {iterations} "
+                    f"iterations of '{self.solver}'{hint.get(self.solver, '') if isinstance(self.solver, str) else ''}, "
+                    f"so the hypergradient is no approximation")
+        return None
 
     def _after_run(self, results: list[RunResult], global_step: int) -> None:
         self.residuals = [(float(r.carry.residual), int(r.carry.iterations)) for r in results]

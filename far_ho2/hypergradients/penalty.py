@@ -21,7 +21,7 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.trajectory import empty_trajectory, run_steps
-from far_ho2.types import Health, RunResult
+from far_ho2.types import RunResult
 
 
 class PenaltyCarry(NamedTuple):
@@ -64,11 +64,38 @@ def projected_gradient(hyper: tf.Variable, gradient: tf.Tensor) -> tf.Tensor:
     return value - tf.convert_to_tensor(constraint(value - gradient))
 
 
-def _merge_health(first: Health, then: Health, steps: tf.Tensor) -> Health:
-    """The health of two runs in a row, the second's steps counted after the first's."""
-    clean = tf.equal(first.first_bad, -1)
-    return Health(tf.where(clean & (then.first_bad >= 0), then.first_bad + steps, first.first_bad),
-                  tf.where(clean, then.grew, first.grew), tf.where(clean, then.bound, first.bound))
+MAX_HALVINGS = 60  # Armijo halvings per step of ``lower_solution``
+
+
+def lower_solution(problem: InnerProblem, inputs_at: Callable[[tf.Tensor], Any], steps: tf.Tensor,
+                   rate: tf.Tensor) -> None:
+    """ŵ ≈ argmin_w g(λ, w): T steps of gradient descent on g from the weights the variables hold
+    (left in them), with an Armijo step size that starts at ``rate`` and adapts to g's curvature,
+
+        r ← 2r;   r ← r/2 until g(w − r∇g) ≤ g(w) − ½ r‖∇g‖²;   w ← w − r∇g,
+
+    so g decreases at every step whatever the scale of the inner optimizer's rate (which is
+    sized for the surrogate h_w, not g). Not differentiated: for reporting E at an inner
+    solution."""
+    def body(t, r):
+        inputs = inputs_at(t)
+        grads, loss = problem.gradient(inputs)
+        grads, loss = [tf.stop_gradient(g) for g in grads], tf.stop_gradient(loss)
+        w = [v.read_value() for v in problem.var_list]
+        norm2 = tf.add_n([tf.reduce_sum(g * g) for g in grads])
+
+        def shrink(j, r):
+            return j + 1, r / 2
+
+        def rejected(j, r):
+            trial = problem._value_at(problem.loss, [x - r * g for x, g in zip(w, grads)], inputs)
+            return (j < MAX_HALVINGS) & ~(trial <= loss - 0.5 * r * norm2)
+
+        _, r = tf.while_loop(rejected, shrink, (tf.constant(0), 2 * r))
+        problem.load([x - r * g for x, g in zip(w, grads)])
+        return t + 1, r
+
+    tf.while_loop(lambda t, r: t < steps, body, (tf.constant(0), tf.cast(rate, problem.dtype)))
 
 
 def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
@@ -85,14 +112,12 @@ def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: 
     which, as γ → ∞ (and with the multiplier ν), tends to the implicit hypergradient
     ∇_λ f − ∇²_{λw} g (∇²_{ww} g)⁻¹ ∇_w f: stationarity of h_w in w gives ν + γ∇_w g ≈
     −(∇²_{ww} g)⁻¹ ∇_w f. The method's w_T does not solve the lower level (∇_w g(w_T) = O(1/γ)
-    for the plain penalty), so the value reported is E at an inner solution: ŵ = T steps of the
-    inner optimizer on g itself from w_T (fresh slots, not differentiated), E(λ, ŵ). The inner
-    variables hold w_T afterwards.
+    for the plain penalty), so the value reported is E at an inner solution, E(λ, ŵ), with ŵ =
+    ``lower_solution`` from w_T (T steps). The inner variables hold w_T afterwards.
 
     Returns:
         ``RunResult``: ``value`` is f(λ, ŵ), ``grads`` ∇_λ h_λ, ``inner_losses`` h_w along the
-        steps, ``health`` that of the T surrogate steps then of the T steps of ŵ (counted
-        T … 2T − 1), ``carry`` a ``PenaltyCarry`` (with f(λ, w_T) as ``surrogate_outer``).
+        steps, ``carry`` a ``PenaltyCarry`` (with f(λ, w_T) as ``surrogate_outer``).
 
     References:
         Mehra, Hamm. Penalty Method for Inversion-Free Deep Bilevel Optimization. ACML 2021,
@@ -122,12 +147,11 @@ def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: 
                      + [tf.reduce_sum(tf.square(tf.convert_to_tensor(d))) for d in lower_direction])
     residual = tf.sqrt(tf.add_n([tf.reduce_sum(d * d) for d in lower]))
     w_T = [v.read_value() for v in problem.var_list]
-    solution = run_steps(problem, empty_trajectory(problem.current_state(), steps), inputs.at, 0, steps, offset)
+    lower_solution(problem, inputs.at, steps, problem.optimizer.params(offset, dtype).learning_rate)
     value = tf.stop_gradient(batching.scalar_objective(outer_objective, outer_batch))
     problem.load(w_T)
     carry = PenaltyCarry(norm2, lower, residual, h_lower, f)
-    return RunResult(value, grads, trajectory.final, trajectory.losses.stack(),
-                     _merge_health(trajectory.health, solution.health, steps), carry=carry)
+    return RunResult(value, grads, trajectory.final, trajectory.losses.stack(), trajectory.health, carry=carry)
 
 
 class Penalty(HyperGradient):
