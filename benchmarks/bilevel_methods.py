@@ -2,13 +2,16 @@
 8×8 digits (``flags.hyper_cleaning``), a third or half of the 800 training labels corrupted, one
 weight σ(λ_i) per training example, softmax regression with (ρ/2)‖θ‖², ρ = 1e-3.
 
-Each method gets the same wall-clock budget of hyper-iterations (``--budget`` seconds, tracing
-included) per seed, in a process of its own (its peak memory is its own). Reported per method
-and corruption, mean ± standard deviation over the seeds:
+Each method runs with the launcher's defaults (``flags.hyper_cleaning.METHOD_DEFAULTS``: T, η,
+λ's optimizer and rate, BOME's and the penalty method's official settings) for the same
+wall-clock budget of hyper-iterations (``--budget`` seconds, tracing included) per seed, in a
+process of its own (its peak memory is its own). Reported per method and corruption, mean ±
+standard deviation over the seeds:
 
 - test accuracy after retraining from the initial weights with the learned weights (normalised
-  to mean 1; 1000 GD steps at rate 0.5, the same for every method and for the two baselines:
-  uniform weights, "all noisy data", and the corrupted examples removed, "clean oracle");
+  to mean 1), by the launcher's one retraining, the same for every method and for the two
+  baselines (uniform weights, "all noisy data"; the corrupted examples removed, "clean
+  oracle"): 1000 GD steps at rate 0.5 with ρ = 1e-3, whatever η or ρ the method learned;
 - the test accuracy of the model the method itself ends with (its w_T(λ), or BOME's and the
   penalty method's persistent w);
 - precision, recall and F1 of flagging σ(λ_i) < ½ as corrupted;
@@ -17,13 +20,12 @@ and corruption, mean ± standard deviation over the seeds:
 - test accuracy against time: ``bilevel_methods.png`` (the mean over seeds of the accuracy of
   the method's current model, at each second of the budget).
 
-Settings: T inner GD steps at η = 0.3 (reverse and forward mode learn η), Adam on λ. The
-first-order methods take many cheap iterations (BOME: T = 10 steps of ŵ; penalty: T = 10 steps
-on w), the others T = 100. ForwardHG carries one tangent per scalar hyperparameter: it learns
-η and log ρ only (no example weights), so its row shows what tuning those alone gives.
+ForwardHG carries one tangent per scalar hyperparameter: it learns η and log ρ only, no example
+weight, so it flags nothing (its F1 is "n/a") and its retrained weights are the baseline's.
 
-Each run keeps its folder under ``benchmarks/results/bilevel_methods/``: a killed benchmark
-started again resumes each run from its last checkpoint (and reuses finished ones).
+Each run keeps its folder under ``benchmarks/results/bilevel_methods/``, named after its
+settings (a hash of them): a killed benchmark started again resumes each run from its last
+checkpoint and reuses finished ones, never a run made with other settings.
 
     python -m benchmarks.bilevel_methods            # 5 seeds, 12 s per run: about 35 minutes here
     python -m benchmarks.bilevel_methods --quick    # 1 seed, 6 s per run
@@ -31,6 +33,7 @@ started again resumes each run from its last checkpoint (and reuses finished one
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from typing import Any
@@ -40,28 +43,29 @@ import numpy as np
 from benchmarks import harness
 
 CORRUPTIONS = (1 / 3, 0.5)
-COMMON = dict(n_train=800, n_val=200, l2=1e-3, inner_lr=0.3, retrain_steps=1000, retrain_lr=0.5,
-              hyper_iterations=1_000_000)
-METHODS = {  # label: the flags.hyper_cleaning.Config settings
-    "ReverseHG": dict(method="reverse", T=100, outer_lr=0.1),
-    "ReverseHG truncated K=20": dict(method="reverse", T=100, truncate=20, outer_lr=0.1),
-    "ForwardHG (η, log ρ only)": dict(method="forward", T=100, outer_lr=0.1),
-    "ImplicitHG cg": dict(method="implicit", T=100, implicit_iterations=20, outer_lr=0.1),
-    "BOME value": dict(method="bome", bome_phi="value", T=10, outer_lr=0.05),
-    "BOME grad_norm": dict(method="bome", bome_phi="grad_norm", T=10, outer_lr=0.05),
-    "Penalty": dict(method="penalty", T=10, outer_lr=0.05),
-    "StochasticHG reversed": dict(method="stochastic", stochastic_estimator="reversed", T=100,
-                                  stochastic_burn_in=50, temperature=1e-4, outer_lr=0.1),
+METHODS = {  # label: the flags.hyper_cleaning.Config settings besides the launcher's defaults
+    "ReverseHG": dict(method="reverse"),
+    "ReverseHG truncated K=25": dict(method="reverse", truncate=25),
+    "ForwardHG (η, log ρ only)": dict(method="forward"),
+    "ImplicitHG cg": dict(method="implicit"),
+    "BOME": dict(method="bome"),
+    "Penalty": dict(method="penalty"),
+    "StochasticHG reversed": dict(method="stochastic"),
 }
 FOLDER = harness.RESULTS_DIR / "bilevel_methods"
+NOT_CLEANING = "n/a"  # the F1 cells of ForwardHG, which learns no example weight
 
 
 RUN_SUMMARY = "benchmark_run.json"  # in a run's folder once it has finished
 
 
 def run_name(label: str, corruption: float, seed: int, budget: float) -> str:
+    """The folder of a run: its label, corruption, budget and seed, and a hash of its settings
+    (so that a run made with other settings, e.g. before the launcher's defaults changed, is
+    not reused)."""
     slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
-    return f"c{round(100 * corruption)}_{budget:g}s_{slug}_seed{seed}"
+    settings = hashlib.sha256(json.dumps(METHODS[label], sort_keys=True).encode()).hexdigest()[:8]
+    return f"c{round(100 * corruption)}_{budget:g}s_{slug}_{settings}_seed{seed}"
 
 
 def worker(label: str, corruption: float, seed: int, budget: float) -> dict:
@@ -74,13 +78,12 @@ def worker(label: str, corruption: float, seed: int, budget: float) -> dict:
     baseline_mb = harness.max_rss_mb()
     from flags import hyper_cleaning  # TensorFlow is imported here
     imported_mb = harness.max_rss_mb()
-    config = hyper_cleaning.Config(**COMMON, **METHODS[label], corruption=corruption, seed=seed,
-                                   time_budget=budget)
+    config = hyper_cleaning.Config(**METHODS[label], corruption=corruption, seed=seed, time_budget=budget)
     results = hyper_cleaning.run_experiment(config, logdir)
     with open(logdir / hyper_cleaning.common.METRICS, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["run"] == "main"]
     seconds = [float(r["seconds"]) for r in rows]
-    run = {"label": label, "corruption": corruption, "seed": seed, **results["metrics"],
+    run = {"label": label, "corruption": corruption, "seed": seed, "config": results["config"], **results["metrics"],
            "seconds_median": float(np.median(seconds[1:] or seconds)),
            "peak_mb": harness.max_rss_mb() - imported_mb, "import_mb": imported_mb - baseline_mb,
            "curve": [[float(r["elapsed"]), float(r["test_accuracy"])] for r in rows]}
@@ -95,14 +98,27 @@ def mean_sd(values: list) -> str:
     return f"{100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f}"
 
 
+def shared(mine: list, seed: int, key: str) -> float:
+    """The ``key`` accuracy (baseline or oracle) of ``seed``, which every method's run retrains
+    alike; a clear error if two runs disagree (their rows would not be comparable)."""
+    values = {r["label"]: r[key] for r in mine if r["seed"] == seed}
+    if len(set(values.values())) > 1:
+        raise ValueError(f"seed {seed}: the runs' {key} differ, {values}: the rows are not comparable.")
+    return next(iter(values.values()))
+
+
+def scores(group: list, key: str) -> str:
+    """Mean ± sd of a detection score, or n/a for a method that learns no example weight."""
+    return mean_sd([r[key] for r in group]) if all(key in r for r in group) else NOT_CLEANING
+
+
 def summary(runs: list, corruption: float) -> tuple[list, list]:
     """The table rows of one corruption level: the two baselines, then every method."""
     mine = [r for r in runs if r["corruption"] == corruption]
     seeds = sorted({r["seed"] for r in mine})
-    first = {s: next(r for r in mine if r["seed"] == s) for s in seeds}
-    rows = [["all noisy data (uniform weights)", mean_sd([first[s]["baseline_test_accuracy"] for s in seeds]),
+    rows = [["all noisy data (uniform weights)", mean_sd([shared(mine, s, "baseline_test_accuracy") for s in seeds]),
              "-", "-", "-", "-", "-", "-", "-", "-"],
-            ["clean oracle (corrupted removed)", mean_sd([first[s]["oracle_test_accuracy"] for s in seeds]),
+            ["clean oracle (corrupted removed)", mean_sd([shared(mine, s, "oracle_test_accuracy") for s in seeds]),
              "-", "-", "-", "-", "-", "-", "-", "-"]]
     gains = []
     for label in METHODS:
@@ -110,11 +126,11 @@ def summary(runs: list, corruption: float) -> tuple[list, list]:
         if not group:
             continue
         gain = [r["test_accuracy"] - r["baseline_test_accuracy"] for r in group]
-        gains.append((label, gain))
+        if "f1" in group[0]:  # ForwardHG's weights are the baseline's by construction
+            gains.append((label, gain))
         rows.append([label, mean_sd([r["test_accuracy"] for r in group]), mean_sd(gain),
                      mean_sd([r["final_model_test_accuracy"] for r in group]),
-                     mean_sd([r["f1"] for r in group]), mean_sd([r["precision"] for r in group]),
-                     mean_sd([r["recall"] for r in group]),
+                     scores(group, "f1"), scores(group, "precision"), scores(group, "recall"),
                      f"{np.mean([r['hyper_iterations_done'] for r in group]):.0f}",
                      f"{1000 * np.median([r['seconds_median'] for r in group]):.1f}",
                      f"{np.max([r['peak_mb'] for r in group]):.0f}"])
@@ -172,8 +188,9 @@ def main() -> None:
         run = harness.run_worker("bilevel_methods", ["--worker", label, str(corruption), str(seed), str(budget)],
                                  label=run_name(label, corruption, seed, budget))
         runs.append(run)
+        f1 = f"{run['f1']:.3f}" if "f1" in run else NOT_CLEANING
         print(f"[{k + 1}/{len(jobs)}] {corruption:.0%} seed {seed} {label:27s} test {100 * run['test_accuracy']:.1f} "
-              f"(noisy {100 * run['baseline_test_accuracy']:.1f}), F1 {run['f1']:.3f}, "
+              f"(noisy {100 * run['baseline_test_accuracy']:.1f}), F1 {f1}, "
               f"{run['hyper_iterations_done']} iterations", flush=True)
     suffix = "_quick" if args.quick else ""
     header = ["method", "test acc %", "gain vs noisy", "own model %", "F1", "precision", "recall", "iterations",
@@ -188,12 +205,12 @@ def main() -> None:
         tables[corruption] = rows
         print(f"\n{corruption:.0%} of the training labels corrupted\n" + harness.table(header, rows, left=1))
         worse = [label for label, gain in gains if np.mean(gain) <= 0]
-        print("every method beats training on all the noisy data" if not worse else
+        print("every method that learns example weights beats training on all the noisy data" if not worse else
               f"not better than training on all the noisy data: {worse}")
     harness.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = harness.RESULTS_DIR / f"bilevel_methods{suffix}"
     (out.with_suffix(".json")).write_text(json.dumps({"machine": machine, "budget": budget, "seeds": seeds,
-                                                      "common": COMMON, "methods": METHODS, "runs": runs}, indent=1))
+                                                      "methods": METHODS, "runs": runs}, indent=1))
     with open(out.with_suffix(".csv"), "w") as f:
         f.write("corruption," + ",".join(header) + "\n")
         for corruption, rows in tables.items():

@@ -39,7 +39,7 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 METRICS, CONFIG, RESULTS = "metrics.csv", "config.json", "results.json"
-EXTENSIBLE = ("hyper_iterations",)  # settings a resumed run may change without a warning
+EXTENSIBLE = ("hyper_iterations", "time_budget")  # settings a resumed run may change without a warning
 
 
 class CommonFlags(NamedTuple):
@@ -298,10 +298,11 @@ def _merged(first: list[str], second: list[str]) -> list[str]:
 # -- progress ----------------------------------------------------------------------------------
 
 
-def progress(iterations: Iterable[int], total: int, *, every_seconds: float = 10.0,
+def progress(iterations: Iterable[int], total: Optional[int], *, every_seconds: float = 10.0,
              label: str = "") -> Iterator[int]:
-    """Yields ``iterations`` and logs ``label i/total, elapsed, ETA`` at most every
-    ``every_seconds`` (and at the last one), through ``absl.logging``."""
+    """Yields ``iterations`` and logs ``label i/total, elapsed, ETA`` (``label i, elapsed`` for
+    a ``total`` of None: unknown) at most every ``every_seconds`` (and at the last one), through
+    ``absl.logging``."""
     start = last = time.perf_counter()
     done = 0
     for i in iterations:
@@ -309,9 +310,12 @@ def progress(iterations: Iterable[int], total: int, *, every_seconds: float = 10
         done += 1
         now = time.perf_counter()
         if now - last >= every_seconds or i + 1 == total:
-            rate = (now - start) / done
-            logging.info("%s %d/%d  %s elapsed, ETA %s", label, i + 1, total,
-                         _duration(now - start), _duration(rate * (total - i - 1)))
+            if total is None:
+                logging.info("%s %d  %s elapsed", label, i + 1, _duration(now - start))
+            else:
+                rate = (now - start) / done
+                logging.info("%s %d/%d  %s elapsed, ETA %s", label, i + 1, total,
+                             _duration(now - start), _duration(rate * (total - i - 1)))
             last = now
 
 
