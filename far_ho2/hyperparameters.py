@@ -202,6 +202,19 @@ def flatten_hyperparameters(hyper_list: Iterable[Any], argument: str = "hyper_li
     return [v for v, _ in hyperparameter_pairs(hyper_list, argument)]
 
 
+def projected_gradient(hyper: tf.Variable, gradient: Optional[tf.Tensor]) -> Optional[tf.Tensor]:
+    """G(λ) = λ − P(λ − ∇), the projected-gradient mapping (step 1) of a hyperparameter whose
+    ``constraint`` P is the Euclidean projection onto a closed convex set (∇ itself without a
+    constraint): G = 0 exactly at the points satisfying the constrained first-order (KKT)
+    conditions, where the raw gradient need not vanish; on a box it is ∇ without the
+    components that push an active bound outward."""
+    constraint = getattr(hyper, "constraint", None)
+    if constraint is None or gradient is None:
+        return gradient
+    value = tf.convert_to_tensor(hyper)
+    return value - tf.convert_to_tensor(constraint(value - tf.cast(gradient, value.dtype)))
+
+
 def apply_constraints(variables: Iterable[tf.Variable]) -> None:
     """``λ ← P(λ)`` for every variable that has a ``constraint``."""
     for v in variables:

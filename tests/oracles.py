@@ -191,7 +191,7 @@ class PenaltyStep(NamedTuple):
     w: np.ndarray  # w_T
     slots: tuple  # the inner optimizer's slots after the T steps
     lower: np.ndarray  # ∇_w g(λ, w_T)
-    norm2: float  # ‖∇_λ h_λ‖² + ‖∇_w h_w‖², the stage test's statistic
+    norm2: float  # ‖G_λ‖² + ‖∇_w h_w‖², the stage test's statistic (G_λ the projected gradient)
     value: float  # f(λ, ŵ), ŵ = T steps of ``armijo_descent`` on g from w_T
     scale: float  # the size of the terms of the direction
     run: Any  # far_ho2.oracles.QuadraticUnroll of the T steps on h_w
@@ -199,10 +199,11 @@ class PenaltyStep(NamedTuple):
 
 def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec: Any, nu: np.ndarray,
                  gamma: float, lambda_g: float, rate_scale: float,
-                 roundoff: Optional[np.random.Generator] = None) -> PenaltyStep:
+                 roundoff: Optional[np.random.Generator] = None, lo: Any = -np.inf, hi: Any = np.inf) -> PenaltyStep:
     """One iteration of ``far_ho2.Penalty`` from w (fresh optimizer slots): T steps of the inner
     optimizer (rate × ``rate_scale``) on h_w = f + νᵀ∇_w g + (γ/2)‖∇_w g‖² + λ_g g, a quadratic
-    in w with Hessian F + γA² + λ_g A, then the direction ∇_λ h_λ = ∇_λ f + Cν + γ C ∇_w g."""
+    in w with Hessian F + γA² + λ_g A, then the direction ∇_λ h_λ = ∇_λ f + Cν + γ C ∇_w g; the
+    stage statistic uses λ's projected gradient λ − clip(λ − ∇_λ h_λ, lo, hi) on a box."""
     A, C = p.A, p.C
     hessian = p.F + gamma * A @ A + lambda_g * A
     coupling = p.K + gamma * C @ A + lambda_g * C
@@ -218,5 +219,6 @@ def penalty_step(p: QuadraticBilevel, x: np.ndarray, w: np.ndarray, T: int, spec
         direction = fx + C @ nu + gamma * C @ lower
         surrogate_w = hessian @ run.w + coupling.T @ x + linear
         scale = safe_norm(fx) + safe_norm(C @ nu) + gamma * safe_norm(C, 2) * safe_norm(lower)
-        norm2 = direction @ direction + surrogate_w @ surrogate_w
+        projected = x - np.clip(x - direction, lo, hi)
+        norm2 = projected @ projected + surrogate_w @ surrogate_w
     return PenaltyStep(direction, run.w, run.slots, lower, float(norm2), f, float(scale), run)

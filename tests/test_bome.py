@@ -58,7 +58,7 @@ def line_of_minimizers():
     return lam, w, f, g, solution
 
 
-def test_a_line_of_lower_level_minimizers_bome_converges_where_implicit_warns():
+def test_a_line_of_lower_level_minimizers_bome_converges_where_implicit_fails():
     lam, w, f, g, solution = line_of_minimizers()
     ho = far.HyperOptimizer(far.BOME(eta=0.5))
     run = ho.minimize(f, far.GradientDescentOptimizer(0.3), g, far.GradientDescentOptimizer(0.3),
@@ -67,10 +67,11 @@ def test_a_line_of_lower_level_minimizers_bome_converges_where_implicit_warns():
         run(10)
     got = np.array([float(lam), *w.numpy()])
     np.testing.assert_allclose(got, solution, atol=1e-3)
-    # The implicit function theorem needs ∇²_w g invertible: here it is [[1, 1], [1, 1]].
+    # The implicit function theorem needs ∇²_w g invertible: here it is [[1, 1], [1, 1]], and
+    # conjugate gradient cannot solve the system: an error, nothing updated.
     far.clear_hyperparameters()
     lam, w, f, g, solution = line_of_minimizers()
-    with pytest.warns(RuntimeWarning, match="singular or not positive definite.*several minimizers"):
+    with pytest.raises(far.DivergenceError, match="singular or not positive definite.*several minimizers"):
         far.HyperOptimizer(far.ImplicitHG()).minimize(f, keras.optimizers.SGD(0.0), g,
                                                       far.GradientDescentOptimizer(0.3),
                                                       hyper_list=[lam], var_list=[w])(50)

@@ -19,6 +19,7 @@ from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.compiled import compiled
 from far_ho2.hypergradients.base import HyperGradient
+from far_ho2.hyperparameters import describe_all
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.trajectory import empty_trajectory, run_steps
 from far_ho2.types import RunResult
@@ -156,9 +157,11 @@ class BOME(HyperGradient):
         name: a name.
 
     Raises (at ``run``): a ``ValueError`` for a hyperparameter only the optimizer or Φ₀ read
-    (BOME differentiates no trajectory), when ∇q̂ = 0 for ``ZERO_BARRIER_LIMIT`` iterations in a
-    row while ∇f ≠ 0 (a lower-level objective constant in w), and a ``FloatingPointError`` naming
-    the iteration and the quantity that stopped being finite.
+    (BOME differentiates no trajectory), for one with a ``constraint=`` (the barrier is derived
+    for an unconstrained step: projected, it can stall where a constraint is active), and when
+    ∇q̂ = 0 for ``ZERO_BARRIER_LIMIT`` iterations in a row while ∇f ≠ 0 (a lower-level objective
+    constant in w); a ``far.DivergenceError`` naming the iteration and the quantity that stopped
+    being finite or grew without bound.
 
     References:
         Liu, Ye, Wright, Stone, Liu, NeurIPS 2022, arXiv:2209.08709; official code
@@ -207,6 +210,15 @@ class BOME(HyperGradient):
                               offset=offset)
 
     def _build(self) -> None:
+        hypers = [h for reg in self.registrations for h in (reg.hypers if reg.hypers is not None else
+                                                             [v for v, _ in reg.candidates])]
+        constrained = [h for h in hypers if getattr(h, "constraint", None) is not None]
+        if constrained:
+            raise ValueError(f"{self.name} cannot take hyperparameters with `constraint=` ({describe_all(constrained)}): "
+                             f"its dynamic barrier is derived for an unconstrained step, and projecting λ after it can "
+                             f"stall away from the solution where a constraint is active. Reparametrise λ instead "
+                             f"(e.g. σ(λ) for a weight in [0, 1]), or use far.Penalty, far.ReverseHG or far.ImplicitHG, "
+                             f"whose steps handle projections.")
         if self.inner_optimizer is not None:
             self.inner_optimizer.build([v for p in self.inner_problems for v in p.var_list])
 

@@ -122,6 +122,11 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
                      carry=ImplicitCarry(result.x, result.residual, result.iterations, curvature, stationarity))
 
 
+def _singular(low: float, high: float, dtype: tf.DType) -> bool:
+    """Whether CG's curvature range [low, high] says the Hessian is singular or indefinite."""
+    return bool(high > 0 and low <= np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * high)
+
+
 def _norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
 
@@ -230,6 +235,13 @@ class ImplicitHG(HyperGradient):
                     f"and the implicit hypergradient needs w_T ≈ w*(λ): lower the inner learning rate (it is beyond "
                     f"the stable range at these hyperparameters), or bound the hyperparameters that steepen L")
         residual, iterations = float(result.carry.residual.numpy()), int(result.carry.iterations.numpy())
+        low, high = result.carry.curvature.numpy()
+        if not residual < 1 and _singular(low, high, result.carry.curvature.dtype):
+            return (f"the Hessian ∇²_w L is singular or not positive definite (conjugate gradient met curvature "
+                    f"{low:.3g} against {high:.3g}, and its relative residual is {residual:.3g} after {iterations} "
+                    f"iterations): the inner problem may have several minimizers, where the implicit function "
+                    f"theorem does not apply and the hypergradient is not defined. Use a method for such problems "
+                    f"(far.BOME, far.ReverseHG)")
         if not residual < 1:
             hint = {"neumann": " (the Neumann series needs 0 < α < 2/‖∇²_w L‖: lower `alpha`, which defaults to the "
                                "inner learning rate)",
@@ -246,8 +258,7 @@ class ImplicitHG(HyperGradient):
         tol = self._tolerance(global_step)
         for k, (r, (residual, iterations)) in enumerate(zip(results, self.residuals)):
             low, high = r.carry.curvature.numpy()
-            singular = high > 0 and low <= np.sqrt(np.finfo(r.carry.curvature.dtype.as_numpy_dtype).eps) * high
-            if singular:
+            if _singular(low, high, r.carry.curvature.dtype):
                 warnings.warn(f"{self.name}: the Hessian ∇²_w L of inner problem {k} is singular or not "
                               f"positive definite (conjugate gradient met curvature {low:.3g} against "
                               f"{high:.3g}): the inner problem may have several minimizers, where the "

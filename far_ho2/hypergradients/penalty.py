@@ -19,6 +19,7 @@ from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
+from far_ho2.hyperparameters import projected_gradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.trajectory import empty_trajectory, run_steps
 from far_ho2.types import RunResult
@@ -50,18 +51,6 @@ def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: An
     h_upper = (f + tf.add_n([tf.reduce_sum(n * d) for n, d in zip(nu, lower)])
                + 0.5 * gamma * tf.add_n([tf.reduce_sum(d * d) for d in lower]))
     return h_upper, h_upper + lambda_g * g, f, lower
-
-
-def projected_gradient(hyper: tf.Variable, gradient: tf.Tensor) -> tf.Tensor:
-    """G(λ) = λ − P(λ − ∇), the projected-gradient mapping (step 1) of a hyperparameter whose
-    ``constraint`` P is the Euclidean projection onto a closed convex set (∇ itself without a
-    constraint): G = 0 exactly at the points satisfying the constrained first-order (KKT)
-    conditions, where the raw gradient need not vanish."""
-    constraint = getattr(hyper, "constraint", None)
-    if constraint is None:
-        return gradient
-    value = tf.convert_to_tensor(hyper)
-    return value - tf.convert_to_tensor(constraint(value - gradient))
 
 
 MAX_HALVINGS = 60  # Armijo halvings per step of ``lower_solution``
