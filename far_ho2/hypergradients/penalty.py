@@ -53,6 +53,7 @@ def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: An
     return h_upper, h_upper + lambda_g * g, f, lower
 
 
+DIVERGENCE_FLOOR = 1e-4  # the stage divergence test's floor, as a fraction of ε (see Penalty._trusted)
 MAX_HALVINGS = 60  # Armijo halvings per step of ``lower_solution``
 
 
@@ -168,7 +169,8 @@ class Penalty(HyperGradient):
     multiplied in place (with ``lr_factor=1`` any outer optimizer works). ``HyperOptimizer.run``
     returns E at an inner solution ŵ (see ``penalty_direction``), not f at the method's w; a
     warning says when λ stands still for ``STALL_ITERATIONS`` hyper-iterations while the stage
-    test fails.
+    test fails, and a stage whose statistic grows far beyond its least value (``_trusted``)
+    fails as a diverged run.
 
     ``state_variables()`` holds γ, λ_g, ε, the stage, the step-size scale, ν and the inner
     optimizer's slots (checkpointable); ``diagnostics`` the last run's γ, stage, ‖∇_w g‖ (the
@@ -239,6 +241,8 @@ class Penalty(HyperGradient):
         self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
         self.rate_scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="rate_scale")
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        # the least stage statistic since the last pass (−1: none yet): the stage's divergence test
+        self.least = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="least_statistic")
         self.nu: list[list[tf.Variable]] = []  # per problem, per inner variable
         self.slots: list[list[tf.Variable]] = []  # per problem, the inner optimizer's kept state
         self.outer_optimizers: list = []  # their learning rates shrink with the stages
@@ -270,7 +274,8 @@ class Penalty(HyperGradient):
 
     def state_variables(self) -> dict:
         return {"gamma": self.gamma, "lambda_g": self.lambda_g, "epsilon": self.epsilon, "stage": self.stage,
-                "rate_scale": self.rate_scale, "iterations": self.iterations, "nu": self.nu, "slots": self.slots}
+                "rate_scale": self.rate_scale, "iterations": self.iterations, "least": self.least, "nu": self.nu,
+                "slots": self.slots}
 
     # -- the method -------------------------------------------------------------------------------
 
@@ -332,12 +337,37 @@ class Penalty(HyperGradient):
         carry = result.carry
         return [("h_w", carry.surrogate), ("‖∇_w g‖", carry.lower_gradient_norm), ("‖∇h‖²", carry.grad_h_norm2)]
 
+    def _bound(self) -> tf.Tensor:
+        """The largest stage statistic the divergence test accepts (see ``_trusted``)."""
+        limit = np.sqrt(self.growth_limit) if self.growth_limit is not None else np.inf
+        floor = tf.square(DIVERGENCE_FLOOR * self.epsilon)
+        return tf.where(self.least < 0, tf.constant(np.inf, tf.float64), limit * tf.maximum(self.least, floor))
+
+    def _trusted(self, result: RunResult) -> tf.Tensor:
+        """A stage diverges when its statistic ‖G_λ‖² + ‖∇_w h_w‖² exceeds √G·max(its least
+        value since the last pass, (10⁻⁴ε)²) (G = ``growth_limit``: the statistic is a squared
+        norm, so its gradients grew G^¼ times, 100 at the default): the steps are no longer
+        stable at this γ (e.g. a fixed outer rate, ``outer_lr_factor=1``, as γ grows), a drift
+        that a constraint on λ can hide from the growth tests (measured: λ converged to 10⁻⁸,
+        then drifted 0.03 away in 300 hyper-iterations, the statistic ×1.065 each)."""
+        return tf.cast(result.carry.grad_h_norm2, tf.float64) <= self._bound()
+
+    def _distrust(self, result: RunResult) -> Optional[str]:
+        if self._trusted(result).numpy():
+            return None
+        return (f"the stage statistic ‖G_λ‖² + ‖∇_w h_w‖² grew to {float(result.carry.grad_h_norm2.numpy()):.3g}, "
+                f"beyond √growth_limit × max(its least value since the last stage, (1e-4·ε)²) = "
+                f"{float(self._bound().numpy()):.3g}: {self.diverged_hint}")
+
     def after_update(self) -> None:
         """The stage test and, on a pass, the schedule (see the class docstring)."""
         self.iterations.assign_add(1)
         total = sum(float(r.carry.grad_h_norm2.numpy()) for r in self.results or [])
         if not total < float(self.epsilon.numpy()) ** 2:
+            least = float(self.least.numpy())
+            self.least.assign(total if least < 0 else min(least, total))
             return
+        self.least.assign(-1.0)
         if self.lagrangian:  # with the γ ∇_w g was measured at (see the class docstring)
             for nus, result in zip(self.nu, self.results):
                 for n, d in zip(nus, result.carry.lower_gradient):
