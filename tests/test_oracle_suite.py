@@ -51,6 +51,7 @@ embedded in the shape with decoupled coordinates that stay exactly zero. ``--lon
 ``LONG_FACTOR`` times as many cases; the outcomes per method are printed at the end.
 """
 
+import gc
 import itertools
 import warnings
 from collections import Counter
@@ -1156,8 +1157,12 @@ def _seed_and_registry():
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
-    """After the module: the outcomes per method (matched, raised, failed by cause)."""
+    """After the module: the rigs are let go (another module's test may need no HyperOptimizer
+    alive, e.g. FAR-HO's ``far.hypergradients()`` before any run), then the outcomes per method
+    (matched, raised, failed by cause)."""
     yield
+    RIGS.clear()
+    gc.collect()
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is None or capture is None or not RESULTS:
