@@ -55,7 +55,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from far_ho2.hypergradients.base import HyperGradient, _result_healthy
+from far_ho2 import engine
+from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 
 __all__ = ["Share", "apply_gradients", "hypergradient", "local_variables", "replica_batch_size", "share"]
@@ -133,7 +134,7 @@ def hypergradient(method: HyperGradient, problem: InnerProblem, outer_objective:
     ``tf.function``); ``finite`` covers the inner states, E, ∇E and the method's own checked
     quantities."""
     result = method.hypergradient(problem, outer_objective, hypers, **arguments)
-    return share(result.value, result.grads, _result_healthy(result, method._checked(result)) & method._trusted(result),
+    return share(result.value, result.grads, engine.result_healthy(method, result),
                  tf.shape(problem.var_list[0])[0])
 
 

@@ -23,17 +23,16 @@ and how far a legitimate quantity may move from its scale (a weight initialised 
 On failure a ``DivergenceError`` (a ``FloatingPointError``) names the method, the
 hyper-iteration, the inner step and what grew, and every variable — inner variables,
 hyperparameters, the outer optimizer's slots and the method's own state — holds the value it had
-before the hyper-iteration (``Snapshot``).
+before the hyper-iteration (``far_ho2.engine.step`` restores them).
 """
 
 import contextlib
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from far_ho2.compiled import compiled
 
 DEFAULT_GROWTH_LIMIT = 1e8
 UNCHANGED = ("every variable (inner variables, hyperparameters, optimizer slots, the method's state) "
@@ -90,20 +89,3 @@ def bound(reference: tf.Tensor, growth_limit: Optional[float]) -> tf.Tensor:
 def healthy(x: tf.Tensor, largest: tf.Tensor) -> tf.Tensor:
     """Whether x is finite and ‖x‖∞ ≤ ``largest``."""
     return tf.reduce_all(tf.math.is_finite(x)) & (max_abs(x) <= largest)
-
-
-class Snapshot:
-    """Saves and restores the values of ``variables`` (one compiled read per ``take``)."""
-
-    def __init__(self, variables: Sequence[tf.Variable]):
-        self.variables = list(variables)
-        self._read = compiled(lambda: [tf.identity(v) for v in self.variables])
-
-    def take(self) -> list[tf.Tensor]:
-        """The values now."""
-        return self._read() if self.variables else []
-
-    def restore(self, values: Sequence[tf.Tensor]) -> None:
-        """Writes back the values of a ``take``."""
-        for v, value in zip(self.variables, values):
-            v.assign(value)

@@ -16,14 +16,13 @@ import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from far_ho2 import guard
+from far_ho2 import engine, guard
 from far_ho2.compiled import compiled
-from far_ho2.hypergradients.base import OUTER_ADVICE, HyperGradient, Registration
+from far_ho2.hypergradients.base import OUTER_ADVICE, HyperGradient, Registration, check_callback
 from far_ho2.hypergradients.reverse import ReverseHG
-from far_ho2.hyperparameters import apply_constraints, describe, flatten_hyperparameters, variable_name
+from far_ho2.hyperparameters import apply_constraints, describe, describe_all, flatten_hyperparameters, variable_name
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.types import InnerOptimizer
 
@@ -59,11 +58,9 @@ class HyperOptimizer:
         self._hypergradient = hypergradient or ReverseHG()
         self._outer: list[tuple[Any, Registration]] = []  # (outer optimizer, problem)
         self._finalized: Optional[tuple] = None
-        self._updates: dict = {}  # compiled outer updates, per (optimizer, variables)
-        self._snapshot: Optional[guard.Snapshot] = None  # what a failed hyper-iteration restores
-        self._before: Optional[list] = None  # its values before the last compute_hypergradients
-        self._bounds: dict = {}  # id(hyperparameter or inner variable) -> its growth bound
-        self._inner_check: Optional[Callable] = None
+        self._bounds: Optional[tuple] = None  # the growth bounds of (the hyperparameters, the inner variables)
+        self._steps: dict = {}  # compiled hyper-iterations, per batch layout and online mode
+        self._apply: Optional[Callable] = None  # compiled update of computed directions
         self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         _INSTANCES.append(weakref.ref(self))
 
@@ -180,13 +177,25 @@ class HyperOptimizer:
                  "the outer update reads variables: change the outer optimizer's learning rate, "
                  "or its schedule, instead of feeding it.")
         _removed("session", session, "TF2 runs eagerly, without sessions; remove it.")
-        value = None
-        if not _only_hyper_ts:
-            value = self.compute_hypergradients(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
-                                                online=online, callback=callback)
-        if not _skip_hyper_ts:
+        if _only_hyper_ts:
             self.apply_hypergradients()
-        return value
+            return None
+        if _skip_hyper_ts:
+            return self.compute_hypergradients(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
+                                               online=online, callback=callback)
+        check_callback(callback)
+        self._check_finalized()
+        method = self._hypergradient
+        prepared = method.prepare(T, inner_objective_feed_dicts, outer_objective_feed_dicts, self.global_step, online)
+        self._setup()
+        arguments = method.step_arguments(prepared)
+        results, status = self._step_function(prepared)(
+            *(arguments[k] for k in ("steps", "inner_data", "outer_data", "previous", "offset", "options",
+                                     "grad_bound")), self._bound_tensors())
+        method.conclude(prepared, results, status, moved=float(status.moved.numpy()), callback=callback,
+                        describe_update=lambda: self._update_failure(status))
+        self._global_step.assign_add(1)
+        return status.value
 
     def compute_hypergradients(self, T: Any, inner_objective_feed_dicts: Any = None,
                                outer_objective_feed_dicts: Any = None, *, online: Any = False,
@@ -194,44 +203,95 @@ class HyperOptimizer:
         """The outer directions of one hyper-iteration, without applying them (see ``run`` for
         the arguments; ``hypergradients()`` returns them). Returns E at the end of the inner run
         (the mean over the inner problems)."""
-        if self._finalized is None:
-            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
-        try:
-            results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
-                                              self.global_step, online, callback, before_compute=self._take_snapshot)
-        except guard.DivergenceError:
-            self._restore()
-            raise
+        self._check_finalized()
+        results = self._hypergradient.run(T, inner_objective_feed_dicts, outer_objective_feed_dicts,
+                                          self.global_step, online, callback)
         return (results[0].value if len(results) == 1 else  # no eager ops when there is one
                 tf.reduce_mean(tf.stack([r.value for r in results])))
 
     def apply_hypergradients(self) -> None:
         """Updates the hyperparameters with the outer directions of the last
-        ``compute_hypergradients``, projects them onto their constraints, lets the method update
-        its own state (``HyperGradient.after_update``), and counts the update."""
-        if self._finalized is None:
-            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
-        aggregation_fn, process_fn = self._finalized
-        if self._before is None:  # not right after compute_hypergradients: what this update changes
-            self._take_snapshot()
-        moved = 0.0
-        for optimizer, group in self._groups():
-            healthy, change = self._update(optimizer, self._hypergradient.hgrads_hvars(group, aggregation_fn, process_fn))
-            if not healthy:
-                message = self._update_failure(optimizer, group)
-                self._restore()
-                raise guard.DivergenceError(message)
-            moved = max(moved, change)
-        self._hypergradient.after_update()
-        if self._hypergradient.persistent and not self._inner_healthy():
-            message = self._inner_failure()
-            self._restore()
+        ``compute_hypergradients``, projects them onto their constraints, lets the method take
+        its own step (``HyperGradient.finish``), and counts the update (``engine.apply_step``)."""
+        self._check_finalized()
+        method = self._hypergradient
+        results = method._require_results()
+        self._setup()
+        if self._apply is None:
+            guarded = self._guarded()
+
+            def apply(results, bounds):
+                return engine.apply_step(method, results, lambda r: self._update(r, bounds), bounds[1], guarded)
+            self._apply = compiled(apply, float64=method.float64)
+        status = self._apply(results, self._bound_tensors())
+        if int(status.phase.numpy()) != engine.HEALTHY:
+            method._results = None
+            message = f"{method._failure_context(self.global_step)}: {self._update_failure(status)}; {guard.UNCHANGED}"
+            method._failure = message
             raise guard.DivergenceError(message)
-        self._before = None
-        self._hypergradient.after_step(moved, self.global_step)
+        method.report(results, float(status.moved.numpy()), self.global_step)
         self._global_step.assign_add(1)
 
-    # -- the guard --------------------------------------------------------------------------------
+    def _check_finalized(self) -> None:
+        if self._finalized is None:
+            raise ValueError("Call `minimize` (or `finalize`) before `run`.")
+
+    # -- the step and its guard (far_ho2.engine) --------------------------------------------------
+
+    def _step_function(self, prepared: Any) -> Callable:
+        """The compiled hyper-iteration (``engine.step`` with the outer update), one per batch
+        layout and online mode."""
+        key = (prepared.inner.per_step, prepared.online, prepared.previous is not None)
+        if key not in self._steps:
+            method, guarded = self._hypergradient, self._guarded()
+
+            def step(steps, inner_data, outer_data, previous, offset, options, grad_bound, bounds):
+                return engine.step(method, steps=steps, inner_data=inner_data, per_step=key[0], outer_data=outer_data,
+                                   previous=previous, online=key[1], offset=offset, options=options,
+                                   grad_bound=grad_bound, update=lambda r: self._update(r, bounds),
+                                   inner_bounds=bounds[1], guarded=guarded)
+            self._steps[key] = compiled(step, method.jit_compile, float64=method.float64,
+                                        grappler_off=method.grappler_off)
+        return self._steps[key]
+
+    def _update(self, results: list, bounds: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+        """The door's outer update, traced (``engine.Update``): each outer optimizer on its
+        group's aggregated, processed directions, then the projections; (max ‖Δλ‖∞, whether the
+        hyperparameters are within their growth bounds and every optimizer variable finite)."""
+        aggregation_fn, process_fn = self._finalized
+        hypers = flatten_hyperparameters([h for _, group in self._groups() for h in group])
+        before = [tf.identity(v) for v in hypers]
+        for optimizer, group in self._groups():
+            pairs = self._hypergradient.pairs(results, group, aggregation_fn, process_fn)
+            if pairs:
+                optimizer.apply_gradients(pairs)
+                apply_constraints(flatten_hyperparameters([v for _, v in pairs]))
+        slots = [v for optimizer in self._optimizers() for v in _variables_of(optimizer) if v.dtype.is_floating]
+        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
+                                         + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
+        moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
+        return moved, healthy
+
+    def _setup(self) -> None:
+        """Once the problems are resolved (after the first ``prepare``): the outer optimizers
+        built (their slots exist before the first traced update) and the growth bounds of the
+        hyperparameters and inner variables fixed at their first values."""
+        if self._bounds is not None:
+            return
+        for optimizer, group in self._groups():
+            variables = flatten_hyperparameters(group)
+            if isinstance(optimizer, keras.optimizers.Optimizer):
+                if not optimizer.built:
+                    optimizer.build(variables)
+            elif hasattr(optimizer, "build"):
+                optimizer.build(variables)
+        limit = self._hypergradient.growth_limit
+        hypers = flatten_hyperparameters([h for _, group in self._groups() for h in group])
+        inner = [v for reg in self._hypergradient.registrations for v in reg.problem.var_list]
+        self._bounds = tuple([float(guard.bound(v, limit).numpy()) for v in variables] for variables in (hypers, inner))
+
+    def _bound_tensors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        return tuple(tf.constant(b + [0.0], tf.float64) for b in self._bounds)
 
     def _guarded(self) -> list[tf.Variable]:
         """Every variable a hyper-iteration may change: the inner variables and their optimizers'
@@ -255,67 +315,17 @@ class HyperOptimizer:
                 optimizers.append(optimizer)
         return optimizers
 
-    def _take_snapshot(self) -> None:
-        """Called once the problems are resolved, before the compiled run: on the first call, the
-        outer optimizers are built (their slots exist before the first update) and the growth
-        bounds of the hyperparameters and inner variables fixed; every call saves the values."""
-        if self._snapshot is None:
-            for optimizer, group in self._groups():
-                variables = flatten_hyperparameters(group)
-                if isinstance(optimizer, keras.optimizers.Optimizer):
-                    if not optimizer.built:
-                        optimizer.build(variables)
-                elif hasattr(optimizer, "build"):
-                    optimizer.build(variables)
-            limit = self._hypergradient.growth_limit
-            bounded = flatten_hyperparameters([h for _, group in self._groups() for h in group])
-            bounded += [v for reg in self._hypergradient.registrations for v in reg.problem.var_list]
-            self._bounds = {id(v): float(guard.bound(v, limit).numpy()) for v in bounded}
-            self._snapshot = guard.Snapshot(self._guarded())
-        self._before = self._snapshot.take()
-
-    def _restore(self) -> None:
-        if self._snapshot is not None and self._before is not None:
-            self._snapshot.restore(self._before)
-        self._before = None
-
-    def _inner_healthy(self) -> bool:
-        """Whether the inner variables are finite and within their bounds (after a method's own
-        step on them)."""
-        variables = [v for reg in self._hypergradient.registrations for v in reg.problem.var_list]
-        if self._inner_check is None:
-            self._inner_check = compiled(lambda bounds: tf.reduce_all(tf.stack(
-                [guard.healthy(v, bounds[i]) for i, v in enumerate(variables)])))
-        return bool(self._inner_check(tf.constant([self._bounds[id(v)] for v in variables], tf.float64)).numpy())
-
-    def _inner_failure(self) -> str:
+    def _update_failure(self, status: Any) -> str:
+        """Why the update part of a step failed (the step restored everything)."""
         method = self._hypergradient
-        for reg in method.registrations:
-            for v in reg.problem.var_list:
-                value = v.numpy()
-                if not np.all(np.isfinite(value)) or np.max(np.abs(value), initial=0.0) > self._bounds[id(v)]:
-                    what = ("became NaN/Inf" if not np.all(np.isfinite(value)) else
-                            f"grew to ‖·‖∞ = {np.max(np.abs(value)):.3g}, beyond growth_limit × max(‖its first "
-                            f"value‖∞, 1) = {self._bounds[id(v)]:.3g}")
-                    return (f"{method._failure_context(self.global_step)}: the method's own step on the inner "
-                            f"variables: {describe(v)} {what}: lower its step size; {guard.UNCHANGED}")
-        return f"{method._failure_context(self.global_step)}: the method's own step failed; {guard.UNCHANGED}"
-
-    def _update_failure(self, optimizer: Any, group: list) -> str:
-        """Why an outer update was rejected: a non-finite hypergradient, or else the update
-        itself (the hyperparameters or the optimizer's slots)."""
-        method = self._hypergradient
-        name = type(optimizer).__name__
-        aggregation_fn, process_fn = self._finalized
-        for g, h in method.hgrads_hvars(group, aggregation_fn, process_fn):
-            variable = flatten_hyperparameters([h])[0]
-            if not np.all(np.isfinite(np.asarray(g))):
-                return (f"{method._failure_context(self.global_step)}: the hypergradient with respect to "
-                        f"{describe(variable)} is not finite; {guard.UNCHANGED}")
-        names = ", ".join(describe(v) for v in flatten_hyperparameters(group))
-        return (f"{method._failure_context(self.global_step)}: the outer update by {name} would make "
-                f"{names} non-finite or grow beyond growth_limit × max(‖its first value‖∞, 1): "
-                f"{method.diverged_hint or OUTER_ADVICE}; {guard.UNCHANGED}")
+        if int(status.phase.numpy()) == engine.METHOD_STEP:
+            inner = describe_all(v for reg in method.registrations for v in reg.problem.var_list)
+            return (f"the method's own step on the inner variables {inner} made them non-finite or grow beyond "
+                    f"growth_limit × max(‖their first value‖∞, 1): lower its step size")
+        names = ", ".join(describe(v) for v in flatten_hyperparameters([h for _, g in self._groups() for h in g]))
+        optimizers = ", ".join(type(o).__name__ for o in self._optimizers())
+        return (f"the outer update by {optimizers} would make {names} (or its slots) non-finite or grow beyond "
+                f"growth_limit × max(‖its first value‖∞, 1): {method.diverged_hint or OUTER_ADVICE}")
 
     def _groups(self) -> list[tuple[Any, list]]:
         """(outer optimizer, the hyperparameters it updates), once the problems are resolved."""
@@ -330,38 +340,6 @@ class HyperOptimizer:
             else:
                 groups.append((optimizer, list(hypers)))
         return groups
-
-    def _update(self, optimizer: Any, pairs: list) -> tuple[bool, float]:
-        """λ ← P(λ − step): the outer optimizer's update, then the constraints' projections; then
-        whether the hyperparameters and the optimizer's variables are healthy (finite, λ within
-        its growth bound) and max ‖Δλ‖∞. A Keras optimizer's update is compiled after its first
-        (eager) call."""
-        if not pairs:
-            return True, 0.0
-        grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
-        flat = flatten_hyperparameters(variables)
-        bounds = tf.constant([self._bounds.get(id(v), np.inf) for v in flat], tf.float64)
-        slots = _variables_of(optimizer)
-
-        def update(grads, bounds):
-            before = [tf.identity(v) for v in flat]
-            optimizer.apply_gradients(zip(grads, variables))
-            apply_constraints(flat)
-            healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[i]) for i, v in enumerate(flat)]
-                                             + [tf.reduce_all(tf.math.is_finite(s)) for s in slots
-                                                if s.dtype.is_floating]))
-            change = tf.reduce_max(tf.stack([guard.max_abs(v - b) for v, b in zip(flat, before)]))
-            return tf.stack([tf.cast(healthy, tf.float64), change])
-
-        key = (id(optimizer), tuple(id(v) for v in variables))
-        if key in self._updates:
-            status = self._updates[key](grads, bounds)
-        else:
-            status = update(grads, bounds)  # eagerly: a Keras optimizer may still create variables
-            if isinstance(optimizer, keras.optimizers.Optimizer):
-                self._updates[key] = compiled(update, float64=any(v.dtype == tf.float64 for v in flat))
-        healthy, change = status.numpy()
-        return bool(healthy), float(change)
 
     # -- results and state ------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ def test_compute_then_apply_is_run_and_the_legacy_spellings_are_the_same_calls()
 
 class _OneStep(far.HyperGradient):
     """A persistent toy method: the direction is ∂E/∂λ at the current w (no inner steps), and
-    after the outer update it moves w by −0.5·∂E/∂w itself."""
+    after the outer update it moves w by −0.5·∂E/∂w itself (``finish``, traced)."""
 
     persistent = True
     online_modes = ()
@@ -73,10 +73,15 @@ class _OneStep(far.HyperGradient):
         return far.RunResult(outer.value, outer.hypers, state, tf.zeros([steps], problem.dtype),
                              trajectory.empty_trajectory(state, steps).health, carry=outer.weights)
 
-    def after_update(self):
-        self.updates.append(float(tf.reduce_sum(self.inner_problems[0].var_list[0])))
-        for v, g in zip(self.inner_problems[0].var_list, self.results[0].carry):
+    def finish(self, results):
+        for v, g in zip(self.inner_problems[0].var_list, results[0].carry):
             v.assign_sub(0.5 * g)
+        return tf.constant(True)
+
+    def report(self, results, moved, global_step):
+        super().report(results, moved, global_step)
+        if moved is not None:
+            self.updates.append(float(tf.reduce_sum(self.inner_problems[0].var_list[0])))
 
 
 def test_a_persistent_method_keeps_the_inner_variables_and_updates_them_after_the_outer_step():
@@ -91,10 +96,10 @@ def test_a_persistent_method_keeps_the_inner_variables_and_updates_them_after_th
     # E = ½‖w − θ‖²: ∂E/∂θ = −Σ(w − θ) = −(1 − 2) = 1, so θ ← 1 − 0.125; then w ← w − 0.5(w − θ_old)
     assert float(theta) == 0.875
     np.testing.assert_allclose(w.numpy(), [2.0 - 0.5 * 1.0, -1.0 + 0.5 * 2.0], rtol=1e-15)
-    assert method.updates == [1.0]  # called once, after the outer update, before moving w
-    ho.compute_hypergradients(1)  # computing alone neither moves w nor calls the hook
+    assert method.updates == [1.5]  # reported once, after the outer update and the method's own step
+    ho.compute_hypergradients(1)  # computing alone neither moves w nor reports an update
     np.testing.assert_allclose(w.numpy(), [1.5, 0.0], rtol=1e-15)
-    assert method.updates == [1.0]
+    assert method.updates == [1.5]
     with pytest.raises(ValueError, match="online"):
         run(1, online=True)
 

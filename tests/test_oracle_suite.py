@@ -161,7 +161,7 @@ class Rig:
 FRESH = {  # the history a HyperOptimizer and its method keep across runs, as a new instance has it
     "method": {"_zero_barrier": 0, "_previous": None, "_steps_done": 0, "_grad_reference": None, "_still": 0,
                "_stall_warned": False},
-    "ho": {"_snapshot": None, "_bounds": {}},
+    "ho": {"_bounds": None},
 }
 
 

@@ -1,36 +1,49 @@
 """``HyperGradient``: what every hypergradient method shares (FAR-HO's base class).
 
-A method registers inner problems with their outer objectives (``compute_gradients``), computes
-their hypergradients in one compiled function per ``run``, and hands them out aggregated over
-the problems (``hgrads_hvars``). Subclasses implement ``hypergradient``: one problem's result,
-traced inside ``tf.function`` (it can also be called from a user's own compiled code, e.g. a
-Keras ``train_step``). The shared work lives here: the default ``hyper_list`` and the errors for
-hyperparameters a method cannot differentiate (``dependencies``), streams as suppliers,
-non-finite inner states or hypergradients (the step is named and the inner variables and the
-hyperparameters keep their values), and the hooks of methods that keep the inner variables
-across runs and update them themselves (``persistent``, ``after_update``).
+A method registers inner problems with their outer objectives (``compute_gradients``) and
+implements ``hypergradient``: one problem's result (its outer direction), a traced function.
+One hyper-iteration is ``far_ho2.engine.step``, which every door runs; around it this class
+prepares a run (suppliers, the default ``hyper_list`` and the errors for hyperparameters a method
+cannot differentiate, ``dependencies``), explains a failed one (the guard's one-line message)
+and concludes a healthy one (the method's ``report``, the last run for online modes). A method's
+hooks into the step: ``health`` (its own test of a result, in-graph) with ``failure`` (its words),
+``finish`` (its own step after the outer update: a joint step on w, a stage schedule, in-graph),
+and ``report`` (diagnostics and warnings after a healthy step, in Python).
 """
 
 import inspect
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2 import dependencies, guard
+from far_ho2 import dependencies, engine, guard
 from far_ho2.compiled import compiled
 from far_ho2.hyperparameters import (describe, describe_all, flatten_hyperparameters, hyperparameter_pairs,
                                      hyperparameters)
 from far_ho2.inner_problem import InnerProblem
-from far_ho2.trajectory import all_healthy, divergence
+from far_ho2.trajectory import divergence
 from far_ho2.types import Previous, RunResult
 
 
 OUTER_ADVICE = ("lower the outer learning rate, bound the hyperparameters with `constraint=`, or raise "
                 "`growth_limit` if such values are legitimate")
-STALL_ITERATIONS = 50  # hyper-iterations with λ unmoved before a method may warn (``after_step``)
+STALL_ITERATIONS = 50  # hyper-iterations with λ unmoved before a method may warn (``report``)
+
+
+class Prepared(NamedTuple):
+    """A run ready for its traced step (``HyperGradient.prepare``)."""
+
+    T: int
+    inner: batching.Batches  # the inner batches
+    outer: Any  # the outer batch
+    offset: int  # the first step's index in the stream of steps (online runs)
+    online: Any  # False, or the online mode of a run continuing the last one
+    previous: Optional[list]  # the last run, per problem, when continued or warm-started
+    global_step: int
+    run_state: list  # (variable, value) of the inner optimizers' run state before ``begin_run``
 
 
 class Registration:
@@ -44,21 +57,6 @@ class Registration:
         self.outer_takes_batch = batching.takes_batch(outer_objective, "outer_objective")
         self.hypers: Optional[list[tf.Variable]] = None  # resolved
         self.originals: list = []  # what the user passed, per resolved hyperparameter
-
-
-def _result_healthy(result: RunResult, extra: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Whether the inner states of ``result`` stayed healthy (finite, within their growth
-    bounds) and E, every hypergradient and the method's ``extra`` quantities are finite
-    (in-graph)."""
-    checks = [all_healthy(result.health), tf.reduce_all(tf.math.is_finite(result.value))]
-    checks += [tf.reduce_all(tf.math.is_finite(g)) for g in list(result.grads) + list(extra) if g is not None]
-    return tf.reduce_all(tf.stack(checks))
-
-
-def _largest(results: Sequence[RunResult]) -> tf.Tensor:
-    """max ‖∇_λ‖∞ over every hypergradient of ``results`` (float64; 0 if none)."""
-    return tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(g) for r in results
-                                                               for g in r.grads if g is not None]))
 
 
 def _mean(hypergradients: list) -> tf.Tensor:
@@ -190,62 +188,55 @@ class HyperGradient:
     def _build(self) -> None:
         """Creates the method's own state (variables), once every problem is resolved."""
 
-    def _checked(self, result: RunResult) -> list[tf.Tensor]:
-        """The method's own quantities of ``result`` that must be finite for an update (none
-        here; the state, E and the hypergradients are always checked)."""
-        return []
+    # -- the method's hooks into the step (far_ho2.engine) ----------------------------------------
 
-    def _trusted(self, result: RunResult) -> tf.Tensor:
-        """Whether the assumptions of the method's result hold (in-graph; e.g. an inner loop
-        that converges); a run where they do not fails like a diverged one (True here)."""
+    def health(self, result: RunResult) -> tf.Tensor:
+        """The method's own test of ``result`` (in-graph; e.g. its diagnostics finite, an inner
+        loop that converges): a run where it fails fails like a diverged one (True here)."""
         return tf.constant(True)
 
-    def _distrust(self, result: RunResult) -> Optional[str]:
-        """Why ``_trusted`` is False for ``result``, in words (eagerly, after a failed run)."""
+    def failure(self, result: RunResult) -> Optional[str]:
+        """Why ``health`` fails for ``result``, in words (eagerly, after a failed run; None here)."""
         return None
 
-    def _compiled(self, per_step: bool, online: Any, with_previous: bool) -> Callable:
-        key = (per_step, online, with_previous)
-        if key not in self._functions:
-            def compute(steps, inner_data, outer_data, previous, offset, options, grad_bound):
-                before = [[v.read_value() for v in reg.problem.var_list] for reg in self._registered]
-                with guard.limit(self.growth_limit):
-                    results = [self.hypergradient(reg.problem, reg.outer_objective, reg.hypers, steps=steps,
-                                                  inner_batches=batching.Batches(inner_data, per_step),
-                                                  outer_batch=outer_data,
-                                                  previous=previous[k] if with_previous else None,
-                                                  online=online, offset=offset, options=options)
-                               for k, reg in enumerate(self._registered)]
-                largest = _largest(results)
-                healthy = tf.reduce_all(tf.stack([_result_healthy(r, self._checked(r)) & self._trusted(r)
-                                                  for r in results] + [largest <= grad_bound]))
-                for reg, values in zip(self._registered, before):  # nothing changes on failure
-                    reg.problem.keep_if_healthy(values, healthy)
-                return results, tf.stack([tf.cast(healthy, tf.float64), largest])
-            self._functions[key] = compiled(compute, self.jit_compile,
-                                            float64=any(r.problem.dtype == tf.float64 for r in self._registered),
-                                            grappler_off=self.grappler_off)
-        return self._functions[key]
+    def finish(self, results: list[RunResult]) -> tf.Tensor:
+        """The method's own step after the outer update (in-graph): a joint step on w, a stage
+        schedule; whether what it computed is healthy (nothing here: True)."""
+        return tf.constant(True)
+
+    def report(self, results: list[RunResult], moved: Optional[float], global_step: int) -> None:
+        """After a healthy hyper-iteration (in Python), with max ‖Δλ‖∞ of its update (None when
+        the directions were only computed): diagnostics and warnings. Here, after
+        ``STALL_ITERATIONS`` updates in a row that did not move λ at all, a warning (once) if the
+        method says why that is not convergence (``_stall_reason``)."""
+        if moved is None:
+            return
+        self._still = self._still + 1 if moved == 0 else 0
+        if self._still == 1:
+            self._stall_start()
+        if self._still == STALL_ITERATIONS and not self._stall_warned:
+            reason = self._stall_reason()
+            if reason is not None:
+                self._stall_warned = True
+                warnings.warn(f"{self.name}, hyper-iteration {global_step}: the hyperparameters have not moved "
+                              f"for {STALL_ITERATIONS} hyper-iterations: {reason}", RuntimeWarning, stacklevel=4)
+
+    def _stall_start(self) -> None:
+        """Called when λ first stays still: a method notes what it needs for ``_stall_reason``."""
+
+    def _stall_reason(self) -> Optional[str]:
+        """Why λ standing still for ``STALL_ITERATIONS`` is a failure, not convergence (None:
+        it may be convergence; no warning)."""
+        return None
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, T: Any, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
-            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None,
-            before_compute: Optional[Callable[[], None]] = None) -> list[RunResult]:
-        """One hyper-iteration's hypergradients: T inner steps from Φ₀ (or, ``online``, from the
-        last run's state; for a ``persistent`` method, from the inner variables' values), then
-        the hypergradient of every registered problem.
-
-        ``callback(step, inner_objective_values)`` is called for every inner step after the
-        compiled run, with the inner objectives' values L_t (one per problem);
-        ``before_compute()`` once the problems are resolved, before the compiled run.
-
-        Raises:
-            far.DivergenceError: the guard's (``far_ho2.guard``); the inner variables keep their
-                values.
-        """
+    def prepare(self, T: Any, inner_objective_feed_dicts: Any, outer_objective_feed_dicts: Any, global_step: int,
+                online: Any = False) -> "Prepared":
+        """What a run needs before its traced step: the batches from the suppliers, the problems
+        resolved (default ``var_list`` and ``hyper_list``, their errors), the last run when it
+        continues (``online``) or warm-starts."""
         T = batching.check_steps(T)
-        check_callback(callback)
         if not self._registered:
             raise ValueError(f"{self.name} has no problem: call `HyperOptimizer.minimize` (or "
                              f"`compute_gradients`) first.")
@@ -265,30 +256,85 @@ class HyperGradient:
         outer = batching.outer_batch(outer_supplier, global_step)
         self._resolve(inner, outer)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
-        if before_compute is not None:
-            before_compute()
+        run_state = [(v, v.read_value()) for reg in self._registered for v in reg.problem.optimizer.run_variables]
         for reg in self._registered:
             reg.problem.optimizer.begin_run()
-        compute = self._compiled(inner.per_step, online if continuing else False, with_previous)
         self._failure = None
-        results, status = compute(self._steps(T), inner.data, outer,
-                                  self._previous if with_previous else None, tf.constant(offset),
-                                  self._options(global_step), tf.constant(self._grad_bound(), tf.float64))
-        healthy, largest = status.numpy()  # two numbers to read; the details only when something is wrong
-        if not healthy:
+        return Prepared(T, inner, outer, offset, online if continuing else False,
+                        self._previous if with_previous else None, global_step, run_state)
+
+    def step_arguments(self, prepared: "Prepared") -> dict:
+        """The tensors and settings of ``engine.step`` for a prepared run."""
+        return dict(steps=self._steps(prepared.T), inner_data=prepared.inner.data, per_step=prepared.inner.per_step,
+                    outer_data=prepared.outer, previous=prepared.previous, online=prepared.online,
+                    offset=tf.constant(prepared.offset), options=self._options(prepared.global_step),
+                    grad_bound=tf.constant(self._grad_bound(), tf.float64))
+
+    def conclude(self, prepared: "Prepared", results: list[RunResult], status: engine.Status,
+                 moved: Optional[float] = None, callback: Optional[Callable] = None,
+                 describe_update: Optional[Callable[[], str]] = None) -> None:
+        """After the step: the guard's one-line ``far.DivergenceError`` if it failed (the step
+        restored every variable), else the method's ``report``, the last run kept for online
+        modes and warm starts, and ``callback`` for every inner step."""
+        phase, largest = int(status.phase.numpy()), float(status.largest.numpy())
+        if phase != engine.HEALTHY:
+            for variable, value in prepared.run_state:  # the inner optimizers' run counters, as before the run
+                variable.assign(value)
             self._results = None
-            self._failure = self._diagnosis(results, offset, global_step, largest)
+            what = (self._what_failed(results, prepared.offset, largest) if phase == engine.RUN else
+                    describe_update() if describe_update is not None else "the outer update failed")
+            self._failure = f"{self._failure_context(prepared.global_step)}: {what}; {guard.UNCHANGED}"
             raise guard.DivergenceError(self._failure)
         if self._grad_reference is None:
-            self._grad_reference = float(largest)
-        self._after_run(results, global_step)
+            self._grad_reference = largest
+        self.report(results, moved, prepared.global_step)
         self._results = results
         self._previous = [Previous(r.final_state, r.carry) for r in results]
-        self._steps_done = offset + T
+        self._steps_done = prepared.offset + prepared.T
         if callback is not None:
             losses = np.stack([r.inner_losses.numpy() for r in results], axis=1)
-            for t in range(T):
-                callback(offset + t, list(losses[t]))
+            for t in range(prepared.T):
+                callback(prepared.offset + t, list(losses[t]))
+
+    def _compute(self, prepared: "Prepared") -> Callable:
+        """The compiled directions-only step of ``run`` (one per batch layout and online mode)."""
+        key = (prepared.inner.per_step, prepared.online, prepared.previous is not None)
+        if key not in self._functions:
+            inner = [v for reg in self._registered for v in reg.problem.var_list]
+
+            def compute(steps, inner_data, outer_data, previous, offset, options, grad_bound):
+                return engine.step(self, steps=steps, inner_data=inner_data, per_step=key[0], outer_data=outer_data,
+                                   previous=previous, online=key[1], offset=offset, options=options,
+                                   grad_bound=grad_bound, update=None, inner_bounds=tf.zeros([0], tf.float64),
+                                   guarded=inner)
+            self._functions[key] = compiled(compute, self.jit_compile, float64=self.float64,
+                                            grappler_off=self.grappler_off)
+        return self._functions[key]
+
+    @property
+    def float64(self) -> bool:
+        """Whether a registered problem computes in float64."""
+        return any(r.problem.dtype == tf.float64 for r in self._registered)
+
+    def run(self, T: Any, inner_objective_feed_dicts: Any = None, outer_objective_feed_dicts: Any = None,
+            global_step: int = 0, online: Any = False, callback: Optional[Callable] = None) -> list[RunResult]:
+        """One hyper-iteration's directions without an update (``engine.step``): T inner steps
+        from Φ₀ (or, ``online``, from the last run's state; for a ``persistent`` method, from the
+        inner variables' values), then the hypergradient of every registered problem.
+
+        ``callback(step, inner_objective_values)`` is called for every inner step after the
+        compiled run, with the inner objectives' values L_t (one per problem).
+
+        Raises:
+            far.DivergenceError: the guard's (``far_ho2.guard``); the inner variables keep their
+                values.
+        """
+        check_callback(callback)
+        prepared = self.prepare(T, inner_objective_feed_dicts, outer_objective_feed_dicts, global_step, online)
+        arguments = self.step_arguments(prepared)
+        results, status = self._compute(prepared)(*(arguments[k] for k in (
+            "steps", "inner_data", "outer_data", "previous", "offset", "options", "grad_bound")))
+        self.conclude(prepared, results, status, callback=callback)
         return results
 
     def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
@@ -307,36 +353,6 @@ class HyperGradient:
 
     def _settings(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} cannot be saved as a config.")
-
-    def after_update(self) -> None:
-        """Called by ``HyperOptimizer`` after it has updated the hyperparameters with the last
-        run's outer directions: a method that updates the inner variables itself (a joint step)
-        or adapts its own state (a penalty schedule) does it here."""
-
-    def _after_run(self, results: list[RunResult], global_step: int) -> None:
-        """A hook for methods to report on a run (e.g. a linear solver's residual)."""
-
-    def after_step(self, moved: float, global_step: int) -> None:
-        """Called by ``HyperOptimizer`` at the end of a healthy hyper-iteration with max ‖Δλ‖∞ of
-        its update: after ``STALL_ITERATIONS`` in a row where λ did not move at all, a warning
-        (once) if the method says why that is not convergence (``_stall_reason``)."""
-        self._still = self._still + 1 if moved == 0 else 0
-        if self._still == 1:
-            self._stall_start()
-        if self._still == STALL_ITERATIONS and not self._stall_warned:
-            reason = self._stall_reason()
-            if reason is not None:
-                self._stall_warned = True
-                warnings.warn(f"{self.name}, hyper-iteration {global_step}: the hyperparameters have not moved "
-                              f"for {STALL_ITERATIONS} hyper-iterations: {reason}", RuntimeWarning, stacklevel=3)
-
-    def _stall_start(self) -> None:
-        """Called when λ first stays still: a method notes what it needs for ``_stall_reason``."""
-
-    def _stall_reason(self) -> Optional[str]:
-        """Why λ standing still for ``STALL_ITERATIONS`` is a failure, not convergence (None:
-        it may be convergence; no warning)."""
-        return None
 
     def _resolve(self, inner: batching.Batches, outer: Any) -> None:
         """On the first run: the default ``var_list`` of every problem, then its hyperparameters
@@ -405,11 +421,6 @@ class HyperGradient:
                              f"(`hyper_list`); a variable can be only one.")
         reg.hypers, reg.originals = [v for v, _ in pairs], [o for _, o in pairs]
 
-    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
-        """The method's own scalars (symbol, value) to name first when a run is not finite (none
-        here)."""
-        return []
-
     def _failure_context(self, global_step: int) -> str:
         """What starts the message of a failed run (the method and the hyper-iteration)."""
         return f"{self.name}, hyper-iteration {global_step}"
@@ -423,11 +434,6 @@ class HyperGradient:
             return np.inf
         return self.growth_limit * max(self._grad_reference, 1.0)
 
-    def _diagnosis(self, results: list[RunResult], offset: int, global_step: int, largest: float) -> str:
-        """The guard's one-line message for a failed run: what went wrong first, and that
-        nothing changed."""
-        return f"{self._failure_context(global_step)}: {self._what_failed(results, offset, largest)}; {guard.UNCHANGED}"
-
     def _what_failed(self, results: list[RunResult], offset: int, largest: float) -> str:
         several = len(results) > 1
         for reg in self._registered:
@@ -436,11 +442,9 @@ class HyperGradient:
                 return (f"the hyperparameter(s) {describe_all(bad)} held NaN/Inf before the run (assigned outside "
                         f"far_ho2?): assign finite values")
         for k, r in enumerate(results):
-            where = f" (inner problem {k})" if several else ""
-            for symbol, value in self._diagnostics(r):
-                number = float(value.numpy())
-                if not np.isfinite(number):
-                    return f"{symbol}{where} is {number}: {self.diverged_hint or 'check the objectives'}"
+            reason = self.failure(r)
+            if reason is not None:
+                return f"{reason}{' (inner problem %d)' % k if several else ''}"
         for k, (reg, r) in enumerate(zip(self._registered, results)):
             where = f" of inner problem {k}" if several else ""
             message = divergence(reg.problem, r.final_state, r.health, offset, where, self.diverged_hint)
@@ -448,9 +452,6 @@ class HyperGradient:
                 return message
             if not np.isfinite(r.value.numpy()):
                 return f"the outer objective{where} is {r.value.numpy()} at the end of the inner run"
-            distrust = self._distrust(r)
-            if distrust is not None:
-                return f"{distrust}{where}"
             for h, g in zip(reg.hypers, r.grads):
                 if g is not None and not np.all(np.isfinite(g.numpy())):
                     return f"the hypergradient{where} with respect to {describe(h)} is not finite"
@@ -484,10 +485,15 @@ class HyperGradient:
                      aggregation_fn: Optional[Callable] = None,
                      process_fn: Optional[Callable] = None) -> list[tuple[tf.Tensor, Any]]:
         """``[(hypergradient, hyperparameter), ...]`` of the last run, ready for
-        ``optimizer.apply_gradients``: the hypergradients of one hyperparameter from several
-        inner problems are combined by ``aggregation_fn`` (default: their mean), then
-        ``process_fn`` (e.g. clipping) is applied."""
-        results = self._require_results()
+        ``optimizer.apply_gradients`` (see ``pairs``)."""
+        return self.pairs(self._require_results(), hyper_list, aggregation_fn, process_fn)
+
+    def pairs(self, results: list[RunResult], hyper_list: Optional[Sequence] = None,
+              aggregation_fn: Optional[Callable] = None,
+              process_fn: Optional[Callable] = None) -> list[tuple[tf.Tensor, Any]]:
+        """``[(direction, hyperparameter), ...]`` of ``results`` (eager or traced): the directions
+        of one hyperparameter from several inner problems are combined by ``aggregation_fn``
+        (default: their mean), then ``process_fn`` (e.g. clipping) is applied."""
         collected: dict[int, list] = {}
         variables: dict[int, Any] = {}
         for reg, result in zip(self._registered, results):

@@ -11,13 +11,13 @@ function theorem is not), and it updates the inner variables w itself: they are 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from far_ho2 import autodiff
 from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
-from far_ho2.compiled import compiled
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hyperparameters import describe_all
 from far_ho2.inner_problem import InnerProblem
@@ -132,7 +132,7 @@ class BOME(HyperGradient):
     """BOME (Liu et al., NeurIPS 2022): each ``run(T, ...)`` is one iteration (see
     ``bome_direction``): T steps of the inner optimizer from the current w give ŵ, then the
     dynamic-barrier direction d = ∇f + μ∇q̂ is applied to λ by the outer optimizer and, by
-    ``HyperOptimizer.apply_hypergradients``, to w by a step of its own:
+    the step's ``finish``, to w by a step of its own:
 
         w ← w − ξ_w d_w        (``inner_learning_rate`` ξ_w), or ``inner_optimizer`` on d_w.
 
@@ -196,7 +196,6 @@ class BOME(HyperGradient):
         self.inner_learning_rate, self.inner_optimizer = inner_learning_rate, inner_optimizer
         self.diagnostics: list[dict] = []
         self._zero_barrier = 0
-        self._steps_of: dict = {}
 
     def _settings(self) -> dict:
         return {"eta": self.eta, "phi": self.phi, "inner_learning_rate": self.inner_learning_rate,
@@ -225,10 +224,35 @@ class BOME(HyperGradient):
     def state_variables(self) -> dict:
         return {"inner_optimizer": self.inner_optimizer} if self.inner_optimizer is not None else {}
 
-    def _checked(self, result: RunResult) -> list[tf.Tensor]:
-        return [result.carry.mu, result.carry.q, result.carry.grad_q_norm, result.carry.grad_f_norm]
+    def health(self, result: RunResult) -> tf.Tensor:
+        """The barrier's quantities (μ, q̂, ‖∇q̂‖, ‖∇f‖) finite."""
+        carry = result.carry
+        return tf.reduce_all(tf.math.is_finite(tf.stack([carry.mu, carry.q, carry.grad_q_norm, carry.grad_f_norm])))
 
-    def _after_run(self, results: list[RunResult], global_step: int) -> None:
+    def failure(self, result: RunResult) -> Optional[str]:
+        carry = result.carry
+        for symbol, value in (("q̂", carry.q), ("‖∇q̂‖", carry.grad_q_norm), ("‖∇f‖", carry.grad_f_norm),
+                              ("μ", carry.mu)):
+            if not np.isfinite(float(value.numpy())):
+                return f"{symbol} is {float(value.numpy())}: {self.diverged_hint or 'check the objectives'}"
+        return None
+
+    def finish(self, results: list[RunResult]) -> tf.Tensor:
+        """The joint step on w:  w ← w − ξ_w d_w  (or ``inner_optimizer`` on d_w), in-graph."""
+        for problem, result in zip(self.inner_problems, results):
+            direction = result.carry.inner_direction
+            if self.inner_optimizer is not None:
+                self.inner_optimizer.apply_gradients(zip(direction, problem.var_list))
+                continue
+            size = (tf.constant(self.inner_learning_rate, problem.dtype) if self.inner_learning_rate is not None
+                    else problem.optimizer.params(0, problem.dtype).learning_rate)
+            for v, d in zip(problem.var_list, direction):
+                v.assign_sub(size * d)
+        return tf.constant(True)
+
+    def report(self, results: list[RunResult], moved: Optional[float], global_step: int) -> None:
+        """The diagnostics; the error for a lower level constant in w (∇q̂ = 0 while ∇f ≠ 0 for
+        ``ZERO_BARRIER_LIMIT`` iterations in a row)."""
         self.diagnostics = [{field: float(getattr(r.carry, field).numpy()) for field in DIAGNOSTICS} for r in results]
         if any(d["grad_q_norm"] == 0 and d["grad_f_norm"] > 0 for d in self.diagnostics):
             self._zero_barrier += 1
@@ -241,6 +265,7 @@ class BOME(HyperGradient):
                              f"iterations in a row while ‖∇f‖ = {norm:.3g}: the lower-level objective does "
                              f"not change with the inner variables (is it constant in w?), so the "
                              f"constraint q ≤ 0 gives no direction.")
+        super().report(results, moved, global_step)
 
     def _stall_reason(self) -> Optional[str]:
         moving = [d for d in self.diagnostics if d["grad_f_norm"] > 0 or d["grad_q_norm"] > 0]
@@ -251,25 +276,3 @@ class BOME(HyperGradient):
                 f"⟨∇f, ∇q̂⟩ = {d['grad_dot']:.3g}, ‖∇q̂‖ = {d['grad_q_norm']:.3g}): with μ = 0 the barrier is "
                 f"inactive and λ only follows ∇_λ f, here 0, so it learns nothing. Raise `eta` (φ must exceed "
                 f"⟨∇f, ∇q̂⟩), or T (q̂ grows with the steps of ŵ).")
-
-    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
-        carry = result.carry
-        return [("q̂", carry.q), ("‖∇q̂‖", carry.grad_q_norm), ("‖∇f‖", carry.grad_f_norm), ("μ", carry.mu)]
-
-    def after_update(self) -> None:
-        """The joint step on w:  w ← w − ξ_w d_w  (or ``inner_optimizer`` on d_w)."""
-        for problem, result in zip(self.inner_problems, self.results or []):
-            direction = result.carry.inner_direction
-            if self.inner_optimizer is not None:
-                self.inner_optimizer.apply_gradients(zip(direction, problem.var_list))
-                continue
-            if id(problem) not in self._steps_of:
-                rate = self.inner_learning_rate
-
-                def step(direction, problem=problem, rate=rate):
-                    size = (tf.constant(rate, problem.dtype) if rate is not None
-                            else problem.optimizer.params(0, problem.dtype).learning_rate)
-                    for v, d in zip(problem.var_list, direction):
-                        v.assign_sub(size * d)
-                self._steps_of[id(problem)] = compiled(step, float64=problem.dtype == tf.float64)
-            self._steps_of[id(problem)](direction)

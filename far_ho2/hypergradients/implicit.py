@@ -223,12 +223,14 @@ class ImplicitHG(HyperGradient):
             warm_start=previous.carry.q if previous is not None and self.uses_previous else None,
             offset=offset)
 
-    def _trusted(self, result: RunResult) -> tf.Tensor:
+    def health(self, result: RunResult) -> tf.Tensor:
+        """The inner loop converging and the linear solve making progress (see the class
+        docstring)."""
         start, end, loss = tf.unstack(result.carry.stationarity)
         converging = end <= DIVERGING * start + np.sqrt(np.finfo(start.dtype.as_numpy_dtype).eps) * (1 + loss)
         return converging & (tf.cast(result.carry.residual, tf.float64) < 1)
 
-    def _distrust(self, result: RunResult) -> Optional[str]:
+    def failure(self, result: RunResult) -> Optional[str]:
         start, end, loss = result.carry.stationarity.numpy()
         if not end <= DIVERGING * start + np.sqrt(np.finfo(result.carry.stationarity.dtype.as_numpy_dtype).eps) * (1 + loss):
             return (f"the inner loop does not converge: ‖∇_w L‖ grew from {start:.3g} at w_0 to {end:.3g} at w_T, "
@@ -253,7 +255,9 @@ class ImplicitHG(HyperGradient):
                     f"so the hypergradient is no approximation")
         return None
 
-    def _after_run(self, results: list[RunResult], global_step: int) -> None:
+    def report(self, results: list[RunResult], moved: Optional[float], global_step: int) -> None:
+        """The residuals; warnings for a singular Hessian or a solve that stopped above tolerance."""
+        super().report(results, moved, global_step)
         self.residuals = [(float(r.carry.residual), int(r.carry.iterations)) for r in results]
         tol = self._tolerance(global_step)
         for k, (r, (residual, iterations)) in enumerate(zip(results, self.residuals)):

@@ -53,7 +53,7 @@ def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: An
     return h_upper, h_upper + lambda_g * g, f, lower
 
 
-DIVERGENCE_FLOOR = 1e-4  # the stage divergence test's floor, as a fraction of ε (see Penalty._trusted)
+DIVERGENCE_FLOOR = 1e-4  # the stage divergence test's floor, as a fraction of ε (see Penalty.health)
 MAX_HALVINGS = 60  # Armijo halvings per step of ``lower_solution``
 
 
@@ -169,7 +169,7 @@ class Penalty(HyperGradient):
     multiplied in place (with ``lr_factor=1`` any outer optimizer works). ``HyperOptimizer.run``
     returns E at an inner solution ŵ (see ``penalty_direction``), not f at the method's w; a
     warning says when λ stands still for ``STALL_ITERATIONS`` hyper-iterations while the stage
-    test fails, and a stage whose statistic grows far beyond its least value (``_trusted``)
+    test fails, and a stage whose statistic grows far beyond its least value (``health``)
     fails as a diverged run.
 
     ``state_variables()`` holds γ, λ_g, ε, the stage, the step-size scale, ν and the inner
@@ -306,16 +306,70 @@ class Penalty(HyperGradient):
                                  lambda_g=self.lambda_g.read_value(), rate_scale=self.rate_scale.read_value(),
                                  offset=offset)
 
-    def _checked(self, result: RunResult) -> list[tf.Tensor]:
-        return [result.carry.surrogate, result.carry.lower_gradient_norm, result.carry.grad_h_norm2]
+    def health(self, result: RunResult) -> tf.Tensor:
+        """The surrogate, the constraint residual and the stage statistic finite, and the stage
+        not diverging: its statistic ‖G_λ‖² + ‖∇_w h_w‖² at most √G·max(its least value since
+        the last pass, (10⁻⁴ε)²) (G = ``growth_limit``: the statistic is a squared norm, so its
+        gradients may grow G^¼ times, 100 at the default). Beyond, the steps are no longer stable
+        at this γ (e.g. a fixed outer rate, ``outer_lr_factor=1``, as γ grows), a drift that a
+        constraint on λ can hide from the growth tests (measured: λ converged to 10⁻⁸, then
+        drifted 0.03 away in 300 hyper-iterations, the statistic ×1.065 each)."""
+        carry = result.carry
+        finite = tf.reduce_all(tf.math.is_finite(tf.stack([tf.cast(x, tf.float64) for x in (
+            carry.surrogate, carry.lower_gradient_norm, carry.grad_h_norm2)])))
+        return finite & (tf.cast(carry.grad_h_norm2, tf.float64) <= self._bound())
 
-    def _after_run(self, results: list[RunResult], global_step: int) -> None:
+    def failure(self, result: RunResult) -> Optional[str]:
+        carry = result.carry
+        for symbol, value in (("h_w", carry.surrogate), ("‖∇_w g‖", carry.lower_gradient_norm),
+                              ("‖∇h‖²", carry.grad_h_norm2)):
+            if not np.isfinite(float(value.numpy())):
+                return f"{symbol} is {float(value.numpy())}: {self.diverged_hint}"
+        if self.health(result).numpy():
+            return None
+        return (f"the stage statistic ‖G_λ‖² + ‖∇_w h_w‖² grew to {float(carry.grad_h_norm2.numpy()):.3g}, "
+                f"beyond √growth_limit × max(its least value since the last stage, (1e-4·ε)²) = "
+                f"{float(self._bound().numpy()):.3g}: {self.diverged_hint}")
+
+    def _bound(self) -> tf.Tensor:
+        """The largest stage statistic the divergence test accepts (see ``health``)."""
+        limit = np.sqrt(self.growth_limit) if self.growth_limit is not None else np.inf
+        floor = tf.square(DIVERGENCE_FLOOR * self.epsilon)
+        return tf.where(self.least < 0, tf.constant(np.inf, tf.float64), limit * tf.maximum(self.least, floor))
+
+    def finish(self, results: list[RunResult]) -> tf.Tensor:
+        """The inner optimizer's slots kept; the stage test and, on a pass, the schedule (see the
+        class docstring), in-graph."""
         for slots, result in zip(self.slots, results):
             for slot, value in zip(slots, tf.nest.flatten(result.final_state)[len(result.final_state.w):]):
                 slot.assign(value)
+        self.iterations.assign_add(1)
+        total = tf.add_n([tf.cast(r.carry.grad_h_norm2, tf.float64) for r in results])
+        passed = total < tf.square(self.epsilon)
+        self.least.assign(tf.where(passed, tf.constant(-1.0, tf.float64),
+                                   tf.where(self.least < 0, total, tf.minimum(self.least, total))))
+        if self.lagrangian:  # with the γ ∇_w g was measured at (see the class docstring)
+            for nus, result in zip(self.nu, results):
+                for n, d in zip(nus, result.carry.lower_gradient):
+                    n.assign(tf.where(passed, n + tf.cast(self.gamma, n.dtype) * d, n))
+        grown = tf.minimum(self.gamma * self.factors["gamma"], self.max_gamma or np.inf)
+        grows = passed & (grown > self.gamma)
+        self.stage.assign_add(tf.cast(passed, tf.int64))
+        self.lambda_g.assign(tf.where(passed, self.lambda_g * self.factors["lambda_g"], self.lambda_g))
+        self.epsilon.assign(tf.where(passed, self.epsilon * self.factors["epsilon"], self.epsilon))
+        self.gamma.assign(tf.where(grows, grown, self.gamma))
+        self.rate_scale.assign(tf.where(grows, self.rate_scale * self.factors["lr"], self.rate_scale))
+        if self.factors["outer_lr"] != 1.0:
+            for optimizer in self.outer_optimizers:
+                rate = optimizer.learning_rate
+                rate.assign(tf.where(grows, rate * tf.cast(self.factors["outer_lr"], rate.dtype), rate))
+        return tf.constant(True)
+
+    def report(self, results: list[RunResult], moved: Optional[float], global_step: int) -> None:
         self.diagnostics = [{"gamma": float(self.gamma.numpy()), "stage": int(self.stage.numpy()),
                              "constraint": float(r.carry.lower_gradient_norm.numpy()),
                              "gradient_norm2": float(r.carry.grad_h_norm2.numpy())} for r in results]
+        super().report(results, moved, global_step)
 
     def _stall_start(self) -> None:
         self._stage_when_still = int(self.stage.numpy())
@@ -332,55 +386,3 @@ class Penalty(HyperGradient):
     def _failure_context(self, global_step: int) -> str:
         return (f"{self.name}, hyper-iteration {global_step} (stage {int(self.stage.numpy())}, "
                 f"γ = {float(self.gamma.numpy()):.4g})")
-
-    def _diagnostics(self, result: RunResult) -> list[tuple[str, tf.Tensor]]:
-        carry = result.carry
-        return [("h_w", carry.surrogate), ("‖∇_w g‖", carry.lower_gradient_norm), ("‖∇h‖²", carry.grad_h_norm2)]
-
-    def _bound(self) -> tf.Tensor:
-        """The largest stage statistic the divergence test accepts (see ``_trusted``)."""
-        limit = np.sqrt(self.growth_limit) if self.growth_limit is not None else np.inf
-        floor = tf.square(DIVERGENCE_FLOOR * self.epsilon)
-        return tf.where(self.least < 0, tf.constant(np.inf, tf.float64), limit * tf.maximum(self.least, floor))
-
-    def _trusted(self, result: RunResult) -> tf.Tensor:
-        """A stage diverges when its statistic ‖G_λ‖² + ‖∇_w h_w‖² exceeds √G·max(its least
-        value since the last pass, (10⁻⁴ε)²) (G = ``growth_limit``: the statistic is a squared
-        norm, so its gradients grew G^¼ times, 100 at the default): the steps are no longer
-        stable at this γ (e.g. a fixed outer rate, ``outer_lr_factor=1``, as γ grows), a drift
-        that a constraint on λ can hide from the growth tests (measured: λ converged to 10⁻⁸,
-        then drifted 0.03 away in 300 hyper-iterations, the statistic ×1.065 each)."""
-        return tf.cast(result.carry.grad_h_norm2, tf.float64) <= self._bound()
-
-    def _distrust(self, result: RunResult) -> Optional[str]:
-        if self._trusted(result).numpy():
-            return None
-        return (f"the stage statistic ‖G_λ‖² + ‖∇_w h_w‖² grew to {float(result.carry.grad_h_norm2.numpy()):.3g}, "
-                f"beyond √growth_limit × max(its least value since the last stage, (1e-4·ε)²) = "
-                f"{float(self._bound().numpy()):.3g}: {self.diverged_hint}")
-
-    def after_update(self) -> None:
-        """The stage test and, on a pass, the schedule (see the class docstring)."""
-        self.iterations.assign_add(1)
-        total = sum(float(r.carry.grad_h_norm2.numpy()) for r in self.results or [])
-        if not total < float(self.epsilon.numpy()) ** 2:
-            least = float(self.least.numpy())
-            self.least.assign(total if least < 0 else min(least, total))
-            return
-        self.least.assign(-1.0)
-        if self.lagrangian:  # with the γ ∇_w g was measured at (see the class docstring)
-            for nus, result in zip(self.nu, self.results):
-                for n, d in zip(nus, result.carry.lower_gradient):
-                    n.assign_add(tf.cast(self.gamma, n.dtype) * d)
-        gamma = float(self.gamma.numpy())
-        grown = min(gamma * self.factors["gamma"], self.max_gamma or np.inf)
-        self.stage.assign_add(1)
-        self.lambda_g.assign(self.lambda_g * self.factors["lambda_g"])
-        self.epsilon.assign(self.epsilon * self.factors["epsilon"])
-        if grown <= gamma:
-            return
-        self.gamma.assign(grown)
-        self.rate_scale.assign(self.rate_scale * self.factors["lr"])
-        if self.factors["outer_lr"] != 1.0:
-            for optimizer in self.outer_optimizers:
-                optimizer.learning_rate.assign(optimizer.learning_rate * self.factors["outer_lr"])

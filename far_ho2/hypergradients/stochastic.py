@@ -427,10 +427,15 @@ class StochasticHG(HyperGradient):
                                         initial_state=previous.state if previous is not None else None,
                                         offset=offset)
 
-    def _checked(self, result: RunResult) -> list[tf.Tensor]:
-        return [e for e in result.carry.standard_errors if e is not None]
+    def health(self, result: RunResult) -> tf.Tensor:
+        """The standard errors finite."""
+        errors = [tf.reduce_all(tf.math.is_finite(e)) for e in result.carry.standard_errors if e is not None]
+        return tf.reduce_all(tf.stack(errors)) if errors else tf.constant(True)
 
-    def _after_run(self, results: list[RunResult], global_step: int) -> None:
+    def report(self, results: list[RunResult], moved: Optional[float], global_step: int) -> None:
+        """The standard errors and chain statistics; a warning for the first chain that visibly
+        has not mixed, then counts."""
+        super().report(results, moved, global_step)
         self.standard_errors = [[None if e is None else e.numpy() for e in r.carry.standard_errors] for r in results]
         self.statistics = [{field: float(value.numpy()) for field, value in r.carry.statistics._asdict().items()}
                            for r in results]
