@@ -6,7 +6,9 @@ SGLD (``far.SGLDOptimizer``), and the outer objective its expectation
 
 defined whether the inner problem has one minimizer, several, or is not solved to convergence.
 ``stochastic_hypergradient`` estimates ∇F by Monte Carlo along one chain of T steps (the first
-``burn_in`` discarded, every ``thinning``-th state kept), with three estimators:
+``burn_in`` discarded, every ``thinning``-th state kept), with three estimators (``run_chain`` runs
+the chain for each, ``pathwise_estimator``, ``score_estimator`` and ``reversed_estimator`` add
+their terms):
 
     'pathwise'  Z_{t+1} = A_t Z_t + B_t,  ĝ = mean_t [∂E/∂λ(w_t) + Z_tᵀ ∂E/∂w(w_t)]
                 (A_t = ∂Φ_t/∂w, B_t = ∂Φ_t/∂λ): forward mode through the chain (ForwardHG's
@@ -54,9 +56,10 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.forward import contract, forward_step, prepare_tangents, start_tangents
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.inputs import InnerInputs
 from far_ho2.optimizer import SGLDOptimizer
 from far_ho2.trajectory import empty_trajectory, mark_unhealthy
-from far_ho2.types import RunResult
+from far_ho2.types import Health, RunResult
 
 ESTIMATORS = ("pathwise", "score", "reversed")
 DRIFT_LIMIT = 4.0  # |z| of the mean inner loss, first half vs second half, that says "not mixed"
@@ -153,6 +156,257 @@ def _centring(lower: tf.Tensor, outer: tf.Tensor, counts: tf.Tensor, e_mean: tf.
     return e_mean * lower + expand(outer) * g_mean - expand(counts) * e_mean * g_mean
 
 
+def _means(sums: list, counts: tf.Tensor) -> tuple[tf.Tensor, list]:
+    """F̂ = ΣE / N over the N samples of every row, and the per-row sums of the other terms as they
+    are (the per-sample estimate, for 'pathwise' and 'reversed')."""
+    return tf.reduce_sum(sums[0]) / tf.reduce_sum(counts), sums[1:]
+
+
+def _shapes(sources: Sequence[Any], width: int) -> list[tuple]:
+    """The shapes of one row's sums: E, then ``width`` terms per source (λ, then hoisted x)."""
+    return [()] + [tuple(x.shape) for x in sources for _ in range(width)]
+
+
+class Chain(NamedTuple):
+    """What the estimators and the chain loop share of a run: the problem, λ and the objectives,
+    the T steps (their schedules from ``offset``) whose states t = ``burn_in``, ``burn_in`` +
+    ``thinning``, … are the kept samples, and the ``rows`` of the per-row sums: batches of
+    consecutive samples, or (``pooled``: 'score' with K ≥ 2 chains) groups of chains."""
+
+    problem: InnerProblem
+    outer_objective: Callable
+    outer_batch: Any
+    hypers: list
+    chains: Optional[int]  # K, or None for scalar objectives
+    steps: tf.Tensor  # T
+    offset: Any
+    burn_in: int
+    thinning: int
+    rows: int
+    pooled: bool
+
+    @property
+    def dtype(self) -> tf.DType:
+        """The dtype of the sums and the estimate (the problem's)."""
+        return self.problem.dtype
+
+    @property
+    def groups(self) -> int:
+        """G, the rows one sample adds to: every group of chains when pooled, else its batch."""
+        return self.rows if self.pooled else 1
+
+    def outer_values(self) -> tf.Tensor:
+        """E_k per chain, [K] (a scalar objective as [1])."""
+        if self.chains is None:
+            return tf.reshape(batching.scalar_objective(self.outer_objective, self.outer_batch), [1])
+        return batching.chain_values(self.outer_objective, self.outer_batch, self.chains, "outer_objective")
+
+    def inner_values(self, inputs: Any) -> tf.Tensor:
+        """L_k per chain, [K]."""
+        if self.chains is None:
+            return tf.reshape(self.problem.loss(inputs), [1])
+        return batching.chain_values(self.problem.objective, inputs, self.chains, "inner_objective")
+
+    def outer_gradient(self) -> autodiff.OuterGradient:
+        """mean_k E_k and its gradients in w and λ, at the weights the variables hold."""
+        return autodiff.value_and_gradients(self.problem, lambda: tf.reduce_mean(self.outer_values()), self.hypers)
+
+
+class Estimator(NamedTuple):
+    """One estimator's part of a run; ``run_chain`` does the rest. Its per-row sums are E, then
+    ``width`` terms per λ and per hoisted x (``sources``), in that order."""
+
+    inputs: InnerInputs  # the inner objective's inputs at each step
+    sources: list  # hoisted x, differentiated as extra sources: their parts are pulled back to λ
+    state: NamedTuple  # s_0
+    carry: Any  # the estimator's own state at t = 0 (Z_0, q_0, or nothing)
+    width: int
+    sizes: tf.Tensor  # [G]: the samples a kept state adds to each of its rows
+    connected: list  # per λ and x, whether a term reaches it (filled at trace time: static)
+    # (t, s_t, carry, sample) -> (s_{t+1}, L_t, carry, the state's terms: [G, ...] per sum), sample:
+    # whether s_t is kept (its terms are weighted 0 otherwise)
+    step: Callable[[tf.Tensor, NamedTuple, Any, tf.Tensor], tuple[NamedTuple, tf.Tensor, Any, list]]
+    # (sums, counts) -> (F̂, per λ and x the per-row sums of the per-sample estimate)
+    finish: Callable[[list, tf.Tensor], tuple[tf.Tensor, list]]
+
+
+def _sample_terms(value: tf.Tensor, grads: Sequence[Any], sources: Sequence[Any], connected: list,
+                  dtype: tf.DType) -> list[tf.Tensor]:
+    """One state's terms as a row each: E, then the per-sample estimate per source (zeros where
+    None: unconnected; ``connected`` marks the others)."""
+    terms = [tf.reshape(tf.cast(value, dtype), [1])]
+    for i, (g, x) in enumerate(zip(grads, sources)):
+        connected[i] = connected[i] or g is not None
+        terms.append(tf.zeros((1,) + tuple(x.shape), dtype) if g is None else
+                     tf.cast(tf.convert_to_tensor(g), dtype)[None])
+    return terms
+
+
+def pathwise_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) -> Estimator:
+    """'pathwise', forward mode through the chain (``forward_step``; hoisted inputs carry their
+    tangents ∂x/∂λ in Z, so nothing is pulled back), m JVPs of a step per step:
+
+        Z_{t+1} = A_t Z_t + B_t,   ĝ = mean_t [∂E/∂λ(w_t) + Z_tᵀ ∂E/∂w(w_t)],
+
+    Z_0 = ∂Φ₀/∂λ, or 0 from ``initial_state``."""
+    problem, hypers, dtype = chain.problem, chain.hypers, chain.dtype
+    tangents = prepare_tangents(problem, hypers, inner_batches)
+    s0, z0 = (start_tangents(problem, tangents, hypers) if initial_state is None else
+              (initial_state, [[tf.zeros_like(x) for x in tf.nest.flatten(initial_state)]
+                               for _ in tangents.components]))
+    connected = [False] * len(hypers)
+
+    def step(t: tf.Tensor, state: NamedTuple, z: list, sample: tf.Tensor) -> tuple[NamedTuple, tf.Tensor, list, list]:
+        outer = chain.outer_gradient()
+        # the step before the contraction: it marks which components reach the state
+        new, new_z, loss = forward_step(problem, tangents, hypers, state, z, t, t + chain.offset)
+        return new, loss, new_z, _sample_terms(outer.value, contract(tangents, hypers, outer, z), hypers,
+                                               connected, dtype)
+
+    return Estimator(tangents.inputs, [], s0, z0, 1, tf.ones([1], dtype), connected, step, _means)
+
+
+def reversed_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) -> Estimator:
+    """'reversed', the pathwise sum over pairs s < t with the ends of every pair exchanged, one
+    vector-Jacobian product of a step per step:
+
+        q_{t+1} = A_tᵀ q_t + ∂E/∂w(w_t),   ĝ = mean_t [∂E/∂λ(w_t) + B_tᵀ q_t],   q_0 = 0."""
+    problem, hypers, dtype = chain.problem, chain.hypers, chain.dtype
+    inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=chain.rows + 1)
+    s0 = problem.initial_state() if initial_state is None else initial_state
+    connected = [False] * (len(hypers) + len(inputs.sources))
+
+    def step(t: tf.Tensor, state: NamedTuple, q: list, sample: tf.Tensor) -> tuple[NamedTuple, tf.Tensor, list, list]:
+        outer = chain.outer_gradient()
+        recorded = autodiff.record_transition(problem, state, lambda: inputs.at(t), t + chain.offset, hypers,
+                                              inputs.sources)
+        vjp = autodiff.pull_back(problem, recorded, autodiff.state_cotangent(state, q), hypers, inputs.sources)
+        per_hyper = []  # ∂E/∂λ + B_tᵀ q_t (None where neither reaches λ)
+        for direct, through in zip(outer.hypers, vjp.hypers):
+            given = [tf.convert_to_tensor(x) for x in (direct, through) if x is not None]
+            per_hyper.append(tf.add_n(given) if given else None)
+        q = [a + v for a, v in zip(tf.nest.flatten(vjp.state)[:len(q)], outer.weights)]
+        return recorded.new_state, recorded.loss, q, _sample_terms(
+            outer.value, per_hyper + vjp.extra, hypers + inputs.sources, connected, dtype)
+
+    return Estimator(inputs, inputs.sources, s0, [tf.zeros_like(w) for w in s0.w], 1, tf.ones([1], dtype),
+                     connected, step, _means)
+
+
+def score_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) -> Estimator:
+    """'score', differentiating the Gibbs density, each chain k with its own covariance:
+
+        ∇F = (1/K) Σ_k (E_p[∂E_k/∂λ] − Cov_p(E_k, ∂L_k/∂λ)/τ),
+
+    from each row's sums of E, Q = ∂E/∂λ − E·∂L/∂λ/τ and S = ∂L/∂λ per λ and x, centred after the
+    chain around the grand means (``_centring``); one Jacobian of 2G rows per kept state, none in
+    the burn-in (the chain's states are not differentiated)."""
+    problem, hypers, dtype, groups = chain.problem, chain.hypers, chain.dtype, chain.groups
+    inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=chain.rows + 1)
+    s0 = problem.initial_state() if initial_state is None else initial_state
+    differentiated = hypers + inputs.sources
+    connected = [False] * len(differentiated)
+    temperature = tf.stop_gradient(tf.cast(problem.optimizer.params(chain.steps + chain.offset, dtype).temperature,
+                                           dtype))
+    n_chains = chain.chains or 1
+    member = tf.one_hot(tf.range(n_chains) * groups // n_chains, groups, dtype=dtype)  # [K, G]: chain k's group
+
+    def terms(t: tf.Tensor) -> list[tf.Tensor]:
+        """One state's sums per group g (its chains k): Σ_k E_k, then per λ and per x
+        Q_g = ∂/∂λ Σ_k (E_k − E_k L_k/τ)  (E_k held fixed in the product) and S_g = ∂/∂λ Σ_k L_k:
+        one Jacobian of the 2G rows (Q, S) by vectorized reverse mode (row by row when run eagerly,
+        where the vectorization would be traced again at every step)."""
+        eager = tf.executing_eagerly()
+        with tf.GradientTape(watch_accessed_variables=False, persistent=eager) as tape:
+            tape.watch(differentiated)
+            e = tf.cast(chain.outer_values(), dtype)
+            lower = tf.cast(chain.inner_values(inputs.at(t)), dtype)
+            per_chain = tf.stack([e - tf.stop_gradient(e) * lower / temperature, lower])  # [2, K]
+            grouped = tf.reshape(tf.matmul(per_chain, member), [2 * groups])
+        jacobians = tape.jacobian(grouped, differentiated, experimental_use_pfor=not eager)
+        out = [tf.linalg.matvec(member, tf.stop_gradient(e), transpose_a=True)]
+        for i, (jacobian, x) in enumerate(zip(jacobians, differentiated)):
+            if jacobian is None:
+                out += [tf.zeros((groups,) + tuple(x.shape), dtype)] * 2
+                continue
+            connected[i] = True
+            jacobian = tf.cast(tf.convert_to_tensor(jacobian), dtype)
+            out += [jacobian[:groups], jacobian[groups:]]
+        return out
+
+    def step(t: tf.Tensor, state: NamedTuple, carry: tuple,
+             sample: tf.Tensor) -> tuple[NamedTuple, tf.Tensor, tuple, list]:
+        zeros = [tf.zeros((groups,) + shape, dtype) for shape in _shapes(differentiated, 2)]
+        sums = tf.cond(sample, lambda: terms(t), lambda: zeros)
+        new, loss = problem.transition(state, inputs.at(t), t + chain.offset)
+        return new, loss, carry, sums
+
+    def finish(sums: list, counts: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """Ē, and per row ΣQ + (ĒΣS + S̄ΣE − nĒS̄)/τ = Σ_t [∂E/∂λ − (E_t − Ē)(S_t − S̄)/τ]."""
+        e_mean, pairs = _means(sums, counts)
+        total = tf.reduce_sum(counts)
+        return e_mean, [raised + _centring(lower, sums[0], counts, e_mean, tf.reduce_sum(lower, axis=0) / total)
+                        / temperature for raised, lower in zip(pairs[0::2], pairs[1::2])]
+
+    return Estimator(inputs, inputs.sources, s0, (), 2, tf.reduce_sum(member, 0), connected, step, finish)
+
+
+def run_chain(chain: Chain, estimator: Estimator) -> tuple[NamedTuple, list, tf.Tensor, tf.Tensor, tf.Tensor, Health]:
+    """The SGLD chain every estimator runs: T steps from s_0, each step's terms weighted 1 at a kept
+    state (t ≥ ``burn_in``, every ``thinning``-th) and 0 elsewhere and added to its rows, the batch
+    ⌊i·R/M⌋ of the i-th of M kept states (R = min(``rows``, M)), or every group of chains when
+    pooled (R = ``rows``). Returns (s_T, the per-row sums, the per-row counts, R, L_0 … L_{T−1},
+    the guard's health record); the inner variables hold w_T."""
+    problem, dtype, s0 = chain.problem, chain.dtype, estimator.state
+    steps, burn_in, thinning = chain.steps, chain.burn_in, chain.thinning
+    kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
+    n_rows = tf.constant(chain.rows) if chain.pooled else tf.minimum(tf.constant(chain.rows, tf.int32), kept)
+
+    def body(t, flat, carry, sums, counts, losses, health):
+        state = tf.nest.pack_sequence_as(s0, flat)
+        problem.load(state.w)
+        sample = (t >= burn_in) & (tf.math.floormod(t - burn_in, thinning) == 0)
+        weight = tf.cast(sample, dtype)
+        b = tf.clip_by_value(((t - burn_in) // thinning) * n_rows // kept, 0, n_rows - 1)
+        index = tf.range(chain.groups)[:, None] if chain.pooled else [[b]]
+        new, loss, carry, terms = estimator.step(t, state, carry, sample)
+        sums = [tf.tensor_scatter_nd_add(s, index, weight * term) for s, term in zip(sums, terms)]
+        counts = tf.tensor_scatter_nd_add(counts, index, weight * estimator.sizes)
+        new_flat = tf.nest.flatten(new)
+        return (t + 1, new_flat, carry, sums, counts, losses.write(t, tf.cast(loss, dtype)),
+                mark_unhealthy(health, t, new_flat))
+
+    shapes = _shapes(chain.hypers + estimator.sources, estimator.width)
+    trajectory = empty_trajectory(s0, steps)
+    _, flat, _, sums, counts, losses, health = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (tf.constant(0), tf.nest.flatten(s0), estimator.carry, [tf.zeros((chain.rows,) + s, dtype) for s in shapes],
+         tf.zeros((chain.rows,), dtype), trajectory.losses, trajectory.health))
+    final = tf.nest.pack_sequence_as(s0, flat)
+    problem.load(final.w)
+    return final, sums, counts, n_rows, losses.stack(), health
+
+
+def _through_features(chain: Chain, inputs: InnerInputs, parts: list, connected: list) -> tuple[list, list]:
+    """Per λ, the sum over the rows of its parts plus (∂x/∂λ)ᵀ of the summed parts of the hoisted
+    x (one pull-back), and its per-row parts plus each row's own pull-back (one per row, for the
+    standard errors); ``connected`` marks the λ that x reaches."""
+    hypers, dtype = chain.hypers, chain.dtype
+    parts, x_parts = parts[:len(hypers)], parts[len(hypers):]
+    through_x = (inputs.pull_back([tf.reduce_sum(x, axis=0) for x in x_parts], hypers) if x_parts
+                 else [None] * len(hypers))
+    totals = []
+    for i, (part, pulled) in enumerate(zip(parts, through_x)):
+        connected[i] = connected[i] or pulled is not None
+        totals.append(tf.reduce_sum(part, axis=0) + (0 if pulled is None else pulled))
+    if x_parts:
+        pulled_rows = [inputs.pull_back([x[r] for x in x_parts], hypers) for r in range(chain.rows)]
+        for i in range(len(hypers)):
+            parts[i] = parts[i] + tf.stack([tf.zeros_like(hypers[i], dtype) if p[i] is None else tf.cast(p[i], dtype)
+                                            for p in pulled_rows])
+    return totals, parts
+
+
 def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, hypers: Sequence[tf.Variable], *,
                              steps: Any, inner_batches: Batches, outer_batch: Any = None,
                              estimator: str = "pathwise", burn_in: int = 0, thinning: int = 1, batches: int = 20,
@@ -175,156 +429,25 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     static_steps = tf.get_static_value(steps)
     if static_steps is not None and static_steps <= burn_in:
         raise ValueError(f"`steps` = {static_steps} leaves no sample after `burn_in` = {burn_in}.")
-    hypers, dtype = list(hypers), problem.dtype
-    n_chains = chains or 1
+    hypers, n_chains = list(hypers), chains or 1
     pooled = estimator == "score" and n_chains >= 2  # rows: groups of chains, not batches of samples
-    groups = min(n_chains, batches) if pooled else 1  # the rows one sample adds to
-    rows = groups if pooled else batches
-    steps = tf.convert_to_tensor(steps, tf.int32)
-    kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
-    n_rows = tf.constant(rows) if pooled else tf.minimum(tf.constant(batches, tf.int32), kept)
-    if estimator == "pathwise":  # forward mode carries ∂x/∂λ of hoisted inputs in its tangents
-        tangents = prepare_tangents(problem, hypers, inner_batches)
-        inputs, sources = tangents.inputs, []
-        s0, z0 = (start_tangents(problem, tangents, hypers) if initial_state is None else
-                  (initial_state, [[tf.zeros_like(x) for x in tf.nest.flatten(initial_state)]
-                                   for _ in tangents.components]))
-    else:
-        inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=rows + 1)
-        sources, tangents, z0 = inputs.sources, None, []
-        s0 = problem.initial_state() if initial_state is None else initial_state
-    q0 = [tf.zeros_like(w) for w in s0.w] if estimator == "reversed" else []
+    chain = Chain(problem, outer_objective, outer_batch, hypers, chains, tf.convert_to_tensor(steps, tf.int32),
+                  offset, burn_in, thinning, min(n_chains, batches) if pooled else batches, pooled)
+    build = {"pathwise": pathwise_estimator, "score": score_estimator, "reversed": reversed_estimator}[estimator]
+    method = build(chain, inner_batches, initial_state)
     if chains is not None:  # the inner objective's shape, checked once
-        batching.chain_values(problem.objective, inputs.at(0), chains, "inner_objective")
-
-    def outer_values() -> tf.Tensor:
-        """E_k per chain, [K] (a scalar objective as [1])."""
-        if chains is None:
-            return tf.reshape(batching.scalar_objective(outer_objective, outer_batch), [1])
-        return batching.chain_values(outer_objective, outer_batch, chains, "outer_objective")
-
-    def inner_values(t: tf.Tensor) -> tf.Tensor:
-        """L_k per chain, [K]."""
-        if chains is None:
-            return tf.reshape(problem.loss(inputs.at(t)), [1])
-        return batching.chain_values(problem.objective, inputs.at(t), chains, "inner_objective")
-
-    connected = [False] * len(hypers)
-    # per-row sums, for λ and for the hoisted inputs x: 'score' keeps E, then (Q, S) per λ and per
-    # x (see score_terms); the others the per-sample estimate.
-    per_source = 2 if estimator == "score" else 1
-    shapes = ([()] if estimator == "score" else []) + [tuple(x.shape) for x in hypers + sources
-                                                        for _ in range(per_source)]
-    first_source = len(hypers)  # of 'pathwise' and 'reversed'
-    if estimator == "score":
-        temperature = tf.stop_gradient(tf.cast(problem.optimizer.params(steps + offset, dtype).temperature, dtype))
-        member = tf.one_hot(tf.range(n_chains) * groups // n_chains, groups, dtype=dtype)  # [K, G]: chain k's group
-    sizes = tf.reduce_sum(member, 0) if estimator == "score" else tf.ones([1], dtype)  # per sample and row: its count
-
-    def score_terms(t: tf.Tensor) -> list[tf.Tensor]:
-        """One sample's sums per group g (its chains k): Σ_k E_k, then per λ and per x
-        Q_g = ∂/∂λ Σ_k (E_k − E_k L_k/τ)  (E_k held fixed in the product) and S_g = ∂/∂λ Σ_k L_k:
-        one Jacobian of the 2G rows (Q, S) by vectorized reverse mode (row by row when run eagerly,
-        where the vectorization would be traced again at every step)."""
-        eager = tf.executing_eagerly()
-        with tf.GradientTape(watch_accessed_variables=False, persistent=eager) as tape:
-            tape.watch(hypers + sources)
-            e = tf.cast(outer_values(), dtype)
-            lower = tf.cast(inner_values(t), dtype)
-            per_chain = tf.stack([e - tf.stop_gradient(e) * lower / temperature, lower])  # [2, K]
-            grouped = tf.reshape(tf.matmul(per_chain, member), [2 * groups])
-        jacobians = tape.jacobian(grouped, hypers + sources, experimental_use_pfor=not eager)
-        terms = [tf.linalg.matvec(member, tf.stop_gradient(e), transpose_a=True)]
-        for i, (jacobian, x) in enumerate(zip(jacobians, hypers + sources)):
-            if jacobian is None:
-                terms += [tf.zeros((groups,) + tuple(x.shape), dtype)] * 2
-                continue
-            if i < len(hypers):
-                connected[i] = True
-            jacobian = tf.cast(tf.convert_to_tensor(jacobian), dtype)
-            terms += [jacobian[:groups], jacobian[groups:]]
-        return terms
-
-    def add(sums: list, index: int, b: tf.Tensor, value: Optional[tf.Tensor], weight: tf.Tensor,
-            hyper: Optional[int] = None) -> None:
-        if value is None:
-            return
-        if hyper is not None:
-            connected[hyper] = True
-        sums[index] = tf.tensor_scatter_nd_add(sums[index], [[b]], [weight * tf.cast(tf.convert_to_tensor(value), dtype)])
-
-    def body(t, flat, z, q, sums, counts, value_sum, losses, health):
-        state = tf.nest.pack_sequence_as(s0, flat)
-        problem.load(state.w)
-        sample = (t >= burn_in) & (tf.math.floormod(t - burn_in, thinning) == 0)
-        weight = tf.cast(sample, dtype)
-        b = tf.clip_by_value(((t - burn_in) // thinning) * n_rows // kept, 0, n_rows - 1)
-        index = tf.range(groups)[:, None] if pooled else [[b]]
-        counts = tf.tensor_scatter_nd_add(counts, index, weight * sizes)
-        sums = list(sums)
-        if estimator == "score":  # only the kept samples: the burn-in costs the steps alone
-            terms = tf.cond(sample, lambda: score_terms(t), lambda: [tf.zeros((groups,) + s, dtype) for s in shapes])
-            sums = [tf.tensor_scatter_nd_add(x, index, term) for x, term in zip(sums, terms)]
-            new, loss = problem.transition(state, inputs.at(t), t + offset)
-        else:
-            outer = autodiff.value_and_gradients(problem, lambda: tf.reduce_mean(outer_values()), hypers)
-            value_sum = value_sum + weight * tf.cast(outer.value, dtype)
-        if estimator == "pathwise":  # the step first: it marks which components reach the state
-            new, new_z, loss = forward_step(problem, tangents, hypers, state, z, t, t + offset)
-            for i, g in enumerate(contract(tangents, hypers, outer, z)):
-                add(sums, i, b, g, weight, i)
-            z = new_z
-        elif estimator == "reversed":
-            recorded = autodiff.record_transition(problem, state, lambda: inputs.at(t), t + offset, hypers, sources)
-            vjp = autodiff.pull_back(problem, recorded, autodiff.state_cotangent(state, q), hypers, sources)
-            for i, (direct, through) in enumerate(zip(outer.hypers, vjp.hypers)):
-                terms = [tf.convert_to_tensor(x) for x in (direct, through) if x is not None]
-                add(sums, i, b, tf.add_n(terms) if terms else None, weight, i)
-            for j, through in enumerate(vjp.extra):
-                add(sums, first_source + j, b, through, weight)
-            q = [a + v for a, v in zip(tf.nest.flatten(vjp.state)[:len(q)], outer.weights)]
-            new, loss = recorded.new_state, recorded.loss
-        new_flat = tf.nest.flatten(new)
-        return (t + 1, new_flat, z, q, sums, counts, value_sum, losses.write(t, tf.cast(loss, dtype)),
-                mark_unhealthy(health, t, new_flat))
-
-    sums0 = [tf.zeros((rows,) + shape, dtype) for shape in shapes]
-    trajectory = empty_trajectory(s0, steps)
-    _, flat, _, _, sums, counts, value_sum, losses, health = tf.while_loop(
-        lambda t, *_: t < steps, body,
-        (tf.constant(0), tf.nest.flatten(s0), z0, q0, sums0, tf.zeros((rows,), dtype), tf.zeros((), dtype),
-         trajectory.losses, trajectory.health))
-    final = tf.nest.pack_sequence_as(s0, flat)
-    problem.load(final.w)
-
-    total = tf.reduce_sum(counts)  # rows past n_rows hold zeros
-    if estimator == "score":
-        e_mean = tf.reduce_sum(sums[0]) / total
-        value, parts = e_mean, []  # per λ and per x: the per-sample estimate, summed per row
-        for k in range(len(hypers) + len(sources)):
-            raised, lower = sums[1 + 2 * k: 3 + 2 * k]
-            g_mean = tf.reduce_sum(lower, axis=0) / total
-            parts.append(raised + _centring(lower, sums[0], counts, e_mean, g_mean) / temperature)
-        parts, x_parts = parts[:len(hypers)], parts[len(hypers):]
-    else:
-        value, parts, x_parts = value_sum / total, sums[:first_source], sums[first_source:]
-    # λ parts plus the pull-back of the x parts: the total, then each row (for the SEs)
-    through_x = (inputs.pull_back([tf.reduce_sum(x, axis=0) for x in x_parts], hypers) if sources
-                 else [None] * len(hypers))
-    grads = []
-    for i, (part, pulled) in enumerate(zip(parts, through_x)):
-        connected[i] = connected[i] or pulled is not None
-        grads.append((tf.reduce_sum(part, axis=0) + (0 if pulled is None else pulled)) / total)
-    if sources:  # one pull-back per row
-        pulled_rows = [inputs.pull_back([x[r] for x in x_parts], hypers) for r in range(rows)]
-        for i in range(len(hypers)):
-            parts[i] = parts[i] + tf.stack([tf.zeros_like(hypers[i], dtype) if p[i] is None else tf.cast(p[i], dtype)
-                                            for p in pulled_rows])
+        chain.inner_values(method.inputs.at(0))
+    final, sums, counts, n_rows, losses, health = run_chain(chain, method)
+    value, parts = method.finish(sums, counts)
+    connected = method.connected[:len(hypers)]
+    totals, parts = _through_features(chain, method.inputs, parts, connected)
+    total = tf.reduce_sum(counts)
+    grads = [g / total for g in totals]
     errors = [_standard_error(part[:n_rows], counts[:n_rows]) for part in parts]
-    statistics = chain_statistics(tf.gather(losses.stack(), tf.range(burn_in, steps, thinning)), n_chains)
+    statistics = chain_statistics(tf.gather(losses, tf.range(burn_in, chain.steps, thinning)), n_chains)
     carry = StochasticCarry([e if c else None for e, c in zip(errors, connected)], statistics)
-    return RunResult(value, [g if c else None for g, c in zip(grads, connected)], final, losses.stack(),
-                     health, carry=carry)
+    return RunResult(value, [g if c else None for g, c in zip(grads, connected)], final, losses, health,
+                     carry=carry)
 
 
 class StochasticHG(HyperGradient):
