@@ -132,7 +132,9 @@ class _LayerFactory:
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
             raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
         self.dtype, self.batch_norm_scale = dtype, batch_norm_scale
-        self._rng = np.random.default_rng(seed)  # one independent kernel seed per layer
+        # one independent kernel seed per layer; without a seed, drawn from NumPy's global state, which
+        # keras.utils.set_random_seed seeds (so that a seeded script builds the same network twice)
+        self._rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
 
     def __call__(self, layer_class: Callable, *args, **kwargs) -> keras.layers.Layer:
         """`layer_class(*args, **kwargs)` in the network's dtype."""
@@ -287,7 +289,8 @@ def build_network(name: str, input_shape: Shape | None = None, *, batch_norm_sca
             and (84, 84, 3) for 'c4l' and 'rn'.
         batch_norm_scale: learn the normalisation scale γ too. Defaults to `False` (β only).
         seed: seeds the kernel initialisers: equal seeds give equal weights. Defaults to `None`
-            (fresh random weights).
+            (weights drawn from NumPy's global state: fresh ones, the same after
+            ``keras.utils.set_random_seed``).
         dtype: dtype of the weights and the computation, or 'mixed_bfloat16' (float32 weights,
             bfloat16 computation, float32 normalisation statistics). Defaults to `None`
             (`keras.config.floatx()`).

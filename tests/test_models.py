@@ -361,3 +361,13 @@ def test_mixed_bfloat16_keeps_float32_weights_and_matches_float32_features():
     assert 1e-5 < error < 0.05
     with pytest.raises(ValueError, match="mixed_bfloat16"):
         models.build_network("omniglot", dtype="mixed_float16")
+
+
+def test_an_unseeded_network_follows_keras_global_seed():
+    """``build_network(seed=None)`` draws its layers' seeds from NumPy's global state: a script
+    seeded with ``keras.utils.set_random_seed`` builds the same network twice."""
+    def first_kernel():
+        keras.utils.set_random_seed(0)
+        return models.build_network("omniglot").weights[0].numpy()
+    np.testing.assert_array_equal(first_kernel(), first_kernel())
+    assert not np.array_equal(first_kernel(), models.build_network("omniglot").weights[0].numpy())
