@@ -13,6 +13,7 @@ from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads Ten
 from far_ho2 import distribute, dynamics, guard, linear_solve, oracles, utils
 from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
+from far_ho2.bilevel_model import BilevelModel
 from far_ho2.guard import DivergenceError
 from far_ho2.hyper_optimizer import HyperOptimizer
 from far_ho2.hypergradients import (BOME, ForwardHG, HyperGradient, ImplicitHG, Penalty, ReverseHG, StochasticHG, forward_hypergradient,
@@ -30,7 +31,7 @@ ReverseHg = ReverseHG  # FAR-HO's deprecated spelling
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "DivergenceError", "ForwardHG",
+    "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "BilevelModel", "DivergenceError", "ForwardHG",
     "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
     "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
     "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "distribute", "dynamics", "forward_hypergradient",

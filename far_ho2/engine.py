@@ -91,6 +91,8 @@ def step(method: Any, *, steps: Any, inner_data: Any, per_step: bool, outer_data
     restores, ``grad_bound`` the growth bound of the directions, ``inner_bounds`` those of the
     inner variables (for a method's own step)."""
     before = [tf.identity(v) for v in guarded]
+    for reg in method.registrations:  # e.g. an SGLD chain's run counter: a new noise sequence per run
+        reg.problem.optimizer.begin_run()
     results = directions(method, steps=steps, inner_data=inner_data, per_step=per_step, outer_data=outer_data,
                          previous=previous, online=online, offset=offset, options=options)
     largest = largest_direction(results)

@@ -28,8 +28,9 @@ before the hyper-iteration (``far_ho2.engine.step`` restores them).
 
 import contextlib
 import threading
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -89,3 +90,19 @@ def bound(reference: tf.Tensor, growth_limit: Optional[float]) -> tf.Tensor:
 def healthy(x: tf.Tensor, largest: tf.Tensor) -> tf.Tensor:
     """Whether x is finite and ‖x‖∞ ≤ ``largest``."""
     return tf.reduce_all(tf.math.is_finite(x)) & (max_abs(x) <= largest)
+
+
+def variables_of(obj: Any) -> list[tf.Variable]:
+    """The tf.Variables of a method's state or an optimizer (nested dicts and lists, Keras
+    variables and optimizers, far optimizers): what a failed step must restore."""
+    if isinstance(obj, dict):
+        return [v for value in obj.values() for v in variables_of(value)]
+    if isinstance(obj, (list, tuple)):
+        return [v for value in obj for v in variables_of(value)]
+    if isinstance(obj, keras.Variable):
+        return [obj.value]
+    if isinstance(obj, tf.Variable):
+        return [obj]
+    if obj is not None and hasattr(obj, "variables"):
+        return variables_of(list(obj.variables))
+    return []

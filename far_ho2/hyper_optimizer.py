@@ -266,7 +266,7 @@ class HyperOptimizer:
             if pairs:
                 optimizer.apply_gradients(pairs)
                 apply_constraints(flatten_hyperparameters([v for _, v in pairs]))
-        slots = [v for optimizer in self._optimizers() for v in _variables_of(optimizer) if v.dtype.is_floating]
+        slots = [v for optimizer in self._optimizers() for v in guard.variables_of(optimizer) if v.dtype.is_floating]
         healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
                                          + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
         moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
@@ -301,8 +301,8 @@ class HyperOptimizer:
         variables += [v for reg in registrations for v in reg.problem.optimizer.run_variables]
         variables += flatten_hyperparameters([h for _, group in self._groups() for h in group])
         for optimizer in self._optimizers():
-            variables += _variables_of(optimizer)
-        variables += _variables_of(self._hypergradient.state_variables())
+            variables += guard.variables_of(optimizer)
+        variables += guard.variables_of(self._hypergradient.state_variables())
         unique: dict = {}
         for v in variables:
             unique.setdefault(id(v), v)
@@ -382,22 +382,6 @@ class HyperOptimizer:
                 "inner_optimizers": [v for reg in registrations for v in reg.problem.optimizer.run_variables],
                 "outer_optimizers": optimizers,
                 "method": self._hypergradient.state_variables()}
-
-
-def _variables_of(obj: Any) -> list[tf.Variable]:
-    """The tf.Variables of a method's state or an optimizer (nested dicts and lists, Keras
-    variables and optimizers, far optimizers)."""
-    if isinstance(obj, dict):
-        return [v for value in obj.values() for v in _variables_of(value)]
-    if isinstance(obj, (list, tuple)):
-        return [v for value in obj for v in _variables_of(value)]
-    if isinstance(obj, keras.Variable):
-        return [obj.value]
-    if isinstance(obj, tf.Variable):
-        return [obj]
-    if isinstance(obj, keras.optimizers.Optimizer) or hasattr(obj, "variables"):
-        return _variables_of(list(obj.variables))
-    return []
 
 
 def all_hypergradients(scope: Optional[str] = None) -> list[tf.Tensor]:

@@ -43,7 +43,6 @@ class Prepared(NamedTuple):
     online: Any  # False, or the online mode of a run continuing the last one
     previous: Optional[list]  # the last run, per problem, when continued or warm-started
     global_step: int
-    run_state: list  # (variable, value) of the inner optimizers' run state before ``begin_run``
 
 
 class Registration:
@@ -256,12 +255,9 @@ class HyperGradient:
         outer = batching.outer_batch(outer_supplier, global_step)
         self._resolve(inner, outer)
         with_previous = self._previous is not None and (continuing or self.uses_previous)
-        run_state = [(v, v.read_value()) for reg in self._registered for v in reg.problem.optimizer.run_variables]
-        for reg in self._registered:
-            reg.problem.optimizer.begin_run()
         self._failure = None
         return Prepared(T, inner, outer, offset, online if continuing else False,
-                        self._previous if with_previous else None, global_step, run_state)
+                        self._previous if with_previous else None, global_step)
 
     def step_arguments(self, prepared: "Prepared") -> dict:
         """The tensors and settings of ``engine.step`` for a prepared run."""
@@ -278,8 +274,6 @@ class HyperGradient:
         modes and warm starts, and ``callback`` for every inner step."""
         phase, largest = int(status.phase.numpy()), float(status.largest.numpy())
         if phase != engine.HEALTHY:
-            for variable, value in prepared.run_state:  # the inner optimizers' run counters, as before the run
-                variable.assign(value)
             self._results = None
             what = (self._what_failed(results, prepared.offset, largest) if phase == engine.RUN else
                     describe_update() if describe_update is not None else "the outer update failed")
@@ -300,7 +294,7 @@ class HyperGradient:
         """The compiled directions-only step of ``run`` (one per batch layout and online mode)."""
         key = (prepared.inner.per_step, prepared.online, prepared.previous is not None)
         if key not in self._functions:
-            inner = [v for reg in self._registered for v in reg.problem.var_list]
+            inner = [v for reg in self._registered for v in reg.problem.var_list + reg.problem.optimizer.run_variables]
 
             def compute(steps, inner_data, outer_data, previous, offset, options, grad_bound):
                 return engine.step(self, steps=steps, inner_data=inner_data, per_step=key[0], outer_data=outer_data,

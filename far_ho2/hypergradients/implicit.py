@@ -205,13 +205,15 @@ class ImplicitHG(HyperGradient):
         return {"linear_system_solver": self.solver, "tolerance": self.tolerance, "max_iter": self.max_iter,
                 "alpha": self.alpha, "warm_start": self.uses_previous}
 
-    def _tolerance(self, global_step: int, dtype: Optional[tf.DType] = None) -> float:
+    def _tolerance(self, global_step: Any, dtype: Optional[tf.DType] = None) -> Any:
+        """The residual target at hyper-iteration ``global_step`` (an int, or a tensor in a
+        traced step)."""
         if self.tolerance is None:
             return default_tolerance(dtype or self.inner_problems[0].dtype)
-        return float(self.tolerance(global_step) if callable(self.tolerance) else self.tolerance)
+        return self.tolerance(global_step) if callable(self.tolerance) else self.tolerance
 
-    def _options(self, global_step: int) -> dict:
-        return {"tolerance": tf.constant(self._tolerance(global_step), tf.float64)}
+    def _options(self, global_step: Any) -> dict:
+        return {"tolerance": tf.cast(self._tolerance(global_step), tf.float64)}
 
     def hypergradient(self, problem, outer_objective, hypers, *, steps, inner_batches, outer_batch=None,
                       previous=None, online=False, offset=0, options=None) -> RunResult:
@@ -259,7 +261,7 @@ class ImplicitHG(HyperGradient):
         """The residuals; warnings for a singular Hessian or a solve that stopped above tolerance."""
         super().report(results, moved, global_step)
         self.residuals = [(float(r.carry.residual), int(r.carry.iterations)) for r in results]
-        tol = self._tolerance(global_step)
+        tol = float(self._tolerance(global_step))
         for k, (r, (residual, iterations)) in enumerate(zip(results, self.residuals)):
             low, high = r.carry.curvature.numpy()
             if _singular(low, high, r.carry.curvature.dtype):

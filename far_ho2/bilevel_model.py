@@ -1,0 +1,242 @@
+"""``BilevelModel``: any bilevel problem as a Keras model, trained by ``fit``.
+
+    min_λ E(w_T(λ), λ),    w_T = T steps of an inner optimizer on L(w, λ)
+
+Each element of the dataset given to ``fit`` is one hyper-iteration's data, ``(inner_batch,
+outer_batch)``; ``train_step`` runs ``far_ho2.engine.step`` on it, the same traced step as
+``HyperOptimizer.run`` (the method's directions, the guard, the compiled optimizer's update of
+λ, the method's own step), so a hyperparameter trained by ``fit`` follows the same path as by
+``HyperOptimizer``. Keras does the rest: callbacks, ``BackupAndRestore``, ``CSVLogger``,
+TensorBoard, ``evaluate`` (E on an outer batch at the inner solution of an inner batch).
+
+    net = keras.Sequential([...])                         # w: the inner variables
+    decay = keras.Variable(-3.0, name="log_decay")        # λ (Keras variables are saved with the model)
+    model = far.BilevelModel(
+        inner_objective=lambda b: loss(net(b[0]), b[1]) + exp(decay) * l2(net),
+        outer_objective=lambda b: loss(net(b[0]), b[1]),
+        inner_optimizer=far.GradientDescentOptimizer(0.1), steps=50,
+        inner_variables=net, hyperparameters=[decay])
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.fit(tf.data.Dataset.from_tensors((train, valid)).repeat(), steps_per_epoch=100)
+
+A failed hyper-iteration (the guard's, ``far_ho2.guard``) changes nothing and stops ``fit`` with a
+``far.DivergenceError`` naming the hyper-iteration and the part that failed.
+"""
+
+from typing import Any, Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from far_ho2 import batches as batching
+from far_ho2 import engine, guard
+from far_ho2 import inputs as inputs_lib
+from far_ho2.hypergradients.base import HyperGradient
+from far_ho2.hypergradients.reverse import ReverseHG
+from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters
+from far_ho2.inner_problem import InnerProblem
+from far_ho2.trajectory import empty_trajectory, run_steps
+from far_ho2.types import InnerOptimizer
+
+PHASES = {engine.RUN: "the run (inner states, E or the hypergradient)", engine.UPDATE: "the outer update",
+          engine.METHOD_STEP: "the method's own step on the inner variables"}
+
+
+def _tf_variables(variables: Any) -> list[tf.Variable]:
+    """The ``tf.Variable``s of a Keras layer (its trainable weights), of Keras variables or of
+    tf.Variables."""
+    if isinstance(variables, keras.layers.Layer):
+        variables = variables.trainable_weights
+    if isinstance(variables, (tf.Variable, keras.Variable)):
+        variables = [variables]
+    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
+
+
+class _Stop(keras.callbacks.Callback):
+    """Stops ``fit`` with the guard's error after a failed hyper-iteration (the step restored
+    every variable in-graph)."""
+
+    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        phase = int(np.asarray((logs or {}).get("phase", engine.HEALTHY)))
+        if phase != engine.HEALTHY:
+            self.model.stop_training = True
+            model = self.model
+            step = int(model.optimizer.iterations.numpy())
+            raise guard.DivergenceError(
+                f"{model.method.name}, hyper-iteration {step}: {PHASES[phase]} became non-finite or grew "
+                f"beyond the guard's bounds (far_ho2.guard; HyperOptimizer.run names the inner step and the "
+                f"variable); {guard.UNCHANGED}")
+
+
+class BilevelModel(keras.Model):
+    """A bilevel problem as a Keras model (see the module docstring).
+
+    Args:
+        inner_objective: L, a callable taking the inner batch and returning a scalar; it reads
+            the inner variables and hyperparameters.
+        outer_objective: E, a callable taking the outer batch.
+        inner_optimizer: a far_ho2 optimizer (its dynamics Φ).
+        steps: T, inner steps per hyper-iteration.
+        hypergradient: the method. Defaults to ``far.ReverseHG()``.
+        inner_variables: w: a Keras layer or model (its trainable weights) or variables. Defaults
+            to the trainable variables L reads.
+        hyperparameters: λ: Keras variables, a Keras layer (its trainable weights) or
+            ``far.get_hyperparameter`` variables. Defaults to the registered hyperparameters the
+            problem depends on. A Keras layer or Keras variables are saved with the model
+            (``.keras``, ``BackupAndRestore``); tf.Variables are not.
+        init_dynamics_dict, features: as ``HyperOptimizer.inner_problem``. With
+            ``inner_variables`` and no ``init_dynamics_dict``, Φ₀ (the values the inner variables
+            start every hyper-iteration from: theirs now) is held by the model's non-trainable
+            weights ``initial_weights``, saved with it, so that a resumed ``fit`` starts the inner
+            problem from the same Φ₀.
+        per_step: each element's inner batch has a leading axis of T batches, one per inner
+            step. Defaults to `False` (one batch for every step).
+        name: the model's name.
+    """
+
+    def __init__(self, inner_objective: Callable, outer_objective: Callable, inner_optimizer: InnerOptimizer, *,
+                 steps: int, hypergradient: Optional[HyperGradient] = None, inner_variables: Any = None,
+                 hyperparameters: Any = None, init_dynamics_dict: Any = None, features: Optional[Callable] = None,
+                 per_step: bool = False, name: str = "bilevel_model", **kwargs: Any):
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
+        if hypergradient is not None and not isinstance(hypergradient, HyperGradient):
+            raise TypeError(f"`hypergradient` must be a far_ho2 method (far.ReverseHG(), far.BOME(), ...), "
+                            f"got {type(hypergradient).__name__}.")
+        super().__init__(name=name, **kwargs)
+        self.method = hypergradient or ReverseHG()
+        self.steps, self.per_step = int(steps), bool(per_step)
+        self.inner_layer = inner_variables if isinstance(inner_variables, keras.layers.Layer) else None
+        self.hyper_layer = hyperparameters if isinstance(hyperparameters, keras.layers.Layer) else None
+        # Keras variables given in lists: tracked, so that they are saved with the model
+        self.keras_variables = [v for given in (inner_variables, hyperparameters) if isinstance(given, (list, tuple))
+                                for v in given if isinstance(v, keras.Variable)]
+        var_list = None if inner_variables is None else _tf_variables(inner_variables)
+        hyper_list = None if hyperparameters is None else _tf_variables(hyperparameters)
+        if var_list is not None and init_dynamics_dict is None:  # Φ₀ as the model's weights: saved with it
+            self.initial_weights = [self.add_weight(shape=v.shape, dtype=v.dtype.name, trainable=False,
+                                                    initializer=keras.initializers.Constant(v.numpy()),
+                                                    name=f"initial_{v.name.split(':')[0].split('/')[-1]}")
+                                    for v in var_list]
+            init_dynamics_dict = [(v, w.value) for v, w in zip(var_list, self.initial_weights)]
+        self.__dict__["_problem"] = InnerProblem(inner_objective, inner_optimizer, var_list, init_dynamics_dict,
+                                                 features)  # not tracked: Φ₀'s copies are scratch state
+        self.method.compute_gradients(outer_objective, self._problem, hyper_list)
+        self.__dict__["_ready"] = None  # (bounds, guarded) once the problem is resolved
+        self._reference = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="guard_reference")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker]
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _resolve(self, element: Any) -> None:
+        """On the first ``fit`` or ``evaluate``: the default inner variables and hyperparameters,
+        found eagerly on one element (as ``HyperOptimizer`` does on its first run), the
+        optimizer built, the guard's bounds and the guarded variables fixed."""
+        if self._ready is not None:
+            return
+        inner, outer = element
+        self.method._resolve(batching.Batches(inner, self.per_step), outer)
+        hypers = self.hyperparameters
+        if getattr(self, "optimizer", None) is None:
+            raise ValueError("BilevelModel: call `compile(optimizer=...)` first (the outer optimizer of λ).")
+        if not self.optimizer.built:
+            self.optimizer.build(hypers)
+        self.method.use_outer_optimizers([self.optimizer])  # e.g. the penalty's stages shrink its rate
+        limit = self.method.growth_limit
+        bounds = tuple(tf.constant([float(guard.bound(v, limit).numpy()) for v in variables] + [0.0], tf.float64)
+                       for variables in (hypers, self._problem.var_list))
+        guarded = list(self._problem.var_list) + list(hypers) + list(self._problem.optimizer.run_variables)
+        guarded += guard.variables_of([self.optimizer, self.method.state_variables()])
+        unique: dict = {}
+        for v in guarded:
+            unique.setdefault(id(v), v)
+        self.__dict__["_ready"] = (bounds, list(unique.values()))
+        self.built = True  # every variable exists: the inner ones, λ, the optimizer's slots
+
+    @property
+    def hyperparameters(self) -> list[tf.Variable]:
+        """λ, the variables the compiled optimizer updates (known after the first ``fit``)."""
+        registration = self.method.registrations[0]
+        if registration.hypers is None:
+            raise ValueError("BilevelModel.hyperparameters: not resolved yet; pass `hyperparameters=`, or read "
+                             "it after the first `fit`.")
+        return flatten_hyperparameters(registration.originals)
+
+    def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """``keras.Model.fit`` on a dataset whose elements are ``(inner_batch, outer_batch)``, one
+        per hyper-iteration; stops with ``far.DivergenceError`` after a failed one."""
+        if not isinstance(x, tf.data.Dataset):
+            raise TypeError(f"BilevelModel.fit: `x` must be a tf.data.Dataset of (inner_batch, outer_batch) "
+                            f"elements, one per hyper-iteration; got {type(x).__name__}.")
+        self._resolve(next(iter(x)))
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_Stop()]
+        kwargs.setdefault("shuffle", False)  # a dataset is not shuffled by fit
+        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Nothing to build: every variable exists before ``fit`` (Keras would trace ``call``)."""
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        """The outer objective on a batch, at the inner variables' current values."""
+        return batching.scalar_objective(self.method.registrations[0].outer_objective, inputs)
+
+    # -- one hyper-iteration --------------------------------------------------------------------
+
+    def _update(self, results: list, bounds: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+        """The compiled optimizer's update of λ from the directions, then the projections
+        (``engine.Update``)."""
+        hypers = self.hyperparameters
+        before = [tf.identity(v) for v in hypers]
+        pairs = self.method.pairs(results)
+        self.optimizer.apply_gradients(pairs)
+        apply_constraints(hypers)
+        slots = [v for v in guard.variables_of(self.optimizer) if v.dtype.is_floating]
+        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
+                                         + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
+        moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
+        return moved, healthy
+
+    @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
+    def train_step(self, data: Any) -> dict:
+        """One hyper-iteration, ``far_ho2.engine.step``: the directions at the current λ, the
+        guard, the update of λ by the compiled optimizer, the method's own step; logs E (before
+        the update) and the step's phase (0: healthy)."""
+        inner, outer = data
+        bounds, guarded = self._ready
+        limit = self.method.growth_limit
+        grad_bound = (tf.constant(np.inf, tf.float64) if limit is None else
+                      tf.where(self._reference < 0, tf.constant(np.inf, tf.float64),
+                               limit * tf.maximum(self._reference, 1.0)))
+        results, status = engine.step(
+            self.method, steps=self.method._steps(self.steps), inner_data=inner, per_step=self.per_step,
+            outer_data=outer, previous=None, online=False, offset=tf.constant(0),
+            options=self.method._options(self.optimizer.iterations), grad_bound=grad_bound,
+            update=lambda r: self._update(r, bounds), inner_bounds=bounds[1], guarded=guarded)
+        healthy = tf.equal(status.phase, engine.HEALTHY)
+        self._reference.assign(tf.where(healthy & (self._reference < 0), status.largest, self._reference))
+        self.loss_tracker.update_state(tf.where(healthy, tf.cast(status.value, tf.float64), np.nan))
+        return {"loss": self.loss_tracker.result(), "phase": status.phase}
+
+    @tf.autograph.experimental.do_not_convert
+    def test_step(self, data: Any) -> dict:
+        """E on the outer batch at w_T from Φ₀ on the inner batch (``InnerProblem``'s T steps,
+        not differentiated); the inner variables keep w_T afterwards, as after a hyper-iteration."""
+        inner, outer = data
+        problem = self._problem
+        batches = batching.Batches(inner, self.per_step)
+        prepared = inputs_lib.prepare(problem, batches, [])
+        run_steps(problem, empty_trajectory(problem.initial_state(), self.steps), prepared.at, 0, self.steps)
+        self.loss_tracker.update_state(tf.cast(self(outer), tf.float64))
+        return {"loss": self.loss_tracker.result()}
+
+    def evaluate(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``keras.Model.evaluate`` on ``(inner_batch, outer_batch)`` elements: E after T inner
+        steps from Φ₀ on each inner batch."""
+        if isinstance(x, tf.data.Dataset):
+            self._resolve(next(iter(x)))
+        return super().evaluate(x, *args, **kwargs)
