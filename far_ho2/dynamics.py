@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
+from far_ho2 import sharding
+
 Tensors = list[tf.Tensor]
 
 
@@ -140,12 +142,13 @@ def langevin_step(s: LangevinState, grads: Tensors, params: LangevinParams) -> L
 
     The noise is a pure function of the seed (``tf.random.stateless_normal``, one seed per
     weight tensor folded from it), so recomputing a step reproduces it exactly; it does not
-    depend on w or λ, so derivatives through a chain are the pathwise ones for that noise."""
+    depend on w or λ, so derivatives through a chain are the pathwise ones for that noise. Under a
+    strategy, a replica's rows of a sharded meta-batch draw their slice of the meta-batch's noise
+    (``far_ho2.sharding.normal``)."""
     scale = tf.sqrt(2 * params.learning_rate * params.temperature)
     new = []
     for i, (w, g) in enumerate(zip(s.w, grads)):
-        noise = tf.random.stateless_normal(tf.shape(w), tf.random.experimental.stateless_fold_in(params.seed, i),
-                                           dtype=w.dtype)
+        noise = sharding.normal(tf.shape(w), tf.random.experimental.stateless_fold_in(params.seed, i), w.dtype)
         new.append(w - params.learning_rate * g + scale * noise)
     return LangevinState(new)
 
