@@ -21,6 +21,22 @@ TensorBoard, ``evaluate`` (E on an outer batch at the inner solution of an inner
 
 A failed hyper-iteration (the guard's, ``far_ho2.guard``) changes nothing and stops ``fit`` with a
 ``far.DivergenceError`` naming the hyper-iteration and the part that failed.
+
+Under ``tf.distribute`` (the model built in ``strategy.scope()``), ``fit`` splits a meta-batch:
+each element holds B independent problems on a leading axis, L = Σ_j L_j and E = mean_j E_j;
+replica r solves B/R of them with its own inner variables (``far.distribute.local_variables``,
+Φ₀ given by ``init_dynamics_dict``), every method computes the meta-batch's quantities where
+its step couples the problems (``far_ho2.sharding``), and the compiled optimizer's all-reduce
+sums the replicas' directions: the hyperparameters follow the one-device run (tests/test_doors.py).
+
+    with strategy.scope():
+        lam = tf.Variable(...)
+        with far.distribute.local_variables():
+            w = tf.Variable(tf.zeros([B // strategy.num_replicas_in_sync, d]))
+        model = far.BilevelModel(L, E, far.GradientDescentOptimizer(0.1), steps=T, inner_variables=[w],
+                                 hyperparameters=[lam], init_dynamics_dict=[(w, lambda: tf.zeros_like(w))])
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.fit(meta_batches, steps_per_epoch=100)
 """
 
 from typing import Any, Callable, Optional
@@ -30,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2 import engine, guard
+from far_ho2 import distribute, engine, guard, sharding
 from far_ho2 import inputs as inputs_lib
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hypergradients.reverse import ReverseHG
@@ -114,6 +130,11 @@ class BilevelModel(keras.Model):
                                 for v in given if isinstance(v, keras.Variable)]
         var_list = None if inner_variables is None else _tf_variables(inner_variables)
         hyper_list = None if hyperparameters is None else _tf_variables(hyperparameters)
+        local = [v for v in var_list or [] if getattr(v, "synchronization", None) == tf.VariableSynchronization.ON_READ]
+        if local and init_dynamics_dict is None:
+            raise ValueError(f"BilevelModel: the inner variables {[v.name for v in local]} are each replica's own "
+                             f"(far.distribute.local_variables): give their Φ₀ as `init_dynamics_dict`, e.g. "
+                             f"[(w, lambda: tf.zeros_like(w))].")
         if var_list is not None and init_dynamics_dict is None:  # Φ₀ as the model's weights: saved with it
             self.initial_weights = [self.add_weight(shape=v.shape, dtype=v.dtype.name, trainable=False,
                                                     initializer=keras.initializers.Constant(v.numpy()),
@@ -124,7 +145,8 @@ class BilevelModel(keras.Model):
                                                  features)  # not tracked: Φ₀'s copies are scratch state
         self.method.compute_gradients(outer_objective, self._problem, hyper_list)
         self.__dict__["_ready"] = None  # (bounds, guarded) once the problem is resolved
-        self._reference = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="guard_reference")
+        self._reference = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="guard_reference",
+                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
     @property
@@ -139,6 +161,15 @@ class BilevelModel(keras.Model):
         optimizer built, the guard's bounds and the guarded variables fixed."""
         if self._ready is not None:
             return
+        with self.distribute_strategy.scope():  # the method's and the optimizer's variables: mirrored
+            self._resolve_in_scope(element)
+
+    def _resolve_in_scope(self, element: Any) -> None:
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1:  # resolved eagerly on the first replica's share (its inner variables' shape)
+            size = distribute.replica_batch_size(tf.nest.flatten(element)[0].shape[0], self.distribute_strategy,
+                                                 "the meta-batch size of `x`'s elements")
+            element = tf.nest.map_structure(lambda t: t[:size], element)
         inner, outer = element
         self.method._resolve(batching.Batches(inner, self.per_step), outer)
         hypers = self.hyperparameters
@@ -193,6 +224,9 @@ class BilevelModel(keras.Model):
         hypers = self.hyperparameters
         before = [tf.identity(v) for v in hypers]
         pairs = self.method.pairs(results)
+        replicas = sharding.replicas()
+        if replicas > 1:  # each replica's term of the sum the optimizer all-reduces (far_ho2.sharding)
+            pairs = [(g / replicas, v) for g, v in pairs]
         self.optimizer.apply_gradients(pairs)
         apply_constraints(hypers)
         slots = [v for v in guard.variables_of(self.optimizer) if v.dtype.is_floating]

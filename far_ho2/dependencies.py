@@ -34,8 +34,14 @@ def _total(values: Sequence[Any]) -> tf.Tensor:
 
 
 def _connected(tape: tf.GradientTape, target: tf.Tensor, sources: Sequence[tf.Variable]) -> set:
-    grads = tape.gradient(target, list(sources))
+    grads = tape.gradient(target, [_watchable(s) for s in sources])
     return {id(s) for s, g in zip(sources, grads) if g is not None}
+
+
+def _watchable(variable: tf.Variable) -> tf.Variable:
+    """What a tape watches for ``variable``: under ``tf.distribute`` (read here, outside a
+    replica), the first replica's copy, which such a read reads."""
+    return variable.values[0] if isinstance(variable, tf.distribute.DistributedValues) else variable
 
 
 def explain_dtype_error(error: Exception, candidates: Sequence[tf.Variable], var_list: Sequence[tf.Variable]) -> None:
@@ -64,15 +70,15 @@ def analyse(problem: Any, outer_objective: Callable, candidates: Sequence[tf.Var
     candidates, var_list = list(candidates), list(problem.var_list)
     try:
         with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
-            tape.watch(candidates)
+            tape.watch([_watchable(c) for c in candidates])
             with tf.GradientTape(watch_accessed_variables=False) as inner_tape:
-                inner_tape.watch(var_list)
+                inner_tape.watch([_watchable(v) for v in var_list])
                 loss = problem.loss(problem.inputs(inner_batch))
-            gradient = _total(inner_tape.gradient(loss, var_list))
+            gradient = _total(inner_tape.gradient(loss, [_watchable(v) for v in var_list]))
             outer = batching.scalar_objective(outer_objective, outer_batch)
             params = _total(problem.optimizer.params(0, problem.dtype))
         with tf.GradientTape() as init_tape:  # also watches the trainable variables Φ₀ reads
-            init_tape.watch(candidates)
+            init_tape.watch([_watchable(c) for c in candidates])
             initial = _total(problem.initial_weights())
     except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
         explain_dtype_error(error, candidates, var_list)

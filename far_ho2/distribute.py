@@ -50,12 +50,12 @@ Each replica's inner variables are its own scratch state, not mirrored: create t
 Without a strategy the same code runs on one device (R = 1).
 """
 
-import contextlib
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 from far_ho2 import engine
+from far_ho2.sharding import local_variables
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 
@@ -75,22 +75,6 @@ def replica_batch_size(batch_size: int, strategy: Optional[tf.distribute.Strateg
         raise ValueError(f"{name}={batch_size} does not split across the {replicas} replicas of the strategy: "
                          f"each replica fits the same number of problems, so use a multiple of {replicas}.")
     return batch_size // replicas
-
-
-@contextlib.contextmanager
-def local_variables() -> Iterator[None]:
-    """Variables created inside are each replica's own (``synchronization=ON_READ``): a replica
-    reads and writes its copy without synchronisation, and the copies may differ in value and
-    shape (e.g. the inner variables of its share of a meta-batch). Outside a replica function
-    they read as the first replica's copy (``aggregation=ONLY_FIRST_REPLICA``). tf.distribute
-    makes them non-trainable: give inner variables as ``var_list``. Without a strategy they are
-    ordinary variables."""
-    def creator(next_creator: Callable, **kwargs: Any) -> tf.Variable:
-        kwargs.update(synchronization=tf.VariableSynchronization.ON_READ,
-                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, trainable=False)
-        return next_creator(**kwargs)
-    with tf.variable_creator_scope(creator):
-        yield
 
 
 class Share(NamedTuple):

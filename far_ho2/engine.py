@@ -12,6 +12,9 @@
 
 ``update`` is the door's: ``HyperOptimizer`` applies each outer optimizer to its group of
 hyperparameters (``aggregation_fn``, ``process_fn``), the Keras model its compiled optimizer.
+On a meta-batch sharded across replicas (``far_ho2.sharding``) the step runs in each replica:
+``ok`` is agreed between them, E is the meta-batch's mean, and the restore is unconditional
+(tf.distribute cannot synchronise mirrored variables inside a ``tf.cond``).
 
 Why a traced step over variables, not a pure ``(state, batch) -> (result, state)`` function in
 the manner of optax: every door holds its state in variables already (Keras optimizers and
@@ -26,7 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import tensorflow as tf
 
 from far_ho2 import batches as batching
-from far_ho2 import guard
+from far_ho2 import guard, sharding
 from far_ho2.trajectory import all_healthy
 from far_ho2.types import RunResult
 
@@ -79,6 +82,7 @@ def apply(method: Any, results: list[RunResult], update: Update, inner_bounds: t
     inner = [v for reg in method.registrations for v in reg.problem.var_list]
     if method.persistent:  # a method that moves w itself: w within its bounds afterwards
         method_healthy &= tf.reduce_all(tf.stack([guard.healthy(v, inner_bounds[i]) for i, v in enumerate(inner)]))
+    update_healthy, method_healthy = sharding.agree(update_healthy), sharding.agree(method_healthy)
     phase = tf.where(update_healthy, tf.where(method_healthy, HEALTHY, METHOD_STEP), UPDATE)
     return phase, moved
 
@@ -95,15 +99,15 @@ def step(method: Any, *, steps: Any, inner_data: Any, per_step: bool, outer_data
         reg.problem.optimizer.begin_run()
     results = directions(method, steps=steps, inner_data=inner_data, per_step=per_step, outer_data=outer_data,
                          previous=previous, online=online, offset=offset, options=options)
-    largest = largest_direction(results)
-    healthy = tf.reduce_all(tf.stack([result_healthy(method, r) for r in results] + [largest <= grad_bound]))
+    largest = sharding.maximum(largest_direction(results))
+    healthy = sharding.agree(tf.reduce_all(tf.stack([result_healthy(method, r) for r in results]
+                                                    + [largest <= grad_bound])))
     phase, moved = tf.where(healthy, HEALTHY, RUN), tf.zeros((), tf.float64)
     if update is not None:
         applied, moved = apply(method, results, update, inner_bounds)
         phase = tf.where(healthy, applied, phase)
     restore(guarded, before, tf.equal(phase, HEALTHY))
-    value = results[0].value if len(results) == 1 else tf.reduce_mean(tf.stack([r.value for r in results]))
-    return results, Status(value, phase, largest, moved)
+    return results, Status(_value(results), phase, largest, moved)
 
 
 def apply_step(method: Any, results: list[RunResult], update: Update, inner_bounds: tf.Tensor,
@@ -113,12 +117,25 @@ def apply_step(method: Any, results: list[RunResult], update: Update, inner_boun
     before = [tf.identity(v) for v in guarded]
     phase, moved = apply(method, results, update, inner_bounds)
     restore(guarded, before, tf.equal(phase, HEALTHY))
+    return Status(_value(results), phase, sharding.maximum(largest_direction(results)), moved)
+
+
+def _value(results: Sequence[RunResult]) -> tf.Tensor:
+    """E, the mean over the inner problems (and over the replicas of a sharded meta-batch)."""
     value = results[0].value if len(results) == 1 else tf.reduce_mean(tf.stack([r.value for r in results]))
-    return Status(value, phase, largest_direction(results), moved)
+    replicas = sharding.replicas()
+    return value if replicas == 1 else sharding.total(value) / replicas
 
 
 def restore(variables: Sequence[tf.Variable], values: Sequence[tf.Tensor], healthy: tf.Tensor) -> None:
-    """Every variable back to its value in ``values`` unless ``healthy`` (in-graph)."""
+    """Every variable back to its value in ``values`` unless ``healthy`` (in-graph). Under a
+    strategy of several replicas, by unconditional assignments (a mirrored variable's assignment
+    synchronises the replicas, which tf.distribute cannot do inside a ``tf.cond``)."""
+    if sharding.replicas() > 1:
+        for v, value in zip(variables, values):
+            v.assign(tf.where(healthy, v.read_value(), value))
+        return
+
     def back() -> tf.Tensor:
         for v, value in zip(variables, values):
             v.assign(value)

@@ -311,7 +311,8 @@ class SGLDOptimizer(Optimizer):
         self.seed = int(seed)
         super().__init__(name, {"learning_rate": _NONNEG, "temperature": _NONNEG},
                          learning_rate=learning_rate, temperature=temperature)
-        self.runs = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_runs")
+        self.runs = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_runs",  # one count for all replicas
+                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def params(self, step: Any, dtype: tf.DType) -> dyn.LangevinParams:
         run_seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), self.runs)

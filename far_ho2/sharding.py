@@ -18,7 +18,8 @@ slice of the meta-batch's, so a split run draws what the single-device run draws
 Outside a replica context, or with one replica, every function is the identity.
 """
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
 
@@ -58,7 +59,7 @@ def total(values: Any) -> Any:
 def maximum(value: tf.Tensor) -> tf.Tensor:
     """max_r over the replicas."""
     context = _context()
-    return value if context is None else context.all_reduce(tf.distribute.ReduceOp.MAX, value)
+    return value if context is None else tf.reduce_max(context.all_gather(tf.reshape(value, [1]), axis=0))
 
 
 def agree(flag: tf.Tensor) -> tf.Tensor:
@@ -91,3 +92,19 @@ def normal(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     whole = tf.random.stateless_normal(tf.concat([[rows * count], shape[1:]], 0), seed, dtype=dtype)
     start = tf.cast(context.replica_id_in_sync_group, tf.int32) * rows
     return whole[start:start + rows]
+
+
+@contextlib.contextmanager
+def local_variables() -> Iterator[None]:
+    """Variables created inside are each replica's own (``synchronization=ON_READ``): a replica
+    reads and writes its copy without synchronisation, and the copies may differ in value and
+    shape (e.g. the inner variables of its share of a meta-batch). Outside a replica function
+    they read as the first replica's copy (``aggregation=ONLY_FIRST_REPLICA``). tf.distribute
+    makes them non-trainable: give inner variables as ``var_list``. Without a strategy they are
+    ordinary variables."""
+    def creator(next_creator: Callable, **kwargs: Any) -> tf.Variable:
+        kwargs.update(synchronization=tf.VariableSynchronization.ON_READ,
+                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, trainable=False)
+        return next_creator(**kwargs)
+    with tf.variable_creator_scope(creator):
+        yield

@@ -31,7 +31,7 @@ meta-batch across the R replicas (R must divide B): replica r fits the heads of 
 (each replica's own variables) and computes their E^(r), ∇E^(r); the optimizer's all-reduce sums
 ∇E^(r)/R into ∇E, the mean over the B episodes, and applies one update (``train_step``): the
 update of one device holding the whole meta-batch. ``evaluate`` splits its episodes the same way
-(any split: its metrics sum over the replicas). Langevin heads draw each replica's own noise;
+(any split: its metrics sum over the replicas). Langevin heads draw the noise one device would;
 'multiclass' normalises each replica's share of its images with that share's statistics.
 
 Variants (the paper's Table 4), the ``variant`` argument:
@@ -207,8 +207,9 @@ class HyperRepresentation(keras.Model):
         test_steps: T of ``evaluate``. Defaults to `None` (``steps``); settable later.
         temperature: τ of the Langevin heads of ``far.StochasticHG`` (their T meta-training steps
             are SGLD, w' = w − η∇L + √(2ητ)ξ, a new noise sequence at every hyper-iteration:
-            run k·R + r of ``far.SGLDOptimizer`` for replica r of R at hyper-iteration k, so each
-            replica draws its own; evaluation stays gradient descent). Required with
+            run k of ``far.SGLDOptimizer`` at hyper-iteration k; under a strategy each replica
+            draws its episodes' rows of the meta-batch's noise, as one device would;
+            evaluation stays gradient descent). Required with
             StochasticHG, and only with it.
         name: the model's name. Defaults to `"hyper_representation"`.
 
@@ -451,12 +452,9 @@ class HyperRepresentation(keras.Model):
             h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
         if self.temperature is None:
             optimizer = far.GradientDescentOptimizer(_tf_variable(self.learning_rate))
-        else:  # Langevin heads; every hyper-iteration, and every replica, draws a new noise sequence
-            optimizer = self._langevin
-            context = tf.distribute.get_replica_context()  # run k of replica r of R: k·R + r
-            replicas = context.num_replicas_in_sync
-            optimizer.runs.assign((optimizer.runs // replicas + 1) * replicas
-                                  + tf.cast(context.replica_id_in_sync_group, tf.int64))
+        else:  # Langevin heads: a new noise sequence at every hyper-iteration (far_ho2.sharding.normal
+            optimizer = self._langevin  # gives each replica its rows of the meta-batch's draw)
+            optimizer.begin_run()
         return far.InnerProblem(
             lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
                             + ridge(*heads, self.head_l2)),

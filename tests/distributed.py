@@ -95,39 +95,38 @@ def adam(strategy: tf.distribute.Strategy) -> dict:
     return {"update": max(relative_error(d, s) for s, d in zip(*updates))}
 
 
-def by_share(strategy: tf.distribute.Strategy, batches: tf.data.Dataset, before=None, **options) -> dict:
+def by_share(strategy: tf.distribute.Strategy, batches: tf.data.Dataset, **options) -> dict:
     """A fit step with SGD(1) under ``strategy``, against the mean of the hypergradients of the
-    replicas' shares of the batch computed one by one on one device (``before(model, r)``
-    runs before share r)."""
+    replicas' shares of the batch computed one by one on one device."""
     replicas, batch = strategy.num_replicas_in_sync, next(iter(batches))
     model = model_of(**options)
     compute, shares = tf.function(model.hypergradients), []
     for r in range(replicas):
-        if before is not None:
-            before(model, r)
         size = tf.shape(tf.nest.flatten(batch)[0])[0] // replicas
         shares.append(compute(tf.nest.map_structure(lambda x: x[r * size:(r + 1) * size], batch))[1])
     steps = sgd_step(strategy, batches, **options)[0]
-    return {"steps": steps, "expected": [np.mean([s[k].numpy() for s in shares], axis=0) for k in range(len(steps))],
-            "compute": compute, "model": model, "batch": batch}
+    return {"steps": steps, "expected": [np.mean([s[k].numpy() for s in shares], axis=0) for k in range(len(steps))]}
 
 
 def langevin(strategy: tf.distribute.Strategy) -> dict:
-    """StochasticHG with Langevin heads: replica r of R draws the noise of run R + r at the first
-    hyper-iteration (the same on one device, share by share, with the run counter set to it);
-    not the noise of run 1 on every replica (which an unchanged counter would draw)."""
+    """StochasticHG with Langevin heads: each replica draws its episodes' rows of the meta-batch's
+    noise (far_ho2.sharding.normal), so a fit step under the strategy is the one-device step on
+    the whole meta-batch; not the mean of the shares' hypergradients each drawn on one device
+    with noise for a batch of its own size (what a split-unaware draw would give)."""
     replicas = strategy.num_replicas_in_sync
     options = dict(hypergradient=far.StochasticHG("reversed", batches=3), temperature=1e-3)
-    run = by_share(strategy, stream(2 * replicas), lambda model, r: model._langevin.runs.assign(replicas + r - 1),
-                   **options)
-    compute, model, batch = run["compute"], run["model"], run["batch"]
-    same = []
+    batches = stream(2 * replicas)
+    batch, model = next(iter(batches)), model_of(**options)
+    compute = tf.function(model.hypergradients)
+    whole = compute(batch)[1]  # run 1, as the first fit step
+    steps = sgd_step(strategy, batches, **options)[0]
+    shares = []
     for r in range(replicas):
         model._langevin.runs.assign(0)
-        same.append(compute(tf.nest.map_structure(lambda x: x[2 * r:2 * r + 2], batch))[1])
-    naive = [np.mean([s[k].numpy() for s in same], axis=0) for k in range(len(same[0]))]
-    return {"grads": max(relative_error(s, e) for s, e in zip(run["steps"], run["expected"])),
-            "naive": min(relative_error(s, n) for s, n in zip(run["steps"], naive))}
+        shares.append(compute(tf.nest.map_structure(lambda x: x[2 * r:2 * r + 2], batch))[1])
+    naive = [np.mean([s[k].numpy() for s in shares], axis=0) for k in range(len(shares[0]))]
+    return {"grads": max(relative_error(s, e) for s, e in zip(steps, whole)),
+            "naive": min(relative_error(s, n) for s, n in zip(steps, naive))}
 
 
 def multiclass(strategy: tf.distribute.Strategy) -> dict:

@@ -81,9 +81,9 @@ def test_the_generic_path_gives_the_hyper_optimizer_and_closed_form_hypergradien
     assert max(result["closed_form"], result["hyper_optimizer"], result["hypers"]) <= EXACT
 
 
-def test_langevin_heads_draw_each_replicas_own_noise(mirrored):
-    """Replica r of R draws run R + r at the first hyper-iteration: the mean of the shares'
-    hypergradients computed so on one device; not the one where every replica draws run 1."""
+def test_langevin_heads_draw_the_noise_of_one_device(mirrored):
+    """Each replica draws its rows of the meta-batch's noise: the step is the one-device step on
+    the whole meta-batch; not the mean of the shares' each drawing noise for its own size."""
     result = case(mirrored, "langevin")
     assert result["grads"] <= EXACT and result["naive"] > 1e-2
 

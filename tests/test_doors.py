@@ -1,7 +1,14 @@
 """One engine behind every door: the same float64 problem, the same hyper-iterations through
-``HyperOptimizer.run`` and through the Keras ``far.BilevelModel.fit`` give the same
-hyperparameters and inner variables (≤ 1e-12), for every method, the penalty method's stage
-schedule and BOME's joint step included."""
+``HyperOptimizer.run``, through the Keras ``far.BilevelModel.fit``, and through ``fit`` under a
+MirroredStrategy of 2 logical CPU devices (``tests/doors_mirrored.py``, a meta-batch split across
+them) give the same hyperparameters and inner variables (≤ 1e-12), for every method, the penalty
+method's stage schedule and BOME's joint step included."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -75,6 +82,37 @@ def test_every_method_gives_the_same_hyperparameters_through_hyper_optimizer_and
     if name == "penalty":  # the stage schedule ran in both doors, to the same state
         assert int(method.stage) > 0 and int(method_fit.stage) == int(method.stage)
         assert float(method_fit.gamma) == float(method.gamma)
+
+
+@pytest.fixture(scope="module")
+def three_doors() -> dict:
+    """Every method on a meta-batch of 4 ridge problems through the three doors, in one process
+    with 2 logical CPU devices: per method, the largest relative differences from the
+    ``HyperOptimizer`` door."""
+    script = pathlib.Path(__file__).with_name("doors_mirrored.py")
+    done = subprocess.run([sys.executable, str(script), ",".join(sorted(METHODS))], capture_output=True, text=True,
+                          timeout=900, cwd=script.parents[1], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_gives_the_same_hyperparameters_under_a_mirrored_strategy(three_doors, name):
+    """fit on one device and fit with the meta-batch split across two replicas (each holding its
+    problems' inner variables) agree with HyperOptimizer.run on the whole meta-batch."""
+    result = three_doors[name]
+    assert result["moved"] > 0.1  # the hyperparameters moved
+    for door in ("fit", "mirrored"):
+        assert result[door]["lam"] <= 1e-12 and result[door]["w"] <= 1e-12, (door, result)
+    if name == "penalty":  # the stages advanced, equally in every door
+        assert all(stages[0] > 0 and stages[0] == stages[1]
+                   for stages in (result["fit"]["stage"], result["mirrored"]["stage"]))
+
+
+def test_a_failed_hyper_iteration_under_a_mirrored_strategy_changes_nothing(three_doors):
+    result = three_doors["failure"]
+    assert "ReverseHG, hyper-iteration 0: the run" in result["error"]
+    assert result["lam"] == [-1.0] * 3 and result["iterations"] == 0 and result["w"] == 0.0
 
 
 def test_keras_fit_stops_on_a_failed_hyper_iteration_and_changes_nothing():

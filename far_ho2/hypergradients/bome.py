@@ -17,6 +17,7 @@ import tensorflow as tf
 from far_ho2 import autodiff
 from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
+from far_ho2 import sharding
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hyperparameters import describe_all
@@ -52,10 +53,6 @@ def _add(a: Optional[tf.Tensor], b: Optional[tf.Tensor], scale: tf.Tensor = None
     return tf.convert_to_tensor(a) if b is None else tf.convert_to_tensor(a) + b
 
 
-def _squared_norm(xs: Sequence[Optional[tf.Tensor]], dtype: tf.DType) -> tf.Tensor:
-    return tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(tf.square(x)) for x in xs if x is not None])
-
-
 def _dot(a: Sequence[Optional[tf.Tensor]], b: Sequence[Optional[tf.Tensor]], dtype: tf.DType) -> tf.Tensor:
     return tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(x * y) for x, y in zip(a, b)
                                              if x is not None and y is not None])
@@ -76,7 +73,9 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     computed as μ = max(η − ⟨∇f, ∇q̂⟩/(‖∇q̂‖² + δ), 0). The q̂ terms use the batch of the first
     step. The inner variables hold w_k afterwards. The value reported is E at the inner solution
     ŵ, E(λ_k, ŵ): w_k, an optimisation variable of the reformulation, need not solve the lower
-    level, and f(λ_k, w_k) (in ``carry.outer_at_w``) is optimistic.
+    level, and f(λ_k, w_k) (in ``carry.outer_at_w``) is optimistic. On a meta-batch sharded across
+    replicas (``far_ho2.sharding``: f = (1/R) Σ_r f^(r), g = Σ_r g^(r)) every replica computes the
+    meta-batch's μ and λ direction, and d_w on its own problems.
 
     Args:
         problem, outer_objective, hypers, steps, inner_batches, outer_batch, offset: as
@@ -107,11 +106,15 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     problem.load(w_k)
     at_k = autodiff.value_and_gradients(problem, g_at_first_batch, hypers)
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
-    q_hypers = [_add(a, b, tf.constant(-1, dtype)) for a, b in zip(at_k.hypers, at_hat.hypers)]
+    # the meta-batch's f = E (a mean over the replicas) and q (a sum), under a strategy (far_ho2.sharding)
+    replicas = sharding.replicas()
+    f_hypers = [None if g is None else g / replicas for g in sharding.total(outer.hypers)]
+    f_weights = [g / replicas for g in outer.weights] if replicas > 1 else outer.weights
+    q_hypers = sharding.total([_add(a, b, tf.constant(-1, dtype)) for a, b in zip(at_k.hypers, at_hat.hypers)])
     q_weights = at_k.weights
-    q = at_k.value - at_hat.value
-    q_norm2 = _squared_norm(q_hypers, dtype) + _squared_norm(q_weights, dtype)
-    inner = _dot(outer.hypers, q_hypers, dtype) + _dot(outer.weights, q_weights, dtype)
+    q = sharding.total(at_k.value - at_hat.value)
+    q_norm2 = sharding.squared_norm(q_weights, q_hypers)
+    inner = _dot(f_hypers, q_hypers, dtype) + sharding.total(_dot(f_weights, q_weights, dtype))
     eta, delta = tf.cast(eta, dtype), tf.cast(delta, dtype)
     if phi == "grad_norm":
         control = eta * q_norm2
@@ -119,11 +122,11 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     else:
         control = eta * q
         mu = tf.nn.relu((control - inner) / (q_norm2 + delta))
-    grads = [_add(f, gq, mu) for f, gq in zip(outer.hypers, q_hypers)]
-    inner_direction = [f + mu * gq for f, gq in zip(outer.weights, q_weights)]
-    f_norm = tf.sqrt(_squared_norm(outer.hypers, dtype) + _squared_norm(outer.weights, dtype))
+    grads = [_add(f, gq, mu) for f, gq in zip(f_hypers, q_hypers)]
+    inner_direction = [f + mu * gq for f, gq in zip(f_weights, q_weights)]
+    f_norm = tf.sqrt(sharding.squared_norm(f_weights, f_hypers))
     carry = BOMECarry(mu, q, control, tf.sqrt(q_norm2), f_norm, inner, inner + mu * q_norm2, inner_direction,
-                      outer.value)
+                      sharding.total(outer.value) / replicas)
     return RunResult(value, grads, problem.current_state(), trajectory.losses.stack(),
                      trajectory.health, carry=carry)
 

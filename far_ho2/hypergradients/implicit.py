@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from far_ho2 import autodiff
 from far_ho2 import inputs as inputs_lib
-from far_ho2 import linear_solve
+from far_ho2 import linear_solve, sharding
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
@@ -87,7 +87,7 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
     trajectory = run_steps(problem, empty_trajectory(s0, steps), inputs_at, 0, steps, offset)
     s_T = trajectory.final
     end_gradient, end_loss = problem.gradient(last_inputs())
-    stationarity = tf.stack([start_gradient, _norm(end_gradient), tf.abs(tf.cast(end_loss, start_gradient.dtype))])
+    stationarity = tf.stack([start_gradient, _norm(end_gradient), tf.abs(tf.cast(sharding.total(end_loss), start_gradient.dtype))])
     outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
     total = autodiff.accumulate(autodiff.zeros_for_none([None] * len(hypers), hypers),
                                 outer.hypers, connected)
@@ -128,7 +128,8 @@ def _singular(low: float, high: float, dtype: tf.DType) -> bool:
 
 
 def _norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
+    """‖w-part‖ over a sharded meta-batch (``far_ho2.sharding``)."""
+    return tf.sqrt(sharding.squared_norm(tensors))
 
 
 def hoag_tolerance(global_step: int) -> float:

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
+from far_ho2 import sharding
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hyperparameters import projected_gradient
@@ -42,13 +43,15 @@ def surrogates(problem: InnerProblem, outer_objective: Callable, outer_batch: An
 
         h_λ = f + νᵀ∇_w g + (γ/2)‖∇_w g‖²,        h_w = h_λ + λ_g·g
 
-    (call under a tape to differentiate them: ∇_w g is built with a tape of its own)."""
+    (call under a tape to differentiate them: ∇_w g is built with a tape of its own). On a meta-batch
+    sharded across R replicas (``far_ho2.sharding``) they are this replica's terms of the meta-batch's
+    sums: f^(r)/R in h, so that ∇_w h is the meta-batch's on its problems; f is returned as f^(r)."""
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(problem.var_list)
         g = problem.loss(inputs)
     lower = [tf.convert_to_tensor(x) for x in tape.gradient(g, problem.var_list)]
     f = batching.scalar_objective(outer_objective, outer_batch)
-    h_upper = (f + tf.add_n([tf.reduce_sum(n * d) for n, d in zip(nu, lower)])
+    h_upper = (f / sharding.replicas() + tf.add_n([tf.reduce_sum(n * d) for n, d in zip(nu, lower)])
                + 0.5 * gamma * tf.add_n([tf.reduce_sum(d * d) for d in lower]))
     return h_upper, h_upper + lambda_g * g, f, lower
 
@@ -129,13 +132,12 @@ def penalty_direction(problem: InnerProblem, outer_objective: Callable, hypers: 
         tape.watch(hypers)
         h_upper, h_lower, f, lower = surrogates(problem, outer_objective, outer_batch,
                                                 problem.inputs(inner_batches.at(steps - 1)), nu, gamma, lambda_g)
-    grads = tape.gradient(h_upper, hypers)
-    lower_direction = tape.gradient(h_lower, problem.var_list)
+    grads = sharding.total(tape.gradient(h_upper, hypers))  # the meta-batch's, on every replica
+    lower_direction = [tf.convert_to_tensor(d) for d in tape.gradient(h_lower, problem.var_list)]
     del tape
-    stationarity = [projected_gradient(h, g) for h, g in zip(hypers, grads) if g is not None]
-    norm2 = tf.add_n([tf.zeros((), dtype)] + [tf.reduce_sum(tf.square(tf.cast(g, dtype))) for g in stationarity]
-                     + [tf.reduce_sum(tf.square(tf.convert_to_tensor(d))) for d in lower_direction])
-    residual = tf.sqrt(tf.add_n([tf.reduce_sum(d * d) for d in lower]))
+    stationarity = [tf.cast(projected_gradient(h, g), dtype) for h, g in zip(hypers, grads) if g is not None]
+    norm2 = sharding.squared_norm(lower_direction, stationarity)
+    residual = tf.sqrt(sharding.squared_norm(lower))
     w_T = [v.read_value() for v in problem.var_list]
     lower_solution(problem, inputs.at, steps, problem.optimizer.params(offset, dtype).learning_rate)
     value = tf.stop_gradient(batching.scalar_objective(outer_objective, outer_batch))
@@ -235,14 +237,18 @@ class Penalty(HyperGradient):
         self.factors = dict(gamma=float(gamma_factor), lambda_g=float(lambda_factor),
                             epsilon=float(epsilon_factor), lr=float(lr_factor),
                             outer_lr=float(lr_factor if outer_lr_factor is None else outer_lr_factor))
-        self.gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
-        self.lambda_g = tf.Variable(lambda_g, dtype=tf.float64, trainable=False, name="lambda_g")
-        self.epsilon = tf.Variable(epsilon, dtype=tf.float64, trainable=False, name="epsilon")
-        self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
-        self.rate_scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="rate_scale")
-        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        # under tf.distribute: mirrored, each replica computing the same value (far_ho2.sharding)
+        def scalar(value: Any, dtype: tf.DType, name: str) -> tf.Variable:
+            return tf.Variable(value, dtype=dtype, trainable=False, name=name,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.gamma = scalar(gamma, tf.float64, "gamma")
+        self.lambda_g = scalar(lambda_g, tf.float64, "lambda_g")
+        self.epsilon = scalar(epsilon, tf.float64, "epsilon")
+        self.stage = scalar(0, tf.int64, "stage")
+        self.rate_scale = scalar(1.0, tf.float64, "rate_scale")
+        self.iterations = scalar(0, tf.int64, "iterations")
         # the least stage statistic since the last pass (−1: none yet): the stage's divergence test
-        self.least = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="least_statistic")
+        self.least = scalar(-1.0, tf.float64, "least_statistic")
         self.nu: list[list[tf.Variable]] = []  # per problem, per inner variable
         self.slots: list[list[tf.Variable]] = []  # per problem, the inner optimizer's kept state
         self.outer_optimizers: list = []  # their learning rates shrink with the stages
@@ -251,12 +257,13 @@ class Penalty(HyperGradient):
     # -- set-up -----------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        for problem in self.inner_problems:
-            self.nu.append([tf.Variable(tf.fill(v.shape, tf.constant(self.initial["nu"], v.dtype)), trainable=False,
-                                        name="nu") for v in problem.var_list])
-            state = problem.current_state()
-            self.slots.append([tf.Variable(x, trainable=False, name="inner_slot")
-                               for x in tf.nest.flatten(state)[len(problem.var_list):]])
+        with sharding.local_variables():  # shaped as w: under tf.distribute, each replica's own
+            for problem in self.inner_problems:
+                self.nu.append([tf.Variable(tf.fill(v.shape, tf.constant(self.initial["nu"], v.dtype)),
+                                            trainable=False, name="nu") for v in problem.var_list])
+                state = problem.current_state()
+                self.slots.append([tf.Variable(x, trainable=False, name="inner_slot")
+                                   for x in tf.nest.flatten(state)[len(problem.var_list):]])
 
     def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
         """The outer optimizers, whose learning rates the stages shrink; a clear error for one
