@@ -38,6 +38,13 @@ def replicas() -> int:
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def first_row(rows: Any) -> Any:
+    """r·``rows``: the meta-batch index of the first of this replica's ``rows`` rows (replica r
+    holds the rows [r·n, (r+1)·n), as ``experimental_distribute_dataset`` splits a batch)."""
+    context = _context()
+    return 0 if context is None else tf.cast(context.replica_id_in_sync_group, tf.int32) * rows
+
+
 def total(values: Any) -> Any:
     """Σ_r of a tensor, or of each tensor of a list (None stays None), over the replicas: one
     all-reduce."""

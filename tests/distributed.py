@@ -314,8 +314,103 @@ def errors(strategy: tf.distribute.Strategy) -> dict:
     return messages
 
 
+class Quadratics:
+    """B Gaussian problems sharing λ (a weight decay per coordinate) and H (the features X·H):
+
+        L_j = ½‖X_j H w_j − y_j‖² + ½ Σ_i λ_i w_ji²,     E_j = ½‖Xv_j H w_j − yv_j‖²,
+
+    sampled by SGLD from w = 0; declared as ``chains`` (the objectives return the [B] values of
+    the problems) or as one scalar problem (Σ_j L_j, mean_j E_j), with X·H hoisted (``features``)
+    if ``hoisted``; w and the SGLD run counter each replica's own."""
+
+    def __init__(self, chains: bool, hoisted: bool):
+        rng = np.random.default_rng(4)
+        self.lam = tf.Variable([0.5, 1.0, 1.5], dtype=tf.float64, name="lam")
+        self.H = tf.Variable(np.eye(3) + 0.1 * rng.normal(size=(3, 3)), name="H")
+        with far.distribute.local_variables():
+            self.w = tf.Variable(tf.zeros((0, 3), tf.float64), shape=(None, 3), name="w")
+            optimizer = far.SGLDOptimizer(0.02, temperature=0.3, seed=5)
+        self.hypers, self.chains = [self.lam, self.H], chains
+        inner = ((lambda f: self.reduce(self.energies(f[0], f[1]), tf.reduce_sum)) if hoisted else
+                 (lambda batch: self.reduce(self.energies(batch[0] @ self.H, batch[1]), tf.reduce_sum)))
+        self.problem = far.InnerProblem(inner, optimizer, var_list=[self.w],
+                                        init_dynamics_dict=[(self.w, lambda: tf.zeros_like(self.w))],
+                                        features=(lambda batch: (batch[0] @ self.H, batch[1])) if hoisted else None)
+
+    def reduce(self, values: tf.Tensor, reduction) -> tf.Tensor:
+        return values if self.chains else reduction(values)
+
+    def energies(self, features: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        return (0.5 * tf.reduce_sum(tf.square(tf.einsum("bnd,bd->bn", features, self.w) - y), axis=1)
+                + 0.5 * tf.reduce_sum(self.lam * tf.square(self.w), axis=1))
+
+    def outer(self, batch) -> tf.Tensor:
+        values = 0.5 * tf.reduce_sum(tf.square(tf.einsum("bnd,bd->bn", batch[2] @ self.H, self.w) - batch[3]), axis=1)
+        return self.reduce(values, tf.reduce_mean)
+
+    def hypergradient(self, method: far.StochasticHG, batch: tuple, steps: int) -> tuple:
+        """(E, ∇E, the standard errors, the chain statistics, the meta-batch's share) of the
+        batch (this replica's share of it under a strategy), as far.distribute.hypergradient
+        computes the share."""
+        size = tf.shape(batch[0])[0]
+        self.w.assign(tf.zeros(tf.stack([size, 3]), tf.float64))
+        result = method.hypergradient(self.problem, self.outer, self.hypers, steps=steps,
+                                      inner_batches=far.Batches(batch, False), outer_batch=batch)
+        share = far.distribute.share(result.value, result.grads, far.engine.result_healthy(method, result), size)
+        return result.value, result.grads, result.carry.standard_errors, result.carry.statistics._asdict(), share
+
+
+def distance(actual, expected) -> float:
+    """``relative_error``, or the largest |actual| where ``expected`` is 0."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return relative_error(actual, expected) if np.any(expected) else float(np.max(np.abs(actual)))
+
+
+def stochastic(strategy: tf.distribute.Strategy, steps: int = 16) -> dict:
+    """far.StochasticHG on a meta-batch of B = 2R Gaussian problems split across the replicas,
+    each estimator with the problems as one scalar problem (X·H hoisted) and as declared chains
+    (grouped into 3 rows for 'score'): every replica's E, ∇E, standard errors and chain
+    statistics, and the hypergradient the replicas' shares sum to, against the whole meta-batch
+    on one device (the worst relative error of each, over the runs); and the rows of a batch
+    that experimental_distribute_dataset gives each replica."""
+    replicas, size = strategy.num_replicas_in_sync, 2 * strategy.num_replicas_in_sync
+    rng = np.random.default_rng(3)
+    batch = tuple(tf.constant(rng.normal(size=shape)) for shape in [(size, 6, 3), (size, 6), (size, 6, 3), (size, 6)])
+    distributed = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())))
+    shares = [strategy.experimental_local_results(x) for x in distributed]
+    rows = all(np.array_equal(shares[i][r].numpy(), batch[i][r * 2:(r + 1) * 2].numpy())  # [r·n, (r+1)·n), n = 2
+               for i in range(len(batch)) for r in range(replicas))
+    errors, finite, runs = {}, True, 0
+    for estimator, chains, hoisted in (("pathwise", False, True), ("reversed", True, True), ("score", False, True),
+                                       ("score", True, False)):
+        method = far.StochasticHG(estimator, burn_in=4, batches=3, chains=size if chains else None)
+        single = Quadratics(chains, hoisted)
+        value, grads, ses, stats, _ = tf.function(lambda b: single.hypergradient(method, b, steps))(batch)
+        with strategy.scope():
+            sharded = Quadratics(chains, hoisted)
+        results = tf.function(lambda b: strategy.run(lambda b: sharded.hypergradient(method, b, steps),
+                                                     args=(b,)))(distributed)
+        measured = {"grads": [], "value": [], "standard_errors": [], "statistics": []}
+        for r in range(replicas):
+            value_r, grads_r, ses_r, stats_r = tf.nest.map_structure(
+                lambda x: strategy.experimental_local_results(x)[r], results[:4])
+            measured["value"].append(distance(value_r, value))
+            measured["grads"] += [distance(g, e) for g, e in zip(grads_r, grads)]
+            measured["standard_errors"] += [distance(s, e) for s, e in zip(ses_r, ses)]
+            measured["statistics"] += [distance(stats_r[k], stats[k]) for k in stats]
+        share = results[4]
+        measured["share_value"] = [distance(v, value) for v in strategy.experimental_local_results(share.value)]
+        measured["share_grads"] = [distance(strategy.reduce("SUM", g, axis=None), e)
+                                   for g, e in zip(share.grads, grads)]
+        for name, values in measured.items():
+            errors[name] = max(errors.get(name, 0.0), *values)
+        finite &= all(bool(f) for f in strategy.experimental_local_results(share.finite))
+        runs += 1
+    return {**errors, "finite": finite, "runs": runs, "rows": rows}
+
+
 CASES = {f.__name__: f for f in (hypergradient, clipped, adam, multiclass, langevin, evaluate, backup, meta_train, generic,
-                                 errors)}
+                                 errors, stochastic)}
 
 
 def worker(out: str) -> None:

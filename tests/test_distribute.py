@@ -24,9 +24,9 @@ from test_few_shot_launchers import error_line, finish, last_checkpoint, launch,
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXACT = 1e-10  # float64 under a strategy vs one device: the same sums in another order
 METRIC = 1e-6  # Keras's loss metrics are float32
-CASES = {2: ["clipped", "langevin", "generic", "errors"], 4: ["hypergradient"]}
+CASES = {2: ["clipped", "langevin", "generic", "errors", "stochastic"], 4: ["hypergradient"]}
 LONG_CASES = {2: ["hypergradient", "adam", "backup", "meta_train", "multiclass", "evaluate"],
-              4: ["clipped", "adam", "evaluate", "generic"]}
+              4: ["clipped", "adam", "evaluate", "generic", "stochastic"]}
 
 
 def run_cases(devices: int, cases: list) -> dict:
@@ -86,6 +86,25 @@ def test_langevin_heads_draw_the_noise_of_one_device(mirrored):
     the whole meta-batch; not the mean of the shares' each drawing noise for its own size."""
     result = case(mirrored, "langevin")
     assert result["grads"] <= EXACT and result["naive"] > 1e-2
+
+
+def test_stochastic_hg_gives_every_replica_the_single_device_estimate_and_diagnostics(mirrored):
+    """far.StochasticHG on a meta-batch of Gaussian problems split across the replicas ('pathwise',
+    'reversed' and 'score' on one scalar problem with hoisted features, 'reversed' and pooled
+    'score' on declared chains): every replica's E, ∇E, standard errors and chain statistics, and
+    the hypergradient the replicas' shares sum to, are those of one device holding the whole
+    meta-batch (float64)."""
+    result = case(mirrored, "stochastic")
+    assert result["runs"] == 4 and result["finite"]
+    for name in ("value", "grads", "standard_errors", "statistics", "share_value", "share_grads"):
+        assert result[name] <= 1e-12, (name, result[name])
+
+
+def test_a_distributed_batch_gives_replica_r_the_rows_r_n_to_r_plus_1_n(mirrored):
+    """experimental_distribute_dataset splits a batch of R·n rows into consecutive shares: replica
+    r gets the rows [r·n, (r+1)·n), the slice of the meta-batch's noise far_ho2.sharding.normal
+    draws for it."""
+    assert case(mirrored, "stochastic")["rows"]
 
 
 def test_multiclass_batches_are_normalised_per_replica(mirrored):

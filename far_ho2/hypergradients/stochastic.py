@@ -41,6 +41,23 @@ for 'score' with K ≥ 2 chains, over R = min(K, ``batches``) groups of chains, 
 construction: honest whatever the autocorrelation, falling like 1/√K, itself uncertain with few
 chains (R − 1 degrees of freedom). 'pathwise' and 'reversed' keep batch means with chains: their
 per-sample estimate is already the mean of the chains' terms.
+
+A meta-batch sharded across the D replicas of a strategy (``far.distribute``; replica d holds the
+chains d·K/D … (d+1)·K/D − 1 of ``chains`` = K, or a 1/D share of the problems of a scalar
+objective, E^(d) their mean and L^(d) their sum) gives every replica the numbers of one device
+holding the whole meta-batch: the chain does not depend on the split (``far_ho2.sharding.normal``),
+and all that follows it comes from sums linear in the replicas' terms, all-reduced first
+(``Chain.across``; hoisted x pulled back to λ on each replica before):
+
+    E_t = (1/D) Σ_d E_t^(d),   L_t = Σ_d L_t^(d)   (the diagnostics' trace),
+    per-row sums  (1/D) Σ_d  of each replica's, its terms D times its part as E^(d) is  ('pathwise',
+                  'reversed', 'score' without chains),  Σ_d  with the counts for pooled chains,
+
+then the centring, estimate and standard errors of one device. 'score' without chains couples the
+replicas in E_t·S_t = E_t·Σ_d S_t^(d): a first pass of the chain (T steps, no derivatives)
+all-reduces E_t (``score_estimator``).
+Each replica returns the meta-batch's E and ∇E (``far.distribute.share`` divides ∇E by D for the
+optimizer's sum).
 """
 
 import warnings
@@ -52,6 +69,7 @@ import tensorflow as tf
 from far_ho2 import autodiff
 from far_ho2 import batches as batching
 from far_ho2 import inputs as inputs_lib
+from far_ho2 import sharding
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.forward import contract, forward_step, prepare_tangents, start_tangents
 from far_ho2.hypergradients.base import HyperGradient
@@ -177,13 +195,14 @@ class Chain(NamedTuple):
     outer_objective: Callable
     outer_batch: Any
     hypers: list
-    chains: Optional[int]  # K, or None for scalar objectives
+    chains: Optional[int]  # K, or None for scalar objectives (of the whole meta-batch when sharded)
     steps: tf.Tensor  # T
     offset: Any
     burn_in: int
     thinning: int
     rows: int
     pooled: bool
+    replicas: int  # D, the replicas sharing the meta-batch (1 on one device)
 
     @property
     def dtype(self) -> tf.DType:
@@ -191,21 +210,35 @@ class Chain(NamedTuple):
         return self.problem.dtype
 
     @property
+    def share(self) -> Optional[int]:
+        """K/D, the chains of this replica's objectives (None for scalar objectives)."""
+        return None if self.chains is None else self.chains // self.replicas
+
+    @property
     def groups(self) -> int:
         """G, the rows one sample adds to: every group of chains when pooled, else its batch."""
         return self.rows if self.pooled else 1
 
     def outer_values(self) -> tf.Tensor:
-        """E_k per chain, [K] (a scalar objective as [1])."""
+        """E_k per chain of this replica, [K/D] (a scalar objective as [1])."""
         if self.chains is None:
             return tf.reshape(batching.scalar_objective(self.outer_objective, self.outer_batch), [1])
-        return batching.chain_values(self.outer_objective, self.outer_batch, self.chains, "outer_objective")
+        return batching.chain_values(self.outer_objective, self.outer_batch, self.share, "outer_objective")
 
     def inner_values(self, inputs: Any) -> tf.Tensor:
-        """L_k per chain, [K]."""
+        """L_k per chain of this replica, [K/D]."""
         if self.chains is None:
             return tf.reshape(self.problem.loss(inputs), [1])
-        return batching.chain_values(self.problem.objective, inputs, self.chains, "inner_objective")
+        return batching.chain_values(self.problem.objective, inputs, self.share, "inner_objective")
+
+    def across(self, sums: list) -> list:
+        """The meta-batch's sums from each replica's (one all-reduce; unchanged on one device):
+        Σ_d when pooled (sums over chains, each replica adding its chains'), else (1/D) Σ_d (sums
+        over samples of per-sample terms each replica holds D times its part of, as E^(d))."""
+        if self.replicas == 1:
+            return sums
+        summed = sharding.total(sums)
+        return summed if self.pooled else [s / self.replicas for s in summed]
 
     def outer_gradient(self) -> autodiff.OuterGradient:
         """mean_k E_k and its gradients in w and λ, at the weights the variables hold."""
@@ -300,7 +333,15 @@ def score_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) ->
 
     from each row's sums of E, Q = ∂E/∂λ − E·∂L/∂λ/τ and S = ∂L/∂λ per λ and x, centred after the
     chain around the grand means (``_centring``); one Jacobian of 2G rows per kept state, none in
-    the burn-in (the chain's states are not differentiated)."""
+    the burn-in (the chain's states are not differentiated).
+
+    Sharded, pooled chains add their sums (replica d's chains d·K/D … in their groups). A scalar
+    objective's E_t·S_t couples the replicas: with S_t = (1/D) Σ_d ∂(D·L_t^(d))/∂λ,
+
+        Q_t = (1/D) Σ_d ∂/∂λ (E_t^(d) − E_t·D·L_t^(d)/τ)
+
+    needs the meta-batch's E_t = (1/D) Σ_d E_t^(d) at every kept sample, all-reduced after a first
+    pass of the chain without derivatives (``_outer_trace``)."""
     problem, hypers, dtype, groups = chain.problem, chain.hypers, chain.dtype, chain.groups
     inputs = inputs_lib.prepare(problem, inner_batches, hypers, pull_backs=chain.rows + 1)
     s0 = problem.initial_state() if initial_state is None else initial_state
@@ -308,8 +349,10 @@ def score_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) ->
     connected = [False] * len(differentiated)
     temperature = tf.stop_gradient(tf.cast(problem.optimizer.params(chain.steps + chain.offset, dtype).temperature,
                                            dtype))
-    n_chains = chain.chains or 1
-    member = tf.one_hot(tf.range(n_chains) * groups // n_chains, groups, dtype=dtype)  # [K, G]: chain k's group
+    n_chains, share = chain.chains or 1, chain.share or 1
+    first = sharding.first_row(share) if chain.pooled else 0  # the meta-batch's index of this replica's chain 0
+    member = tf.one_hot((first + tf.range(share)) * groups // n_chains, groups, dtype=dtype)  # [K/D, G]: groups
+    outer_trace = _outer_trace(chain, inputs, s0) if chain.replicas > 1 and not chain.pooled else None
 
     def terms(t: tf.Tensor) -> list[tf.Tensor]:
         """One state's sums per group g (its chains k): Σ_k E_k, then per λ and per x
@@ -321,7 +364,10 @@ def score_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) ->
             tape.watch(differentiated)
             e = tf.cast(chain.outer_values(), dtype)
             lower = tf.cast(chain.inner_values(inputs.at(t)), dtype)
-            per_chain = tf.stack([e - tf.stop_gradient(e) * lower / temperature, lower])  # [2, K]
+            weight = tf.stop_gradient(e)
+            if outer_trace is not None:  # the meta-batch's E_t, and D·L^(d)
+                weight, lower = outer_trace[t][None], chain.replicas * lower
+            per_chain = tf.stack([e - weight * lower / temperature, lower])  # [2, K/D]
             grouped = tf.reshape(tf.matmul(per_chain, member), [2 * groups])
         jacobians = tape.jacobian(grouped, differentiated, experimental_use_pfor=not eager)
         out = [tf.linalg.matvec(member, tf.stop_gradient(e), transpose_a=True)]
@@ -351,12 +397,30 @@ def score_estimator(chain: Chain, inner_batches: Batches, initial_state: Any) ->
     return Estimator(inputs, inputs.sources, s0, (), 2, tf.reduce_sum(member, 0), connected, step, finish)
 
 
-def run_chain(chain: Chain, estimator: Estimator) -> tuple[NamedTuple, list, tf.Tensor, tf.Tensor, tf.Tensor, Health]:
+def _outer_trace(chain: Chain, inputs: InnerInputs, s0: NamedTuple) -> tf.Tensor:
+    """E_t of the meta-batch at each step t of the chain from s_0 (0 at the states not kept),
+    (1/D) Σ_d E_t^(d): the chain run once without derivatives, its [T] values all-reduced."""
+    problem, dtype = chain.problem, chain.dtype
+
+    def step(t: tf.Tensor, state: NamedTuple, trace: tf.TensorArray,
+             sample: tf.Tensor) -> tuple[NamedTuple, tf.Tensor, tf.TensorArray, list]:
+        value = tf.cond(sample, lambda: tf.reduce_sum(tf.cast(chain.outer_values(), dtype)),
+                        lambda: tf.zeros((), dtype))
+        new, loss = problem.transition(state, inputs.at(t), t + chain.offset)
+        return new, loss, trace.write(t, value), [value[None]]
+
+    values = Estimator(inputs, [], s0, tf.TensorArray(dtype, size=chain.steps), 0, tf.ones([1], dtype), [], step,
+                       _means)
+    return chain.across([run_chain(chain, values)[1].stack()])[0]
+
+
+def run_chain(chain: Chain, estimator: Estimator) -> tuple[NamedTuple, Any, list, tf.Tensor, tf.Tensor, tf.Tensor,
+                                                           Health]:
     """The SGLD chain every estimator runs: T steps from s_0, each step's terms weighted 1 at a kept
     state (t ≥ ``burn_in``, every ``thinning``-th) and 0 elsewhere and added to its rows, the batch
     ⌊i·R/M⌋ of the i-th of M kept states (R = min(``rows``, M)), or every group of chains when
-    pooled (R = ``rows``). Returns (s_T, the per-row sums, the per-row counts, R, L_0 … L_{T−1},
-    the guard's health record); the inner variables hold w_T."""
+    pooled (R = ``rows``). Returns (s_T, the estimator's carry at T, the per-row sums, the per-row
+    counts, R, L_0 … L_{T−1}, the guard's health record); the inner variables hold w_T."""
     problem, dtype, s0 = chain.problem, chain.dtype, estimator.state
     steps, burn_in, thinning = chain.steps, chain.burn_in, chain.thinning
     kept = tf.maximum((steps - burn_in + thinning - 1) // thinning, 1)
@@ -378,13 +442,13 @@ def run_chain(chain: Chain, estimator: Estimator) -> tuple[NamedTuple, list, tf.
 
     shapes = _shapes(chain.hypers + estimator.sources, estimator.width)
     trajectory = empty_trajectory(s0, steps)
-    _, flat, _, sums, counts, losses, health = tf.while_loop(
+    _, flat, carry, sums, counts, losses, health = tf.while_loop(
         lambda t, *_: t < steps, body,
         (tf.constant(0), tf.nest.flatten(s0), estimator.carry, [tf.zeros((chain.rows,) + s, dtype) for s in shapes],
          tf.zeros((chain.rows,), dtype), trajectory.losses, trajectory.health))
     final = tf.nest.pack_sequence_as(s0, flat)
     problem.load(final.w)
-    return final, sums, counts, n_rows, losses.stack(), health
+    return final, carry, sums, counts, n_rows, losses.stack(), health
 
 
 def _through_features(chain: Chain, inputs: InnerInputs, parts: list, connected: list) -> tuple[list, list]:
@@ -429,22 +493,29 @@ def stochastic_hypergradient(problem: InnerProblem, outer_objective: Callable, h
     static_steps = tf.get_static_value(steps)
     if static_steps is not None and static_steps <= burn_in:
         raise ValueError(f"`steps` = {static_steps} leaves no sample after `burn_in` = {burn_in}.")
-    hypers, n_chains = list(hypers), chains or 1
+    hypers, n_chains, replicas = list(hypers), chains or 1, sharding.replicas()
+    if chains is not None and chains % replicas:
+        raise ValueError(f"`chains` = {chains} does not split across the {replicas} replicas of the strategy: "
+                         f"each replica holds the same number of chains, so use a multiple of {replicas}.")
     pooled = estimator == "score" and n_chains >= 2  # rows: groups of chains, not batches of samples
     chain = Chain(problem, outer_objective, outer_batch, hypers, chains, tf.convert_to_tensor(steps, tf.int32),
-                  offset, burn_in, thinning, min(n_chains, batches) if pooled else batches, pooled)
+                  offset, burn_in, thinning, min(n_chains, batches) if pooled else batches, pooled, replicas)
     build = {"pathwise": pathwise_estimator, "score": score_estimator, "reversed": reversed_estimator}[estimator]
     method = build(chain, inner_batches, initial_state)
     if chains is not None:  # the inner objective's shape, checked once
         chain.inner_values(method.inputs.at(0))
-    final, sums, counts, n_rows, losses, health = run_chain(chain, method)
+    final, _, sums, counts, n_rows, losses, health = run_chain(chain, method)
+    sums[0], counts = chain.across([sums[0], counts])
     value, parts = method.finish(sums, counts)
     connected = method.connected[:len(hypers)]
     totals, parts = _through_features(chain, method.inputs, parts, connected)
+    shared = chain.across(totals + parts)  # the estimate and its rows are linear in each replica's
+    totals, parts = shared[:len(totals)], shared[len(totals):]
     total = tf.reduce_sum(counts)
     grads = [g / total for g in totals]
     errors = [_standard_error(part[:n_rows], counts[:n_rows]) for part in parts]
-    statistics = chain_statistics(tf.gather(losses, tf.range(burn_in, chain.steps, thinning)), n_chains)
+    trace = sharding.total(tf.gather(losses, tf.range(burn_in, chain.steps, thinning)))  # L_t = Σ_d L_t^(d)
+    statistics = chain_statistics(trace, n_chains)
     carry = StochasticCarry([e if c else None for e, c in zip(errors, connected)], statistics)
     return RunResult(value, [g if c else None for g, c in zip(grads, connected)], final, losses, health,
                      carry=carry)
@@ -463,7 +534,9 @@ class StochasticHG(HyperGradient):
     reading chain k's weights only; the energy is Σ_k L_k and F = (1/K) Σ_k E_p[E_k]. 'score'
     then pools the chains (only each chain's own covariance Cov(E_k, ∂L_k/∂λ) enters) and takes
     its standard errors from their spread, so they fall like 1/√K. Without ``chains`` a tensor-valued objective is summed, as
-    with every method.
+    with every method. On a meta-batch sharded across D replicas (``far.distribute``) K counts
+    the whole meta-batch's chains, each replica's objectives return its K/D, and every replica
+    gets the estimate and diagnostics of one device holding the whole meta-batch.
 
     After each run ``standard_errors`` holds, per inner problem and hyperparameter, the standard
     error of every component, and ``statistics`` the chain's ``ChainStatistics``. A chain has
@@ -483,7 +556,8 @@ class StochasticHG(HyperGradient):
         warm_start: start each chain from the previous run's last state instead of Φ₀ (the
             chain goes on; ``burn_in`` may then be small). Defaults to `False`.
         chains: K, the number of chains stacked on the leading axis of the inner variables,
-            whose losses the objectives return as [K] vectors; `None` for scalar objectives.
+            whose losses the objectives return as [K] vectors (under a strategy: the meta-batch's
+            K, a multiple of the D replicas, each returning [K/D]); `None` for scalar objectives.
             Defaults to `None`.
         name: a name.
 
