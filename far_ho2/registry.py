@@ -4,7 +4,7 @@ A method declares its settings once, as its class's ``settings`` (a tuple of ``S
 is registered by one line, ``register_method(name, cls)``; everything that offers methods by
 name derives from the registry: ``make_method(name, **settings)``, ``from_config`` (a
 ``HyperGradient.get_config()`` back into the method), and the launchers' ``--method`` and one
-flag per setting (``flags/methods.py``).
+flag per setting (``flags/method_flags.py``).
 
     class Scaled(far.HyperGradient):
         settings = (far.Setting("scale", float, 1.0, "the factor of the hypergradient.", low=0.0),)
@@ -14,6 +14,7 @@ flag per setting (``flags/methods.py``).
 """
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Optional
 
 from far_ho2.hypergradients.base import HyperGradient
@@ -54,11 +55,15 @@ class Setting:
         [0, 1)``."""
         if self.choices is not None:
             return f"one of {self.choices}"
-        low = f"{'(' if self.low_open else '['}{self.low:g}" if self.low is not None else ""
-        high = f"{self.high:g}{')' if self.high_open else ']'}" if self.high is not None else ""
-        interval = (f" in {low}, {high}" if low and high else f" {'>' if self.low_open else '≥'} {self.low:g}" if low
-                    else f" {'<' if self.high_open else '≤'} {self.high:g}" if high else "")
-        return f"{'an' if self.type is int else 'a'} {self.type.__name__}{interval}"
+        kind = f"{'an' if self.type is int else 'a'} {self.type.__name__}"
+        if self.low is not None and self.high is not None:
+            return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '≥'} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '≤'} {self.high:g}"
+        return kind
 
     def check(self, value: Any, label: str) -> Any:
         """``value`` as the setting's type (an int for a float becomes a float), or a one-line
@@ -66,7 +71,7 @@ class Setting:
         valid where the default is None."""
         if value is None and self.default is None:
             return None
-        expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[self.type]
+        expected = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}[self.type]
         valid = isinstance(value, expected) and (self.type is bool or not isinstance(value, bool))
         if valid:
             value = self.type(value)
