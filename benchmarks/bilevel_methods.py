@@ -45,7 +45,7 @@ from benchmarks import harness
 CORRUPTIONS = (1 / 3, 0.5)
 METHODS = {  # label: the flags.hyper_cleaning.Config settings besides the launcher's defaults
     "ReverseHG": dict(method="reverse"),
-    "ReverseHG truncated K=25": dict(method="reverse", truncate=25),
+    "ReverseHG truncated K=25": dict(method="reverse", method_settings={"truncate": 25}),
     "ForwardHG (η, log ρ only)": dict(method="forward"),
     "ImplicitHG cg": dict(method="implicit"),
     "BOME": dict(method="bome"),

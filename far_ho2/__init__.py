@@ -10,7 +10,7 @@ and 2018).
 """
 
 from far_ho2 import cpu_kernels  # noqa: F401  (first: before anything loads TensorFlow)
-from far_ho2 import distribute, dynamics, guard, linear_solve, oracles, utils
+from far_ho2 import distribute, dynamics, guard, linear_solve, oracles, registry, utils
 from far_ho2 import hypergradients  # noqa: F401  (callable, as FAR-HO's far.hypergradients())
 from far_ho2.batches import Batches
 from far_ho2.bilevel_model import BilevelModel
@@ -23,6 +23,7 @@ from far_ho2.hyperparameters import (HyperparameterComponents, clear_hyperparame
 from far_ho2.inner_problem import InnerProblem, reinitialize
 from far_ho2.optimizer import (AdamOptimizer, BackTrackingGradientDescentOptimizer, GradientDescentOptimizer,
                                MomentumOptimizer, Optimizer, SGLDOptimizer)
+from far_ho2.registry import Setting, from_config, make_method, methods, register_method
 from far_ho2.types import RunResult
 
 OptimizerDict = InnerProblem  # FAR-HO's name for what `Optimizer.minimize` returns
@@ -34,9 +35,10 @@ __all__ = [
     "AdamOptimizer", "BOME", "BackTrackingGradientDescentOptimizer", "Batches", "BilevelModel", "DivergenceError", "ForwardHG",
     "GradientDescentOptimizer", "HyperGradient", "HyperOptimizer", "HyperparameterComponents",
     "ImplicitHG", "InnerProblem", "MomentumOptimizer", "Optimizer", "OptimizerDict", "Penalty", "ReverseHG",
-    "ReverseHg", "RunResult", "SGLDOptimizer", "StochasticHG", "clear_hyperparameters", "distribute", "dynamics", "forward_hypergradient",
-    "get_hyperparameter", "guard", "hypergradients", "hyperparameters", "implicit_hypergradient",
-    "linear_solve", "oracles", "reinitialize", "reverse_hypergradient", "utils",
+    "ReverseHg", "RunResult", "SGLDOptimizer", "Setting", "StochasticHG", "clear_hyperparameters", "distribute", "dynamics",
+    "forward_hypergradient", "from_config", "get_hyperparameter", "guard", "hypergradients", "hyperparameters",
+    "implicit_hypergradient", "linear_solve", "make_method", "methods", "oracles", "register_method", "registry",
+    "reinitialize", "reverse_hypergradient", "utils",
 ]
 
 

@@ -54,6 +54,7 @@ from absl import flags
 from absl import logging
 
 from flags import common
+from flags import method_flags
 from hyper_repr import callbacks, data, train
 from hyper_repr.model import VARIANTS
 
@@ -79,13 +80,14 @@ PATHS = ("logdir", "data_dir")  # flags whose ~ is expanded
 _FIELDS = {"T": "steps", "test_T": "test_steps", "lr": "learning_rate",
            "hyper_iterations": "iterations", "time_budget": "time_budget_seconds"}
 _FLAG = {field: flag for flag, field in _FIELDS.items()}
-_CHOICES = {"network": NETWORKS, "dtype": DTYPES, "variant": VARIANTS, "method": train.METHODS,
-            "implicit_solver": ("cg", "neumann", "fixed_point"), "bome_phi": ("grad_norm", "value"),
-            "stochastic_estimator": ("reversed", "score")}
-_COUNTS = ("augment_shift", "truncate", "stochastic_burn_in")  # ints that may be 0 (others ≥ 1; floats ≥ 0)
+_CHOICES = {"network": NETWORKS, "dtype": DTYPES, "variant": VARIANTS}
+_COUNTS = ("augment_shift",)  # ints that may be 0 (others ≥ 1; floats ≥ 0)
+METHOD_HELP = ("The far_ho2 method of the bilevel variants (reverse: Algorithm 1; stochastic: Langevin heads); "
+               "its settings are the flags named after it.")
 
-# The help of a flag per `train.Config` field but seed (the common --seed); each flag's type is
-# its field's, its default the launcher's preset.
+# The help of a flag per `train.Config` field but seed (the common --seed) and the method's
+# settings (``method_flags``: --method and a flag per setting); each flag's type is its field's,
+# its default the launcher's preset.
 HELP = {
     "network": "Representation h_λ: omniglot (conv-4, stride 2), c4l (conv-4, 32 filters, "
                "max-pool) or rn (residual network).",
@@ -110,20 +112,8 @@ HELP = {
     "meta_lr_decay": "Inverse-time decay rate: meta_lr / (1 + decay·iteration).",
     "clip": "Clip hypergradients to ±clip (default: none).",
     "variant": "Training variant (the paper's Table 4).",
-    "method": "The far_ho2 method of the bilevel variants: reverse (Algorithm 1), implicit, bome, penalty "
-              "or stochastic (Langevin heads); its settings are the flags below.",
-    "truncate": "reverse: back-propagate through the last K head steps only (0: all T).",
     "head_l2": "γ, the heads' ridge penalty (γ/2)(‖W‖² + ‖b‖²), in training and evaluation "
                "(implicit needs γ > 0).",
-    "implicit_solver": "implicit: the linear solver of the Hessian system.",
-    "implicit_iterations": "implicit: the solver's iterations at most.",
-    "bome_eta": "bome: η, the barrier's strength.",
-    "bome_phi": "bome: the control φ (grad_norm: η‖∇q̂‖², value: η·q̂).",
-    "penalty_gamma": "penalty: γ, the weight of ‖∇_w L‖² in the heads' surrogate (held).",
-    "penalty_lambda_g": "penalty: λ_g, the weight of L itself in the heads' surrogate.",
-    "stochastic_estimator": "stochastic: the O(|w| + |λ|) Monte-Carlo estimator.",
-    "temperature": "stochastic: τ, the temperature of the Langevin heads.",
-    "stochastic_burn_in": "stochastic: head steps discarded before the samples (of --T).",
     "hyper_iterations": "Maximum hyper-iterations.",
     "eval_every": "Hyper-iterations between validations (a Keras epoch).",
     "eval_episodes": "Validation episodes.",
@@ -155,8 +145,9 @@ def _kind(field: str) -> Any:
 def define_flags(preset: train.Config, *, data_dir: Optional[str],
                  flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
     """Defines ``--mode``, ``--data_dir``, ``--xla``, ``--strategy``, ``--cpu_devices``,
-    ``--verbose``, ``--checkpoint_every`` and the settings (``HELP``), with ``preset``'s values as
-    defaults."""
+    ``--verbose``, ``--checkpoint_every``, the settings (``HELP``), with ``preset``'s values as
+    defaults, and ``--method`` with its settings (``method_flags``; defaults
+    ``train.METHOD_DEFAULTS``, then the registry's)."""
     holders = dict(
         mode=flags.DEFINE_enum("mode", "train", list(MODES), "train: meta-train (resuming from "
                                "--logdir), then meta-test; test: meta-test the best model in "
@@ -197,16 +188,25 @@ def define_flags(preset: train.Config, *, data_dir: Optional[str],
         else:
             holders[name] = flags.DEFINE_float(name, default, help_, lower_bound=0.0,
                                                flag_values=flag_values)
+    holders.update(method_flags.define_flags(flag_values, method_help=METHOD_HELP, default=preset.method,
+                                             defaults=train.METHOD_DEFAULTS))
     return holders
 
 
-def config_from_flags(values: Mapping[str, Any], preset: train.Config) -> train.Config:
-    """``preset`` with the setting flags of ``values`` (flag name -> value) applied.
+def config_from_flags(holders: Mapping[str, flags.FlagHolder], preset: train.Config) -> train.Config:
+    """``preset`` with the parsed setting flags of ``holders`` applied (``--method``'s settings
+    as ``method_settings``).
 
     Raises:
-        LaunchError: if ``--test_shots`` holds something other than positive ints, or
-            ``--time_budget`` is 0.
+        LaunchError: if ``--test_shots`` holds something other than positive ints,
+            ``--time_budget`` is 0, or a method's setting flag is another method's or out of its
+            range.
     """
+    values = _values(holders)
+    try:
+        settings = method_flags.settings_from_flags(holders)
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
     if not all(s.isdigit() and int(s) > 0 for s in values["test_shots"]):
         raise LaunchError(f"--test_shots must be positive ints, e.g. 1,5; got "
                           f"{','.join(values['test_shots'])!r}.")
@@ -215,7 +215,7 @@ def config_from_flags(values: Mapping[str, Any], preset: train.Config) -> train.
     names = {f.name for f in dataclasses.fields(train.Config)}
     fields = {_FIELDS.get(k, k): v for k, v in values.items() if _FIELDS.get(k, k) in names}
     fields["test_shots"] = tuple(int(s) for s in values["test_shots"])
-    return dataclasses.replace(preset, **fields)
+    return dataclasses.replace(preset, **fields, method_settings=settings)
 
 
 def set_up_devices(xla: bool, strategy: str = "none", cpu_devices: int = 1) -> tf.distribute.Strategy:
@@ -399,7 +399,7 @@ def _values(holders: Mapping[str, flags.FlagHolder]) -> dict:
 def _launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
             load_splits: Callable[[Mapping[str, Any]], data.Splits]) -> None:
     values = _values(holders)
-    config = config_from_flags(values, preset)
+    config = config_from_flags(holders, preset)
     logdir = values["logdir"]
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise LaunchError(f"--logdir={logdir} is a file, not a folder.")

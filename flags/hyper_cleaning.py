@@ -16,15 +16,15 @@ nothing: it reports no detection scores), ``ImplicitHG`` (needs ρ > 0), BOME, t
 method, or ``StochasticHG`` on an SGLD chain at temperature τ (the last four learn λ only). f_w
 is softmax regression or a one-hidden-layer MLP (Keras).
 
-Each method has its own defaults of T, η, λ's rate, the hyper-iterations and the weighting
-(``METHOD_DEFAULTS``; a flag given overrides them): BOME's and the penalty method's come from
-their official hyper-cleaning code where it fixes them, the rest was measured here on the
-digits (seed 0, a third corrupted; the README lists the measurements):
+Each method has its own defaults of T, η, λ's rate, the hyper-iterations, the weighting and of
+its settings (``METHOD_DEFAULTS``, over the registry's; a flag given overrides them): BOME's and
+the penalty method's come from their official hyper-cleaning code where it fixes them, the rest
+was measured here on the digits (seed 0, a third corrupted; the README lists the measurements):
 
 - BOME, github.com/Cranial-XIX/BOME hpo/data_cleaning.py: T = 10 steps of ŵ, φ = value, η = 0.1
   (``--iterations``, the ``u1·q̂`` rule, ``--u1``) and one SGD step with momentum 0.9 on λ and w
-  jointly (``--w_momentum``); ŵ's steps are plain GD, as the runs of hpo/grid.py
-  (``--x_momentum 0``). Its rates (0.01 for w and ŵ, 100 for weights clamped to [0, 1]) are for
+  jointly (``--w_momentum``; here ``--bome_momentum``, w's rate ``--bome_lr`` defaulting to η);
+  ŵ's steps are plain GD, as the runs of hpo/grid.py (``--x_momentum 0``). Its rates (0.01 for w and ŵ, 100 for weights clamped to [0, 1]) are for
   standardised MNIST pixels: on the digits' [0, 1] pixels and logits λ they flag with F1 0.55
   after 500 iterations, so η = 1 for w and ŵ alike (equal, as there) and 300 for λ, measured.
 - Penalty, github.com/hammlab/bilevel-penalty applications/data_denoising/mnist_experiments/
@@ -36,7 +36,11 @@ digits (seed 0, a third corrupted; the README lists the measurements):
   optimizer of w: GD at η = 1 and Adam 0.02 on λ, measured.
 - reverse, forward, implicit, stochastic: no official hyper-cleaning setting (FAR-HO's demo,
   the closest, runs on MNIST); T, η, λ's rate (Adam) and the hyper-iterations were measured
-  here: runs of 5-10 s that flag with F1 ≥ 0.8 and beat the baseline on seeds 0, 1 and 2.
+  here: runs of 5-10 s that flag with F1 ≥ 0.8 and beat the baseline on seeds 0, 1 and 2. The
+  implicit solver runs 20 CG iterations at most, the SGLD chain at τ = 1e-4 with the 'reversed'
+  estimator and a burn-in of T/2 (``--stochastic_burn_in``).
+- A method registered otherwise (``far.register_method``) takes reverse mode's T, η, λ's rate
+  and hyper-iterations, learns λ only, with Adam, and its registry defaults.
 
 Each hyper-iteration logs to metrics.csv the detection scores at λ_i, the validation loss, the
 validation and test accuracy of the model the iteration leaves (w_T(λ_i); BOME and the penalty
@@ -87,14 +91,13 @@ from absl import logging
 
 import far_ho2 as far
 from flags import common
+from flags import method_flags
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CLASSES = 10
 DIGITS = pathlib.Path(__file__).resolve().parent.parent / "data" / "digits" / "digits.npz"
 DIGITS_MAX = 16  # the digits' pixels count the ink in 4×4 blocks: 0..16
 DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
-METHOD_SETTING_PREFIXES = {"truncate": "reverse", "implicit_": "implicit", "bome_": "bome", "penalty_": "penalty",
-                           "stochastic_": "stochastic", "temperature": "stochastic"}  # a setting's method
 CHECKPOINT_SECONDS = 30.0  # at most this much work is redone after a crash (and at every end)
 
 
@@ -113,27 +116,14 @@ class Config:
     hidden: int = 300  # MLP hidden units
     l2: float = 1e-3  # ρ: (ρ/2)‖θ‖² added to the training loss, the same for every method (forward learns it)
     normalize_weights: Optional[bool] = None  # L's weights σ(λ_i) / mean σ(λ) instead of σ(λ_i)
-    method: str = "reverse"  # METHODS
+    method: str = "reverse"  # a registered far_ho2 method (far.methods())
     T: Optional[int] = None  # inner steps per hyper-iteration (BOME: steps of ŵ; penalty: steps on w)
     hyper_iterations: Optional[int] = None  # at most; None: the method's, or only the time budget if one is given
     time_budget: Optional[float] = None  # seconds of hyper-iterations, over resumed runs (None: no limit)
     outer_lr: Optional[float] = None  # λ's (and reverse mode's η's) rate: Adam's; BOME: SGD's (``outer_optimizer``)
     inner_lr: Optional[float] = None  # (initial) η
-    truncate: int = 0  # reverse: K of truncated reverse mode (0: all T steps)
-    implicit_solver: str = "cg"  # implicit: the linear solver
-    implicit_iterations: int = 20  # implicit: its iterations at most
-    bome_eta: float = 0.1  # bome: η of the barrier (official hyper-cleaning: u1 = 0.1)
-    bome_phi: str = "value"  # bome: φ, 'value' as the official hyper-cleaning, or 'grad_norm'
-    bome_momentum: float = 0.9  # bome: momentum of SGD's joint step on λ and w (official: 0.9)
-    bome_lr: Optional[float] = None  # bome: ξ_w, w's rate in that step (None: η, as the official x_lr = xhat_lr)
-    penalty_gamma: float = 1e-2  # penalty: γ₀
-    penalty_lambda_g: float = 1e-2  # penalty: λ_g₀
-    penalty_epsilon: float = 1e-2  # penalty: ε₀ of the stage test
-    penalty_nu: float = 1e-4  # penalty: ν₀, the multiplier's initial value
-    temperature: float = 1e-4  # stochastic: τ of the Langevin chain
-    stochastic_estimator: str = "reversed"  # stochastic: 'reversed' or 'score'
-    stochastic_burn_in: Optional[int] = None  # stochastic: steps discarded at the start of the chain (None: T // 2)
-    stochastic_warm_start: bool = False  # stochastic: each chain starts where the last one ended
+    # the settings of --method (far_ho2.registry) given; the others: METHOD_DEFAULTS, then the registry's
+    method_settings: dict = dataclasses.field(default_factory=dict)
     retrain_steps: int = 1000  # GD steps of the final retraining, the same for every method
     retrain_lr: float = 0.5  # its learning rate, the same for every method
     threshold: float = 0.5  # σ(λ_i) below it: flagged as corrupted
@@ -141,29 +131,34 @@ class Config:
 
 
 class MethodDefaults(NamedTuple):
-    """A method's defaults of the settings every method has."""
+    """A method's defaults of the settings every method has, and of its own settings where they
+    differ from the registry's (``far_ho2.registry``)."""
 
     T: int
     inner_lr: float
     outer_lr: float
     hyper_iterations: int
     normalize_weights: bool = False
+    settings: dict = {}  # setting name -> value
 
 
-# The methods of --method: their far_ho2 classes are in `hypergradient_method`. Forward mode
-# carries one tangent per scalar hyperparameter, so it learns η and log ρ only (the example
-# weights stay uniform: it does not clean); so would the pathwise Langevin estimator, which is left out.
-METHODS = ("reverse", "forward", "implicit", "bome", "penalty", "stochastic")
-CLEANING_METHODS = tuple(m for m in METHODS if m != "forward")  # those that learn the example weights
+# Forward mode carries one tangent per scalar hyperparameter, so it learns η and log ρ only (the
+# example weights stay uniform: it does not clean); so would the pathwise Langevin estimator,
+# which is refused.
+NOT_CLEANING = ("forward",)  # the methods that learn no example weight
 STOCHASTIC_ESTIMATORS = ("reversed", "score")
-# Each method's defaults (see the module docstring for their sources).
+# Each method's defaults (see the module docstring for their sources); a method without an entry
+# takes reverse mode's.
 METHOD_DEFAULTS = {
     "reverse": MethodDefaults(T=50, inner_lr=0.3, outer_lr=0.1, hyper_iterations=100),
     "forward": MethodDefaults(T=50, inner_lr=0.3, outer_lr=0.1, hyper_iterations=100),
-    "implicit": MethodDefaults(T=100, inner_lr=0.3, outer_lr=0.1, hyper_iterations=60),
-    "bome": MethodDefaults(T=10, inner_lr=1.0, outer_lr=300.0, hyper_iterations=500),
-    "penalty": MethodDefaults(T=20, inner_lr=1.0, outer_lr=0.02, hyper_iterations=300, normalize_weights=True),
-    "stochastic": MethodDefaults(T=100, inner_lr=0.3, outer_lr=0.1, hyper_iterations=60),
+    "implicit": MethodDefaults(T=100, inner_lr=0.3, outer_lr=0.1, hyper_iterations=60, settings=dict(max_iter=20)),
+    "bome": MethodDefaults(T=10, inner_lr=1.0, outer_lr=300.0, hyper_iterations=500,
+                           settings=dict(eta=0.1, phi="value", momentum=0.9)),  # inner_learning_rate: η
+    "penalty": MethodDefaults(T=20, inner_lr=1.0, outer_lr=0.02, hyper_iterations=300, normalize_weights=True,
+                              settings=dict(nu=1e-4)),
+    "stochastic": MethodDefaults(T=100, inner_lr=0.3, outer_lr=0.1, hyper_iterations=60,
+                                 settings=dict(estimator="reversed", temperature=1e-4, burn_in=None)),  # None: T // 2
 }
 
 
@@ -312,30 +307,12 @@ class Experiment(NamedTuple):
     learned_rate: Optional[far.InnerProblem]  # σ(λ) / mean σ(λ) at the learned η and ρ (reverse, forward)
 
 
-def hypergradient_method(config: Config) -> far.HyperGradient:
-    """The far_ho2 method of ``config.method``, with its settings."""
-    if config.method == "reverse":
-        return far.ReverseHG(truncate=config.truncate or None)
-    if config.method == "forward":
-        return far.ForwardHG()
-    if config.method == "implicit":
-        return far.ImplicitHG(config.implicit_solver, max_iter=config.implicit_iterations)
-    if config.method == "bome":
-        return far.BOME(eta=config.bome_eta, phi=config.bome_phi,
-                        inner_optimizer=keras.optimizers.SGD(config.bome_lr, momentum=float(config.bome_momentum)))
-    if config.method == "penalty":
-        return far.Penalty(gamma=config.penalty_gamma, lambda_g=config.penalty_lambda_g,
-                           epsilon=config.penalty_epsilon, nu=config.penalty_nu)
-    return far.StochasticHG(config.stochastic_estimator, burn_in=config.stochastic_burn_in,
-                            warm_start=config.stochastic_warm_start)
-
-
 def outer_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """λ's optimizer: Adam at ``outer_lr``; for BOME, SGD with ``bome_momentum``, whose step on λ
-    and (``hypergradient_method``) on w is the official code's joint step on (λ, w)
+    """λ's optimizer: Adam at ``outer_lr``; for BOME, SGD with its ``momentum``, whose step on λ
+    and (BOME's own, at ``inner_learning_rate``) on w is the official code's joint step on (λ, w)
     (github.com/Cranial-XIX/BOME hpo/data_cleaning.py)."""
     if config.method == "bome":
-        return keras.optimizers.SGD(config.outer_lr, momentum=float(config.bome_momentum))
+        return keras.optimizers.SGD(config.outer_lr, momentum=float(config.method_settings["momentum"]))
     return keras.optimizers.Adam(config.outer_lr)
 
 
@@ -356,8 +333,10 @@ def build(config: Config, data: Data) -> Experiment:
     optimizer = outer_optimizer(config)
     optimizer.build(hypers)
     variables = model.trainable_variables
-    ho = far.HyperOptimizer(hypergradient_method(config))
-    inner_optimizer = (far.SGLDOptimizer(lr, temperature=config.temperature, seed=config.seed)
+    registered = far.registry.get_method(config.method)
+    settings, inner = registered.split(config.method_settings)
+    ho = far.HyperOptimizer(registered.make(**settings))
+    inner_optimizer = (far.SGLDOptimizer(lr, temperature=inner["temperature"], seed=config.seed)
                        if config.method == "stochastic" else far.GradientDescentOptimizer(lr))
     mean_one = lambda: tf.sigmoid(lam) / tf.reduce_mean(tf.sigmoid(lam))  # noqa: E731
     weights = mean_one if config.normalize_weights else lambda: tf.sigmoid(lam)
@@ -383,72 +362,77 @@ def build(config: Config, data: Data) -> Experiment:
 def resolved(config: Config) -> Config:
     """``config`` with each setting left at None set: --T, --inner_lr, --outer_lr,
     --hyper_iterations and --normalize_weights to ``METHOD_DEFAULTS[method]``
-    (--hyper_iterations stays None, no limit but the budget, when --time_budget is given),
-    --bome_lr to η, --stochastic_burn_in to T // 2.
+    (--hyper_iterations stays None, no limit but the budget, when --time_budget is given), and
+    every setting of the method (``method_settings``) to the value given, else
+    ``METHOD_DEFAULTS``', else the registry's; then --bome_lr None to η, --stochastic_burn_in
+    None to T // 2.
 
     Raises:
         ValueError: for an unknown ``method``.
     """
-    if config.method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}, got {config.method!r}.")
-    defaults = METHOD_DEFAULTS[config.method]._asdict()
+    method = registered_method(config)
+    defaults = METHOD_DEFAULTS.get(config.method, METHOD_DEFAULTS["reverse"])._asdict()
+    given = {k: v for k, v in config.method_settings.items() if v is not None}
+    settings = {**method.defaults(defaults.pop("settings")), **given}
     if config.time_budget is not None:
         del defaults["hyper_iterations"]
     config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
-    if config.method == "bome" and config.bome_lr is None:
-        config = dataclasses.replace(config, bome_lr=config.inner_lr)
-    if config.method == "stochastic" and config.stochastic_burn_in is None:
-        config = dataclasses.replace(config, stochastic_burn_in=config.T // 2)
-    return config
+    if config.method == "bome" and settings["inner_learning_rate"] is None:
+        settings["inner_learning_rate"] = config.inner_lr
+    if config.method == "stochastic" and settings["burn_in"] is None:
+        settings["burn_in"] = config.T // 2
+    return dataclasses.replace(config, method_settings=settings)
+
+
+def registered_method(config: Config) -> far.registry.Method:
+    """The registered method of ``config.method``, or a ``ValueError`` naming --method."""
+    if config.method not in far.methods():
+        raise ValueError(f"--method must be one of {list(far.methods())}, got {config.method!r}.")
+    return far.registry.get_method(config.method)
 
 
 def check_config(config: Config) -> None:
     """Raises ``ValueError`` naming the first bad setting (of ``config`` as given, before or
-    after ``resolved``)."""
-    defaults = Config()
-    for field in dataclasses.fields(Config):
-        owner = next((method for prefix, method in METHOD_SETTING_PREFIXES.items() if field.name.startswith(prefix)),
-                     None)
-        if owner not in (None, config.method) and getattr(config, field.name) != getattr(defaults, field.name):
-            raise ValueError(f"--{field.name} is a setting of --method={owner}; here --method={config.method}.")
+    after ``resolved``), the method's settings by their flags (``--bome_eta``)."""
+    method = registered_method(config)
+    for name, value in config.method_settings.items():
+        setting = method.setting(name)
+        if value is not None:
+            setting.check(value, f"--{method.flag(setting)}")
     config = resolved(config)
-    for name in ("n_train", "n_val", "T", "hyper_iterations", "hidden", "implicit_iterations", "retrain_steps"):
+    settings = config.method_settings
+    for name in ("n_train", "n_val", "T", "hyper_iterations", "hidden", "retrain_steps"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
-    for name in ("n_test", "truncate", "stochastic_burn_in"):
-        if getattr(config, name) is not None and getattr(config, name) < 0:
-            raise ValueError(f"--{name} must be ≥ 0, got {getattr(config, name)}.")
-    for name in ("l2", "bome_eta", "penalty_gamma", "penalty_lambda_g", "penalty_epsilon", "temperature"):
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"--{name} must be ≥ 0, got {getattr(config, name)}.")
+    if config.n_test < 0:
+        raise ValueError(f"--n_test must be ≥ 0, got {config.n_test}.")
+    if not config.l2 >= 0:
+        raise ValueError(f"--l2 must be ≥ 0, got {config.l2}.")
     if not 0 <= config.corruption < 1:
         raise ValueError(f"--corruption must be in [0, 1), got {config.corruption}.")
-    if not 0 <= config.bome_momentum < 1:
-        raise ValueError(f"--bome_momentum must be in [0, 1), got {config.bome_momentum}.")
     if config.model not in ("softmax", "mlp"):
         raise ValueError(f"--model must be 'softmax' or 'mlp', got {config.model!r}.")
-    for name in ("outer_lr", "inner_lr", "retrain_lr", "threshold", "time_budget", "bome_lr"):
+    for name in ("outer_lr", "inner_lr", "retrain_lr", "threshold", "time_budget"):
         if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(config, name)}.")
-    if config.stochastic_estimator not in STOCHASTIC_ESTIMATORS:
-        why = (" (it carries one tangent per scalar hyperparameter: "
-               f"{config.n_train} here)" if config.stochastic_estimator == "pathwise" else "")
+    if config.method == "stochastic" and settings["estimator"] not in STOCHASTIC_ESTIMATORS:
         raise ValueError(f"--stochastic_estimator must be one of {STOCHASTIC_ESTIMATORS}, got "
-                         f"{config.stochastic_estimator!r}{why}.")
+                         f"{settings['estimator']!r} (it carries one tangent per scalar hyperparameter: "
+                         f"{config.n_train} here).")
     if config.method in ("forward", "implicit") and not config.l2 > 0:
         what = "learns log ρ: --l2 (its initial ρ)" if config.method == "forward" else "needs ρ > 0: --l2"
         raise ValueError(f"--method={config.method} {what} must be positive, got {config.l2}.")
-    if config.truncate >= config.T:
-        raise ValueError(f"--truncate={config.truncate} must be below --T={config.T} (0: no truncation).")
-    if config.stochastic_burn_in is not None and config.stochastic_burn_in >= config.T:
-        raise ValueError(f"--stochastic_burn_in={config.stochastic_burn_in} must be below --T={config.T}.")
+    if config.method == "reverse" and settings["truncate"] >= config.T:
+        raise ValueError(f"--truncate={settings['truncate']} must be below --T={config.T} (0: no truncation).")
+    if config.method == "stochastic" and settings["burn_in"] >= config.T:
+        raise ValueError(f"--stochastic_burn_in={settings['burn_in']} must be below --T={config.T}.")
 
 
 def hyper_iteration_metrics(exp: Experiment, data: Data, config: Config) -> dict[str, float]:
-    """η, ρ and, for a method that learns the example weights (``CLEANING_METHODS``; not forward
-    mode), the detection scores and the mean weights of the corrupted / clean examples at λ."""
+    """η, ρ and, for a method that learns the example weights (not those of ``NOT_CLEANING``),
+    the detection scores and the mean weights of the corrupted / clean examples at λ."""
     metrics = {"lr": float(exp.learning_rate), "l2": float(exp.l2())}
-    if config.method not in CLEANING_METHODS:
+    if config.method in NOT_CLEANING:
         return metrics
     weights = tf.sigmoid(exp.example_weights).numpy()
     return {**detection(weights, data.corrupted, config.threshold), **metrics,
@@ -552,7 +536,7 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
         "test_accuracy": retrained_accuracy(exp.learned, exp.model, config.retrain_steps, data),
         "baseline_test_accuracy": retrained_accuracy(exp.baseline, exp.model, config.retrain_steps, data),
         "oracle_test_accuracy": retrained_accuracy(exp.oracle, exp.model, config.retrain_steps, data)})
-    if config.method in CLEANING_METHODS:
+    if config.method not in NOT_CLEANING:
         plot_weights(tf.sigmoid(exp.example_weights).numpy(), data.corrupted, config.threshold, out.path)
     common.print_table("Hyper-cleaning", [{k: float(v) for k, v in results.items()}])
     return out.write_results(results)
@@ -584,10 +568,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                                "σ(λ_i); default: the method's.", **into),
         l2=flags.DEFINE_float("l2", d.l2, "ρ: (ρ/2)‖θ‖² added to the training loss, and to the "
                               "retrainings (implicit needs ρ > 0; forward learns it).", **into),
-        method=flags.DEFINE_enum("method", d.method, list(METHODS), "The far_ho2 method: reverse "
-                                 "(also learns η), forward (learns η and log ρ only: no example "
-                                 "weights), implicit, bome, penalty or stochastic (Langevin inner "
-                                 "dynamics); its settings are the flags below.", **into),
         T=flags.DEFINE_integer("T", d.T, "Inner steps per hyper-iteration (bome: steps of ŵ; "
                                "penalty: steps on w); default: the method's.", **into),
         hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
@@ -601,40 +581,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                     "bome: SGD's with --bome_momentum; default: the method's.", **into),
         inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "(Initial) inner learning rate η; "
                                     "default: the method's.", **into),
-        truncate=flags.DEFINE_integer("truncate", d.truncate, "reverse: back-propagate through "
-                                      "the last K inner steps only (0: all T).", **into),
-        implicit_solver=flags.DEFINE_enum("implicit_solver", d.implicit_solver,
-                                          ["cg", "neumann", "fixed_point"],
-                                          "implicit: the linear solver of the Hessian system.", **into),
-        implicit_iterations=flags.DEFINE_integer("implicit_iterations", d.implicit_iterations,
-                                                 "implicit: the solver's iterations at most.", **into),
-        bome_eta=flags.DEFINE_float("bome_eta", d.bome_eta, "bome: η, the barrier's strength.", **into),
-        bome_phi=flags.DEFINE_enum("bome_phi", d.bome_phi, ["grad_norm", "value"], "bome: the "
-                                   "control φ (grad_norm: η‖∇q̂‖², value: η·q̂).", **into),
-        bome_momentum=flags.DEFINE_float("bome_momentum", d.bome_momentum, "bome: momentum of the "
-                                         "joint SGD step on λ (rate --outer_lr) and w (rate "
-                                         "--bome_lr) along d (0: plain steps).", **into),
-        bome_lr=flags.DEFINE_float("bome_lr", d.bome_lr, "bome: learning rate of w's SGD step "
-                                   "(default: --inner_lr).", **into),
-        penalty_gamma=flags.DEFINE_float("penalty_gamma", d.penalty_gamma, "penalty: γ₀, the "
-                                         "initial weight of ‖∇_w L‖².", **into),
-        penalty_lambda_g=flags.DEFINE_float("penalty_lambda_g", d.penalty_lambda_g, "penalty: "
-                                            "λ_g₀, the weight of L in w's surrogate.", **into),
-        penalty_epsilon=flags.DEFINE_float("penalty_epsilon", d.penalty_epsilon, "penalty: ε₀, "
-                                           "the stage tolerance (0: γ held).", **into),
-        penalty_nu=flags.DEFINE_float("penalty_nu", d.penalty_nu, "penalty: ν₀, the Lagrange "
-                                      "multiplier's initial value.", **into),
-        temperature=flags.DEFINE_float("temperature", d.temperature, "stochastic: τ, the "
-                                       "temperature of the Langevin chain.", **into),
-        stochastic_estimator=flags.DEFINE_enum("stochastic_estimator", d.stochastic_estimator,
-                                               list(STOCHASTIC_ESTIMATORS), "stochastic: the "
-                                               "O(|w| + |λ|) Monte-Carlo estimator.", **into),
-        stochastic_burn_in=flags.DEFINE_integer("stochastic_burn_in", d.stochastic_burn_in,
-                                                "stochastic: chain steps discarded before the "
-                                                "samples (of --T; default: half of them).", **into),
-        stochastic_warm_start=flags.DEFINE_boolean("stochastic_warm_start", d.stochastic_warm_start,
-                                                   "stochastic: start each chain where the last one "
-                                                   "ended (less burn-in).", **into),
         retrain_steps=flags.DEFINE_integer("retrain_steps", d.retrain_steps, "GD steps of the "
                                            "final retrainings (learned weights, baseline, oracle).",
                                            **into),
@@ -642,12 +588,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                       "retrainings, whatever the method's η.", **into),
         threshold=flags.DEFINE_float("threshold", d.threshold,
                                      "Weights below it flag an example as corrupted.", **into))
+    holders.update(method_flags.define_flags(
+        flag_values, default=d.method, defaults={name: m.settings for name, m in METHOD_DEFAULTS.items()},
+        method_help="The far_ho2 method: reverse (also learns η), forward (learns η and log ρ only: no "
+                    "example weights), stochastic (Langevin inner dynamics), ...; its settings are the flags "
+                    "named after it."))
     return holders
 
 
+def config_from_flags(holders: dict[str, flags.FlagHolder]) -> Config:
+    """The ``Config`` of the parsed flags ``holders``: a flag per field, and --method's settings
+    from their flags (``method_flags.settings_from_flags``).
+
+    Raises:
+        ValueError: for a setting flag of another method given, or out of its range.
+    """
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: h.value for k, h in holders.items() if k in fields},
+                  method_settings=method_flags.settings_from_flags(holders))
+
+
 def main() -> None:
-    """Hyper-cleaning as the command line's flags configure it."""
-    common.run_launcher(define_flags(), Config, check_config, load_data, run_experiment)
+    """Hyper-cleaning as the command line's flags configure it (``run_launcher``'s values are
+    those of ``holders``)."""
+    holders = define_flags()
+    common.run_launcher(holders, lambda **values: config_from_flags(holders), check_config, load_data,
+                        run_experiment)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,8 @@ def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> 
     if method is None:
         return far.ReverseHG()
     if not isinstance(method, far.HyperGradient):
-        raise TypeError(f"`hypergradient` must be a far_ho2 method (far.ReverseHG(), far.ImplicitHG(), far.BOME(), "
-                        f"far.Penalty(), far.StochasticHG(), ...), got {type(method).__name__}.")
+        raise TypeError(f"`hypergradient` must be a far_ho2 method, e.g. far.make_method(name, ...) for a name of "
+                        f"{list(far.methods())}; got {type(method).__name__}.")
     if variant not in ("hyper", "bilevel_train"):
         raise ValueError(f"`hypergradient` is used by the bilevel variants 'hyper' and "
                          f"'bilevel_train' only; variant {variant!r} computes its own gradient. "
@@ -365,7 +365,7 @@ class HyperRepresentation(keras.Model):
         config = dict(config)
         network = keras.saving.deserialize_keras_object(config.pop("network"))
         method = config.pop("hypergradient")
-        return cls(network, hypergradient=method and far.hypergradients.from_config(method), **config)
+        return cls(network, hypergradient=method and far.from_config(method), **config)
 
     # -- one hyper-iteration ----------------------------------------------------------------------
 

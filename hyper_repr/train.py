@@ -89,21 +89,10 @@ class Config:
     meta_lr_decay: float = 1e-5  # inverse-time decay rate per iteration
     clip: Optional[float] = None  # hypergradient clipping value
     variant: str = "hyper"  # model.VARIANTS
-    method: str = "reverse"  # METHODS: the far_ho2 method of the bilevel variants
-    truncate: int = 0  # reverse: K of truncated reverse mode (0: all T steps)
+    method: str = "reverse"  # a registered far_ho2 method (far.methods()), of the bilevel variants
+    # its settings (far_ho2.registry) given; the others: METHOD_DEFAULTS, then the registry's
+    method_settings: dict = dataclasses.field(default_factory=dict)
     head_l2: float = 0.0  # γ, the heads' ridge penalty (ImplicitHG needs γ > 0)
-    implicit_solver: str = "cg"  # implicit: the linear solver
-    implicit_iterations: int = 20  # implicit: its iterations at most
-    # BOME's barrier and the penalty term also move λ towards features on which the heads' loss is
-    # flat: with the official η = 0.5 or γ = 1 the bundled-Omniglot runs stayed near chance (24.5
-    # and 24.7 % 5-way validation accuracy after 60 s), with 0.01 they learn (73.1, 73.3 %).
-    bome_eta: float = 0.01  # bome: η, the barrier's strength
-    bome_phi: str = "grad_norm"  # bome: the control φ
-    penalty_gamma: float = 0.01  # penalty: γ (held: the episodes change at every hyper-iteration)
-    penalty_lambda_g: float = 0.01  # penalty: λ_g, the weight of L in the heads' surrogate
-    stochastic_estimator: str = "reversed"  # stochastic: 'reversed' or 'score'
-    temperature: float = 1e-3  # stochastic: τ of the Langevin heads
-    stochastic_burn_in: int = 0  # stochastic: head steps discarded (of T)
     iterations: int = 50_000
     eval_every: int = 500  # hyper-iterations per epoch: between validations
     eval_episodes: int = 600  # validation episodes
@@ -120,24 +109,36 @@ class Config:
         return self.variant == "multiclass"
 
 
-METHODS = ("reverse", "implicit", "bome", "penalty", "stochastic")
+# Meta-learning's defaults of the methods' settings, where they differ from the registry's
+# (far_ho2.registry; any setting given in `Config.method_settings` overrides them). The solver is
+# not warm-started: each meta-batch has new episodes. BOME's barrier and the penalty term also move
+# λ towards features on which the heads' loss is flat: with the official η = 0.5 or γ = 1 the
+# bundled-Omniglot runs stayed near chance (24.5 and 24.7 % 5-way validation accuracy after 60 s),
+# with 0.01 they learn (73.1, 73.3 %); γ is held (ε = 0): the episodes change at every
+# hyper-iteration. The Langevin heads run at τ = 1e-3 with the O(|w| + |λ|) 'reversed' estimator.
+METHOD_DEFAULTS = {
+    "implicit": dict(max_iter=20, warm_start=False),
+    "bome": dict(eta=0.01),
+    "penalty": dict(gamma=0.01, lambda_g=0.01, epsilon=0.0),
+    "stochastic": dict(estimator="reversed", temperature=1e-3),
+}
 
 
-def hypergradient_method(config: Config) -> Optional[far.HyperGradient]:
-    """The far_ho2 method of ``config`` (None for the variants that do not use one)."""
+def method_settings(config: Config) -> dict:
+    """Every setting of ``config.method``: those given, else ``METHOD_DEFAULTS``', else the
+    registry's."""
+    method = far.registry.get_method(config.method)
+    return {**method.defaults(METHOD_DEFAULTS.get(config.method)), **config.method_settings}
+
+
+def hypergradient_method(config: Config) -> tuple[Optional[far.HyperGradient], dict]:
+    """The far_ho2 method of ``config`` (None for the variants that do not use one) and the
+    settings of the heads' optimizer it needs (e.g. the Langevin heads' ``temperature``)."""
     if config.variant not in BILEVEL:
-        return None
-    if config.method == "reverse":
-        return far.ReverseHG(truncate=config.truncate or None)
-    if config.method == "implicit":
-        return far.ImplicitHG(config.implicit_solver, max_iter=config.implicit_iterations, warm_start=False)
-    if config.method == "bome":
-        return far.BOME(eta=config.bome_eta, phi=config.bome_phi)
-    if config.method == "penalty":
-        return far.Penalty(gamma=config.penalty_gamma, lambda_g=config.penalty_lambda_g, epsilon=0.0)
-    if config.method == "stochastic":
-        return far.StochasticHG(config.stochastic_estimator, burn_in=config.stochastic_burn_in)
-    raise ValueError(f"`method` must be one of {METHODS}, got {config.method!r}.")
+        return None, {}
+    method = far.registry.get_method(config.method)
+    settings, inner = method.split(method_settings(config))
+    return method.make(**settings), inner
 
 
 class ConfigMismatchError(ValueError):
@@ -262,13 +263,13 @@ def _network(config: Config, splits: data.Splits) -> keras.Model:
 def build_model(config: Config, splits: data.Splits) -> HyperRepresentation:
     """The compiled model of ``config``: outer Adam with inverse-time decay,
     meta_lr / (1 + meta_lr_decay · iteration)."""
-    method = hypergradient_method(config)
+    method, inner = hypergradient_method(config)
     model = HyperRepresentation(
         _network(config, splits), ways=config.ways, steps=config.steps,
         learning_rate=config.learning_rate, learn_lr=config.learn_lr, variant=config.variant,
         num_classes=len(splits.train.class_names) if config.multiclass else None, clip=config.clip,
         test_steps=config.test_steps, hypergradient=method, head_l2=config.head_l2,
-        temperature=config.temperature if isinstance(method, far.StochasticHG) else None)
+        temperature=inner.get("temperature"))
     schedule = keras.optimizers.schedules.InverseTimeDecay(config.meta_lr, decay_steps=1,
                                                            decay_rate=config.meta_lr_decay)
     model.compile(optimizer=keras.optimizers.Adam(schedule))

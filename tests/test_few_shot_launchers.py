@@ -80,17 +80,18 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
         values = flags.FlagValues()
         holders = few_shot.define_flags(preset, data_dir="data", flag_values=values)
         values(["launcher", *args])
-        return few_shot.config_from_flags({k: h.value for k, h in holders.items()}, preset)
+        return few_shot.config_from_flags(holders, preset)
 
-    assert parse(omniglot.PRESET) == omniglot.PRESET
-    assert parse(miniimagenet.PRESET) == miniimagenet.PRESET
+    reverse = {"truncate": 0}  # the settings of the default --method, from their flags
+    assert parse(omniglot.PRESET) == dataclasses.replace(omniglot.PRESET, method_settings=reverse)
+    assert parse(miniimagenet.PRESET) == dataclasses.replace(miniimagenet.PRESET, method_settings=reverse)
     config = parse(miniimagenet.PRESET, "--nolearn_lr", "--T=3", "--test_T=4", "--lr=0.4",
                    "--hyper_iterations=7", "--test_shots=1,5", "--network=rn", "--clip=0.5",
                    "--time_budget=60", "--ways=20", "--augment_shift=2")
     assert config == dataclasses.replace(
         miniimagenet.PRESET, learn_lr=False, steps=3, test_steps=4, learning_rate=0.4, iterations=7,
         test_shots=(1, 5), network="rn", clip=0.5, time_budget_seconds=60.0, ways=20,
-        augment_shift=2)
+        augment_shift=2, method_settings=reverse)
     assert omniglot.PRESET.augment_shift == 0
     for bad in ("--network=vgg", "--ways=0", "--mode=eval", "--lr=-1", "--augment_shift=-1"):
         with pytest.raises(flags.Error):
@@ -104,9 +105,9 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
     assert recipe == dataclasses.replace(
         omniglot.PRESET, ways=40, queries=5, test_ways=5, test_queries=15, steps=1, learning_rate=1.0,
         meta_lr=0.002, eval_every=300, eval_episodes=400, time_budget_seconds=180.0,
-        test_shots=(1, 5), augment_shift=2)
-    assert sorted(few_shot.HELP) == sorted(few_shot.flag_name(f.name)[2:] for f in
-                                           dataclasses.fields(train.Config) if f.name != "seed")
+        test_shots=(1, 5), augment_shift=2, method_settings=reverse)
+    assert sorted(few_shot.HELP) == sorted(few_shot.flag_name(f.name)[2:] for f in dataclasses.fields(train.Config)
+                                           if f.name not in ("seed", "method", "method_settings"))
 
 
 @pytest.mark.parametrize("method, flags_", [
@@ -121,7 +122,7 @@ def test_method_flag_runs_every_method_end_to_end(tmp_path, omniglot_splits, met
     holders = few_shot.define_flags(omniglot.PRESET, data_dir="data", flag_values=values)
     values(["launcher", f"--method={method}", *flags_, "--T=2", "--ways=3", "--queries=2", "--meta_batch_size=2",
             "--hyper_iterations=2", "--eval_every=2", "--eval_episodes=4", "--test_episodes=4", "--eval_batch_size=2"])
-    config = few_shot.config_from_flags({k: h.value for k, h in holders.items()}, omniglot.PRESET)
+    config = few_shot.config_from_flags(holders, omniglot.PRESET)
     assert config.method == method
     results = few_shot.run_train(config, tmp_path / method, omniglot_splits, verbose=0)
     scores = results["test"]["3way_1shot"]["hyper"]

@@ -119,13 +119,13 @@ def test_a_short_run_on_the_digits_down_weights_corrupted_examples(tmp_path):
 # `python -m flags.hyper_cleaning --logdir … --method M` (and --truncate 25 for truncated reverse).
 DEFAULT_COMMANDS = {
     "reverse": dict(method="reverse"),
-    "truncated reverse": dict(method="reverse", truncate=25),
+    "truncated reverse": dict(method="reverse", method_settings={"truncate": 25}),
     "implicit": dict(method="implicit"),
     "bome": dict(method="bome"),
     "penalty": dict(method="penalty"),
     "stochastic": dict(method="stochastic"),
 }
-assert {c["method"] for c in DEFAULT_COMMANDS.values()} == set(hyper_cleaning.CLEANING_METHODS)
+assert {c["method"] for c in DEFAULT_COMMANDS.values()} == set(hyper_cleaning.METHOD_DEFAULTS) - {"forward"}
 
 
 @pytest.mark.long
@@ -142,8 +142,8 @@ def test_each_default_launcher_command_cleans_the_digits(name, tmp_path):
 
 
 # Other settings of two methods, checked on the slice too.
-VARIANTS = {"bome grad_norm": dict(method="bome", bome_phi="grad_norm", bome_eta=0.5),  # η of the official toys
-            "stochastic score": dict(method="stochastic", stochastic_estimator="score", temperature=1e-3)}
+VARIANTS = {"bome grad_norm": dict(method="bome", method_settings=dict(phi="grad_norm", eta=0.5)),  # the official toys' η
+            "stochastic score": dict(method="stochastic", method_settings=dict(estimator="score", temperature=1e-3))}
 # On the slice, after a quarter of its iterations, the penalty method has moved the corrupted
 # examples' mean weight to 0.43; the score estimator (a covariance over one short chain) is noisy:
 # the clean examples' weights rise consistently, the corrupted ones' mean falls to 0.45.
@@ -198,11 +198,18 @@ def test_each_method_setting_left_unset_takes_the_method_default():
     bome = hyper_cleaning.resolved(hyper_cleaning.Config(method="bome"))
     official = hyper_cleaning.METHOD_DEFAULTS["bome"]
     assert (bome.T, bome.inner_lr, bome.outer_lr, bome.hyper_iterations) == tuple(official)[:4]
-    assert bome.bome_lr == bome.inner_lr and bome.bome_eta == 0.1 and bome.bome_momentum == 0.9
-    assert hyper_cleaning.resolved(hyper_cleaning.Config(method="penalty")).normalize_weights is True
-    assert hyper_cleaning.resolved(hyper_cleaning.Config(method="stochastic", T=40)).stochastic_burn_in == 20
-    given = hyper_cleaning.Config(method="bome", T=3, inner_lr=0.5, outer_lr=2.0, hyper_iterations=7)
-    assert hyper_cleaning.resolved(given) == dataclasses.replace(given, bome_lr=0.5, normalize_weights=False)
+    assert bome.method_settings == dict(eta=0.1, phi="value", inner_learning_rate=bome.inner_lr, momentum=0.9)
+    penalty = hyper_cleaning.resolved(hyper_cleaning.Config(method="penalty"))
+    assert penalty.normalize_weights is True and penalty.method_settings == dict(gamma=0.01, lambda_g=0.01,
+                                                                                 epsilon=0.01, nu=1e-4)
+    stochastic = hyper_cleaning.resolved(hyper_cleaning.Config(method="stochastic", T=40)).method_settings
+    assert stochastic == dict(estimator="reversed", burn_in=20, warm_start=False, temperature=1e-4)
+    assert hyper_cleaning.resolved(hyper_cleaning.Config(method="implicit")).method_settings == dict(
+        linear_system_solver="cg", max_iter=20, warm_start=True)
+    given = hyper_cleaning.Config(method="bome", T=3, inner_lr=0.5, outer_lr=2.0, hyper_iterations=7,
+                                  method_settings={"eta": 0.2})
+    assert hyper_cleaning.resolved(given) == dataclasses.replace(given, normalize_weights=False, method_settings=dict(
+        eta=0.2, phi="value", inner_learning_rate=0.5, momentum=0.9))
     assert hyper_cleaning.resolved(hyper_cleaning.Config(time_budget=60.0)).hyper_iterations is None  # the budget only
     assert hyper_cleaning.resolved(hyper_cleaning.Config(time_budget=60.0, hyper_iterations=7)).hyper_iterations == 7
 
@@ -228,15 +235,16 @@ def test_a_time_budget_with_hyper_iterations_stops_at_the_first_limit(tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"truncate": 30}, "--truncate=30 must be below --T=30"),
+    ({"method_settings": {"truncate": 30}}, "--truncate=30 must be below --T=30"),
     ({"method": "reversed"}, "--method must be one of"),
-    ({"method": "stochastic", "stochastic_estimator": "pathwise"}, "one tangent per scalar hyperparameter: 800 here"),
-    ({"method": "stochastic", "temperature": -1.0}, "--temperature must be ≥ 0, got -1.0"),
-    ({"method": "stochastic", "stochastic_burn_in": 30}, "--stochastic_burn_in=30 must be below --T=30"),
-    ({"method": "bome", "truncate": 3}, "--truncate is a setting of --method=reverse; here --method=bome"),
-    ({"method": "bome", "bome_momentum": 1.0}, r"--bome_momentum must be in \[0, 1\), got 1.0"),
-    ({"method": "bome", "bome_lr": 0.0}, "--bome_lr must be positive, got 0.0"),
-    ({"bome_momentum": 0.5}, "--bome_momentum is a setting of --method=bome; here --method=reverse"),
+    ({"method": "stochastic", "method_settings": {"estimator": "pathwise"}},
+     "one tangent per scalar hyperparameter: 800 here"),
+    ({"method": "stochastic", "method_settings": {"temperature": -1.0}}, "--temperature must be a float ≥ 0, got -1.0"),
+    ({"method": "stochastic", "method_settings": {"burn_in": 30}}, "--stochastic_burn_in=30 must be below --T=30"),
+    ({"method": "bome", "method_settings": {"truncate": 3}}, "Method 'bome' has no setting 'truncate'"),
+    ({"method": "bome", "method_settings": {"momentum": 1.0}}, r"--bome_momentum must be a float in \[0, 1\), got 1.0"),
+    ({"method": "bome", "method_settings": {"inner_learning_rate": 0.0}}, "--bome_lr must be a float > 0, got 0.0"),
+    ({"method_settings": {"momentum": 0.5}}, "Method 'reverse' has no setting 'momentum'"),
     ({"time_budget": 0.0}, "--time_budget must be positive, got 0.0"),
     ({"retrain_lr": 0.0}, "--retrain_lr must be positive, got 0.0"),
     ({"method": "implicit", "l2": 0.0}, "--method=implicit needs ρ > 0: --l2 must be positive, got 0.0")])

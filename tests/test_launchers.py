@@ -18,6 +18,8 @@ import tensorflow as tf
 from absl import flags
 from matplotlib import image as mpimg
 
+import far_ho2 as far
+
 from flags import common
 from flags import effect_of_T
 from flags import hyper_cleaning
@@ -188,7 +190,14 @@ def test_launcher_flags_have_help_and_default_to_the_config(launcher):
         assert len(values[name].help.split()) >= 2, (name, values[name].help)  # words, not "."
     fields = {k: tuple(h.value) if isinstance(h.value, list) else h.value
               for k, h in holders.items() if k not in ("logdir", "resume")}
-    assert launcher.Config(**fields) == launcher.Config()  # one flag per field, same defaults
+    if launcher is hyper_cleaning:  # the method's settings come from their flags, as the defaults resolve them
+        config = hyper_cleaning.config_from_flags(holders)
+        assert hyper_cleaning.resolved(config) == hyper_cleaning.resolved(hyper_cleaning.Config())
+        methods = [far.registry.get_method(name) for name in far.methods()]
+        assert set(fields) - {f.name for f in dataclasses.fields(hyper_cleaning.Config)} == {
+            m.flag(s) for m in methods for s in m.settings}  # the other flags: the methods' settings
+    else:
+        assert launcher.Config(**fields) == launcher.Config()  # one flag per field, same defaults
 
 
 def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
@@ -215,7 +224,7 @@ def test_hyper_cleaning_resumes_the_methods_with_state_exactly(tmp_path, mnist, 
     counts its runs (its noise): all of it is checkpointed."""
     run = lambda config, logdir: hyper_cleaning.run_experiment(config, logdir)
     config = dataclasses.replace(cleaning_config(mnist), method=method, l2=1e-3, T=6,
-                                 **({"stochastic_burn_in": 2} if method == "stochastic" else {}))
+                                 method_settings={"burn_in": 2} if method == "stochastic" else {})
     results = assert_resumed_equals_uninterrupted(run, config, tmp_path, k=2)
     assert results["metrics"]["hyper_iterations_done"] == 4
 
@@ -317,6 +326,6 @@ def test_command_lines(tmp_path, mnist, pytestconfig):
     digits = json.loads((hc_dir / common.RESULTS).read_text())["config"]
     assert digits["data"] is None and digits["corruption"] == 0.5 and digits["model"] == "mlp"
     bome = json.loads((hcm_dir / common.RESULTS).read_text())
-    assert bome["config"]["method"] == "bome" and bome["config"]["bome_phi"] == "grad_norm"
+    assert bome["config"]["method"] == "bome" and bome["config"]["method_settings"]["phi"] == "grad_norm"
     assert bome["metrics"]["hyper_iterations_done"] == 3
     assert not (tmp_path / "x").exists()  # errors are caught before anything is written

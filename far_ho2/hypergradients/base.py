@@ -100,6 +100,9 @@ class HyperGradient:
     #: Grappler passes the compiled run is optimised without (``compiled.without_grappler``); a
     #: Keras ``train_step`` that calls ``hypergradient`` should be first run without them too.
     grappler_off: tuple = ()
+    #: the method's settings (``far_ho2.registry.Setting``): what ``far.make_method`` and the
+    #: launchers' flags offer, passed to ``from_settings``.
+    settings: tuple = ()
 
     def __init__(self, name: str, jit_compile: bool = False):
         if not isinstance(jit_compile, bool):
@@ -339,11 +342,22 @@ class HyperGradient:
         """The method's own state, as trackables for a ``tf.train.Checkpoint`` (nothing here)."""
         return {}
 
+    @classmethod
+    def from_settings(cls, **settings: Any) -> "HyperGradient":
+        """The method with the values of its ``settings`` (``far.make_method``): here
+        ``cls(**settings)``; a class whose settings are not its arguments maps them."""
+        return cls(**settings)
+
     def get_config(self) -> dict:
-        """The method's settings as JSON-able values, ``{"class_name": ..., **arguments}``:
-        ``far_ho2.hypergradients.from_config`` makes the same method again (its state, e.g. a
-        penalty's γ, lives in ``state_variables``)."""
+        """The method's arguments as JSON-able values, ``{"class_name": ..., **arguments}``:
+        ``far.from_config`` makes the same method again (its state, e.g. a penalty's γ, lives
+        in ``state_variables``)."""
         return {"class_name": type(self).__name__, "name": self.name, **self._settings()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HyperGradient":
+        """The method of ``get_config()`` without its ``class_name``: ``cls(**config)``."""
+        return cls(**config)
 
     def _settings(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} cannot be saved as a config.")

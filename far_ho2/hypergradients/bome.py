@@ -8,6 +8,7 @@ function theorem is not), and it updates the inner variables w itself: they are 
 (warm-started), not reset to Φ₀.
 """
 
+import copy
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import keras
@@ -22,6 +23,7 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hyperparameters import describe_all
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.registry import Setting
 from far_ho2.trajectory import empty_trajectory, run_steps
 from far_ho2.types import RunResult
 
@@ -178,6 +180,14 @@ class BOME(HyperGradient):
                         "rate, momentum) and the initialisation Φ₀ get no direction; use ReverseHG or "
                         "ForwardHG for them.")
 
+    settings = (
+        Setting("eta", float, 0.5, "η, the barrier's strength.", low=0.0),
+        Setting("phi", str, "grad_norm", "the control φ (grad_norm: η‖∇q̂‖², value: η·q̂).", choices=PHI_RULES),
+        Setting("inner_learning_rate", float, None, "ξ_w, the rate of w's step along d (default: the inner "
+                "optimizer's).", low=0.0, low_open=True, flag="bome_lr"),
+        Setting("momentum", float, 0.0, "momentum of w's step: SGD at rate ξ_w (0: plain steps).", low=0.0,
+                high=1.0, high_open=True))
+
     def __init__(self, eta: float = 0.5, phi: str = "grad_norm", inner_learning_rate: Optional[float] = None,
                  inner_optimizer: Optional[keras.optimizers.Optimizer] = None, delta: float = 1e-8,
                  name: str = "BOME"):
@@ -199,6 +209,24 @@ class BOME(HyperGradient):
         self.inner_learning_rate, self.inner_optimizer = inner_learning_rate, inner_optimizer
         self.diagnostics: list[dict] = []
         self._zero_barrier = 0
+
+    @classmethod
+    def from_settings(cls, momentum: float = 0.0, **settings: Any) -> "BOME":
+        """BOME with its settings; a ``momentum`` > 0 makes w's step Keras SGD at
+        ``inner_learning_rate`` with that momentum (the official hyper-cleaning's)."""
+        if not momentum:
+            return cls(**settings)
+        rate = settings.pop("inner_learning_rate")
+        if rate is None:
+            raise ValueError("BOME: `momentum` > 0 needs `inner_learning_rate`, the rate of w's SGD step.")
+        return cls(inner_optimizer=keras.optimizers.SGD(rate, momentum=momentum), **settings)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BOME":
+        """BOME of ``get_config()``, its ``inner_optimizer`` deserialized (from a copy: Keras
+        edits the dict it deserializes)."""
+        optimizer = config.get("inner_optimizer")
+        return cls(**{**config, "inner_optimizer": optimizer and keras.optimizers.deserialize(copy.deepcopy(optimizer))})
 
     def _settings(self) -> dict:
         return {"eta": self.eta, "phi": self.phi, "inner_learning_rate": self.inner_learning_rate,

@@ -14,6 +14,7 @@ from far_ho2 import linear_solve, sharding
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.registry import Setting
 from far_ho2.trajectory import empty_trajectory, run_steps
 from far_ho2.types import RunResult
 
@@ -175,6 +176,12 @@ class ImplicitHG(HyperGradient):
     unconnected_hint = (" ImplicitHG differentiates the inner solution w*(λ) only: optimizer "
                         "hyperparameters (learning rate, momentum) and the initialisation Φ₀ do not "
                         "move it; use ReverseHG or ForwardHG for them.")
+
+    settings = (
+        Setting("linear_system_solver", str, "cg", "the linear solver of the Hessian system.", choices=SOLVERS,
+                flag="implicit_solver"),
+        Setting("max_iter", int, 100, "the solver's iterations at most.", low=1, flag="implicit_iterations"),
+        Setting("warm_start", bool, True, "start the solver from the last hyper-iteration's solution."))
 
     def __init__(self, linear_system_solver: Union[str, Callable, None] = "cg",
                  tolerance: Union[float, Callable[[int], float], None] = None, name: str = "ImplicitHG", *,

@@ -22,6 +22,7 @@ from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hyperparameters import projected_gradient
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.registry import Setting
 from far_ho2.trajectory import empty_trajectory, run_steps
 from far_ho2.types import RunResult
 
@@ -216,6 +217,12 @@ class Penalty(HyperGradient):
     unconnected_hint = (" The penalty method differentiates no inner trajectory: optimizer "
                         "hyperparameters (learning rate, momentum) and the initialisation Φ₀ get no "
                         "direction; use ReverseHG or ForwardHG for them.")
+
+    settings = (
+        Setting("gamma", float, 1e-2, "γ₀, the initial weight of (γ/2)‖∇_w L‖² in w's surrogate.", low=0.0),
+        Setting("lambda_g", float, 1e-2, "λ_g₀, the weight of L itself in w's surrogate.", low=0.0),
+        Setting("epsilon", float, 1e-2, "ε₀, the stage tolerance (0: γ held).", low=0.0),
+        Setting("nu", float, 0.0, "ν₀, the Lagrange multiplier's initial value."))
 
     def __init__(self, gamma: float = 1e-2, lambda_g: float = 1e-2, epsilon: float = 1e-2, nu: float = 0.0,
                  lagrangian: bool = True, gamma_factor: float = 1.1, lambda_factor: float = 0.9,

@@ -11,6 +11,7 @@ from far_ho2 import inputs as inputs_lib
 from far_ho2.batches import Batches
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
+from far_ho2.registry import Setting
 from far_ho2.trajectory import Trajectory, empty_trajectory, mark_unhealthy, run_steps, store, stored_state
 from far_ho2.types import Health, RunResult
 
@@ -224,6 +225,9 @@ class ReverseHG(HyperGradient):
     skipped the first transition of every chunk).
     """
 
+    settings = (Setting("truncate", int, 0, "back-propagate through the last K inner steps only (0: all T).", low=0,
+                        flag="truncate"),)
+
     def __init__(self, history: Any = None, name: str = "ReverseHG", truncate: Optional[int] = None,
                  checkpoint_every: Optional[int] = None, unroll: int = UNROLL,
                  jit_compile: bool = False):
@@ -236,6 +240,11 @@ class ReverseHG(HyperGradient):
         if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0:
             raise ValueError(f"`unroll` must be a non-negative int, got {unroll!r}.")
         self.truncate, self.checkpoint_every, self.unroll = truncate, checkpoint_every, unroll
+
+    @classmethod
+    def from_settings(cls, truncate: int = 0, **settings: Any) -> "ReverseHG":
+        """``cls(truncate=K, **settings)``; K = 0 back-propagates through every step."""
+        return cls(truncate=truncate or None, **settings)
 
     def _settings(self) -> dict:
         return {"truncate": self.truncate, "checkpoint_every": self.checkpoint_every, "unroll": self.unroll,

@@ -76,6 +76,7 @@ from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.inner_problem import InnerProblem
 from far_ho2.inputs import InnerInputs
 from far_ho2.optimizer import SGLDOptimizer
+from far_ho2.registry import Setting
 from far_ho2.trajectory import empty_trajectory, mark_unhealthy
 from far_ho2.types import Health, RunResult
 
@@ -576,6 +577,14 @@ class StochasticHG(HyperGradient):
     # with AlreadyExistsError ".../ArithmeticOptimizer/AddOpsRewrite_add_8/tmp_var" on 40-way
     # Omniglot episodes (20-way runs); with the pass off the same run trains.
     grappler_off = ("arithmetic_optimization",)
+
+    settings = (
+        Setting("estimator", str, "pathwise", "the Monte-Carlo estimator: pathwise (one tangent per scalar "
+                "hyperparameter), or reversed and score (O(|w| + |λ|)).", choices=ESTIMATORS),
+        Setting("burn_in", int, 0, "chain steps discarded before the samples (of T).", low=0),
+        Setting("warm_start", bool, False, "start each chain where the last one ended (less burn-in)."),
+        Setting("temperature", float, 1.0, "τ, the temperature of the Langevin chain (of its far.SGLDOptimizer).",
+                low=0.0, flag="temperature", inner=True))
 
     def __init__(self, estimator: str = "pathwise", burn_in: int = 0, thinning: int = 1, batches: int = 20,
                  warm_start: bool = False, chains: Optional[int] = None, name: str = "StochasticHG"):
