@@ -32,7 +32,6 @@ checkpoint and reuses finished ones, never a run made with other settings.
 """
 
 import argparse
-import csv
 import hashlib
 import json
 import sys
@@ -80,13 +79,12 @@ def worker(label: str, corruption: float, seed: int, budget: float) -> dict:
     imported_mb = harness.max_rss_mb()
     config = hyper_cleaning.Config(**METHODS[label], corruption=corruption, seed=seed, time_budget=budget)
     results = hyper_cleaning.run_experiment(config, logdir)
-    with open(logdir / hyper_cleaning.common.METRICS, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["run"] == "main"]
-    seconds = [float(r["seconds"]) for r in rows]
+    rows = hyper_cleaning.workdir.read_metrics(logdir)
+    seconds = [r["seconds"] for r in rows]
     run = {"label": label, "corruption": corruption, "seed": seed, "config": results["config"], **results["metrics"],
            "seconds_median": float(np.median(seconds[1:] or seconds)),
            "peak_mb": harness.max_rss_mb() - imported_mb, "import_mb": imported_mb - baseline_mb,
-           "curve": [[float(r["elapsed"]), float(r["test_accuracy"])] for r in rows]}
+           "curve": [[r["elapsed_seconds"], r["test_accuracy"]] for r in rows]}
     (logdir / RUN_SUMMARY).write_text(json.dumps(run))
     return run
 

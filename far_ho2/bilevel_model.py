@@ -198,6 +198,12 @@ class BilevelModel(keras.Model):
                              "it after the first `fit`.")
         return flatten_hyperparameters(registration.originals)
 
+    def resolve(self, data: tf.data.Dataset) -> None:
+        """Finds the problem's variables on one element of ``data`` and builds the optimizer, as
+        the first ``fit`` does (after ``compile``): then every variable exists, e.g. for a
+        checkpoint to be restored into before ``fit``."""
+        self._resolve(next(iter(data)))
+
     def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """``keras.Model.fit`` on a dataset whose elements are ``(inner_batch, outer_batch)``, one
         per hyper-iteration; stops with ``far.DivergenceError`` after a failed one."""

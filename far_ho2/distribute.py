@@ -103,11 +103,14 @@ def share(value: tf.Tensor, grads: Sequence[Optional[tf.Tensor]], finite: Any, b
     size = tf.cast(batch_size, value.dtype)
     total, mean, failures = context.all_reduce(
         tf.distribute.ReduceOp.SUM, [size, value / replicas, tf.cast(tf.logical_not(finite), value.dtype)])
+    share = Share(mean, [None if g is None else g / replicas for g in grads], tf.equal(failures, 0))
+    if replicas == 1:
+        return share  # one share: nothing to compare (and no assert for Grappler's loop optimizer to warn about)
     check = tf.debugging.assert_equal(total, size * replicas, message=(
         f"far.distribute: the {replicas} replicas hold meta-batch shares of different sizes; the meta-batch "
         f"must be a multiple of {replicas} (far.distribute.replica_batch_size)"))
     with tf.control_dependencies([check]):
-        return Share(tf.identity(mean), [None if g is None else g / replicas for g in grads], tf.equal(failures, 0))
+        return share._replace(value=tf.identity(mean))
 
 
 def hypergradient(method: HyperGradient, problem: InnerProblem, outer_objective: Callable, hypers: list,

@@ -10,7 +10,7 @@ f_T(H) = E(w_T(H), H) by far_ho2's ``ReverseHG``), or exactly through the bileve
 
     w*(H) = ((XH)ᵀXH + ρI)⁻¹(XH)ᵀY,     f(H) = E(w*(H), H)
 
-(autodiff through ``tf.linalg.solve``). Each T in ``--T`` (and ``exact``) is a separate run
+(autodiff through ``tf.linalg.solve``). Each T in ``--T_list`` (and ``exact``) is a separate run
 with its own H. Every hyper-iteration logs f(H), f_T(H) (what the T-step method sees), the test
 accuracy of the classifier argmax(X_test H w_T) and the seconds taken by the hypergradient and
 the update (for ``exact``, f_T is f). table2.csv, also printed, lists per T the final f, f_T
@@ -18,24 +18,27 @@ and accuracies and the time per hyper-iteration; figure3.png plots f and f_T, fi
 test accuracy. The inner learning rate is fixed: η = eta_scale / (σ_max(X)² + ρ), i.e. half
 the stability limit 2/ℓ of L at H = I for eta_scale = 1.
 
+Each run is a Keras ``fit`` (``HyperIterations``: one epoch per hyper-iteration, its step run
+eagerly) with the launchers' callbacks (``far_ho2.launch``): metrics/<run>.csv, TensorBoard
+scalars in tensorboard/<run>/, checkpoints/<run>/ every ``--checkpoint_seconds`` and on
+Ctrl-C/SIGTERM; the same command resumes every run where it stopped.
+
 Data (float64): ``--features`` (an .npz with X_train, Y_train, X_val, Y_val, X_test, Y_test;
 Y one-hot or integer labels); else ``--representation LOGDIR``: the 256 features of the
 representation learned by ``flags.omniglot`` in LOGDIR (its best-validation weights), on classes
 of that run's test split, which it never saw in training (rotation classes, as in its episodes;
 the network normalises each split's images as one batch, as it normalises an episode's support
-or query set); else Omniglot pixels from ``--data_dir`` (unrotated characters); or ``--data
+or query set); else Omniglot pixels from ``--data_dir`` (unrotated characters); or ``--source
 synthetic`` (class means plus noise, for tests). The paper's sizes: 100 classes, 3 training and
 3 validation images per class, the rest of a class's 20 drawings for test.
 
-    python -m flags.effect_of_T --logdir /tmp/effect_of_T --T 1,4,16,64,256,exact
+    python -m flags.effect_of_T --logdir /tmp/effect_of_T --T_list 1,4,16,64,256,exact
     python -m flags.effect_of_T --logdir /tmp/effect_of_T --representation runs/omniglot
 """
 
 import dataclasses
-import json
 import math
 import pathlib
-import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import keras
@@ -45,32 +48,46 @@ from absl import flags
 from absl import logging
 
 import far_ho2 as far
+from far_ho2.launch import callbacks, cli, workdir
+from far_ho2.launch.cli import setting
 from flags import common
 
 EXACT = "exact"
 SPLITS = ("train", "val", "test")
+METRICS = "metrics"  # the folder of the runs' metrics: metrics/<run>.csv
+RESUMABLE = ("hyper_iterations",)  # a resumed run may do more hyper-iterations
+OUTPUTS = (METRICS, "table2.csv", "figure3.png", "figure4.png")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment; the defaults are the paper's §5.1 setting on Omniglot pixels."""
+    """One experiment; the defaults are the paper's §5.1 setting on Omniglot pixels. Every field
+    is a flag (``--T_list`` for ``T``, ``--source`` for ``data``)."""
 
-    T: tuple[str, ...] = ("1", "4", "16", "64", "256", EXACT)  # inner steps, or "exact"
-    hyper_iterations: int = 100
-    outer_optimizer: str = "adam"  # "adam" or "sgd", on H
-    outer_lr: float = 1e-3
-    rho: float = 0.1  # ρ, the ridge penalty
-    eta_scale: float = 1.0  # η = eta_scale / (σ_max(X)² + ρ)
-    data: str = "omniglot"  # "omniglot" or "synthetic" (ignored with `features`)
-    data_dir: str = "data/omniglot"
-    features: Optional[str] = None  # an .npz of features, instead of `data`
-    representation: Optional[str] = None  # a flags.omniglot logdir, instead of `data`
-    classes: int = 100
-    train_per_class: int = 3
-    val_per_class: int = 3
-    test_per_class: int = 15  # at most what is left of a class's images
-    dim: int = 0  # project inputs to `dim` features (Gaussian); 0: keep them
-    seed: int = 0
+    T: tuple[str, ...] = setting(("1", "4", "16", "64", "256", EXACT), "Inner GD steps T (positive ints) and/or "
+                                 "'exact', one run each.", flag="T_list")
+    hyper_iterations: int = setting(100, "Hyper-iterations per T.", lower=1)
+    outer_optimizer: str = setting("adam", "Optimizer of H.", choices=("adam", "sgd"))
+    outer_lr: float = setting(1e-3, "Learning rate of H.", positive=True)
+    rho: float = setting(0.1, "Ridge penalty ρ of the inner problem.", positive=True)
+    eta_scale: float = setting(1.0, "Inner lr η = eta_scale / (σ_max(X)² + ρ), in (0, 2).", positive=True, below=2)
+    data: str = setting("omniglot", "Data source: Omniglot pixels from --data_dir, or class means plus noise "
+                        "(ignored with --features or --representation).", flag="source",
+                        choices=("omniglot", "synthetic"))
+    data_dir: str = setting("data/omniglot", "Omniglot folder.")
+    features: Optional[str] = setting(None, ".npz of X_/Y_ train/val/test (overrides --source).")
+    representation: Optional[str] = setting(None, "--logdir of a finished flags.omniglot run: its learned "
+                                            "features (overrides --source).")
+    classes: int = setting(100, "Number of classes.", lower=1)
+    train_per_class: int = setting(3, "Training images per class (the inner problem's data).", lower=1)
+    val_per_class: int = setting(3, "Validation images per class (the outer objective's data).", lower=1)
+    test_per_class: int = setting(15, "Test images per class, at most what is left of a class's images (only "
+                                  "for the test accuracy).", lower=1)
+    dim: int = setting(0, "Random projection to dim features (0: none).", lower=0)
+    seed: int = setting(0, "Seed of the classes, the splits and the projection.")
+
+
+FLAG_NAMES = cli.flag_names(Config)  # field -> flag: T -> T_list, data -> source
 
 
 class Data(NamedTuple):
@@ -97,7 +114,7 @@ def one_hot(y: np.ndarray, classes: Optional[int] = None) -> np.ndarray:
 
 def load_features(path: str) -> Data:
     """An .npz with the six arrays of ``Data`` (Y one-hot or integer labels)."""
-    with np.load(common.check_file(path, "features")) as npz:
+    with common.open_npz(path, "features") as npz:
         missing = [k for k in Data._fields if k not in npz]
         if missing:
             raise ValueError(f"--features={path} lacks the arrays {missing}; it needs "
@@ -167,11 +184,11 @@ def representation_data(config: Config) -> Data:
     test split; each split's images are normalised as one batch (transductive, as episodes)."""
     from flags import omniglot  # noqa: PLC0415 (only this data source needs them)
     from hyper_repr import train  # noqa: PLC0415
-    results = pathlib.Path(config.representation) / common.RESULTS
+    results = pathlib.Path(config.representation) / workdir.RESULTS
     if not results.is_file():
-        raise FileNotFoundError(f"--representation={config.representation}: no {common.RESULTS}; "
+        raise FileNotFoundError(f"--representation={config.representation}: no {workdir.RESULTS}; "
                                 f"give the --logdir of a finished `python -m flags.omniglot` run.")
-    run_flags = json.loads(results.read_text()).get("flags", {})  # the run's split, if it had flags
+    run_flags = workdir.read_json(results).get("flags", {})  # the run's split, if it had flags
     split_flags = ("split", "test_alphabets", "val_alphabets", "val_characters")
     splits = omniglot.load_splits(run_flags.get("data_dir", config.data_dir),
                                   **{k: run_flags[k] for k in split_flags if k in run_flags})
@@ -197,7 +214,7 @@ def load_data(config: Config) -> Data:
     elif config.data == "omniglot":
         data = omniglot_data(config)
     else:
-        raise ValueError(f"--data must be 'omniglot' or 'synthetic', got {config.data!r}.")
+        raise ValueError(f"--source must be 'omniglot' or 'synthetic', got {config.data!r}.")
     return project(data, config.dim, config.seed) if config.dim else data
 
 
@@ -286,7 +303,7 @@ def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
 
 
 def parse_T(values: Sequence[str]) -> list[Any]:
-    """``--T`` as positive ints and the string "exact"."""
+    """``--T_list`` as positive ints and the string "exact"."""
     parsed = []
     for v in values:
         v = str(v).strip()
@@ -295,9 +312,9 @@ def parse_T(values: Sequence[str]) -> list[Any]:
         elif v.isdigit() and int(v) > 0:
             parsed.append(int(v))
         else:
-            raise ValueError(f"--T: each value must be a positive int or '{EXACT}', got {v!r}.")
+            raise ValueError(f"--T_list: each value must be a positive int or '{EXACT}', got {v!r}.")
     if not parsed:
-        raise ValueError("--T is empty: give at least one value, e.g. --T=1,4,16,exact.")
+        raise ValueError("--T_list is empty: give at least one value, e.g. --T_list=1,4,16,exact.")
     return parsed
 
 
@@ -320,9 +337,41 @@ def check_config(config: Config) -> list[Any]:
 # -- the experiment ----------------------------------------------------------------------------
 
 
-def train_run(method_T: Any, config: Config, data: Data, logdir: common.Logdir) -> None:
-    """One T (or "exact"): ``hyper_iterations`` hypergradient steps on a fresh H = I, resuming
-    from the run's checkpoint. Logs f, f_T, accuracies and seconds per hyper-iteration."""
+class HyperIterations(keras.Model):
+    """One run (a T, or "exact") as a Keras model: ``train_step`` is the run's hyper-iteration,
+    run eagerly (it calls the method's own compiled step); each epoch is one, logged with f(H_i)
+    (taken at the epoch's start), f_T and the accuracies of w_T at H_i."""
+
+    def __init__(self, method: Method, H: tf.Variable, tensors: Data, rho: float):
+        super().__init__(name=method.name)
+        self.method, self.tensors, self.rho = method, tensors, tf.constant(rho, tf.float64)
+        self.__dict__["H"] = H  # saved by the checkpoint's `variables`
+        self.start: dict = {}
+        self.built = True
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Nothing to build: H and the method's variables exist."""
+
+    def train_step(self, data: Any) -> dict:
+        f_T, w = self.method.step()
+        H, t = self.start["H"], self.tensors
+        return {"f": self.start["f"], "f_T": f_T, "test_accuracy": accuracy(H, w, t.X_test, t.Y_test),
+                "val_accuracy": accuracy(H, w, t.X_val, t.Y_val)}
+
+
+class AtStart(keras.callbacks.Callback):
+    """H_i and f(H_i), before the epoch's hyper-iteration (not timed by the budget)."""
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        model, t = self.model, self.model.tensors
+        H = tf.identity(model.H)
+        model.start = {"H": H, "f": exact_objective(H, t.X_train, t.Y_train, t.X_val, t.Y_val, model.rho)}
+
+
+def train_run(method_T: Any, config: Config, data: Data, root: pathlib.Path, checkpoint_seconds: float) -> None:
+    """One T (or "exact"): ``hyper_iterations`` hypergradient steps on a fresh H = I by ``fit``,
+    resuming from the run's checkpoint (checkpoints/<run>/). Logs f, f_T, accuracies and the
+    seconds of each hyper-iteration to metrics/<run>.csv."""
     tensors = Data(*(tf.constant(a, tf.float64) for a in data))
     d = data.X_train.shape[1]
     H = far.get_hyperparameter("H", np.eye(d))
@@ -333,20 +382,25 @@ def train_run(method_T: Any, config: Config, data: Data, logdir: common.Logdir) 
     else:
         eta = inner_learning_rate(data, config.rho, config.eta_scale)
         method = unrolled_method(method_T, H, tensors, config.rho, eta, optimizer)
-    checkpointer = logdir.checkpointer(method.name, H=H, optimizer=optimizer)
-    start = logdir.resume_run(checkpointer, method.name)
-    for i in common.progress(range(start, config.hyper_iterations), config.hyper_iterations,
-                             label=method.name):
-        H_i = tf.identity(H)
-        f = exact_objective(H_i, tensors.X_train, tensors.Y_train, tensors.X_val, tensors.Y_val,
-                            tf.constant(config.rho, tf.float64))
-        seconds = time.perf_counter()
-        f_T, w = method.step()
-        seconds = time.perf_counter() - seconds
-        logdir.log(i, {"f": f, "f_T": f_T, "seconds": seconds,
-                       "test_accuracy": accuracy(H_i, w, tensors.X_test, tensors.Y_test),
-                       "val_accuracy": accuracy(H_i, w, tensors.X_val, tensors.Y_val)}, run=method.name)
-        checkpointer.save(i + 1)
+    model = HyperIterations(method, H, tensors, config.rho)
+    model.compile(optimizer=optimizer, run_eagerly=True)
+    budget = callbacks.TrainingBudget(config.hyper_iterations)
+    checkpoint = callbacks.Checkpoint(root / workdir.CHECKPOINTS / method.name, every_seconds=checkpoint_seconds,
+                                      track=[budget], variables={"H": H}, at_epoch_end=False)
+    done = checkpoint.restore(model)
+    metrics = metrics_file(method.name)
+    (root / metrics).parent.mkdir(exist_ok=True)
+    workdir.drop_rows(root, done.epochs, name=metrics)
+    if budget.stopped_by is None:
+        model.fit(tf.data.Dataset.from_tensors(0).repeat(), steps_per_epoch=1, epochs=config.hyper_iterations,
+                  initial_epoch=done.epochs, verbose=0, shuffle=False,
+                  callbacks=[budget, AtStart(), keras.callbacks.CSVLogger(str(root / metrics), append=True),
+                             callbacks.tensorboard(root / "tensorboard" / method.name), checkpoint])
+
+
+def metrics_file(name: str) -> str:
+    """The metrics of the run ``name``, relative to the output folder."""
+    return f"{METRICS}/{name}.csv"
 
 
 def final_metrics(rows: list[dict], names: Sequence[str]) -> dict:
@@ -354,7 +408,7 @@ def final_metrics(rows: list[dict], names: Sequence[str]) -> dict:
     (the first, which traces the compiled functions, excluded when there are others)."""
     results = {}
     for name in names:
-        mine = sorted((r for r in rows if r["run"] == name), key=lambda r: int(r["step"]))
+        mine = sorted((r for r in rows if r["run"] == name), key=lambda r: int(r["epoch"]))
         last = mine[-1]
         seconds = [float(r["seconds"]) for r in mine]
         timed = seconds[1:] or seconds
@@ -381,12 +435,12 @@ def plot_figures(rows: list[dict], names: Sequence[str], results: dict, path: An
     horizontal line). Log axes where the values allow them."""
     plt = common.pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    series = {n: sorted((r for r in rows if r["run"] == n), key=lambda r: int(r["step"]))
+    series = {n: sorted((r for r in rows if r["run"] == n), key=lambda r: int(r["epoch"]))
               for n in names}
     fig, ax = plt.subplots(figsize=(6, 4))
     plotted = []
     for k, name in enumerate(names):
-        steps = [int(r["step"]) for r in series[name]]
+        steps = [int(r["epoch"]) for r in series[name]]
         color = colors[k % len(colors)]
         for key, style in (("f", "-"), ("f_T", "--")) if name != EXACT else (("f", "-"),):
             values = [float(r[key]) for r in series[name]]
@@ -402,7 +456,7 @@ def plot_figures(rows: list[dict], names: Sequence[str], results: dict, path: An
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for k, name in enumerate(names):
-        left.plot([int(r["step"]) for r in series[name]],
+        left.plot([int(r["epoch"]) for r in series[name]],
                   [float(r["test_accuracy"]) for r in series[name]], color=colors[k % len(colors)],
                   label=name)
     left.set(xlabel="hyper-iteration", ylabel="test accuracy", title="Figure 4: test accuracy")
@@ -430,81 +484,65 @@ def summary_table(results: dict) -> list[dict]:
             for name, metrics in results.items()]
 
 
-def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
-                   data: Optional[Data] = None) -> dict:
-    """Runs (or resumes) every T of ``config`` in ``logdir``; writes metrics.csv, results.json,
-    table2.csv, figure3.png and figure4.png, prints Table 2 with f, f_T and the accuracies.
-    Returns the results.
+def run_experiment(config: Config, logdir: Any, *, resume: bool = True, data: Optional[Data] = None,
+                   checkpoint_seconds: float = 60.0) -> dict:
+    """Runs (or resumes) every T of ``config`` in ``logdir``; writes metrics/<run>.csv,
+    results.json, table2.csv, figure3.png and figure4.png, prints Table 2 with f, f_T and the
+    accuracies. Returns the results.
 
     Args:
         data: the data, if already loaded. Defaults to `None`: ``load_data(config)``.
+        checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
 
     Raises:
-        ValueError: for a bad configuration; FileNotFoundError for missing data.
+        ValueError: for a bad configuration; FileNotFoundError for missing data;
+            ``workdir.ConfigMismatchError`` if ``logdir`` holds a run with other settings.
+        callbacks.Interrupted: on SIGINT/SIGTERM, once the run is saved.
     """
     values = check_config(config)
     data = load_data(config) if data is None else data
     logging.info("Data: %s", {k: v.shape for k, v in data._asdict().items()})
     common.set_seed(config.seed)
-    out = common.Logdir(logdir, config, resume=resume)
     names = [EXACT if v == EXACT else f"T{v}" for v in values]
-    for value in values:
-        train_run(value, config, data, out)
-    rows = out.read_metrics()
-    results = final_metrics(rows, names)
-    table = summary_table(results)
-    common.write_csv(out.path / "table2.csv", table)
-    saved = out.write_results(results)
-    common.print_table("Table 2 (seconds per hyper-iteration) and the final f, f_T and "
-                       "accuracies per T", table)
-    plot_figures(rows, names, results, out.path)
-    return saved
+    with workdir.session(logdir, config, resume=resume, resumable=RESUMABLE, outputs=OUTPUTS) as run:
+        for value in values:
+            train_run(value, config, data, run.path, checkpoint_seconds)
+        rows = [{"run": name, **row} for name in names for row in workdir.read_metrics(run.path, metrics_file(name))]
+        results = final_metrics(rows, names)
+        table = summary_table(results)
+        common.write_csv(run.path / "table2.csv", table)
+        saved = {"metrics": results, "config": config}
+        workdir.write_json(run.path / workdir.RESULTS, saved)
+        common.print_table("Table 2 (seconds per hyper-iteration) and the final f, f_T and "
+                           "accuracies per T", table)
+        plot_figures(rows, names, results, run.path)
+    return workdir.jsonable(saved)
 
 
 # -- flags -------------------------------------------------------------------------------------
 
 
+def launch(holders: dict[str, flags.FlagHolder]) -> None:
+    """The effect of T as the command line's flags configure it; bad settings and data stop it
+    before anything is written."""
+    with cli.user_errors(FLAG_NAMES):
+        config = Config(**cli.config_values(Config, holders))
+        check_config(config)
+        data = load_data(config)
+    run_experiment(config, holders["logdir"].value, resume=holders["resume"].value, data=data,
+                   checkpoint_seconds=holders["checkpoint_seconds"].value)
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-    """The effect-of-T flags, defined in ``flag_values``: one per ``Config`` field (``--T`` a
-    list of values) and the common ones."""
-    d, into = Config(), {"flag_values": flag_values}
-    holders = common.define_common_flags(flag_values)._asdict()
-    holders.update(
-        T=flags.DEFINE_list("T", list(d.T), "Inner GD steps T (positive ints) and/or 'exact', "
-                            "one run each.", **into),
-        hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
-                                              "Hyper-iterations per T.", **into),
-        outer_optimizer=flags.DEFINE_enum("outer_optimizer", d.outer_optimizer, ["adam", "sgd"],
-                                          "Optimizer of H.", **into),
-        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Learning rate of H.", **into),
-        rho=flags.DEFINE_float("rho", d.rho, "Ridge penalty ρ of the inner problem.", **into),
-        eta_scale=flags.DEFINE_float("eta_scale", d.eta_scale, "Inner lr η = eta_scale / "
-                                     "(σ_max(X)² + ρ), in (0, 2).", **into),
-        data=flags.DEFINE_enum("data", d.data, ["omniglot", "synthetic"], "Data source: Omniglot "
-                               "pixels from --data_dir, or class means plus noise.", **into),
-        data_dir=flags.DEFINE_string("data_dir", d.data_dir, "Omniglot folder.", **into),
-        representation=flags.DEFINE_string("representation", None, "--logdir of a finished "
-                                           "flags.omniglot run: its learned features (overrides "
-                                           "--data).", **into),
-        features=flags.DEFINE_string("features", None, ".npz of X_/Y_ train/val/test "
-                                     "(overrides --data).", **into),
-        classes=flags.DEFINE_integer("classes", d.classes, "Number of classes.", **into),
-        train_per_class=flags.DEFINE_integer("train_per_class", d.train_per_class, "Training "
-                                             "images per class (the inner problem's data).",
-                                             **into),
-        val_per_class=flags.DEFINE_integer("val_per_class", d.val_per_class, "Validation images "
-                                           "per class (the outer objective's data).", **into),
-        test_per_class=flags.DEFINE_integer("test_per_class", d.test_per_class, "Test images per "
-                                            "class, at most what is left of a class's images "
-                                            "(only for the test accuracy).", **into),
-        dim=flags.DEFINE_integer("dim", d.dim, "Random projection to dim features (0: none).",
-                                 **into))
-    return holders
+    """The effect-of-T flags, defined in ``flag_values``: the run's (``cli.define_run_flags``) and
+    one per ``Config`` field (``cli.define_flags``; ``--T_list`` a list of values)."""
+    return {**cli.define_run_flags(flag_values), **cli.define_flags(Config, flag_values=flag_values)}
 
 
 def main() -> None:
     """The effect of T as the command line's flags configure it."""
-    common.run_launcher(define_flags(), Config, check_config, load_data, run_experiment)
+    holders = define_flags()
+    cli.run(lambda: launch(holders), FLAG_NAMES)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ every setting of hyper-representation's experiments (Franceschi et al., ICML 201
 mapping onto `train.Config`, the device set-up, and the run.
 
 A launcher defines ``define_flags(preset, data_dir=…)`` (defaults: its preset `train.Config`,
-the paper's values) next to the common ``--logdir``, ``--seed`` and ``--resume``, and calls
-``main(argv, holders, preset, load_splits)``.
+the paper's values; the run's ``--logdir``, ``--resume``, ``--checkpoint_seconds``; the settings
+generated from `train.Config`'s fields) and runs ``launch(holders, preset, load_splits)`` under
+``far_ho2.launch.cli.run`` (one-line errors).
 
 ``--mode=train`` meta-trains with Keras ``fit`` in ``--logdir`` (``train.meta_train``): it
 resumes from the last checkpoint there (``--noresume`` deletes the previous outputs first), and
@@ -13,14 +14,17 @@ best.keras, checkpoints/, results.json),
 
     metrics.png    validation accuracy (95% CI band) and train outer loss vs hyper-iteration
 
-results.json gains every flag value ("flags") and the `train.Config` used ("config"), and a line
-per tested shot goes to stdout: ``5-way 1-shot: 87.6 ± 0.7 % (600 episodes); baselines: …``.
-Ctrl-C or SIGTERM saves the run and exits (the same command resumes it); a checkpoint is also
-written every ``--checkpoint_every`` seconds, so SIGKILL loses at most that much training.
+results.json gains the flags given on the command line ("flags") and the `train.Config` used
+("config"), and a line per tested shot goes to stdout: ``5-way 1-shot: 87.6 ± 0.7 % (600
+episodes); baselines: …``; a run that made no progress (validation accuracy at chance, or stuck)
+says so in one line and in results.json ("no_progress"). Ctrl-C or SIGTERM saves the run and
+exits (the same command resumes it); a checkpoint is also written every
+``--checkpoint_seconds``, so SIGKILL loses at most that much training.
 
 ``--mode=test`` tests the run's best.keras again: with the run's own settings (its config.json),
-except the evaluation flags (``EVALUATION``) given on the command line; it appends its results to
-test_results.json and leaves the training's files as they are.
+except the evaluation flags (``EVALUATION``) given on the command line; it appends its results
+(the settings tested, and the flags given to it) to test_results.json and leaves the training's
+files as they are.
 
 Errors (bad flags, data too small for the episodes, a --logdir in use or holding another run)
 stop with a one-line message naming the flag, and exit code 1.
@@ -41,22 +45,19 @@ the hypergradient, not implemented), meant for accelerators with bfloat16 units.
 """
 
 import dataclasses
-import json
 import os
 import pathlib
-import signal
 import sys
-import typing
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 from absl import flags
 from absl import logging
 
+from far_ho2.launch import callbacks, cli, workdir
 from flags import common
 from flags import method_flags
-from hyper_repr import callbacks, data, train
-from hyper_repr.model import VARIANTS
+from hyper_repr import data, train
 
 # The settings both experiments share: the N, k, q and T of hyper-representation's main.py; the
 # meta-optimiser of the FAR-HO repository's example (main.py had meta-batch 2, meta-lr 0.3, η
@@ -69,86 +70,29 @@ PRESET = train.Config(ways=5, shots=1, queries=15, steps=5, learning_rate=0.1, l
                       eval_every=250, eval_episodes=600, test_episodes=600, patience=40)
 MODES = ("train", "test")
 STRATEGIES = ("none", "mirrored", "multi_worker")
-NETWORKS = ("omniglot", "c4l", "rn")  # models.build_network names
-DTYPES = ("float32", "float64", "mixed_bfloat16")
 EVALUATION = ("test_ways", "test_steps", "test_shots", "test_queries", "test_episodes",
               "eval_batch_size")  # Config fields --mode=test may override
 PLOT, TEST_RESULTS = "metrics.png", "test_results.json"
 PATHS = ("logdir", "data_dir")  # flags whose ~ is expanded
-# flag name -> train.Config field, where they differ (the flags keep FAR-HO's and the other
-# launchers' names); every other setting flag is named after its field.
-_FIELDS = {"T": "steps", "test_T": "test_steps", "lr": "learning_rate",
-           "hyper_iterations": "iterations", "time_budget": "time_budget_seconds"}
-_FLAG = {field: flag for flag, field in _FIELDS.items()}
-_CHOICES = {"network": NETWORKS, "dtype": DTYPES, "variant": VARIANTS}
-_COUNTS = ("augment_shift",)  # ints that may be 0 (others ≥ 1; floats ≥ 0)
+# field -> flag, e.g. steps -> T (the method's settings are flags of their own: ``method_flags``)
+FLAG_NAMES = {**{f.name: f.name for f in dataclasses.fields(train.Config)}, **cli.flag_names(train.Config)}
 METHOD_HELP = ("The far_ho2 method of the bilevel variants (reverse: Algorithm 1; stochastic: Langevin heads); "
                "its settings are the flags named after it.")
-
-# The help of a flag per `train.Config` field but seed (the common --seed) and the method's
-# settings (``method_flags``: --method and a flag per setting); each flag's type is its field's,
-# its default the launcher's preset.
-HELP = {
-    "network": "Representation h_λ: omniglot (conv-4, stride 2), c4l (conv-4, 32 filters, "
-               "max-pool) or rn (residual network).",
-    "batch_norm_scale": "Learn the normalisation scale γ too.",
-    "dtype": "Dtype of the network; mixed_bfloat16: float32 weights, bfloat16 computation "
-             "(mixed precision, for GPUs/TPUs with bfloat16 units).",
-    "ways": "N, classes per meta-training episode.",
-    "test_ways": "N of the validation and test episodes (default: --ways).",
-    "shots": "k, support images per class.",
-    "test_shots": "k of the test evaluations, e.g. 1,5 (default: --shots).",
-    "queries": "Query images per class.",
-    "test_queries": "Query images per class at validation and test (default: --queries).",
-    "legacy_sampling": "Support images may reappear as queries (the original sampler).",
-    "augment_shift": "Translate every meta-training image by up to this many pixels at random "
-                     "(augmentation; 0: none).",
-    "T": "Inner GD steps of the heads in meta-training.",
-    "test_T": "Head GD steps at validation and test (default: --T).",
-    "lr": "η, the heads' learning rate (its initial value if learned).",
-    "learn_lr": "Learn η as a hyperparameter (--nolearn_lr: fixed).",
-    "meta_batch_size": "Episodes per hyper-iteration.",
-    "meta_lr": "Outer Adam learning rate.",
-    "meta_lr_decay": "Inverse-time decay rate: meta_lr / (1 + decay·iteration).",
-    "clip": "Clip hypergradients to ±clip (default: none).",
-    "variant": "Training variant (the paper's Table 4).",
-    "head_l2": "γ, the heads' ridge penalty (γ/2)(‖W‖² + ‖b‖²), in training and evaluation "
-               "(implicit needs γ > 0).",
-    "hyper_iterations": "Maximum hyper-iterations.",
-    "eval_every": "Hyper-iterations between validations (a Keras epoch).",
-    "eval_episodes": "Validation episodes.",
-    "test_episodes": "Test episodes.",
-    "eval_batch_size": "Episodes per compiled evaluation call.",
-    "patience": "Early stopping: validations without improvement.",
-    "time_budget": "Seconds of training, over all resumed runs (default: none).",
-}
-
-
-class LaunchError(Exception):
-    """A problem the user can fix, said in one line in flag names."""
 
 
 def flag_name(field: str) -> str:
     """``--T`` for the field ``steps``, ``--ways`` for ``ways``."""
-    return f"--{_FLAG.get(field, field)}"
-
-
-def _kind(field: str) -> Any:
-    """The flag type of a `train.Config` field: its choices, list, bool, int or float."""
-    if field in _CHOICES:
-        return _CHOICES[field]
-    hint = typing.get_type_hints(train.Config)[field]
-    hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[x]
-    return list if hint is tuple else hint
+    return f"--{FLAG_NAMES.get(field, field)}"
 
 
 def define_flags(preset: train.Config, *, data_dir: Optional[str],
                  flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-    """Defines ``--mode``, ``--data_dir``, ``--xla``, ``--strategy``, ``--cpu_devices``,
-    ``--verbose``, ``--checkpoint_every``, the settings (``HELP``), with ``preset``'s values as
-    defaults, and ``--method`` with its settings (``method_flags``; defaults
-    ``train.METHOD_DEFAULTS``, then the registry's)."""
-    holders = dict(
+    """Defines the run's flags (``cli.define_run_flags``), ``--mode``, ``--data_dir``, ``--xla``,
+    ``--strategy``, ``--cpu_devices``, ``--verbose``, the settings of `train.Config`
+    (``cli.define_flags``), with ``preset``'s values as defaults, and ``--method`` with its
+    settings (``method_flags``; defaults ``train.METHOD_DEFAULTS``, then the registry's)."""
+    holders = cli.define_run_flags(flag_values)
+    holders.update(
         mode=flags.DEFINE_enum("mode", "train", list(MODES), "train: meta-train (resuming from "
                                "--logdir), then meta-test; test: meta-test the best model in "
                                "--logdir again, without training.", flag_values=flag_values),
@@ -166,55 +110,25 @@ def define_flags(preset: train.Config, *, data_dir: Optional[str],
                                          flag_values=flag_values),
         verbose=flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras progress "
                                   "output: 1 a progress bar, 2 a line per epoch, 0 none; auto: 1 "
-                                  "on a terminal, else 2.", flag_values=flag_values),
-        checkpoint_every=flags.DEFINE_float("checkpoint_every", 60.0, "Seconds between "
-                                            "checkpoints (also written at each validation and on "
-                                            "Ctrl-C/SIGTERM).", lower_bound=0.0,
-                                            flag_values=flag_values))
-    for name, help_ in HELP.items():
-        field = _FIELDS.get(name, name)
-        default, kind = getattr(preset, field), _kind(field)
-        if isinstance(kind, tuple):
-            holders[name] = flags.DEFINE_enum(name, default, list(kind), help_, flag_values=flag_values)
-        elif kind is list:
-            holders[name] = flags.DEFINE_list(name, [str(v) for v in default], help_,
-                                              flag_values=flag_values)
-        elif kind is bool:
-            holders[name] = flags.DEFINE_boolean(name, default, help_, flag_values=flag_values)
-        elif kind is int:
-            holders[name] = flags.DEFINE_integer(name, default, help_,
-                                                 lower_bound=0 if name in _COUNTS else 1,
-                                                 flag_values=flag_values)
-        else:
-            holders[name] = flags.DEFINE_float(name, default, help_, lower_bound=0.0,
-                                               flag_values=flag_values)
+                                  "on a terminal, else 2.", flag_values=flag_values))
+    holders.update(cli.define_flags(train.Config, defaults=preset, flag_values=flag_values))
     holders.update(method_flags.define_flags(flag_values, method_help=METHOD_HELP, default=preset.method,
                                              defaults=train.METHOD_DEFAULTS))
     return holders
 
 
 def config_from_flags(holders: Mapping[str, flags.FlagHolder], preset: train.Config) -> train.Config:
-    """``preset`` with the parsed setting flags of ``holders`` applied (``--method``'s settings
-    as ``method_settings``).
+    """``preset`` with the setting flags applied (``--method``'s settings as ``method_settings``).
 
     Raises:
-        LaunchError: if ``--test_shots`` holds something other than positive ints,
-            ``--time_budget`` is 0, or a method's setting flag is another method's or out of its
-            range.
+        cli.LaunchError: if a flag is out of its range, or a method's setting flag is another
+            method's or out of its range.
     """
-    values = _values(holders)
+    fields = cli.config_values(train.Config, holders)
     try:
         settings = method_flags.settings_from_flags(holders)
     except ValueError as error:
-        raise LaunchError(str(error)) from None
-    if not all(s.isdigit() and int(s) > 0 for s in values["test_shots"]):
-        raise LaunchError(f"--test_shots must be positive ints, e.g. 1,5; got "
-                          f"{','.join(values['test_shots'])!r}.")
-    if values["time_budget"] == 0:
-        raise LaunchError("--time_budget must be a positive number of seconds, got 0.")
-    names = {f.name for f in dataclasses.fields(train.Config)}
-    fields = {_FIELDS.get(k, k): v for k, v in values.items() if _FIELDS.get(k, k) in names}
-    fields["test_shots"] = tuple(int(s) for s in values["test_shots"])
+        raise cli.LaunchError(str(error)) from None
     return dataclasses.replace(preset, **fields, method_settings=settings)
 
 
@@ -224,15 +138,15 @@ def set_up_devices(xla: bool, strategy: str = "none", cpu_devices: int = 1) -> t
     visible GPUs, else the CPU); ``xla`` turns on XLA auto-clustering when a GPU is visible.
 
     Raises:
-        LaunchError: for ``--cpu_devices`` > 1 with another strategy than ``mirrored`` or with a
+        cli.LaunchError: for ``--cpu_devices`` > 1 with another strategy than ``mirrored`` or with a
             GPU visible, and for ``--strategy=multi_worker`` without TF_CONFIG.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if cpu_devices > 1 and (strategy != "mirrored" or gpus):
-        raise LaunchError(f"--cpu_devices={cpu_devices} splits a CPU without GPU for --strategy=mirrored; "
+        raise cli.LaunchError(f"--cpu_devices={cpu_devices} splits a CPU without GPU for --strategy=mirrored; "
                           f"here --strategy={strategy} with {len(gpus)} GPU(s) visible.")
     if strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
-        raise LaunchError("--strategy=multi_worker needs the TF_CONFIG environment variable: the cluster "
+        raise cli.LaunchError("--strategy=multi_worker needs the TF_CONFIG environment variable: the cluster "
                           "(every worker's host:port) and this worker's task (see the README).")
     if gpus:
         logging.info("Running on %d GPU(s): %s", len(gpus), ", ".join(g.name for g in gpus))
@@ -295,16 +209,14 @@ def summary(results: Mapping[str, Any], config: train.Config) -> list[str]:
         name = setting.replace("way_", "-way ").replace("shot", "-shot")
         lines.append(f"{name}: {percent(scores[config.variant])} ({config.test_episodes} "
                      f"episodes); baselines: {baselines}")
+    if results.get("no_progress"):
+        lines.append(f"Warning: {results['no_progress']}: the run learned nothing; lower --meta_lr or --lr.")
     return lines
 
 
 def _print(lines: Sequence[str]) -> None:
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     sys.stdout.flush()
-
-
-def _verbose(value: str) -> int:
-    return (1 if sys.stdout.isatty() else 2) if value == "auto" else int(value)
 
 
 def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume: bool = True,
@@ -319,7 +231,8 @@ def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume:
         splits: the data.
         resume: continue the run in ``logdir``; else delete its outputs first. Defaults to
             `True`.
-        flag_values: every flag value, for results.json. Defaults to `None` (none).
+        flag_values: the flags given on the command line, for results.json. Defaults to `None`
+            (none).
         verbose: Keras's progress output (0, 1, 2 or "auto"). Defaults to `"auto"`.
         checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
         strategy: the ``tf.distribute`` strategy (``set_up_devices``); only its chief writes
@@ -329,32 +242,20 @@ def run_train(config: train.Config, logdir: Any, splits: data.Splits, *, resume:
         The content of results.json.
 
     Raises:
-        LaunchError: for data too small for the episodes, a meta-batch the replicas do not
-            divide, a ``logdir`` in use by another launch, or holding a run with other settings.
+        cli.LaunchError: for a bad setting, data too small for the episodes, a meta-batch the
+            replicas do not divide, a ``logdir`` in use by another launch.
+        workdir.ConfigMismatchError: if ``logdir`` holds a run with other settings.
         callbacks.Interrupted: on SIGINT/SIGTERM, once the run is saved.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    try:
-        train.check_data(config, splits, flag_name)
-        train.check_replicas(config, strategy, flag_name)
+    with cli.user_errors(FLAG_NAMES):
         results = train.meta_train(config, logdir, splits, resume=resume,
                                    outputs=(PLOT, TEST_RESULTS), verbose=verbose,
                                    checkpoint_seconds=checkpoint_seconds, strategy=strategy)
-    except train.ConfigMismatchError as error:
-        saved = train.read_config(logdir)
-        changes = ", ".join(f"{flag_name(f)}={getattr(saved, f)!r} in the run, "
-                            f"{getattr(config, f)!r} now" for f in error.fields)
-        raise LaunchError(f"--logdir={logdir} holds a run with other settings ({changes}): "
-                          f"relaunch with its settings, use another --logdir, or --noresume to "
-                          f"delete it and restart.") from None
-    except (train.LockedError, OSError) as error:
-        raise LaunchError(f"--logdir={logdir}: {error}") from None
-    except ValueError as error:  # check_data's and check_replicas', in flag names
-        raise LaunchError(str(error)) from None
     results = {**results, "config": dataclasses.asdict(config), "flags": dict(flag_values or {})}
     if callbacks.is_chief(strategy):
         plot_metrics(logdir)
-        common.write_json(pathlib.Path(logdir) / train.RESULTS, results)
+        workdir.write_json(pathlib.Path(logdir) / workdir.RESULTS, results)
         _print(summary(results, config))
     return results
 
@@ -366,23 +267,20 @@ def run_test(logdir: Any, splits: data.Splits, overrides: Optional[Mapping[str, 
     the summary.
 
     Returns:
-        The entry appended: ``{"config", "flags", "learning_rate", "test"}``.
+        The entry appended: ``{"config", "flags", "learning_rate", "test"}``: the settings
+        tested, and the flags given to this command.
 
     Raises:
-        LaunchError: if ``logdir`` holds no validated model, or the data is too small.
+        cli.LaunchError: if ``logdir`` holds no validated model, or the data is too small.
     """
-    try:
+    with cli.user_errors(FLAG_NAMES, prefix=f"--logdir={logdir}: "):
         config = dataclasses.replace(train.read_config(logdir), **dict(overrides or {}))
         train.check_data(config, splits, flag_name)
         results = train.meta_test(config, logdir, splits)
-    except FileNotFoundError as error:
-        raise LaunchError(f"--logdir={logdir}: {error}") from None
-    except ValueError as error:  # check_data's, in flag names
-        raise LaunchError(str(error)) from None
     entry = {"config": dataclasses.asdict(config), "flags": dict(flag_values or {}), **results}
     path = pathlib.Path(logdir) / TEST_RESULTS
-    previous = json.loads(path.read_text()) if path.exists() else []
-    common.write_json(path, previous + [entry])
+    previous = workdir.read_json(path) if path.exists() else []
+    workdir.write_json(path, previous + [entry])
     _print(summary(results, config))
     return entry
 
@@ -396,50 +294,27 @@ def _values(holders: Mapping[str, flags.FlagHolder]) -> dict:
     return values
 
 
-def _launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
-            load_splits: Callable[[Mapping[str, Any]], data.Splits]) -> None:
+def launch(holders: Mapping[str, flags.FlagHolder], preset: train.Config,
+           load_splits: Callable[[Mapping[str, Any]], data.Splits]) -> None:
+    """A launcher's ``main``: flags -> `train.Config` and data -> ``run_train`` or ``run_test``
+    (run by ``cli.run``: problems end the process with one line)."""
     values = _values(holders)
     config = config_from_flags(holders, preset)
     logdir = values["logdir"]
     if os.path.exists(logdir) and not os.path.isdir(logdir):
-        raise LaunchError(f"--logdir={logdir} is a file, not a folder.")
+        raise cli.LaunchError(f"--logdir={logdir} is a file, not a folder.")
     strategy = set_up_devices(values["xla"], values["strategy"], values["cpu_devices"])
-    try:
+    with cli.user_errors(prefix=f"--data_dir={values['data_dir']}: "):
         splits = load_splits(values)
-    except (ValueError, FileNotFoundError) as error:
-        raise LaunchError(f"--data_dir={values['data_dir']}: {error}") from None
+    with cli.user_errors(FLAG_NAMES):
+        train.check_data(config, splits, flag_name)
+        train.check_replicas(config, strategy, flag_name)
+    given = cli.given_flags(holders)
     if values["mode"] == "test":
-        overrides = {_FIELDS.get(name, name): getattr(config, _FIELDS.get(name, name))
-                     for name, holder in holders.items()
-                     if holder.present and _FIELDS.get(name, name) in EVALUATION}
-        run_test(logdir, splits, overrides, flag_values=values)
+        overrides = {field: getattr(config, field) for field in EVALUATION
+                     if holders[FLAG_NAMES[field]].present}
+        run_test(logdir, splits, overrides, flag_values=given)
     else:
-        run_train(config, logdir, splits, resume=values["resume"], flag_values=values,
-                  verbose=_verbose(values["verbose"]), checkpoint_seconds=values["checkpoint_every"],
+        run_train(config, logdir, splits, resume=values["resume"], flag_values=given,
+                  verbose=values["verbose"], checkpoint_seconds=values["checkpoint_seconds"],
                   strategy=strategy)
-
-
-def _not_checkpoint_chatter(record: Any) -> bool:
-    """False for TensorFlow's log line at every checkpoint save ("Sharding callback duration")."""
-    return not record.pathname.endswith("functional_saver.py")
-
-
-def main(argv: Sequence[str], holders: Mapping[str, flags.FlagHolder], preset: train.Config,
-         load_splits: Callable[[Mapping[str, Any]], data.Splits]) -> None:
-    """A launcher's ``main``: flags -> `train.Config` and data -> ``run_train`` or ``run_test``.
-    Problems end the process with a one-line message: exit code 1 for bad flags, data or
-    --logdir; 128 + the signal's number after Ctrl-C or SIGTERM."""
-    logging.get_absl_logger().addFilter(_not_checkpoint_chatter)
-    try:
-        if len(argv) > 1:
-            raise LaunchError(f"Unexpected arguments: {list(argv[1:])}.")
-        _launch(holders, preset, load_splits)
-    except LaunchError as error:
-        sys.exit(f"Error: {error}")
-    except callbacks.Interrupted as error:
-        sys.stderr.write(f"Interrupted: {error}\n")
-        sys.exit(128 + error.signum)
-    except KeyboardInterrupt:
-        sys.stderr.write("Interrupted (Ctrl-C) outside training: the run's checkpoints are kept, "
-                         "the same command resumes it.\n")
-        sys.exit(128 + signal.SIGINT)

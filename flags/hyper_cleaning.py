@@ -75,12 +75,9 @@ test set x_test (FAR-HO's demo used 1400 / 140 MNIST examples: ``--n_train 1400 
     python -m flags.hyper_cleaning --logdir /tmp/bome_60s --method bome --time_budget 60
     python -m flags.hyper_cleaning --data ~/.keras/datasets/mnist.npz --logdir /tmp/mnist
 """
-import collections
 import dataclasses
-import itertools
 import pathlib
-import time
-import warnings
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import keras
@@ -90,6 +87,8 @@ from absl import flags
 from absl import logging
 
 import far_ho2 as far
+from far_ho2.launch import callbacks, cli, workdir
+from far_ho2.launch.cli import setting
 from flags import common
 from flags import method_flags
 
@@ -98,36 +97,53 @@ CLASSES = 10
 DIGITS = pathlib.Path(__file__).resolve().parent.parent / "data" / "digits" / "digits.npz"
 DIGITS_MAX = 16  # the digits' pixels count the ink in 4×4 blocks: 0..16
 DIGITS_TEST_EVERY = 3  # the digits' fixed test set: images 0, 3, 6, …
-CHECKPOINT_SECONDS = 30.0  # at most this much work is redone after a crash (and at every end)
+RESUMABLE = ("hyper_iterations", "time_budget")  # settings a resumed run may change
+PLOT = "weights.png"
+UNLIMITED = 2 ** 31 - 1  # fit's epochs when only the time budget limits the run
+STUCK_EVALUATIONS = 20  # hyper-iterations without a change of E that mean no progress
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment; the defaults are for the bundled digits: a third of the labels corrupted
     as in FAR-HO's demo, softmax regression as in the ICML17 paper, reverse-mode hypergradients.
-    A setting left at None takes its method's default (``resolved``)."""
+    A setting left at None takes its method's default (``resolved``). The fields declared with
+    ``setting`` are the launcher's flags (their help and bounds); the method's flags are defined
+    in ``define_flags``."""
 
-    data: Optional[str] = None  # a Keras-format MNIST .npz; None: the bundled digits
-    n_train: int = 800
-    n_val: int = 200
-    n_test: int = 0  # 0: the whole test set
-    corruption: float = 1 / 3  # fraction of training labels replaced
-    model: str = "softmax"  # "softmax" or "mlp"
-    hidden: int = 300  # MLP hidden units
-    l2: float = 1e-3  # ρ: (ρ/2)‖θ‖² added to the training loss, the same for every method (forward learns it)
-    normalize_weights: Optional[bool] = None  # L's weights σ(λ_i) / mean σ(λ) instead of σ(λ_i)
+    data: Optional[str] = setting(None, "MNIST or Fashion-MNIST .npz in Keras format (x_train, y_train, x_test, "
+                                  "y_test); default: the bundled 8×8 digits (data/digits).")
+    n_train: int = setting(800, "Training examples.", lower=1)
+    n_val: int = setting(200, "Validation examples (clean labels).", lower=1)
+    n_test: int = setting(0, "Test examples (0: all).", lower=0)
+    corruption: float = setting(1 / 3, "Fraction of training labels replaced by another one (FAR-HO's demo: 1/3; "
+                                "BOME's: 0.5).", lower=0, below=1)
+    model: str = setting("softmax", "Classifier.", choices=("softmax", "mlp"))
+    hidden: int = setting(300, "MLP hidden units.", lower=1)
+    l2: float = setting(1e-3, "ρ: (ρ/2)‖θ‖² added to the training loss, and to the retrainings (implicit needs "
+                        "ρ > 0; forward learns it).", lower=0)
+    normalize_weights: Optional[bool] = setting(None, "Weight the training loss by σ(λ_i) / mean σ(λ) instead of "
+                                                "σ(λ_i); default: the method's.")
     method: str = "reverse"  # a registered far_ho2 method (far.methods())
-    T: Optional[int] = None  # inner steps per hyper-iteration (BOME: steps of ŵ; penalty: steps on w)
-    hyper_iterations: Optional[int] = None  # at most; None: the method's, or only the time budget if one is given
-    time_budget: Optional[float] = None  # seconds of hyper-iterations, over resumed runs (None: no limit)
-    outer_lr: Optional[float] = None  # λ's (and reverse mode's η's) rate: Adam's; BOME: SGD's (``outer_optimizer``)
-    inner_lr: Optional[float] = None  # (initial) η
+    T: Optional[int] = setting(None, "Inner steps per hyper-iteration (bome: steps of ŵ; penalty: steps on w); "
+                               "default: the method's.", lower=1)
+    hyper_iterations: Optional[int] = setting(None, "Hyper-iterations (steps on λ) at most; default: the method's, "
+                                              "or none with --time_budget.", lower=1)
+    time_budget: Optional[float] = setting(None, "Seconds of hyper-iterations (metrics not counted), over all "
+                                           "resumed runs (default: no limit); the run stops at the budget or "
+                                           "--hyper_iterations, whichever comes first.", positive=True)
+    outer_lr: Optional[float] = setting(None, "Learning rate of λ (and η): Adam's, bome: SGD's with "
+                                        "--bome_momentum; default: the method's.", positive=True)
+    inner_lr: Optional[float] = setting(None, "(Initial) inner learning rate η; default: the method's.",
+                                        positive=True)
     # the settings of --method (far_ho2.registry) given; the others: METHOD_DEFAULTS, then the registry's
     method_settings: dict = dataclasses.field(default_factory=dict)
-    retrain_steps: int = 1000  # GD steps of the final retraining, the same for every method
-    retrain_lr: float = 0.5  # its learning rate, the same for every method
-    threshold: float = 0.5  # σ(λ_i) below it: flagged as corrupted
-    seed: int = 0
+    retrain_steps: int = setting(1000, "GD steps of the final retrainings (learned weights, baseline, oracle).",
+                                 lower=1)
+    retrain_lr: float = setting(0.5, "Learning rate of the final retrainings, whatever the method's η.",
+                                positive=True)
+    threshold: float = setting(0.5, "Weights below it flag an example as corrupted.", positive=True)
+    seed: int = setting(0, "Seed of data subsets, corruption and init.")
 
 
 class MethodDefaults(NamedTuple):
@@ -180,7 +196,7 @@ class Data(NamedTuple):
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """The four arrays of a Keras-format MNIST / Fashion-MNIST .npz, checked: images as float32
     rows in [0, 1] (uint8 pixels / 255), labels as int64."""
-    with np.load(common.check_file(path, "data")) as npz:
+    with common.open_npz(path, "data") as npz:
         missing = [k for k in NPZ_KEYS if k not in npz]
         if missing:
             raise ValueError(f"--data={path} lacks the arrays {missing}; an MNIST .npz in Keras "
@@ -256,12 +272,13 @@ def make_model(config: Config, inputs: int) -> keras.Model:
     return keras.Sequential(layers)
 
 
-def weighted_loss(model: keras.Model, x: tf.Tensor, y: tf.Tensor, weights: Callable[[], tf.Tensor],
-                  l2: Optional[Callable[[], tf.Tensor]] = None) -> Callable[[], tf.Tensor]:
-    """The objective  mean_i w_i · CE(model(x_i), y_i) + (ρ/2)‖θ‖²,  w = ``weights()`` and
-    ρ = ``l2()`` (read at each call, so they may depend on hyperparameters; no ρ: 0), θ the
-    model's weights."""
-    def loss() -> tf.Tensor:
+def weighted_loss(model: keras.Model, weights: Callable[[], tf.Tensor],
+                  l2: Optional[Callable[[], tf.Tensor]] = None) -> Callable[[Any], tf.Tensor]:
+    """The objective of a batch (x, y):  mean_i w_i · CE(model(x_i), y_i) + (ρ/2)‖θ‖²,  w =
+    ``weights()`` and ρ = ``l2()`` (read at each call, so they may depend on hyperparameters; no
+    ρ: 0), θ the model's weights."""
+    def loss(batch: Any) -> tf.Tensor:
+        x, y = batch
         ce = keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
         value = tf.reduce_mean(weights() * ce)
         if l2 is not None:
@@ -291,20 +308,22 @@ def detection(weights: np.ndarray, corrupted: np.ndarray, threshold: float) -> d
 
 
 class Experiment(NamedTuple):
-    """The model, the hyperparameters, and the problems that train it. The retrainings run GD
-    from the initial weights at ``retrain_lr`` with ρ = ``l2``, the same for every method."""
+    """The model, the hyperparameters, the bilevel problem as a Keras model, and the problems that
+    retrain the model. The retrainings run GD from the initial weights at ``retrain_lr`` with ρ =
+    ``l2``, the same for every method."""
 
     model: keras.Model
     example_weights: tf.Variable  # λ
     learning_rate: tf.Variable  # η
     l2: Callable[[], tf.Tensor]  # ρ (learned by forward mode)
-    optimizer: keras.optimizers.Optimizer  # of λ (and η)
-    hyper_optimizer: far.HyperOptimizer
-    run: Callable  # one hyper-iteration
+    bilevel: far.BilevelModel  # one hyper-iteration per element of `hyper_iterations_data`
+    state: dict  # what a checkpoint holds besides the bilevel model and its optimizer
     learned: far.InnerProblem  # the weights σ(λ) / mean σ(λ)
     baseline: far.InnerProblem  # uniform weights
     oracle: far.InnerProblem  # the corrupted examples removed
     learned_rate: Optional[far.InnerProblem]  # σ(λ) / mean σ(λ) at the learned η and ρ (reverse, forward)
+
+
 
 
 def outer_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -316,12 +335,17 @@ def outer_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(config.outer_lr)
 
 
+def hyper_iterations_data(data: Data) -> tf.data.Dataset:
+    """The elements ``far.BilevelModel.fit`` takes, one per hyper-iteration: (training set,
+    validation set), the whole of each (full-batch, as every method here runs)."""
+    return tf.data.Dataset.from_tensors(((data.x_train, data.y_train), (data.x_val, data.y_val))).repeat()
+
+
 def build(config: Config, data: Data) -> Experiment:
-    """The model (seeded) and the bilevel problem of a ``resolved`` configuration; every problem
-    starts from the same weights."""
+    """The model (seeded) and the bilevel problem of a ``resolved`` configuration, compiled; every
+    problem starts from the same weights."""
     keras.utils.set_random_seed(config.seed)
     model = make_model(config, data.x_train.shape[1])
-    x, y, xv, yv = (tf.constant(a) for a in (data.x_train, data.y_train, data.x_val, data.y_val))
     lam = far.get_hyperparameter("example_weights", tf.zeros(len(data.x_train)))
     lr = far.get_hyperparameter("lr", float(config.inner_lr),
                                 constraint=lambda v: tf.clip_by_value(v, 1e-5, 1.0))
@@ -330,28 +354,30 @@ def build(config: Config, data: Data) -> Experiment:
     # Only reverse and forward mode differentiate the inner trajectory, so only they learn η (the
     # other methods see the inner problem's solution, or its Gibbs law, which η does not change).
     hypers = {"reverse": [lam, lr], "forward": [lr, log_l2]}.get(config.method, [lam])
-    optimizer = outer_optimizer(config)
-    optimizer.build(hypers)
-    variables = model.trainable_variables
     registered = far.registry.get_method(config.method)
     settings, inner = registered.split(config.method_settings)
-    ho = far.HyperOptimizer(registered.make(**settings))
     inner_optimizer = (far.SGLDOptimizer(lr, temperature=inner["temperature"], seed=config.seed)
                        if config.method == "stochastic" else far.GradientDescentOptimizer(lr))
     mean_one = lambda: tf.sigmoid(lam) / tf.reduce_mean(tf.sigmoid(lam))  # noqa: E731
     weights = mean_one if config.normalize_weights else lambda: tf.sigmoid(lam)
-    problem = ho.inner_problem(weighted_loss(model, x, y, weights, l2),
-                               inner_optimizer, var_list=variables)
-    ho.outer_problem(weighted_loss(model, xv, yv, constant(np.ones(len(data.x_val)))), problem,
-                     optimizer, hyper_list=hypers)
+    method = registered.make(**settings)
+    bilevel = far.BilevelModel(weighted_loss(model, weights, l2),
+                               weighted_loss(model, constant(np.ones(len(data.x_val)))), inner_optimizer,
+                               steps=config.T, hypergradient=method, inner_variables=model, hyperparameters=hypers)
+    bilevel.compile(optimizer=outer_optimizer(config))
+    bilevel.resolve(hyper_iterations_data(data))  # every variable exists: a checkpoint can be restored
+    state = {"hyperparameters": [lam, lr] + ([log_l2] if log_l2 is not None else []),
+             "inner_optimizer": list(inner_optimizer.run_variables), "method": method.state_variables()}
     clean = (~data.corrupted).astype(np.float32)
+    train = (tf.constant(data.x_train), tf.constant(data.y_train))
 
     def retraining(weights: Callable[[], tf.Tensor], rate: Any = config.retrain_lr,
                    rho: Callable[[], tf.Tensor] = constant(config.l2)) -> far.InnerProblem:
-        return far.InnerProblem(weighted_loss(model, x, y, weights, rho),
-                                far.GradientDescentOptimizer(rate), var_list=variables)
+        loss = weighted_loss(model, weights, rho)
+        return far.InnerProblem(lambda: loss(train), far.GradientDescentOptimizer(rate),
+                                var_list=model.trainable_variables)
     learned_rate = retraining(mean_one, lr, l2) if config.method in ("reverse", "forward") else None
-    return Experiment(model, lam, lr, l2, optimizer, ho, ho.finalize(), retraining(mean_one),
+    return Experiment(model, lam, lr, l2, bilevel, state, retraining(mean_one),
                       retraining(constant(np.ones_like(clean))), retraining(constant(clean / clean.mean())),
                       learned_rate)
 
@@ -440,20 +466,6 @@ def hyper_iteration_metrics(exp: Experiment, data: Data, config: Config) -> dict
             "weight_clean": float(weights[~data.corrupted].mean())}
 
 
-def first_warnings_only(run: Callable[[], Any], warned: collections.Counter) -> Any:
-    """``run()``, each of whose warnings (by category and line) is issued the first time only;
-    ``warned`` counts them all (a short Langevin chain warns at every hyper-iteration)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = run()
-    for w in caught:
-        key = (w.category, w.filename, w.lineno)
-        if not warned[key]:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        warned[key] += 1
-    return value
-
-
 def retrained_accuracy(problem: far.InnerProblem, model: keras.Model, steps: int, data: Data) -> float:
     """Trains ``problem`` from its initial weights for ``steps``, then the test accuracy."""
     problem.run(steps)
@@ -475,119 +487,97 @@ def plot_weights(weights: np.ndarray, corrupted: np.ndarray, threshold: float, p
     plt.close(fig)
 
 
-def run_experiment(config: Config, logdir: Any, *, resume: bool = True,
-                   data: Optional[Data] = None) -> dict:
-    """Runs (or resumes) hyper-cleaning in ``logdir``: ``hyper_iterations`` hypergradient steps
-    logged to metrics.csv, then the retrained test accuracies and detection scores in
-    results.json, weights.png. Returns the results.
+class IterationMetrics(keras.callbacks.Callback):
+    """Each hyper-iteration's row (``fit`` runs epochs of one): the detection scores, η and ρ at
+    λ_i (``hyper_iteration_metrics``, taken at the epoch's start), then E before the update
+    (``val_loss``) and the validation and test accuracy of the model the hyper-iteration leaves."""
+
+    def __init__(self, exp: Experiment, data: Data, config: Config):
+        super().__init__()
+        self.exp, self.data, self.config, self.before = exp, data, config, {}
+        self.val = (tf.constant(data.x_val), tf.constant(data.y_val))
+        self.test = (tf.constant(data.x_test), tf.constant(data.y_test))
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self.before = hyper_iteration_metrics(self.exp, self.data, self.config)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        logs.pop("phase", None)
+        logs.update(self.before, val_loss=logs.pop("loss"), val_accuracy=accuracy(self.exp.model, *self.val),
+                    test_accuracy=accuracy(self.exp.model, *self.test))
+
+
+def run_experiment(config: Config, logdir: Any, *, resume: bool = True, data: Optional[Data] = None,
+                   checkpoint_seconds: float = 60.0) -> dict:
+    """Runs (or resumes) hyper-cleaning in ``logdir``: ``far.BilevelModel.fit``, one epoch per
+    hyper-iteration, with the launchers' callbacks (a row per hyper-iteration in metrics.csv, the
+    budget, checkpoints every ``checkpoint_seconds`` and on SIGINT/SIGTERM); then the retrained
+    test accuracies and detection scores in results.json, weights.png. Returns the results.
 
     Args:
         config: the settings; those left at None take their method's defaults (``resolved``),
             and config.json records the values used.
         data: the data, if already loaded. Defaults to `None`: ``load_data(config)``.
+        checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
 
     Raises:
-        ValueError: for a bad configuration; FileNotFoundError for missing data.
+        ValueError: for a bad configuration; FileNotFoundError for missing data;
+            ``workdir.ConfigMismatchError`` if ``logdir`` holds a run with other settings.
+        far.DivergenceError: if a hyper-iteration fails (a fresh run leaves nothing behind).
+        callbacks.Interrupted: on SIGINT/SIGTERM, once the run is saved.
     """
     check_config(config)
     config = resolved(config)
     data = load_data(config) if data is None else data
     logging.info("Data: %d train (%d corrupted), %d val, %d test.", len(data.x_train),
                  data.corrupted.sum(), len(data.x_val), len(data.x_test))
-    out = common.Logdir(logdir, config, resume=resume)
     exp = build(config, data)
-    checkpointer = out.checkpointer(learning_rate=exp.learning_rate, **exp.hyper_optimizer.state())
-    start = out.resume_run(checkpointer)
-    rows = [r for r in out.read_metrics() if r["run"] == "main"]
-    elapsed = float(rows[-1]["elapsed"]) if rows else 0.0
-    xv, yv = tf.constant(data.x_val), tf.constant(data.y_val)
-    xt, yt = tf.constant(data.x_test), tf.constant(data.y_test)
-    done, saved, warned = start, time.monotonic(), collections.Counter()
-    limit = config.hyper_iterations  # None: until the time budget
-    for i in common.progress(itertools.count(start) if limit is None else range(start, limit), limit,
-                             label=f"hyper-cleaning ({config.method})"):
-        if config.time_budget is not None and elapsed >= config.time_budget:
-            logging.info("--time_budget=%g s reached after %d hyper-iterations.", config.time_budget, i)
-            break
-        metrics = hyper_iteration_metrics(exp, data, config)  # at λ_i, η_i
-        seconds = time.perf_counter()
-        val_loss = float(first_warnings_only(lambda: exp.run(config.T), warned))
-        seconds = time.perf_counter() - seconds
-        elapsed += seconds
-        out.log(i, {**metrics, "val_loss": val_loss, "val_accuracy": accuracy(exp.model, xv, yv),
-                    "test_accuracy": accuracy(exp.model, xt, yt), "seconds": seconds, "elapsed": elapsed})
-        done = i + 1
-        if time.monotonic() - saved >= CHECKPOINT_SECONDS:
-            checkpointer.save(done)
-            saved = time.monotonic()
-    if done > start:  # the last iterations, and the state the results are computed from
-        checkpointer.save(done)
-    for (category, _, _), times in warned.items():
-        if times > 1:
-            logging.warning("The %s above came at %d of the %d hyper-iterations.", category.__name__, times,
-                            done - start)
-    results = {**hyper_iteration_metrics(exp, data, config), "hyper_iterations_done": done, "elapsed": elapsed,
-               "final_model_test_accuracy": accuracy(exp.model, xt, yt),
-               "val_accuracy": accuracy(exp.model, xv, yv)}
-    if exp.learned_rate is not None:
-        results["learned_rate_test_accuracy"] = retrained_accuracy(exp.learned_rate, exp.model, config.retrain_steps,
-                                                                   data)
-    results.update({
-        "test_accuracy": retrained_accuracy(exp.learned, exp.model, config.retrain_steps, data),
-        "baseline_test_accuracy": retrained_accuracy(exp.baseline, exp.model, config.retrain_steps, data),
-        "oracle_test_accuracy": retrained_accuracy(exp.oracle, exp.model, config.retrain_steps, data)})
-    if config.method not in NOT_CLEANING:
-        plot_weights(tf.sigmoid(exp.example_weights).numpy(), data.corrupted, config.threshold, out.path)
-    common.print_table("Hyper-cleaning", [{k: float(v) for k, v in results.items()}])
-    return out.write_results(results)
+    with workdir.session(logdir, config, resume=resume, resumable=RESUMABLE, outputs=(PLOT,)) as run:
+        budget = callbacks.TrainingBudget(config.hyper_iterations, config.time_budget)
+        chance = callbacks.Stagnation("val_accuracy", chance=1 / CLASSES, patience=None)
+        stuck = callbacks.Stagnation("val_loss", patience=STUCK_EVALUATIONS)
+        checkpoint = callbacks.Checkpoint(run.path / workdir.CHECKPOINTS, every_seconds=checkpoint_seconds,
+                                          track=[budget, chance, stuck], variables=exp.state, at_epoch_end=False)
+        done = checkpoint.restore(exp.bilevel)
+        workdir.drop_rows(run.path, done.epochs)
+        if budget.stopped_by is None:
+            exp.bilevel.fit(hyper_iterations_data(data), steps_per_epoch=1, initial_epoch=done.epochs,
+                            epochs=config.hyper_iterations or UNLIMITED, verbose=0,
+                            callbacks=[budget, IterationMetrics(exp, data, config), chance, stuck,
+                                       keras.callbacks.CSVLogger(str(run.path / workdir.METRICS), append=True),
+                                       callbacks.tensorboard(run.path / "tensorboard"), checkpoint])
+        xv, yv = tf.constant(data.x_val), tf.constant(data.y_val)
+        xt, yt = tf.constant(data.x_test), tf.constant(data.y_test)
+        results = {**hyper_iteration_metrics(exp, data, config), "hyper_iterations_done": budget.iterations_done,
+                   "elapsed": budget.elapsed, "final_model_test_accuracy": accuracy(exp.model, xt, yt),
+                   "val_accuracy": accuracy(exp.model, xv, yv)}
+        if exp.learned_rate is not None:
+            results["learned_rate_test_accuracy"] = retrained_accuracy(exp.learned_rate, exp.model,
+                                                                       config.retrain_steps, data)
+        results.update({
+            "test_accuracy": retrained_accuracy(exp.learned, exp.model, config.retrain_steps, data),
+            "baseline_test_accuracy": retrained_accuracy(exp.baseline, exp.model, config.retrain_steps, data),
+            "oracle_test_accuracy": retrained_accuracy(exp.oracle, exp.model, config.retrain_steps, data)})
+        if config.method not in NOT_CLEANING:
+            plot_weights(tf.sigmoid(exp.example_weights).numpy(), data.corrupted, config.threshold, run.path)
+        common.print_table("Hyper-cleaning", [{k: float(v) for k, v in results.items()}])
+        verdict = chance.verdict or stuck.verdict
+        if verdict:
+            sys.stdout.write(f"Warning: {verdict}: hyper-cleaning learned nothing; change --inner_lr or --outer_lr.\n")
+        saved = {"metrics": results, "no_progress": verdict, "config": config}
+        workdir.write_json(run.path / workdir.RESULTS, saved)
+    return workdir.jsonable(saved)
 
 
 # -- flags -------------------------------------------------------------------------------------
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-    """Hyper-cleaning's flags, defined in ``flag_values``: ``--data``, one per other ``Config``
-    field, and the common ones."""
-    d, into = Config(), {"flag_values": flag_values}
-    holders = common.define_common_flags(flag_values)._asdict()
-    holders.update(
-        data=flags.DEFINE_string("data", None, "MNIST or Fashion-MNIST .npz in Keras format "
-                                 "(x_train, y_train, x_test, y_test); default: the bundled 8×8 "
-                                 "digits (data/digits).", **into),
-        n_train=flags.DEFINE_integer("n_train", d.n_train, "Training examples.", **into),
-        n_val=flags.DEFINE_integer("n_val", d.n_val, "Validation examples (clean labels).",
-                                   **into),
-        n_test=flags.DEFINE_integer("n_test", d.n_test, "Test examples (0: all).", **into),
-        corruption=flags.DEFINE_float("corruption", d.corruption, "Fraction of training labels "
-                                      "replaced by another one (FAR-HO's demo: 1/3; BOME's: "
-                                      "0.5).", **into),
-        model=flags.DEFINE_enum("model", d.model, ["softmax", "mlp"], "Classifier.", **into),
-        hidden=flags.DEFINE_integer("hidden", d.hidden, "MLP hidden units.", **into),
-        normalize_weights=flags.DEFINE_boolean("normalize_weights", d.normalize_weights, "Weight "
-                                               "the training loss by σ(λ_i) / mean σ(λ) instead of "
-                                               "σ(λ_i); default: the method's.", **into),
-        l2=flags.DEFINE_float("l2", d.l2, "ρ: (ρ/2)‖θ‖² added to the training loss, and to the "
-                              "retrainings (implicit needs ρ > 0; forward learns it).", **into),
-        T=flags.DEFINE_integer("T", d.T, "Inner steps per hyper-iteration (bome: steps of ŵ; "
-                               "penalty: steps on w); default: the method's.", **into),
-        hyper_iterations=flags.DEFINE_integer("hyper_iterations", d.hyper_iterations,
-                                              "Hyper-iterations (steps on λ) at most; default: the "
-                                              "method's, or none with --time_budget.", **into),
-        time_budget=flags.DEFINE_float("time_budget", d.time_budget, "Seconds of hyper-iterations, "
-                                       "over all resumed runs (default: none); the run stops at "
-                                       "the budget or --hyper_iterations, whichever comes first.",
-                                       **into),
-        outer_lr=flags.DEFINE_float("outer_lr", d.outer_lr, "Learning rate of λ (and η): Adam's, "
-                                    "bome: SGD's with --bome_momentum; default: the method's.", **into),
-        inner_lr=flags.DEFINE_float("inner_lr", d.inner_lr, "(Initial) inner learning rate η; "
-                                    "default: the method's.", **into),
-        retrain_steps=flags.DEFINE_integer("retrain_steps", d.retrain_steps, "GD steps of the "
-                                           "final retrainings (learned weights, baseline, oracle).",
-                                           **into),
-        retrain_lr=flags.DEFINE_float("retrain_lr", d.retrain_lr, "Learning rate of the final "
-                                      "retrainings, whatever the method's η.", **into),
-        threshold=flags.DEFINE_float("threshold", d.threshold,
-                                     "Weights below it flag an example as corrupted.", **into))
+    """Hyper-cleaning's flags, defined in ``flag_values``: the run's (``cli.define_run_flags``),
+    one per ``setting`` field of ``Config`` (``cli.define_flags``) and the method's."""
+    d = Config()
+    holders = cli.define_run_flags(flag_values)
+    holders.update(cli.define_flags(Config, flag_values=flag_values))
     holders.update(method_flags.define_flags(
         flag_values, default=d.method, defaults={name: m.settings for name, m in METHOD_DEFAULTS.items()},
         method_help="The far_ho2 method: reverse (also learns η), forward (learns η and log ρ only: no "
@@ -597,23 +587,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
 
 
 def config_from_flags(holders: dict[str, flags.FlagHolder]) -> Config:
-    """The ``Config`` of the parsed flags ``holders``: a flag per field, and --method's settings
-    from their flags (``method_flags.settings_from_flags``).
+    """The ``Config`` of the parsed flags ``holders``: a flag per ``setting`` field
+    (``cli.config_values``), ``--method``, and its settings from their flags
+    (``method_flags.settings_from_flags``).
 
     Raises:
-        ValueError: for a setting flag of another method given, or out of its range.
+        ValueError: for a setting flag of another method given, or one out of its range.
     """
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: h.value for k, h in holders.items() if k in fields},
+    return Config(**cli.config_values(Config, holders), method=holders["method"].value,
                   method_settings=method_flags.settings_from_flags(holders))
 
 
+def launch(holders: dict[str, flags.FlagHolder]) -> None:
+    """Hyper-cleaning as the command line's flags configure it; bad settings and data stop it
+    before anything is written."""
+    with cli.user_errors():
+        config = config_from_flags(holders)
+        check_config(config)
+        data = load_data(config)
+    run_experiment(config, holders["logdir"].value, resume=holders["resume"].value, data=data,
+                   checkpoint_seconds=holders["checkpoint_seconds"].value)
+
+
 def main() -> None:
-    """Hyper-cleaning as the command line's flags configure it (``run_launcher``'s values are
-    those of ``holders``)."""
+    """Hyper-cleaning as the command line's flags configure it."""
     holders = define_flags()
-    common.run_launcher(holders, lambda **values: config_from_flags(holders), check_config, load_data,
-                        run_experiment)
+    cli.run(lambda: launch(holders), {f.name: f.name for f in dataclasses.fields(Config)})
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import functools
 import pathlib
 from typing import Any, Mapping
 
-from absl import app
 from absl import flags
 
-from flags import common
+from far_ho2.launch import cli
 from flags import few_shot
 from hyper_repr import data
 
@@ -36,9 +35,8 @@ PRESET = dataclasses.replace(few_shot.PRESET, network="c4l", iterations=100_000)
 
 
 def define_flags() -> dict:
-    """The launcher's flags: the common ones, the few-shot ones and the image format."""
-    holders = common.define_common_flags()._asdict()
-    holders.update(few_shot.define_flags(PRESET, data_dir=str(DATA_DIR)))
+    """The launcher's flags: the few-shot ones and the image format."""
+    holders = few_shot.define_flags(PRESET, data_dir=str(DATA_DIR))
     holders.update(
         image_size=flags.DEFINE_integer("image_size", 84, "Side of the images (h5 files must "
                                         "have it; CSV images are resized to it).", lower_bound=1),
@@ -56,4 +54,4 @@ _FLAGS: dict = {}
 
 if __name__ == "__main__":
     _FLAGS.update(define_flags())
-    app.run(functools.partial(few_shot.main, holders=_FLAGS, preset=PRESET, load_splits=_load))
+    cli.run(functools.partial(few_shot.launch, _FLAGS, PRESET, _load), few_shot.FLAG_NAMES)

@@ -27,10 +27,9 @@ import functools
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from absl import app
 from absl import flags
 
-from flags import common
+from far_ho2.launch import cli
 from flags import few_shot
 from hyper_repr import data
 from hyper_repr.data import omniglot
@@ -63,9 +62,8 @@ def load_splits(data_dir: Any, *, split: str = "auto",
 
 
 def define_flags() -> dict:
-    """The launcher's flags: the common ones, the few-shot ones and the split."""
-    holders = common.define_common_flags()._asdict()
-    holders.update(few_shot.define_flags(PRESET, data_dir=str(DATA_DIR)))
+    """The launcher's flags: the few-shot ones and the split."""
+    holders = few_shot.define_flags(PRESET, data_dir=str(DATA_DIR))
     holders.update(
         split=flags.DEFINE_enum("split", "auto", list(SPLITS), "Character split (see the module "
                                 "docstring)."),
@@ -91,4 +89,4 @@ _FLAGS: dict = {}
 
 if __name__ == "__main__":
     _FLAGS.update(define_flags())
-    app.run(functools.partial(few_shot.main, holders=_FLAGS, preset=PRESET, load_splits=_load))
+    cli.run(functools.partial(few_shot.launch, _FLAGS, PRESET, _load), few_shot.FLAG_NAMES)

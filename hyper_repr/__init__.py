@@ -8,9 +8,9 @@ networks as hyperparameters, logistic heads as inner parameters.
 """
 
 import far_ho2.cpu_kernels  # noqa: F401  (first: before the modules load TensorFlow)
-from hyper_repr import callbacks, data, heads  # noqa: E402
+from hyper_repr import data, heads  # noqa: E402
 from hyper_repr.model import VARIANTS, ConfidenceInterval, HyperRepresentation  # noqa: E402
 from hyper_repr.models import build_network  # noqa: E402
 
-__all__ = ["ConfidenceInterval", "HyperRepresentation", "VARIANTS", "build_network", "callbacks",
+__all__ = ["ConfidenceInterval", "HyperRepresentation", "VARIANTS", "build_network",
            "data", "heads"]

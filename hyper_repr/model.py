@@ -64,8 +64,8 @@ import tensorflow as tf
 import far_ho2 as far
 from far_ho2 import inputs as far_inputs
 from far_ho2.compiled import without_grappler
+from far_ho2.launch import callbacks
 from far_ho2.trajectory import all_healthy, empty_trajectory, run_steps
-from hyper_repr import callbacks
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
                               fit_heads, head_iterates, head_logits, ridge, variable_dtype)

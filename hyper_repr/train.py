@@ -1,7 +1,8 @@
 """A configured meta-training run of hyper-representation with Keras ``fit``:
 ``meta_train(config, workdir, splits)``.
 
-``workdir`` holds
+``workdir`` is a ``far_ho2.launch.workdir`` folder (its lock, config.json, the resume check, the
+clean-up of a failed first launch) holding
 
     config.json    the `Config`
     metrics.csv    ``keras.callbacks.CSVLogger``: a row per epoch (``eval_every`` hyper-iterations,
@@ -14,7 +15,8 @@
                    epoch end and on SIGINT/SIGTERM (weights, optimizer, the hyper-iteration, the
                    time spent, early stopping's best weights and patience count)
     results.json   test accuracies and CIs (best-validation weights) next to the baselines:
-                   raw pixels and the untrained network (the initial weights)
+                   raw pixels and the untrained network (the initial weights), and
+                   ``no_progress``: a sentence if validation accuracy ended at chance or stuck
 
 A checkpoint in ``workdir`` means resume: meta-batch i holds episodes i·B … i·B + B − 1 of the
 stream ``seed`` (``data.episode_dataset(first_episode=i·B)``; 'multiclass': batch i of
@@ -22,7 +24,8 @@ stream ``seed`` (``data.episode_dataset(first_episode=i·B)``; 'multiclass': bat
 uninterrupted one; after a resume mid-epoch, the next validation comes ``eval_every``
 hyper-iterations later. Training stops after ``iterations``, when validation accuracy has not
 improved for ``patience`` epochs (``keras.callbacks.EarlyStopping``), when
-``time_budget_seconds`` of training (over all runs) are spent, or at a non-finite outer loss or
+``time_budget_seconds`` of hyper-iterations (validation not counted, over all runs) are spent,
+or at a non-finite outer loss or
 hypergradient (``keras.callbacks.TerminateOnNaN``); each stop ends an epoch, so it is validated.
 A lock file keeps a second run out of ``workdir`` while one trains.
 ``meta_test(config, workdir, splits)`` tests the run's best.keras again, writing nothing.
@@ -37,17 +40,11 @@ checkpoints, so ``workdir`` must be a folder every worker reads (a shared filesy
 """
 
 import contextlib
-import csv
 import dataclasses
-import fcntl
-import importlib.util
-import json
 import math
-import os
 import pathlib
-import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -55,53 +52,72 @@ import tensorflow as tf
 from absl import logging
 
 import far_ho2 as far
-from hyper_repr import callbacks, data
-from hyper_repr.model import BILEVEL, HyperRepresentation
+from far_ho2.launch import callbacks
+from far_ho2.launch import workdir as workdir_lib
+from far_ho2.launch.cli import setting
+from far_ho2.launch.workdir import CONFIG, METRICS, RESULTS
+from hyper_repr import data
+from hyper_repr.model import BILEVEL, VARIANTS, HyperRepresentation
 from hyper_repr.models import build_network
 
 RESUMABLE = ("iterations", "time_budget_seconds", "patience")  # may change when resuming
-BEST_MODEL, METRICS, CONFIG, RESULTS = "best.keras", "metrics.csv", "config.json", "results.json"
-LOCK = ".lock"
-OUTPUTS = (CONFIG, METRICS, RESULTS, BEST_MODEL, "checkpoints", "tensorboard")  # what a run writes
+BEST_MODEL = "best.keras"
+OUTPUTS = (BEST_MODEL,)  # what a run writes besides workdir.OUTPUTS
+read_metrics = workdir_lib.read_metrics
+
+
+NETWORKS = ("omniglot", "c4l", "rn")  # models.build_network names
+DTYPES = ("float32", "float64", "mixed_bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a meta-training run (defaults: Omniglot 5-way 1-shot, the FAR-HO
-    example's meta-optimiser: meta-lr 1e-3, decay 1e-5, meta-batch 4)."""
+    example's meta-optimiser: meta-lr 1e-3, decay 1e-5, meta-batch 4). The fields declared with
+    ``setting`` are the few-shot launchers' flags (``flags.few_shot``), their help and bounds
+    included; the method's settings are defined by the launchers themselves."""
 
-    network: str = "omniglot"  # models.build_network name
-    batch_norm_scale: bool = False  # learn the normalisation scale γ too
-    dtype: str = "float32"
-    ways: int = 5  # N of the meta-training episodes
-    test_ways: Optional[int] = None  # N of the validation and test episodes; None: ways
-    shots: int = 1  # k, support images per class
-    queries: int = 15  # q, query images per class of the meta-training episodes
-    test_queries: Optional[int] = None  # q of the validation and test episodes; None: queries
-    legacy_sampling: bool = False  # support images may reappear in the query set (original)
-    augment_shift: int = 0  # random translations of the meta-training images, in pixels
-    steps: int = 5  # T, head GD steps of meta-training
-    test_steps: Optional[int] = None  # T of validation and test; None: steps
-    learning_rate: float = 0.1  # η, head learning rate (initial value if learned)
-    learn_lr: bool = False
-    meta_batch_size: int = 4  # B
-    meta_lr: float = 1e-3
-    meta_lr_decay: float = 1e-5  # inverse-time decay rate per iteration
-    clip: Optional[float] = None  # hypergradient clipping value
-    variant: str = "hyper"  # model.VARIANTS
+    network: str = setting("omniglot", "Representation h_λ: omniglot (conv-4, stride 2), c4l (conv-4, 32 filters, "
+                           "max-pool) or rn (residual network).", choices=NETWORKS)
+    batch_norm_scale: bool = setting(False, "Learn the normalisation scale γ too.")
+    dtype: str = setting("float32", "Dtype of the network; mixed_bfloat16: float32 weights, bfloat16 computation "
+                         "(mixed precision, for GPUs/TPUs with bfloat16 units).", choices=DTYPES)
+    ways: int = setting(5, "N, classes per meta-training episode.", lower=1)
+    test_ways: Optional[int] = setting(None, "N of the validation and test episodes (default: --ways).", lower=1)
+    shots: int = setting(1, "k, support images per class.", lower=1)
+    queries: int = setting(15, "Query images per class.", lower=1)
+    test_queries: Optional[int] = setting(None, "Query images per class at validation and test (default: "
+                                          "--queries).", lower=1)
+    legacy_sampling: bool = setting(False, "Support images may reappear as queries (the original sampler).")
+    augment_shift: int = setting(0, "Translate every meta-training image by up to this many pixels at random "
+                                 "(augmentation; 0: none).", lower=0)
+    steps: int = setting(5, "T, inner GD steps of the heads in meta-training.", flag="T", lower=1)
+    test_steps: Optional[int] = setting(None, "Head GD steps at validation and test (default: --T).", flag="test_T",
+                                        lower=1)
+    learning_rate: float = setting(0.1, "η, the heads' learning rate (its initial value if learned).", flag="lr",
+                                   positive=True)
+    learn_lr: bool = setting(False, "Learn η as a hyperparameter (--nolearn_lr: fixed).")
+    meta_batch_size: int = setting(4, "B, episodes per hyper-iteration.", lower=1)
+    meta_lr: float = setting(1e-3, "Outer Adam learning rate.", positive=True)
+    meta_lr_decay: float = setting(1e-5, "Inverse-time decay rate: meta_lr / (1 + decay·iteration).", lower=0)
+    clip: Optional[float] = setting(None, "Clip hypergradients to ±clip (default: none).", positive=True)
+    variant: str = setting("hyper", "Training variant (the paper's Table 4).", choices=VARIANTS)
     method: str = "reverse"  # a registered far_ho2 method (far.methods()), of the bilevel variants
     # its settings (far_ho2.registry) given; the others: METHOD_DEFAULTS, then the registry's
     method_settings: dict = dataclasses.field(default_factory=dict)
-    head_l2: float = 0.0  # γ, the heads' ridge penalty (ImplicitHG needs γ > 0)
-    iterations: int = 50_000
-    eval_every: int = 500  # hyper-iterations per epoch: between validations
-    eval_episodes: int = 600  # validation episodes
-    test_episodes: int = 600
-    test_shots: tuple = ()  # shots of the test evaluations; () means (shots,)
-    eval_batch_size: int = 50  # episodes per compiled evaluation call
-    patience: int = 20  # validations without improvement before stopping
-    seed: int = 0
-    time_budget_seconds: Optional[float] = None  # of training, over all runs
+    head_l2: float = setting(0.0, "γ, the heads' ridge penalty (γ/2)(‖W‖² + ‖b‖²), in training and evaluation "
+                             "(implicit needs γ > 0).", lower=0)
+    iterations: int = setting(50_000, "Hyper-iterations at most.", flag="hyper_iterations", lower=1)
+    eval_every: int = setting(500, "Hyper-iterations between validations (a Keras epoch).", lower=1)
+    eval_episodes: int = setting(600, "Validation episodes.", lower=1)
+    test_episodes: int = setting(600, "Test episodes.", lower=1)
+    test_shots: tuple = setting((), "k of the test evaluations, e.g. 1,5 (default: --shots).", lower=1, item=int)
+    eval_batch_size: int = setting(50, "Episodes per compiled evaluation call.", lower=1)
+    patience: int = setting(20, "Early stopping: validations without improvement.", lower=1)
+    seed: int = setting(0, "Seed of the episodes, the initial weights and the splits.")
+    time_budget_seconds: Optional[float] = setting(None, "Seconds of hyper-iterations (validation not counted), "
+                                                   "over all resumed runs (default: no limit).", flag="time_budget",
+                                                   positive=True)
 
     @property
     def multiclass(self) -> bool:
@@ -141,44 +157,6 @@ def hypergradient_method(config: Config) -> tuple[Optional[far.HyperGradient], d
     return method.make(**settings), inner
 
 
-class ConfigMismatchError(ValueError):
-    """Resuming a workdir whose run has another config; ``fields`` are those that differ."""
-
-    def __init__(self, workdir: pathlib.Path, fields: list):
-        self.fields = fields
-        super().__init__(f"{str(workdir)!r} holds a run with another config (fields {fields} "
-                         f"differ); only {list(RESUMABLE)} may change on resume.")
-
-
-class LockedError(RuntimeError):
-    """Another process trains in the workdir."""
-
-
-@contextlib.contextmanager
-def lock(workdir: Any) -> Iterator[None]:
-    """Holds an exclusive lock on ``workdir`` (released when the process ends, however it
-    ends); ``meta_train`` trains under it.
-
-    Raises:
-        LockedError: if another process (or another ``lock`` of this one) holds it.
-    """
-    root = pathlib.Path(workdir)
-    with open(root / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise LockedError(f"{str(root)!r} is in use by another run (process "
-                              f"{f.read().strip() or '?'}); wait for it to end.") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read_config(workdir: Any) -> Config:
     """The `Config` of the run in ``workdir`` (its config.json).
 
@@ -191,16 +169,7 @@ def read_config(workdir: Any) -> Config:
                                 f"meta-train first.")
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: tuple(v) if isinstance(v, list) else v
-                     for k, v in json.loads(path.read_text()).items() if k in names})
-
-
-def _check_resumable(config: Config, root: pathlib.Path) -> None:
-    saved = dataclasses.asdict(read_config(root))
-    fields = dataclasses.asdict(config)
-    changed = sorted(k for k in fields if k not in RESUMABLE
-                     and json.loads(json.dumps(fields[k])) != json.loads(json.dumps(saved.get(k))))
-    if changed:
-        raise ConfigMismatchError(root, changed)
+                     for k, v in workdir_lib.read_json(path).items() if k in names})
 
 
 def _test_ways(config: Config) -> int:
@@ -276,76 +245,38 @@ def build_model(config: Config, splits: data.Splits) -> HyperRepresentation:
     return model
 
 
-def _drop_rows(path: pathlib.Path, epochs: int) -> None:
-    """Drops the rows of metrics.csv logged for epochs ≥ ``epochs`` (not checkpointed)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) < epochs]
-    if len(kept) != len(rows):
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
-
-
-def read_metrics(workdir: Any) -> list[dict]:
-    """The rows of metrics.csv as numbers (a row per epoch, see the module docstring)."""
-    path = pathlib.Path(workdir) / METRICS
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _tensorboard(log_dir: pathlib.Path) -> keras.callbacks.Callback:
-    """``keras.callbacks.TensorBoard`` if the tensorboard package is installed, else
-    ``callbacks.EpochScalars`` (the same epoch scalars, which that package can read later)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        return callbacks.EpochScalars(log_dir)
-    return keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0)
-
-
-def _delete(root: pathlib.Path, names: Sequence[str]) -> None:
-    for name in names:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: bool = True,
                outputs: Sequence[str] = (), verbose: Any = "auto", checkpoint_seconds: float = 60.0,
                extra_callbacks: Sequence[keras.callbacks.Callback] = (),
                strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Meta-trains with ``fit``, resuming from ``workdir`` if it holds a checkpoint; then
-    meta-tests (see the module docstring).
+    meta-tests (see the module docstring). The model is built (and the config checked) before
+    anything is written: a bad config leaves ``workdir`` as it was.
 
     Args:
         config: the settings.
         workdir: output folder (created).
         splits: train / val / test splits (``data.load_omniglot`` ...).
-        resume: continue the run in ``workdir``; else delete its outputs (``OUTPUTS`` and
-            ``outputs``) first. Defaults to `True`.
+        resume: continue the run in ``workdir``; else delete its outputs (``workdir.OUTPUTS``,
+            ``OUTPUTS`` and ``outputs``) first. Defaults to `True`.
         outputs: other files of the run, deleted when not resuming (e.g. a launcher's plots).
         verbose: ``fit``'s progress output: 0, 1 (a progress bar), 2 (a line per epoch) or
             "auto". Defaults to `"auto"`.
         checkpoint_seconds: the longest time between checkpoints. Defaults to `60.0`.
-        extra_callbacks: more Keras callbacks for ``fit`` (e.g. timers), called before the
-            run's own.
+        extra_callbacks: more Keras callbacks for ``fit`` (e.g. timers), called after the
+            budget's clock and before the run's own.
         strategy: the ``tf.distribute`` strategy to train under (see the module docstring).
             Defaults to `None`: the current one (one device, outside a strategy's scope).
 
     Returns:
-        The content of results.json.
+        The content of results.json; ``no_progress`` is a sentence if the validation accuracy
+        ended at chance or stopped moving (else None).
 
     Raises:
         ValueError: if the config is invalid, the data too small for its episodes, the
             meta-batch not a multiple of the replicas, or ``workdir`` holds a run with another
-            config (``ConfigMismatchError``).
-        LockedError: if another process trains in ``workdir``.
+            config (``workdir.ConfigMismatchError``).
+        workdir.LockedError: if another process trains in ``workdir``.
         callbacks.Interrupted: on SIGINT or SIGTERM, once the run is saved.
     """
     if config.eval_every < 1 or config.iterations < 1:
@@ -354,60 +285,60 @@ def meta_train(config: Config, workdir: Any, splits: data.Splits, *, resume: boo
     check_data(config, splits)
     strategy = strategy or tf.distribute.get_strategy()
     per_replica = check_replicas(config, strategy)
+    with strategy.scope():
+        model = build_model(config, splits)
+    budget = callbacks.TrainingBudget(config.iterations, config.time_budget_seconds,
+                                      episodes_per_iteration=config.meta_batch_size)
     logging.info("%s: %d replicas on %d worker(s); meta-batch of %d episodes, %d per replica.",
                  type(strategy).__name__, strategy.num_replicas_in_sync, callbacks.worker_count(strategy),
                  config.meta_batch_size, per_replica)
     root = pathlib.Path(workdir)
     chief = callbacks.is_chief(strategy)
-    if chief:
-        root.mkdir(parents=True, exist_ok=True)
     # the folder this process writes: the run's for the chief, a temporary one for another worker
-    with contextlib.nullcontext(str(root)) if chief else tempfile.TemporaryDirectory(prefix="worker_") as folder:
-        out = pathlib.Path(folder)
-        with lock(out):
-            if not resume and chief:
-                _delete(root, OUTPUTS + tuple(outputs))
-            _barrier(strategy)  # the other workers look for checkpoints once the chief has deleted them
-            if tf.train.latest_checkpoint(str(root / "checkpoints")) is not None:
-                _check_resumable(config, root)
-            with strategy.scope():
-                model = build_model(config, splits)
-            budget = callbacks.TrainingBudget(config.iterations, config.time_budget_seconds,
-                                              episodes_per_iteration=config.meta_batch_size)
-            stopping = keras.callbacks.EarlyStopping("val_accuracy", mode="max", patience=config.patience,
-                                                     restore_best_weights=True)
-            best = keras.callbacks.ModelCheckpoint(str(out / BEST_MODEL), monitor="val_accuracy",
-                                                   mode="max", save_best_only=True)
-            checkpoint = callbacks.Checkpoint(out / "checkpoints", every_seconds=checkpoint_seconds,
-                                              track=[budget, stopping, best], restore_from=root / "checkpoints")
-            done = checkpoint.restore(model)
-            _check_same_start(strategy, done.iterations)  # (and the chief writes only after the others read)
-            (out / CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
-            _drop_rows(out / METRICS, done.epochs)
-            history = None
-            if budget.stopped_by is None and stopping.wait < config.patience:
-                epochs = done.epochs + math.ceil((config.iterations - done.iterations) / config.eval_every)
-                validation = evaluation_data(config, splits.val, shots=config.shots,
-                                             num_episodes=config.eval_episodes)
-                history = model.fit(
-                    training_data(config, splits.train, done.iterations), validation_data=validation,
-                    steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
-                    shuffle=False, verbose=verbose,
-                    callbacks=[*extra_callbacks, keras.callbacks.TerminateOnNaN(), budget, stopping, best,
-                               keras.callbacks.CSVLogger(str(out / METRICS), append=True),
-                               _tensorboard(out / "tensorboard"),
-                               checkpoint])
-            elif stopping.best_weights is not None:  # finished earlier: test its best weights
-                model.set_weights(stopping.best_weights)
+    with contextlib.ExitStack() as stack:
+        if chief:
+            out = stack.enter_context(workdir_lib.session(root, config, resume=resume, resumable=RESUMABLE,
+                                                          outputs=OUTPUTS + tuple(outputs))).path
+        else:
+            out = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="worker_")))
+            stack.enter_context(workdir_lib.lock(out))
+        _barrier(strategy)  # the other workers look for checkpoints once the chief has deleted them
+        stopping = keras.callbacks.EarlyStopping("val_accuracy", mode="max", patience=config.patience,
+                                                 restore_best_weights=True)
+        best = keras.callbacks.ModelCheckpoint(str(out / BEST_MODEL), monitor="val_accuracy",
+                                               mode="max", save_best_only=True)
+        stagnation = callbacks.Stagnation("val_accuracy", chance=1 / _test_ways(config), patience=config.patience)
+        checkpoint = callbacks.Checkpoint(out / workdir_lib.CHECKPOINTS, every_seconds=checkpoint_seconds,
+                                          track=[budget, stopping, best, stagnation],
+                                          restore_from=root / workdir_lib.CHECKPOINTS)
+        done = checkpoint.restore(model)
+        _check_same_start(strategy, done.iterations)  # (and the chief writes only after the others read)
+        workdir_lib.drop_rows(out, done.epochs)
+        history = None
+        if budget.stopped_by is None and stopping.wait < config.patience:
+            epochs = done.epochs + math.ceil((config.iterations - done.iterations) / config.eval_every)
+            validation = evaluation_data(config, splits.val, shots=config.shots,
+                                         num_episodes=config.eval_episodes)
+            verbose = callbacks.verbosity(verbose)
+            history = model.fit(
+                training_data(config, splits.train, done.iterations), validation_data=validation,
+                steps_per_epoch=config.eval_every, epochs=epochs, initial_epoch=done.epochs,
+                shuffle=False, verbose=verbose,
+                callbacks=[budget, *extra_callbacks, keras.callbacks.TerminateOnNaN(), stopping, best, stagnation,
+                           keras.callbacks.CSVLogger(str(out / METRICS), append=True),
+                           callbacks.tensorboard(out / "tensorboard"), checkpoint]
+                + ([callbacks.ProgressBar()] if verbose else []))
+        elif stopping.best_weights is not None:  # finished earlier: test its best weights
+            model.set_weights(stopping.best_weights)
         nonfinite = history is not None and not np.isfinite(history.history["loss"][-1])
         stopped_by = ("non-finite loss" if nonfinite else budget.stopped_by
                       or ("patience" if stopping.wait >= config.patience else None))
         best_row = next((r for r in read_metrics(out) if r["epoch"] == stopping.best_epoch), {})
         results = {"iterations": budget.iterations_done, "elapsed_seconds": budget.elapsed,
-                   "stopped_by": stopped_by, "best_val_accuracy": stopping.best,
-                   "best_iteration": best_row.get("iteration"),
+                   "stopped_by": stopped_by, "no_progress": stagnation.verdict,
+                   "best_val_accuracy": stopping.best, "best_iteration": best_row.get("iteration"),
                    **score(config, model, splits)}
-        (out / RESULTS).write_text(json.dumps(results, indent=2))
+        workdir_lib.write_json(out / RESULTS, results)
     return results
 
 

@@ -33,7 +33,8 @@ if __name__ == "__main__" and sys.argv[1] == "mirrored":  # before anything init
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hyper_repr import callbacks, data, train  # noqa: E402
+from far_ho2.launch import callbacks  # noqa: E402
+from hyper_repr import data, train  # noqa: E402
 from oracles import relative_error  # noqa: E402
 from test_few_shot_launchers import last_checkpoint  # noqa: E402
 from test_hyper_representation import (QUERIES, SHOTS, SPLITS, WAYS, Crash, Crashed, model_of,  # noqa: E402

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from far_ho2.launch import workdir
 from hyper_repr import train
 from oracles import relative_error
 from test_few_shot_launchers import error_line, finish, last_checkpoint, launch, mini  # noqa: F401
@@ -137,7 +138,7 @@ def test_backup_and_restore_resumes_under_a_strategy(mirrored):
 def test_meta_train_resumes_under_a_strategy_to_the_single_device_run(mirrored):
     result = case(mirrored, "meta_train")
     assert result["checkpoint"] <= EXACT and result["variables"] > 20 and result["rows"] == [2, 4]
-    assert set(train.OUTPUTS) <= set(result["files"])
+    assert set(workdir.OUTPUTS + train.OUTPUTS) <= set(result["files"])
     assert_same_scores(*result["test"])
 
 
@@ -245,5 +246,5 @@ def test_the_readme_two_worker_launch_resumes_and_matches_one_process(tmp_path, 
     assert results[0]["iterations"] == 3 and results[0]["flags"]["strategy"] == "multi_worker"
     assert_same_scores(results[0]["test"], results[1]["test"])
     assert [r["iteration"] for r in train.read_metrics(tmp_path / "multi")] == [2, 3]
-    assert set(train.OUTPUTS) <= {p.name for p in (tmp_path / "multi").iterdir()}
+    assert set(workdir.OUTPUTS + train.OUTPUTS) <= {p.name for p in (tmp_path / "multi").iterdir()}
     assert not any(temporary.iterdir())

@@ -166,7 +166,7 @@ def test_each_method_down_weights_the_corrupted_examples_on_a_slice(name, tmp_pa
     learns_lr = settings["method"] == "reverse"  # only reverse mode learns η
     assert (m["lr"] == pytest.approx(defaults.inner_lr)) != learns_lr, m["lr"]
     with (tmp_path / "metrics.csv").open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(iterations))
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(iterations))
 
 
 def test_baseline_and_oracle_are_retrained_the_same_for_every_method(tmp_path):
@@ -218,11 +218,12 @@ def test_a_time_budget_alone_runs_until_the_budget(tmp_path):
     budget = 3.0
     config = hyper_cleaning.Config(n_train=200, n_val=50, T=5, time_budget=budget, retrain_steps=100)
     m = hyper_cleaning.run_experiment(config, tmp_path)["metrics"]
-    assert budget <= m["elapsed"] < budget + 2.0
-    assert m["hyper_iterations_done"] > hyper_cleaning.METHOD_DEFAULTS["reverse"].hyper_iterations  # not 100
     with (tmp_path / "metrics.csv").open() as f:
         table = list(csv.DictReader(f))
-    elapsed = [float(r["elapsed"]) for r in table]
+    # it stops at the hyper-iteration that reaches the budget (the first one traces: its length varies)
+    assert m["elapsed"] >= budget > m["elapsed"] - float(table[-1]["seconds"])
+    assert m["hyper_iterations_done"] == len(table)
+    elapsed = [float(r["elapsed_seconds"]) for r in table]
     assert elapsed == sorted(elapsed) and elapsed[-1] == pytest.approx(m["elapsed"])
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in table)
     np.testing.assert_allclose(np.cumsum([float(r["seconds"]) for r in table]), elapsed, rtol=1e-6)

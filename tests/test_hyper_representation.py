@@ -1,5 +1,5 @@
 """hyper_repr.HyperRepresentation (the Keras model of Algorithm 1), hyper_repr.heads and the
-callbacks of hyper_repr.callbacks, on tiny synthetic episodes (8×8 images)."""
+callbacks of far_ho2.launch.callbacks, on tiny synthetic episodes (8×8 images)."""
 
 import json
 import os
@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 import far_ho2 as far
-from hyper_repr import HyperRepresentation, callbacks, data, heads
+from far_ho2.launch import callbacks
+from hyper_repr import HyperRepresentation, data, heads
 from hyper_repr.models import build_network
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -19,15 +20,14 @@ from absl import flags
 from matplotlib import image as mpimg
 
 import far_ho2 as far
-
-from flags import common
+from far_ho2.launch import cli, workdir
 from flags import effect_of_T
 from flags import hyper_cleaning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOT = effect_of_T.Config(data="synthetic", classes=4, dim=6, train_per_class=3, val_per_class=3,
                          test_per_class=5, T=("3", "exact"), hyper_iterations=4, outer_lr=0.05)
-TIMING = {"seconds", "seconds_median", "seconds_mean", "seconds_first", "elapsed"}  # differ between runs
+TIMING = {"seconds", "seconds_median", "seconds_mean", "seconds_first", "elapsed", "elapsed_seconds"}  # differ between runs
 
 
 def fake_mnist(path: pathlib.Path, n_train: int = 120, n_test: int = 40, seed: int = 0) -> pathlib.Path:
@@ -55,9 +55,24 @@ def cleaning_config(data: pathlib.Path, hyper_iterations: int = 4) -> hyper_clea
                                  outer_lr=0.1, inner_lr=0.3)
 
 
+def metrics_files(logdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """run -> its metrics file: effect_of_T's metrics/<run>.csv, or hyper-cleaning's metrics.csv."""
+    runs = sorted((logdir / effect_of_T.METRICS).glob("*.csv")) if (logdir / effect_of_T.METRICS).is_dir() else []
+    return {path.stem: path for path in runs} or {"main": logdir / workdir.METRICS}
+
+
 def rows(logdir: pathlib.Path) -> list[dict]:
-    with (logdir / common.METRICS).open(newline="") as f:
-        return list(csv.DictReader(f))
+    table = []
+    for run, path in metrics_files(logdir).items():
+        with path.open(newline="") as f:
+            table += [{"run": run, **r} for r in csv.DictReader(f)]
+    return table
+
+
+def checkpoint_folders(logdir: pathlib.Path) -> list[pathlib.Path]:
+    folder = logdir / workdir.CHECKPOINTS
+    runs = sorted(p for p in folder.iterdir() if p.is_dir())
+    return runs or [folder]
 
 
 def without_timing(table: list[dict]) -> list[dict]:
@@ -76,6 +91,8 @@ def assert_same_checkpoints(first: pathlib.Path, second: pathlib.Path) -> None:
     assert sorted(a) == sorted(b)
     assert any("optimizer" in name for name in a)  # the outer optimizer's state is saved
     for name in a:  # same computations in the same order: equal to round-off
+        if isinstance(a[name], bytes):
+            continue  # the callbacks' state (JSON), with the time spent
         np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
@@ -90,20 +107,22 @@ def assert_resumed_equals_uninterrupted(run, config, tmp_path, k: int) -> dict:
     crash, which resume must drop), and 2k at once; compares metrics.csv and checkpoints."""
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     run(dataclasses.replace(config, hyper_iterations=k), resumed)
-    stale = rows(resumed)[-1]
-    with (resumed / common.METRICS).open("a", newline="") as f:  # logged, never checkpointed
-        csv.DictWriter(f, fieldnames=list(stale)).writerow({**stale, "step": k})
+    for path in metrics_files(resumed).values():  # a row logged, never checkpointed
+        with path.open(newline="") as f:
+            stale = list(csv.DictReader(f))[-1]
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=list(stale)).writerow({**stale, "epoch": k})
     run(dataclasses.replace(config, hyper_iterations=2 * k), resumed)
     results = run(dataclasses.replace(config, hyper_iterations=2 * k), straight)
-    order = lambda r: (r["run"], int(r["step"]))  # runs interleave differently when resumed
+    order = lambda r: (r["run"], int(r["epoch"]))  # noqa: E731
     got, want = sorted(rows(resumed), key=order), sorted(rows(straight), key=order)
-    assert [(r["run"], r["step"]) for r in got] == [(r["run"], r["step"]) for r in want]
+    assert [(r["run"], r["epoch"]) for r in got] == [(r["run"], r["epoch"]) for r in want]
     for a, b in zip(without_timing(got), without_timing(want)):
         for key in a:
-            if key not in ("run", "step"):
+            if key not in ("run", "epoch"):
                 np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-9, err_msg=key)
-    for folder in sorted((straight / "checkpoints").iterdir()):
-        assert_same_checkpoints(resumed / "checkpoints" / folder.name, folder)
+    for folder in checkpoint_folders(straight):
+        assert_same_checkpoints(resumed / folder.relative_to(straight), folder)
     return results
 
 
@@ -111,7 +130,7 @@ def test_effect_of_T_writes_outputs_and_resumes_exactly(tmp_path):
     run = lambda config, logdir: effect_of_T.run_experiment(config, logdir)
     results = assert_resumed_equals_uninterrupted(run, EOT, tmp_path, k=2)
     logdir = tmp_path / "straight"
-    saved = json.loads((logdir / common.RESULTS).read_text())
+    saved = json.loads((logdir / workdir.RESULTS).read_text())
     assert saved["config"]["T"] == ["3", "exact"] and saved["config"]["hyper_iterations"] == 4
     assert set(saved["metrics"]) == {"T3", "exact"}
     for name, metrics in saved["metrics"].items():
@@ -128,8 +147,8 @@ def test_effect_of_T_writes_outputs_and_resumes_exactly(tmp_path):
         assert_png(logdir / png)
     table = list(csv.DictReader((logdir / "table2.csv").open()))
     assert [r["T"] for r in table] == ["3", "exact"]
-    assert json.loads((logdir / common.CONFIG).read_text())["dim"] == 6
-    assert list((logdir / "tensorboard" / "T3").glob("events.out.tfevents.*"))
+    assert json.loads((logdir / workdir.CONFIG).read_text())["dim"] == 6
+    assert list((logdir / "tensorboard" / "T3").rglob("events.out.tfevents.*"))
 
 
 def test_effect_of_T_features_file_is_read(tmp_path):
@@ -147,7 +166,7 @@ def test_effect_of_T_features_file_is_read(tmp_path):
 def test_effect_of_T_exact_alone_writes_every_output_and_prints_f_and_accuracy(tmp_path, capsys):
     config = dataclasses.replace(EOT, T=("exact",))
     results = effect_of_T.run_experiment(config, tmp_path)
-    saved = json.loads((tmp_path / common.RESULTS).read_text())
+    saved = json.loads((tmp_path / workdir.RESULTS).read_text())
     assert saved["metrics"] == results["metrics"] and set(saved["metrics"]) == {"exact"}
     exact = saved["metrics"]["exact"]
     assert all(math.isfinite(v) for v in exact.values()), exact
@@ -171,7 +190,7 @@ def test_effect_of_T_plots_any_values(tmp_path, names):
     curve (exact) or without a T axis (exact alone) still give both figures, without a warning
     (matplotlib warns of a log axis without positive values)."""
     values = [0.0, -1.0, math.nan, math.inf]
-    rows = [{"run": n, "step": str(i), "f": str(v), "f_T": str(v), "test_accuracy": "0.5"}
+    rows = [{"run": n, "epoch": str(i), "f": str(v), "f_T": str(v), "test_accuracy": "0.5"}
             for n in names for i, v in enumerate(values)]
     results = {n: {"test_accuracy": 0.5} for n in names}
     with warnings.catch_warnings():
@@ -188,23 +207,26 @@ def test_launcher_flags_have_help_and_default_to_the_config(launcher):
     values(["launcher", "--logdir=out"])
     for name in holders:
         assert len(values[name].help.split()) >= 2, (name, values[name].help)  # words, not "."
-    fields = {k: tuple(h.value) if isinstance(h.value, list) else h.value
-              for k, h in holders.items() if k not in ("logdir", "resume")}
+    run_flags = {"logdir", "resume", "checkpoint_seconds"}
     if launcher is hyper_cleaning:  # the method's settings come from their flags, as the defaults resolve them
         config = hyper_cleaning.config_from_flags(holders)
         assert hyper_cleaning.resolved(config) == hyper_cleaning.resolved(hyper_cleaning.Config())
         methods = [far.registry.get_method(name) for name in far.methods()]
-        assert set(fields) - {f.name for f in dataclasses.fields(hyper_cleaning.Config)} == {
-            m.flag(s) for m in methods for s in m.settings}  # the other flags: the methods' settings
+        assert set(holders) == (set(cli.flag_names(hyper_cleaning.Config).values()) | run_flags | {"method"}
+                                | {m.flag(s) for m in methods for s in m.settings})
     else:
-        assert launcher.Config(**fields) == launcher.Config()  # one flag per field, same defaults
+        generated = cli.config_values(launcher.Config, holders)
+        by_hand = {k: h.value for k, h in holders.items()
+                   if k in {f.name for f in dataclasses.fields(launcher.Config)} and k not in generated}
+        assert launcher.Config(**generated, **by_hand) == launcher.Config()  # one flag per field, same defaults
+        assert len(holders) == len(dataclasses.fields(launcher.Config)) + len(run_flags)
 
 
 def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
     run = lambda config, logdir: hyper_cleaning.run_experiment(config, logdir)
     assert_resumed_equals_uninterrupted(run, cleaning_config(mnist), tmp_path, k=2)
     logdir = tmp_path / "straight"
-    saved = json.loads((logdir / common.RESULTS).read_text())
+    saved = json.loads((logdir / workdir.RESULTS).read_text())
     metrics = saved["metrics"]
     for key in ("test_accuracy", "baseline_test_accuracy", "oracle_test_accuracy", "precision",
                 "recall", "f1", "weight_corrupted", "weight_clean", "val_accuracy"):
@@ -213,7 +235,7 @@ def test_hyper_cleaning_writes_outputs_and_resumes_exactly(tmp_path, mnist):
     assert metrics["lr"] != 0.1  # the learning rate was tuned
     assert saved["config"]["model"] == "softmax" and saved["config"]["n_train"] == 60
     table = rows(logdir)
-    assert [int(r["step"]) for r in table] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in table] == [0, 1, 2, 3]
     assert float(table[-1]["val_loss"]) < float(table[0]["val_loss"])
     assert_png(logdir / "weights.png")
 
@@ -248,19 +270,6 @@ def test_detection_scores():
     assert hyper_cleaning.detection(np.ones(4), corrupted, 0.5)["f1"] == 0.0  # nothing flagged
 
 
-def test_logdir_resume_drops_rows_and_noresume_clears(tmp_path):
-    out = common.Logdir(tmp_path, {"a": 1})
-    for step in range(3):
-        out.log(step, {"x": step})
-    common.Logdir(tmp_path, {"a": 1}).resume_run(common.Checkpointer(tmp_path / "none"))
-    assert [r["step"] for r in rows(tmp_path)] == []  # no checkpoint: iteration 0, rows dropped
-    out.log(0, {"x": 0.5, "y": 2.0})  # a new metric extends the header
-    assert rows(tmp_path) == [{"run": "main", "step": "0", "x": "0.5", "y": "2.0"}]
-    common.Logdir(tmp_path, {"a": 2}, resume=False)
-    assert not (tmp_path / common.METRICS).exists()
-    assert json.loads((tmp_path / common.CONFIG).read_text()) == {"a": 2}
-
-
 # -- the command line ----------------------------------------------------------------------------
 
 
@@ -278,12 +287,14 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 def test_command_lines(tmp_path, mnist, pytestconfig):
     """Both launchers from the command line, and their errors; started together to overlap (three
     of the errors with --long only: each launch costs a TensorFlow start-up)."""
-    eot_dir, hc_dir, hcm_dir = tmp_path / "eot", tmp_path / "hc", tmp_path / "hcm"
+    eot_dir, hc_dir, hcm_dir, nan_dir = tmp_path / "eot", tmp_path / "hc", tmp_path / "hcm", tmp_path / "nan"
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"\x93NUMPY not really" * 40)
     eot_dir.mkdir()
-    (eot_dir / common.METRICS).write_text("run,step\nstale,0\n")  # --noresume deletes it
+    (eot_dir / workdir.METRICS).write_text("run,step\nstale,0\n")  # --noresume deletes it
     processes = {
-        "eot": launch("effect_of_T", f"--logdir={eot_dir}", "--data=synthetic", "--classes=3",
-                      "--dim=4", "--T=exact", "--hyper_iterations=2", "--noresume"),
+        "eot": launch("effect_of_T", f"--logdir={eot_dir}", "--source=synthetic", "--classes=3",
+                      "--dim=4", "--T_list=exact", "--hyper_iterations=2", "--noresume"),
         "hc": launch("hyper_cleaning", f"--logdir={hc_dir}", "--n_train=40", "--n_val=20",
                      "--T=5", "--hyper_iterations=2", "--model=mlp", "--hidden=8",
                      "--corruption=0.5", "--noresume"),  # no --data: the bundled digits
@@ -291,10 +302,13 @@ def test_command_lines(tmp_path, mnist, pytestconfig):
                             "--T=3", "--hyper_iterations=3", "--method=bome", "--bome_phi=grad_norm",
                             "--l2=0.001"),
         "bad_truncate": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", "--T=5", "--truncate=5"),
-        "bad_T": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--data=synthetic", "--T=0,abc"),
+        "bad_T": launch("effect_of_T", f"--logdir={tmp_path / 'x'}", "--source=synthetic", "--T_list=0,abc"),
         "missing_data": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}",
                                f"--data={tmp_path / 'missing.npz'}"),
         "no_logdir": launch("hyper_cleaning", f"--data={mnist}"),
+        "nan": launch("hyper_cleaning", f"--logdir={nan_dir}", "--n_train=40", "--n_val=20", "--T=5",
+                      "--hyper_iterations=2", "--retrain_steps=10", "--inner_lr=1e6"),
+        "corrupt_data": launch("hyper_cleaning", f"--logdir={tmp_path / 'x'}", f"--data={corrupt}"),
     }
     if pytestconfig.getoption("--long"):
         processes.update({
@@ -304,28 +318,51 @@ def test_command_lines(tmp_path, mnist, pytestconfig):
             "missing_features": launch("effect_of_T", f"--logdir={tmp_path / 'x'}",
                                        f"--features={tmp_path / 'missing.npz'}")})
     results = {name: finish(p) for name, p in processes.items()}
-    expected_errors = {"bad_T": "--T: each value must be a positive int", "unknown_flag": "no_such_flag",
+    expected_errors = {"bad_T": "--T_list: each value must be a positive int", "unknown_flag": "no_such_flag",
                        "bad_enum": "--model", "missing_data": "missing.npz: no such file",
                        "missing_features": "--features=", "no_logdir": "--logdir",
-                       "bad_truncate": "--truncate=5 must be below --T=5"}
+                       "bad_truncate": "--truncate=5 must be below --T=5",
+                       "corrupt_data": f"--data={corrupt} is not a NumPy .npz archive"}
     for name, message in expected_errors.items():
         if name not in results:
             continue  # a --long case
         code, _, stderr = results[name]
         assert code != 0, name
-        assert message in stderr, (name, stderr[-2000:])
-        assert "Traceback" not in stderr, (name, stderr[-2000:])
+        assert message in stderr.splitlines()[-1], (name, stderr[-2000:])  # one line, the last
+        assert stderr.splitlines()[-1].startswith("Error: "), (name, stderr[-2000:])
+        assert "Traceback" not in stderr and "USAGE" not in stderr and "allow_pickle" not in stderr, name
+        assert len(stderr.splitlines()) <= 3, (name, stderr)  # no help text (at most a log line or two)
+    code, _, stderr = results["nan"]  # divergence: one line, and nothing left in --logdir
+    assert code == 1 and stderr.splitlines()[-1].startswith("Diverged: ReverseHG, hyper-iteration 0"), stderr
+    assert "Traceback" not in stderr and not nan_dir.exists()
     for name, logdir in (("eot", eot_dir), ("hc", hc_dir), ("hc_method", hcm_dir)):
         code, stdout, stderr = results[name]
         assert code == 0, stderr[-3000:]
-        assert json.loads((logdir / common.RESULTS).read_text())["metrics"]
-    assert "stale" not in (eot_dir / common.METRICS).read_text()
+        assert json.loads((logdir / workdir.RESULTS).read_text())["metrics"]
+    assert not (eot_dir / effect_of_T.METRICS / "stale.csv").exists()
     assert "Table 2" in results["eot"][1] and "test_accuracy" in results["hc"][1]
-    assert results["eot"][1].splitlines()[-1].split()[0] == "exact"  # --T=exact: no crash
+    assert results["eot"][1].splitlines()[-1].split()[0] == "exact"  # --T_list=exact: no crash
     assert (eot_dir / "table2.csv").exists() and (eot_dir / "figure4.png").exists()
-    digits = json.loads((hc_dir / common.RESULTS).read_text())["config"]
+    digits = json.loads((hc_dir / workdir.RESULTS).read_text())["config"]
     assert digits["data"] is None and digits["corruption"] == 0.5 and digits["model"] == "mlp"
-    bome = json.loads((hcm_dir / common.RESULTS).read_text())
+    bome = json.loads((hcm_dir / workdir.RESULTS).read_text())
     assert bome["config"]["method"] == "bome" and bome["config"]["method_settings"]["phi"] == "grad_norm"
     assert bome["metrics"]["hyper_iterations_done"] == 3
     assert not (tmp_path / "x").exists()  # errors are caught before anything is written
+    for name in ("eot", "hc", "hc_method"):  # TensorFlow's start-up notices and checkpoint chatter stay out
+        assert not re.search("oneDNN|cpu_feature_guard|loop_optimizer|Sharding callback", results[name][2]), name
+
+    # the corrected relaunch of the diverged launch just runs, and records its own settings; a
+    # finished run relaunched with another T is refused, its results kept
+    finished = (hc_dir / workdir.RESULTS).read_bytes()
+    processes = {"corrected": launch("hyper_cleaning", f"--logdir={nan_dir}", "--n_train=40", "--n_val=20", "--T=5",
+                                     "--hyper_iterations=2", "--retrain_steps=10", "--inner_lr=0.3"),
+                 "other_T": launch("hyper_cleaning", f"--logdir={hc_dir}", "--n_train=40", "--n_val=20", "--T=6",
+                                   "--hyper_iterations=2", "--model=mlp", "--hidden=8", "--corruption=0.5")}
+    code, _, stderr = finish(processes["corrected"])
+    assert code == 0, stderr[-3000:]
+    assert json.loads((nan_dir / workdir.CONFIG).read_text())["inner_lr"] == 0.3
+    assert json.loads((nan_dir / workdir.RESULTS).read_text())["config"]["inner_lr"] == 0.3
+    code, stdout, stderr = finish(processes["other_T"])
+    assert code == 1 and "--T=5 in the run, 6 now" in stderr.splitlines()[-1] and "--noresume" in stderr, stderr
+    assert "Hyper-cleaning" not in stdout and (hc_dir / workdir.RESULTS).read_bytes() == finished
