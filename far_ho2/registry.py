@@ -4,7 +4,7 @@ A method declares its settings once, as its class's ``settings`` (a tuple of ``S
 is registered by one line, ``register_method(name, cls)``; everything that offers methods by
 name derives from the registry: ``make_method(name, **settings)``, ``from_config`` (a
 ``HyperGradient.get_config()`` back into the method), and the launchers' ``--method`` and one
-flag per setting (``flags/method_flags.py``).
+flag per setting (``far_ho2/launch/method_flags.py``).
 
     class Scaled(far.HyperGradient):
         settings = (far.Setting("scale", float, 1.0, "the factor of the hypergradient.", low=0.0),)

@@ -56,7 +56,7 @@ from absl import logging
 
 from far_ho2.launch import callbacks, cli, workdir
 from flags import common
-from flags import method_flags
+from far_ho2.launch import method_flags
 from hyper_repr import data, train
 
 # The settings both experiments share: the N, k, q and T of hyper-representation's main.py; the
@@ -129,7 +129,7 @@ def config_from_flags(holders: Mapping[str, flags.FlagHolder], preset: train.Con
         settings = method_flags.settings_from_flags(holders)
     except ValueError as error:
         raise cli.LaunchError(str(error)) from None
-    return dataclasses.replace(preset, **fields, method_settings=settings)
+    return dataclasses.replace(preset, **fields, method=holders["method"].value, method_settings=settings)
 
 
 def set_up_devices(xla: bool, strategy: str = "none", cpu_devices: int = 1) -> tf.distribute.Strategy:

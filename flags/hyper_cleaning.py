@@ -90,7 +90,7 @@ import far_ho2 as far
 from far_ho2.launch import callbacks, cli, workdir
 from far_ho2.launch.cli import setting
 from flags import common
-from flags import method_flags
+from far_ho2.launch import method_flags
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CLASSES = 10

@@ -107,7 +107,7 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
         omniglot.PRESET, ways=40, queries=5, test_ways=5, test_queries=15, steps=1, learning_rate=1.0,
         meta_lr=0.002, eval_every=300, eval_episodes=400, time_budget_seconds=180.0,
         test_shots=(1, 5), augment_shift=2, method_settings=reverse)
-    generated = set(cli.flag_names(train.Config))  # one flag per field but the method's (method_flags)
+    generated = set(cli.flag_names(train.Config))  # one flag per field but the method's (far_ho2.launch.method_flags)
     assert generated == {f.name for f in dataclasses.fields(train.Config)} - {"method", "method_settings"}
 
 

@@ -5,6 +5,9 @@ in flag names, and the shared Keras callbacks (budget, progress bar, no-progress
 import dataclasses
 import json
 import math
+import signal
+import sys
+import time
 from typing import Optional
 
 import keras
@@ -168,3 +171,24 @@ def test_the_progress_bar_of_a_stopped_epoch_ends_where_it_stopped():
         return bar.progbar.target
     assert fit(callbacks.ProgressBar()) == 3
     assert fit(keras.callbacks.ProgbarLogger()) == 10  # Keras's own: the whole epoch, as if done
+
+
+def test_a_signal_that_lands_in_a_finalizer_is_delivered_again_not_lost():
+    """Python prints and drops an exception raised in ``__del__``: a SIGTERM handled there would
+    be lost (the run would go on, or exit 0); the handler delivers it again a moment later."""
+
+    class Finalized:
+        def __del__(self):
+            cli._terminate(signal.SIGUSR1, sys._getframe())  # as if the signal landed here
+
+    previous = signal.signal(signal.SIGUSR1, cli._terminate)
+    try:
+        with pytest.raises(cli.Terminated, match="SIGUSR1"):
+            Finalized()  # finalized at once: the handler returns, then the signal comes again
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    with pytest.raises(cli.Terminated, match="SIGTERM"):
+        cli._terminate(signal.SIGTERM, sys._getframe())  # elsewhere it raises at once

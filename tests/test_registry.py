@@ -21,6 +21,7 @@ from flags import few_shot
 from flags import hyper_cleaning
 from flags import miniimagenet
 from flags import omniglot
+from far_ho2.launch import cli
 from hyper_repr import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -121,8 +122,8 @@ def test_the_toy_runs_from_the_hyper_cleaning_flags(toy, tmp_path):
 def test_a_setting_out_of_its_range_is_named_by_its_flag():
     few = flags.FlagValues()
     holders = few_shot.define_flags(omniglot.PRESET, data_dir="data", flag_values=few)
-    few(["launcher", "--method=bome", "--bome_momentum=1.5"])
-    with pytest.raises(few_shot.LaunchError, match=r"^--bome_momentum must be a float in \[0, 1\), got 1.5.$"):
+    few(["launcher", "--logdir=out", "--method=bome", "--bome_momentum=1.5"])
+    with pytest.raises(cli.LaunchError, match=r"^--bome_momentum must be a float in \[0, 1\), got 1.5.$"):
         few_shot.config_from_flags(holders, omniglot.PRESET)
     cleaning = flags.FlagValues()
     holders = hyper_cleaning.define_flags(cleaning)
@@ -151,7 +152,7 @@ def test_another_methods_setting_left_at_its_default_is_no_error():
     for launcher in (omniglot, miniimagenet):
         values = flags.FlagValues()
         holders = few_shot.define_flags(launcher.PRESET, data_dir="data", flag_values=values)
-        values(["launcher", "--method=penalty", "--penalty_gamma=0.5"])
+        values(["launcher", "--logdir=out", "--method=penalty", "--penalty_gamma=0.5"])
         config = few_shot.config_from_flags(holders, launcher.PRESET)
         assert config.method_settings == {"gamma": 0.5, "lambda_g": 0.01, "epsilon": 0.0, "nu": 0.0}
 
@@ -168,7 +169,7 @@ def test_the_flags_default_to_each_experiments_defaults():
         assert hyper_cleaning.resolved(hyper_cleaning.config_from_flags(cleaning_holders)) == hyper_cleaning.resolved(
             hyper_cleaning.Config(method=name)), name
         few.unparse_flags()
-        few(["launcher", f"--method={name}"])
+        few(["launcher", "--logdir=out", f"--method={name}"])
         config = few_shot.config_from_flags(few_holders, omniglot.PRESET)
         assert config.method_settings == train.method_settings(dataclasses.replace(omniglot.PRESET, method=name))
     assert hyper_cleaning.resolved(hyper_cleaning.Config(method="bome")).method_settings["momentum"] == 0.9

@@ -12,8 +12,10 @@ API): one output folder, one set of Keras callbacks, one command line.
 - ``cli``: flags generated from a configuration dataclass (``setting``: a field's help and
   bounds), and one error path (``run``): one line naming the flags, no traceback for user
   errors, divergence or interrupts.
+- ``method_flags``: ``--method`` and one flag per setting of every registered method
+  (``far_ho2.registry``), with the check that refuses another method's setting.
 
 It lives in the library (not under flags/) because ``hyper_repr.train`` uses it as well as the
 launchers, and the library must not import the launchers. Import its modules by name
-(``from far_ho2.launch import callbacks, cli, workdir``); ``import far_ho2`` does not load them.
+(``from far_ho2.launch import callbacks, cli, method_flags, workdir``); ``import far_ho2`` does not load them.
 """

@@ -21,9 +21,11 @@ a traceback:
 
 import contextlib
 import dataclasses
+import os
 import re
 import signal
 import sys
+import threading
 import typing
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -52,6 +54,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    """Raises ``Terminated``, except in a finalizer (``__del__``), where Python would print the
+    exception and drop it: there the signal is delivered again a moment later."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
     raise Terminated(signum)
 
 
@@ -235,7 +244,8 @@ def run(main: Callable[[], Any], names: Mapping[str, str] = {}) -> None:
 
     def entry(argv: Sequence[str]) -> None:
         logging.get_absl_logger().addFilter(_not_checkpoint_chatter)
-        signal.signal(signal.SIGTERM, _terminate)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _terminate)
         try:
             if len(argv) > 1:
                 raise LaunchError(f"Unexpected arguments: {list(argv[1:])} (flags are --name=value).")
