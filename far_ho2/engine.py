@@ -14,8 +14,8 @@
 ``update`` is the door's: ``HyperOptimizer`` applies each outer optimizer to its group of
 hyperparameters (``aggregation_fn``, ``process_fn``), the Keras model its compiled optimizer.
 On a meta-batch sharded across replicas (``far_ho2.sharding``) the step runs in each replica:
-``ok`` is agreed between them, E is the meta-batch's mean, and the restore is unconditional
-(tf.distribute cannot synchronise mirrored variables inside a ``tf.cond``).
+``ok`` is agreed between them, E is the meta-batch's mean, and under any strategy the restore
+is unconditional (tf.distribute cannot synchronise mirrored variables inside a ``tf.cond``).
 
 Why a traced step over variables, not a pure ``(state, batch) -> (result, state)`` function in
 the manner of optax: every door holds its state in variables already (Keras optimizers and
@@ -145,9 +145,9 @@ def _value(results: Sequence[RunResult]) -> tf.Tensor:
 
 def restore(variables: Sequence[tf.Variable], values: Sequence[tf.Tensor], healthy: tf.Tensor) -> None:
     """Every variable back to its value in ``values`` unless ``healthy`` (in-graph). Under a
-    strategy of several replicas, by unconditional assignments (a mirrored variable's assignment
+    strategy (of one replica too), by unconditional assignments (a mirrored variable's assignment
     synchronises the replicas, which tf.distribute cannot do inside a ``tf.cond``)."""
-    if sharding.replicas() > 1:
+    if tf.distribute.has_strategy():
         for v, value in zip(variables, values):
             v.assign(tf.where(healthy, v.read_value(), value))
         return
