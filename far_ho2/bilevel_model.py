@@ -22,6 +22,11 @@ TensorBoard, ``evaluate`` (E on an outer batch at the inner solution of an inner
 A failed hyper-iteration (the guard's, ``far_ho2.guard``) changes nothing and stops ``fit`` with a
 ``far.DivergenceError`` naming the hyper-iteration and the part that failed.
 
+A subclass specialises the step, not rewrites it: ``_prepare_step`` sets the inner problem up for
+each element (e.g. new inner variables' values, ``HyperGradient.restart``), ``_outer_pairs``
+processes the directions the optimizer applies (e.g. clipping the meta-batch's), ``_diverged``
+says what ``fit`` does after a failed step; ``hyper_repr.HyperRepresentation`` is one.
+
 Under ``tf.distribute`` (the model built in ``strategy.scope()``), ``fit`` splits a meta-batch:
 each element holds B independent problems on a leading axis, L = Σ_j L_j and E = mean_j E_j;
 replica r solves B/R of them with its own inner variables (``far.distribute.local_variables``,
@@ -48,6 +53,7 @@ import tensorflow as tf
 from far_ho2 import batches as batching
 from far_ho2 import distribute, engine, guard, sharding
 from far_ho2 import inputs as inputs_lib
+from far_ho2.compiled import without_grappler
 from far_ho2.hypergradients.base import HyperGradient
 from far_ho2.hypergradients.reverse import ReverseHG
 from far_ho2.hyperparameters import apply_constraints, flatten_hyperparameters
@@ -59,30 +65,27 @@ PHASES = {engine.RUN: "the run (inner states, E or the hypergradient)", engine.U
           engine.METHOD_STEP: "the method's own step on the inner variables"}
 
 
-def _tf_variables(variables: Any) -> list[tf.Variable]:
-    """The ``tf.Variable``s of a Keras layer (its trainable weights), of Keras variables or of
-    tf.Variables."""
+def _variables(variables: Any) -> list:
+    """The variables of a Keras layer (its trainable weights), of one variable or of a list, as
+    given (a Keras variable keeps its ``constraint``, applied after each update)."""
     if isinstance(variables, keras.layers.Layer):
-        variables = variables.trainable_weights
-    if isinstance(variables, (tf.Variable, keras.Variable)):
-        variables = [variables]
-    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
+        return list(variables.trainable_weights)
+    return [variables] if isinstance(variables, (tf.Variable, keras.Variable)) else list(variables)
+
+
+def _tf_variables(variables: Any) -> list[tf.Variable]:
+    """The ``tf.Variable``s of ``_variables``."""
+    return [v.value if isinstance(v, keras.Variable) else v for v in _variables(variables)]
 
 
 class _Stop(keras.callbacks.Callback):
-    """Stops ``fit`` with the guard's error after a failed hyper-iteration (the step restored
-    every variable in-graph)."""
+    """Hands a failed hyper-iteration (the step restored every variable in-graph) to the model's
+    ``_diverged``."""
 
     def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
-        phase = int(np.asarray((logs or {}).get("phase", engine.HEALTHY)))
+        phase = int(np.asarray((logs or {}).get("phase", engine.HEALTHY)).item())
         if phase != engine.HEALTHY:
-            self.model.stop_training = True
-            model = self.model
-            step = int(model.optimizer.iterations.numpy())
-            raise guard.DivergenceError(
-                f"{model.method.name}, hyper-iteration {step}: {PHASES[phase]} became non-finite or grew "
-                f"beyond the guard's bounds (far_ho2.guard; HyperOptimizer.run names the inner step and the "
-                f"variable); {guard.UNCHANGED}")
+            self.model._diverged(phase)
 
 
 class BilevelModel(keras.Model):
@@ -120,6 +123,9 @@ class BilevelModel(keras.Model):
         if hypergradient is not None and not isinstance(hypergradient, HyperGradient):
             raise TypeError(f"`hypergradient` must be a far_ho2 method (far.ReverseHG(), far.BOME(), ...), "
                             f"got {type(hypergradient).__name__}.")
+        if hypergradient is not None and hypergradient.registrations:
+            raise ValueError(f"`hypergradient`: this {hypergradient.name} serves another problem already (a method "
+                             f"holds its problem's state, e.g. the penalty's stages); give each model its own.")
         super().__init__(name=name, **kwargs)
         self.method = hypergradient or ReverseHG()
         self.steps, self.per_step = int(steps), bool(per_step)
@@ -129,7 +135,7 @@ class BilevelModel(keras.Model):
         self.keras_variables = [v for given in (inner_variables, hyperparameters) if isinstance(given, (list, tuple))
                                 for v in given if isinstance(v, keras.Variable)]
         var_list = None if inner_variables is None else _tf_variables(inner_variables)
-        hyper_list = None if hyperparameters is None else _tf_variables(hyperparameters)
+        hyper_list = None if hyperparameters is None else _variables(hyperparameters)
         local = [v for v in var_list or [] if getattr(v, "synchronization", None) == tf.VariableSynchronization.ON_READ]
         if local and init_dynamics_dict is None:
             raise ValueError(f"BilevelModel: the inner variables {[v.name for v in local]} are each replica's own "
@@ -155,16 +161,19 @@ class BilevelModel(keras.Model):
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _resolve(self, element: Any) -> None:
-        """On the first ``fit`` or ``evaluate``: the default inner variables and hyperparameters,
-        found eagerly on one element (as ``HyperOptimizer`` does on its first run), the
-        optimizer built, the guard's bounds and the guarded variables fixed."""
+    def _resolve(self, element: Callable[[], Any]) -> None:
+        """On the first ``fit`` or ``evaluate`` after ``compile``: the default inner variables and
+        hyperparameters, found eagerly on one element (``element()``, as ``HyperOptimizer`` does
+        on its first run) unless known, the optimizer built, the guard's bounds and the guarded
+        variables fixed."""
         if self._ready is not None:
             return
         with self.distribute_strategy.scope():  # the method's and the optimizer's variables: mirrored
-            self._resolve_in_scope(element)
+            if any(reg.hypers is None for reg in self.method.registrations):
+                self._resolve_method(element())
+            self._resolve_guard()
 
-    def _resolve_in_scope(self, element: Any) -> None:
+    def _resolve_method(self, element: Any) -> None:
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas > 1:  # resolved eagerly on the first replica's share (its inner variables' shape)
             size = distribute.replica_batch_size(tf.nest.flatten(element)[0].shape[0], self.distribute_strategy,
@@ -172,6 +181,8 @@ class BilevelModel(keras.Model):
             element = tf.nest.map_structure(lambda t: t[:size], element)
         inner, outer = element
         self.method._resolve(batching.Batches(inner, self.per_step), outer)
+
+    def _resolve_guard(self) -> None:
         hypers = self.hyperparameters
         if getattr(self, "optimizer", None) is None:
             raise ValueError("BilevelModel: call `compile(optimizer=...)` first (the outer optimizer of λ).")
@@ -188,6 +199,27 @@ class BilevelModel(keras.Model):
             unique.setdefault(id(v), v)
         self.__dict__["_ready"] = (bounds, list(unique.values()))
         self.built = True  # every variable exists: the inner ones, λ, the optimizer's slots
+
+    def compile(self, optimizer: Any = "rmsprop", **kwargs: Any) -> None:
+        """``keras.Model.compile``: the optimizer of λ (the guard is fixed again for it at the
+        next ``fit``)."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.__dict__["_ready"] = None
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras's training function, run without the Grappler passes the method names in
+        ``grappler_off`` (they apply when a call optimises a new graph)."""
+        existing = self.train_function
+        super().make_train_function(force)
+        passes = self.method.grappler_off
+        if passes and self.train_function is not existing:
+            function = self.train_function
+
+            def train_function(iterator: Any) -> Any:
+                with without_grappler(passes):
+                    return function(iterator)
+            self.train_function = train_function
+        return self.train_function
 
     @property
     def hyperparameters(self) -> list[tf.Variable]:
@@ -210,7 +242,7 @@ class BilevelModel(keras.Model):
         if not isinstance(x, tf.data.Dataset):
             raise TypeError(f"BilevelModel.fit: `x` must be a tf.data.Dataset of (inner_batch, outer_batch) "
                             f"elements, one per hyper-iteration; got {type(x).__name__}.")
-        self._resolve(next(iter(x)))
+        self._resolve(lambda: next(iter(x)))
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_Stop()]
         kwargs.setdefault("shuffle", False)  # a dataset is not shuffled by fit
         return super().fit(x, *args, callbacks=callbacks, **kwargs)
@@ -224,19 +256,56 @@ class BilevelModel(keras.Model):
 
     # -- one hyper-iteration --------------------------------------------------------------------
 
-    def _update(self, results: list, bounds: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+    def _diverged(self, phase: int) -> None:
+        """After a failed hyper-iteration (``phase``: where it failed), which changed nothing:
+        ``fit`` stops with ``far.DivergenceError``."""
+        self.stop_training = True
+        raise guard.DivergenceError(self._failure(phase))
+
+    def _failure(self, phase: int) -> str:
+        """The one line that says a hyper-iteration failed in ``phase`` and changed nothing."""
+        return (f"{self.method.name}, hyper-iteration {int(self.optimizer.iterations.numpy())}: {PHASES[phase]} "
+                f"became non-finite or grew beyond the guard's bounds (far_ho2.guard; HyperOptimizer.run names "
+                f"the inner step and the variable); {guard.UNCHANGED}")
+
+    def _prepare_step(self, data: Any) -> tuple[Any, Any]:
+        """(inner batch, outer batch) of a hyper-iteration's element, traced at the start of the
+        step: a subclass may set its inner problem up here (e.g. new inner variables' values)."""
+        inner, outer = data
+        return inner, outer
+
+    def _outer_pairs(self, pairs: list) -> list:
+        """The (direction, λ) pairs the compiled optimizer applies, each direction this replica's
+        term of their sum over the replicas (as given here; a subclass may process them)."""
+        return pairs
+
+    def _step_arguments(self) -> dict:
+        """``engine.step``'s guard and update arguments (``engine.settle``'s), traced."""
+        bounds, guarded = self._ready
+        limit = self.method.growth_limit
+        grad_bound = (tf.constant(np.inf, tf.float64) if limit is None else
+                      tf.where(self._reference < 0, tf.constant(np.inf, tf.float64),
+                               limit * tf.maximum(self._reference, 1.0)))
+        return dict(grad_bound=grad_bound, update=lambda results: self._update(results, bounds[0]),
+                    inner_bounds=bounds[1], guarded=guarded)
+
+    def _update(self, results: list, bounds: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The compiled optimizer's update of λ from the directions, then the projections
         (``engine.Update``)."""
         hypers = self.hyperparameters
         before = [tf.identity(v) for v in hypers]
-        pairs = self.method.pairs(results)
+        # the tf.Variables found at construction (in a replica, a Keras variable reads as its local copy,
+        # whose slots the Keras optimizer does not know)
+        registration = self.method.registrations[0]
+        variables = {id(o): h for o, h in zip(registration.originals, registration.hypers)}
+        pairs = [(g, variables[id(v)]) for g, v in self.method.pairs(results)]
         replicas = sharding.replicas()
         if replicas > 1:  # each replica's term of the sum the optimizer all-reduces (far_ho2.sharding)
             pairs = [(g / replicas, v) for g, v in pairs]
-        self.optimizer.apply_gradients(pairs)
-        apply_constraints(hypers)
+        self.optimizer.apply_gradients(self._outer_pairs(pairs))
+        apply_constraints(registration.originals)  # Keras variables' too
         slots = [v for v in guard.variables_of(self.optimizer) if v.dtype.is_floating]
-        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
+        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[i]) for i, v in enumerate(hypers)]
                                          + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
         moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
         return moved, healthy
@@ -246,17 +315,16 @@ class BilevelModel(keras.Model):
         """One hyper-iteration, ``far_ho2.engine.step``: the directions at the current λ, the
         guard, the update of λ by the compiled optimizer, the method's own step; logs E (before
         the update) and the step's phase (0: healthy)."""
-        inner, outer = data
-        bounds, guarded = self._ready
-        limit = self.method.growth_limit
-        grad_bound = (tf.constant(np.inf, tf.float64) if limit is None else
-                      tf.where(self._reference < 0, tf.constant(np.inf, tf.float64),
-                               limit * tf.maximum(self._reference, 1.0)))
-        results, status = engine.step(
+        inner, outer = self._prepare_step(data)
+        _, status = engine.step(
             self.method, steps=self.method._steps(self.steps), inner_data=inner, per_step=self.per_step,
             outer_data=outer, previous=None, online=False, offset=tf.constant(0),
-            options=self.method._options(self.optimizer.iterations), grad_bound=grad_bound,
-            update=lambda r: self._update(r, bounds), inner_bounds=bounds[1], guarded=guarded)
+            options=self.method._options(self.optimizer.iterations), **self._step_arguments())
+        return self._logs(status)
+
+    def _logs(self, status: engine.Status) -> dict:
+        """A step's logs: E before the update (NaN after a failed step) and the phase (0:
+        healthy); the guard's reference direction set by the first healthy step."""
         healthy = tf.equal(status.phase, engine.HEALTHY)
         self._reference.assign(tf.where(healthy & (self._reference < 0), status.largest, self._reference))
         self.loss_tracker.update_state(tf.where(healthy, tf.cast(status.value, tf.float64), np.nan))
@@ -278,5 +346,5 @@ class BilevelModel(keras.Model):
         """``keras.Model.evaluate`` on ``(inner_batch, outer_batch)`` elements: E after T inner
         steps from Φ₀ on each inner batch."""
         if isinstance(x, tf.data.Dataset):
-            self._resolve(next(iter(x)))
+            self._resolve(lambda: next(iter(x)))
         return super().evaluate(x, *args, **kwargs)

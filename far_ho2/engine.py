@@ -2,6 +2,7 @@
 ``far.BilevelModel.train_step``, ``HyperRepresentation``), traced as one function:
 
     r_k   = method.hypergradient(problem_k, …)           each inner problem's outer direction
+                                                          (or directions given: ``settle``)
     ok    = guard(r_k) ∧ method.health(r_k)               (``far_ho2.guard``)
     λ     ← P(λ − update(aggregate_k ∇_k))                the outer optimizers, the projections
     ok   &= guard(λ, the optimizers' slots)
@@ -13,8 +14,8 @@
 ``update`` is the door's: ``HyperOptimizer`` applies each outer optimizer to its group of
 hyperparameters (``aggregation_fn``, ``process_fn``), the Keras model its compiled optimizer.
 On a meta-batch sharded across replicas (``far_ho2.sharding``) the step runs in each replica:
-``ok`` is agreed between them, E is the meta-batch's mean, and the restore is unconditional
-(tf.distribute cannot synchronise mirrored variables inside a ``tf.cond``).
+``ok`` is agreed between them, E is the meta-batch's mean, and under any strategy the restore
+is unconditional (tf.distribute cannot synchronise mirrored variables inside a ``tf.cond``).
 
 Why a traced step over variables, not a pure ``(state, batch) -> (result, state)`` function in
 the manner of optax: every door holds its state in variables already (Keras optimizers and
@@ -31,7 +32,7 @@ import tensorflow as tf
 from far_ho2 import batches as batching
 from far_ho2 import guard, sharding
 from far_ho2.trajectory import all_healthy
-from far_ho2.types import RunResult
+from far_ho2.types import Health, RunResult
 
 #: the phase a step failed in (``Status.phase``)
 HEALTHY, RUN, UPDATE, METHOD_STEP = 0, 1, 2, 3
@@ -64,9 +65,18 @@ def largest_direction(results: Sequence[RunResult]) -> tf.Tensor:
                                                                for g in r.grads if g is not None]))
 
 
+def plain_result(value: tf.Tensor, grads: list) -> RunResult:
+    """A direction computed without an inner run (no inner states for the guard to check)."""
+    empty = tf.zeros([0], tf.int32)
+    return RunResult(value, grads, None, None, Health(empty - 1, tf.zeros([0], tf.bool), tf.zeros([0], tf.float64)))
+
+
 def directions(method: Any, *, steps: Any, inner_data: Any, per_step: bool, outer_data: Any, previous: Any,
                online: Any, offset: Any, options: dict) -> list[RunResult]:
-    """Every registered problem's ``RunResult`` (traced), with the method's growth limit."""
+    """Every registered problem's ``RunResult`` (traced), with the method's growth limit; each
+    inner optimizer begins a run first (e.g. an SGLD chain's counter: a new noise sequence)."""
+    for reg in method.registrations:
+        reg.problem.optimizer.begin_run()
     with guard.limit(method.growth_limit):
         return [method.hypergradient(reg.problem, reg.outer_objective, reg.hypers, steps=steps,
                                      inner_batches=batching.Batches(inner_data, per_step), outer_batch=outer_data,
@@ -95,10 +105,16 @@ def step(method: Any, *, steps: Any, inner_data: Any, per_step: bool, outer_data
     restores, ``grad_bound`` the growth bound of the directions, ``inner_bounds`` those of the
     inner variables (for a method's own step)."""
     before = [tf.identity(v) for v in guarded]
-    for reg in method.registrations:  # e.g. an SGLD chain's run counter: a new noise sequence per run
-        reg.problem.optimizer.begin_run()
     results = directions(method, steps=steps, inner_data=inner_data, per_step=per_step, outer_data=outer_data,
                          previous=previous, online=online, offset=offset, options=options)
+    return results, settle(method, results, before, grad_bound=grad_bound, update=update,
+                           inner_bounds=inner_bounds, guarded=guarded)
+
+
+def settle(method: Any, results: list[RunResult], before: Sequence[tf.Tensor], *, grad_bound: tf.Tensor,
+           update: Optional[Update], inner_bounds: tf.Tensor, guarded: Sequence[tf.Variable]) -> Status:
+    """``step`` after its directions, for ``results`` computed from the values ``before`` of
+    ``guarded``: the guard, the update, the method's own step, the restore (traced)."""
     largest = sharding.maximum(largest_direction(results))
     healthy = sharding.agree(tf.reduce_all(tf.stack([result_healthy(method, r) for r in results]
                                                     + [largest <= grad_bound])))
@@ -107,7 +123,7 @@ def step(method: Any, *, steps: Any, inner_data: Any, per_step: bool, outer_data
         applied, moved = apply(method, results, update, inner_bounds)
         phase = tf.where(healthy, applied, phase)
     restore(guarded, before, tf.equal(phase, HEALTHY))
-    return results, Status(_value(results), phase, largest, moved)
+    return Status(_value(results), phase, largest, moved)
 
 
 def apply_step(method: Any, results: list[RunResult], update: Update, inner_bounds: tf.Tensor,
@@ -129,9 +145,9 @@ def _value(results: Sequence[RunResult]) -> tf.Tensor:
 
 def restore(variables: Sequence[tf.Variable], values: Sequence[tf.Tensor], healthy: tf.Tensor) -> None:
     """Every variable back to its value in ``values`` unless ``healthy`` (in-graph). Under a
-    strategy of several replicas, by unconditional assignments (a mirrored variable's assignment
+    strategy (of one replica too), by unconditional assignments (a mirrored variable's assignment
     synchronises the replicas, which tf.distribute cannot do inside a ``tf.cond``)."""
-    if sharding.replicas() > 1:
+    if tf.distribute.has_strategy():
         for v, value in zip(variables, values):
             v.assign(tf.where(healthy, v.read_value(), value))
         return

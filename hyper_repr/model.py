@@ -11,11 +11,21 @@ hyperparameters λ, the model's trainable variables:
 
 ``fit`` runs Algorithm 1: each training step is one hyper-iteration on a meta-batch of B episodes
 (heads fitted by T steps of gradient descent, the hypergradient ∇_λ E by far_ho2, one update by
-the compiled optimizer). The B episodes are one far_ho2 inner problem whose variables hold every
-head on a leading axis (W ∈ R^{B×d×N}, b ∈ R^{B×N}) with objective Σ_j L_j: the heads do not
-interact, so its hypergradient is the mean of the episodes' hypergradients. h_λ of the support
-sets is evaluated once per hyper-iteration (far_ho2's ``features=``), so the representation costs
-one forward and one backward pass on the support sets and one of each on the query sets.
+the compiled optimizer). The model is a ``far.BilevelModel``: the B episodes are its one inner
+problem, posed once, whose variables hold every head on a leading axis (W ∈ R^{B×d×N},
+b ∈ R^{B×N}, any B) with objective Σ_j L_j: the heads do not interact, so its hypergradient is
+the mean of the episodes' hypergradients. Each training step is ``far_ho2.engine.step``, the step
+of ``far.HyperOptimizer.run``: the method's direction, the guard (``far_ho2.guard``: non-finite or
+unbounded growth of the heads, E, ∇E, λ or the optimizer's slots, and the method's own test), the
+update, the method's own step (BOME's joint step on the heads, the penalty's stage schedule), all
+undone in-graph if the step fails; the heads are set to 0 at its start. h_λ of the support sets
+is evaluated once per hyper-iteration (far_ho2's ``features=``), so the representation costs one
+forward and one backward pass on the support sets and one of each on the query sets.
+
+A failed hyper-iteration changes nothing, logs a NaN loss, warns (``RuntimeWarning``, naming the
+hyper-iteration and the part that failed) and stops ``fit`` as ``keras.callbacks.TerminateOnNaN``
+would: the epoch ends and is validated, and no error is raised (``far.BilevelModel`` raises
+``far.DivergenceError``), so that a launcher still scores and saves the model it has.
 
 ``evaluate`` scores episodes: each episode's head is trained from zero by T steps of gradient
 descent on its support features (``heads.fit_heads``), then its query set is classified; it
@@ -48,13 +58,16 @@ Variants (the paper's Table 4), the ``variant`` argument:
                      c = 0), trained jointly with h_λ on CE(h_λ(X) V + c, Y) over batches of
                      training images (``data.image_batches``); no inner problem.
 
-Every variant is evaluated alike (new heads per episode, T gradient steps from zero).
+Every variant is evaluated alike (new heads per episode, T gradient steps from zero). The
+non-bilevel variants compute their gradient themselves, then take the same guard, update and
+in-graph restore as the bilevel ones (``far_ho2.engine.settle``).
 
 References:
     Franceschi, Frasconi, Salzo, Grazzi, Pontil. Bilevel Programming for Hyperparameter
     Optimization and Meta-Learning. ICML 2018, arXiv:1806.04910.
 """
 
+import warnings
 from typing import Any, Optional
 
 import keras
@@ -62,10 +75,11 @@ import numpy as np
 import tensorflow as tf
 
 import far_ho2 as far
+from far_ho2 import engine, sharding
 from far_ho2 import inputs as far_inputs
-from far_ho2.compiled import without_grappler
 from far_ho2.launch import callbacks
-from far_ho2.trajectory import all_healthy, empty_trajectory, run_steps
+from far_ho2.trajectory import empty_trajectory, run_steps
+from far_ho2.types import RunResult
 from hyper_repr.data import Episode
 from hyper_repr.heads import (episode_accuracy, episode_cross_entropy, episode_features,
                               fit_heads, head_iterates, head_logits, ridge, variable_dtype)
@@ -170,7 +184,7 @@ class _Heads:
 
 
 @keras.saving.register_keras_serializable(package="hyper_repr")
-class HyperRepresentation(keras.Model):
+class HyperRepresentation(far.BilevelModel):
     """A representation network h_λ meta-trained by hypergradients (see the module docstring).
 
     ``fit`` takes meta-batches of episodes (``data.episode_dataset(..., meta_batch_size=B)``:
@@ -178,8 +192,8 @@ class HyperRepresentation(keras.Model):
     for 'multiclass'; ``evaluate`` takes batches of episodes (``data.evaluation_episodes``) and
     returns ``loss`` (query cross-entropy), ``accuracy`` and ``ci``. Calling the model on images
     [n, H, W, C] gives their features h_λ [n, d] (normalised with the statistics of those n
-    images). A hyper-iteration whose outer loss, hypergradient or heads become NaN or Inf
-    updates nothing and reports a NaN loss (``keras.callbacks.TerminateOnNaN`` stops there).
+    images). A hyper-iteration that fails the guard updates nothing, reports a NaN loss, warns
+    and stops ``fit`` (see the module docstring).
 
     Args:
         network: h_λ, a Keras model images [n, H, W, C] -> features [n, d]; its trainable
@@ -196,9 +210,12 @@ class HyperRepresentation(keras.Model):
             ``far.ReverseHG(checkpoint_every=k)``, ``far.ImplicitHG(...)`` (η fixed; its
             warm start is not used, the episodes change at every hyper-iteration),
             ``far.BOME(...)`` or ``far.Penalty(...)`` (they step from the current heads w_k,
-            which here are T gradient steps from 0 on each episode: the heads start afresh
-            with every episode, so nothing persists across hyper-iterations; the penalty's γ
-            stays at its initial value: its stages need one problem over many iterations), or
+            which here are T gradient steps from 0 on each episode, and take their own step
+            after the update: BOME's joint step w ← w − ξ_w d_w moves the heads, which the
+            next meta-batch resets; the heads start afresh with every episode, so the penalty's
+            multiplier ν is ν₀ at every step (``Penalty.restart``), while its stages advance on
+            the meta-batch's statistic ‖G_λ‖² + ‖∇_w h_w‖² < ε²: γ, λ_g, ε and the step sizes
+            follow the schedule across meta-batches), or
             ``far.StochasticHG('reversed' or 'score')`` (Langevin heads, see ``temperature``).
         num_classes: C, the training classes ('multiclass' only).
         head_l2: γ, the ridge penalty (γ/2)(‖W_j‖² + ‖b_j‖²) of the heads, in meta-training and
@@ -258,33 +275,48 @@ class HyperRepresentation(keras.Model):
         if stochastic != (temperature is not None) or (stochastic and not temperature > 0):
             raise ValueError(f"`temperature` (τ > 0) goes with hypergradient=far.StochasticHG(...) and only with it; "
                              f"got temperature={temperature!r} with {method.name}.")
-        dtype = variable_dtype(network)
-        super().__init__(name=name, dtype=dtype, **kwargs)
-        self.hypergradient = method
+        dtype, dim = variable_dtype(network), network.output_shape[-1]
+        # λ, created before the model so that the heads' problem can be posed with them
+        eta = keras.Variable(learning_rate, shape=(), dtype=dtype, trainable=bool(learn_lr), name="learning_rate")
+        if learn_lr:
+            eta.constraint = lambda value: keras.ops.maximum(value, MIN_LEARNING_RATE)
+        classifier = [] if variant not in _MULTICLASS else [  # zeros would stall h_λ's first step
+            keras.Variable(keras.initializers.GlorotUniform(seed=0), shape=(dim, num_classes), dtype=dtype,
+                           name="classifier_kernel"),
+            keras.Variable(keras.initializers.Zeros(), shape=(num_classes,), dtype=dtype, name="classifier_bias")]
+        heads_state = _Heads(dim, int(ways), dtype)
+        heads = heads_state.variables
+        if temperature is None:
+            optimizer = far.GradientDescentOptimizer(_tf_variable(eta))
+        else:  # Langevin heads: its run counter is each replica's scratch state, like the heads
+            with far.distribute.local_variables():
+                optimizer = far.SGLDOptimizer(_tf_variable(eta), temperature=float(temperature), seed=0)
+
+        def outer_objective(batch: tuple) -> tf.Tensor:
+            return tf.reduce_mean(episode_cross_entropy(head_logits(*heads, episode_features(network, batch[0])),
+                                                        batch[1]))
+        hypers = ([eta] if learn_lr else []) + classifier + list(network.trainable_variables)
+        super().__init__(
+            lambda inputs: episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1]) + ridge(*heads, head_l2),
+            outer_objective, optimizer, steps=int(steps), hypergradient=method, inner_variables=heads,
+            hyperparameters=hypers or None,  # none: a fixed network (e.g. raw pixels), evaluated only
+            init_dynamics_dict=[(h, lambda h=h: tf.zeros_like(h)) for h in heads],
+            features=lambda batch: (episode_features(network, batch[0]), batch[1]), name=name, dtype=dtype, **kwargs)
+        if hypers:
+            self.method.resolve_as_given()  # the heads and λ are given; _check_method checked the method
         self.network, self.variant, self.clip, self.head_l2 = network, variant, clip, float(head_l2)
-        self.ways, self.steps, self.num_classes = int(ways), int(steps), num_classes
+        self.ways, self.num_classes = int(ways), num_classes
         self.learn_lr, self._initial_learning_rate = bool(learn_lr), float(learning_rate)
         self.temperature = None if temperature is None else float(temperature)
         self._test_steps = int(test_steps or steps)
-        self.learning_rate = self.add_weight(
-            shape=(), dtype=dtype, name="learning_rate", trainable=self.learn_lr,
-            initializer=keras.initializers.Constant(learning_rate),
-            constraint=(lambda eta: keras.ops.maximum(eta, MIN_LEARNING_RATE)) if learn_lr else None)
-        if variant in _MULTICLASS:
-            dim = network.output_shape[-1]
-            self.classifier_kernel = self.add_weight(  # zeros would stall h_λ's first step
-                shape=(dim, num_classes), dtype=dtype, name="classifier_kernel",
-                initializer=keras.initializers.GlorotUniform(seed=0))
-            self.classifier_bias = self.add_weight(shape=(num_classes,), dtype=dtype,
-                                                   name="classifier_bias", initializer="zeros")
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.learning_rate = eta
+        if classifier:
+            self.classifier_kernel, self.classifier_bias = classifier
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy", dtype="float64")
         self.ci_tracker = ConfidenceInterval(name="ci")
-        self._heads = _Heads(network.output_shape[-1], self.ways, dtype)
+        self._heads = heads_state
         if self.temperature is not None:  # not tracked: its run counter is scratch state too
-            with far.distribute.local_variables():
-                self.__dict__["_langevin"] = far.SGLDOptimizer(_tf_variable(self.learning_rate),
-                                                               temperature=self.temperature, seed=0)
+            self.__dict__["_langevin"] = optimizer
         self.built = True  # every variable exists (the heads are scratch state, see _Heads)
 
     # -- Keras ----------------------------------------------------------------------------------
@@ -292,6 +324,11 @@ class HyperRepresentation(keras.Model):
     @property
     def metrics(self) -> list:
         return [self.loss_tracker, self.accuracy_tracker, self.ci_tracker]
+
+    @property
+    def hypergradient(self) -> far.HyperGradient:
+        """The far_ho2 method of the bilevel variants (``far.BilevelModel.method``)."""
+        return self.method
 
     @property
     def test_steps(self) -> int:
@@ -306,40 +343,30 @@ class HyperRepresentation(keras.Model):
 
     def compile(self, optimizer: Any = "adam", *, jit_compile: Any = False, **kwargs) -> None:
         """``keras.Model.compile`` (no loss: the model has its own); ``jit_compile`` defaults to
-        `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with)."""
+        `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with).
+        The optimizer is built and the guard fixed here: every variable exists already."""
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
-        self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
-
-    def make_train_function(self, force: bool = False) -> Any:
-        """Keras's training function, run without the Grappler passes the method names in
-        ``grappler_off`` (they apply when a call optimises a new graph)."""
-        existing = self.train_function
-        super().make_train_function(force)
-        passes = self.hypergradient.grappler_off if self.variant in BILEVEL else ()
-        if passes and self.train_function is not existing:
-            function = self.train_function
-
-            def train_function(iterator: Any) -> Any:
-                with without_grappler(passes):
-                    return function(iterator)
-            self.train_function = train_function
-        return self.train_function
+        if self.trainable_variables:
+            self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
+            self._resolve(lambda: None)
 
     def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """``keras.Model.fit``; under a strategy of R replicas, a clear error for meta-batches of
-        ``x`` that R does not divide (see ``train_step``)."""
+        """``far.BilevelModel.fit``; a clear error for a network without trainable variables and,
+        under a strategy of R replicas, for meta-batches of ``x`` that R does not divide (see
+        ``train_step``)."""
+        if not self.trainable_variables:
+            raise ValueError(f"{self.name}.fit: the network has no trainable variables (λ), so there is nothing "
+                             f"to meta-train; `evaluate` it as it is.")
         if isinstance(x, tf.data.Dataset):
             size = tf.nest.flatten(x.element_spec)[0].shape[0]
             if size is not None:
                 far.distribute.replica_batch_size(size, self.distribute_strategy, "`x`: the meta-batch size")
         return super().fit(x, *args, **kwargs)
 
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
-        """Nothing to build: every variable exists from the constructor and ``compile`` builds
-        the optimizer. (Under a strategy, Keras's symbolic build draws a batch and reduces it
-        across replicas first, which fails for a meta-batch that does not split evenly and,
-        under MultiWorkerMirroredStrategy, for any nested batch: tf.distribute's ``reduce``
-        takes no nests.)"""
+    def evaluate(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``keras.Model.evaluate`` on batches of episodes (``test_step``: new heads by
+        ``fit_heads``; nothing of far.BilevelModel's inner problem to set up)."""
+        return keras.Model.evaluate(self, x, *args, **kwargs)
 
     def compile_from_config(self, config: dict) -> None:
         """Compiles as the saved model was (``load_model`` calls it; Keras's own skips models
@@ -371,29 +398,15 @@ class HyperRepresentation(keras.Model):
 
     @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
     def hypergradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
-        """(E, ∇E, finite) on one meta-batch, on one device: the outer loss, its gradient with
-        respect to each of ``trainable_variables`` (clipped if ``clip``), and whether E, ∇E and
-        the heads' states are all finite; nothing is updated. ``batch`` is an ``Episode`` with a
-        leading [B] axis (for 'multiclass', (images, labels)). Under ``tf.distribute``,
-        ``train_step`` combines the replicas' unclipped results on their shares of the
-        meta-batch (``far.distribute.share``) and clips their mean."""
-        loss, grads, finite = self._gradients(batch)
-        return loss, self._clipped(grads), finite
-
-    def _gradients(self, batch: Any) -> tuple[tf.Tensor, list, tf.Tensor]:
-        """``hypergradients`` before clipping: means over the episodes (images) of ``batch``."""
-        if self.variant in _MULTICLASS:
-            loss, grads, finite = self._multiclass_gradients(*batch)
-        else:
-            episode = Episode(*batch)
-            support = (episode.support_x, episode.support_y)
-            outer = support if self.variant in _ON_SUPPORT else (episode.query_x, episode.query_y)
-            gradients = {"approx": self._approx_gradients, "approx_train": self._approx_gradients,
-                         "classic": self._classic_gradients}.get(self.variant, self._bilevel_gradients)
-            loss, grads, finite = gradients(support, outer)
-        finite = tf.logical_and(finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
-                                                       for g in grads + [loss]]))
-        return loss, grads, finite
+        """(E, ∇E, healthy) on one meta-batch, on one device: the outer loss, its gradient with
+        respect to each of ``trainable_variables`` (clipped if ``clip``), and whether the guard's
+        tests of the run pass (E, ∇E and the heads' states finite and bounded, the method's own
+        test); only the heads' scratch state changes. ``batch`` is an ``Episode`` with a leading
+        [B] axis (for 'multiclass', (images, labels)). ``train_step`` computes the same on each
+        replica's share of the meta-batch and clips the meta-batch's ∇E."""
+        result = self._directions(_unwrap(batch))
+        grads = [tf.zeros_like(h) if g is None else g for g, h in zip(result.grads, self.trainable_variables)]
+        return result.value, self._clipped(grads), engine.result_healthy(self.method, result)
 
     def _clipped(self, grads: list) -> list:
         """The hypergradients clipped to [−clip, clip] (as they are without ``clip``)."""
@@ -401,30 +414,81 @@ class HyperRepresentation(keras.Model):
             return grads
         return [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
 
+    def _outer_pairs(self, pairs: list) -> list:
+        """With ``clip``, clip(∇E)/R for each of the R replicas: ∇E = Σ_r ∇E^(r)/R is summed
+        here first (clipping is not linear), and the optimizer's all-reduce sums the terms."""
+        if self.clip is None:
+            return pairs
+        replicas = sharding.replicas()
+        total = self._clipped(sharding.total([g for g, _ in pairs]))
+        return [(g / replicas, v) for g, (_, v) in zip(total, pairs)]
+
+    def _batches(self, data: Any) -> tuple[tuple, tuple]:
+        """(support sets, outer sets) of a meta-batch of episodes."""
+        episode = Episode(*data)
+        support = (episode.support_x, episode.support_y)
+        return support, support if self.variant in _ON_SUPPORT else (episode.query_x, episode.query_y)
+
+    def _prepare_step(self, data: Any) -> tuple[tuple, tuple]:
+        """The heads set up for a meta-batch of B episodes: W = 0, b = 0 (Φ₀) of size B, the
+        method restarted (``HyperGradient.restart``: the penalty's ν ← ν₀); for a persistent
+        method (BOME, the penalty), which steps from the current heads w_k, w_k = T gradient
+        steps from 0:  w_{t+1} = w_t − η∇L(w_t, λ)."""
+        support, outer = self._batches(data)
+        problem = self._problem
+        for h in problem.var_list:
+            h.assign(tf.zeros(tf.concat([tf.shape(support[0])[:1], h.shape[1:]], 0), h.dtype))
+        self.method.restart()
+        if self.method.persistent:
+            inputs = far_inputs.prepare(problem, far.Batches(support, per_step=False), [])
+            warm = run_steps(problem, empty_trajectory(problem.current_state(), self.steps), inputs.at, 0, self.steps)
+            problem.load(warm.final.w)
+        return support, outer
+
+    def _directions(self, data: Any) -> RunResult:
+        """The meta-batch's result at the current λ (nothing of λ updated): the method's through
+        the heads' T steps (bilevel variants), else the variant's gradient (``engine.plain_result``)."""
+        if self.variant in BILEVEL:
+            support, outer = self._prepare_step(data)
+            optimizer = getattr(self, "optimizer", None)
+            return engine.directions(
+                self.method, steps=self.method._steps(self.steps), inner_data=support, per_step=False,
+                outer_data=outer, previous=None, online=False, offset=tf.constant(0),
+                options=self.method._options(0 if optimizer is None else optimizer.iterations))[0]
+        if self.variant in _MULTICLASS:
+            return engine.plain_result(*self._multiclass_gradients(*data))
+        gradients = self._classic_gradients if self.variant == "classic" else self._approx_gradients
+        return engine.plain_result(*gradients(*self._batches(data)))
+
     @tf.autograph.experimental.do_not_convert
     def train_step(self, data: Any) -> dict:
-        """One hyper-iteration of Algorithm 1 (skipped if non-finite, with a NaN loss).
+        """One hyper-iteration of Algorithm 1 (see ``far.BilevelModel``): for the bilevel variants
+        ``far_ho2.engine.step`` (the heads set up by ``_prepare_step``), for the others their
+        gradient on the same guard, update and restore (``engine.settle``). A failed step changes
+        nothing and logs a NaN loss (see ``_diverged``).
 
         Under ``tf.distribute`` (the model built under ``strategy.scope()``), ``fit`` gives each
         of the R replicas B/R of the B episodes (images for 'multiclass') of a meta-batch; their
-        E^(r) and ∇E^(r), divided by R (``far.distribute.share``), are summed by the
-        optimizer's all-reduce into the means over the B episodes, E and ∇E: the update is that
-        of one device with the whole meta-batch. With ``clip``, ∇E is summed here first (clipping
-        is not linear), and each replica passes clip(∇E)/R."""
-        batch = _unwrap(data)
-        loss, grads, finite = self._gradients(batch)
-        share = far.distribute.share(loss, grads, finite, tf.shape(tf.nest.flatten(batch)[0])[0])
-        grads = share.grads
-        if self.clip is not None:
-            context = tf.distribute.get_replica_context()
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            grads = [g / context.num_replicas_in_sync for g in self._clipped(total)]
-        far.distribute.apply_gradients(self.optimizer, grads, self.trainable_variables, share.finite)
-        self.loss_tracker.update_state(tf.where(share.finite, share.value, np.nan))
-        logs = {"loss": self.loss_tracker.result()}
+        ∇E^(r)/R are summed by the optimizer's all-reduce into ∇E, the mean over the B episodes:
+        the update is that of one device with the whole meta-batch."""
+        data = _unwrap(data)
+        if self.variant in BILEVEL:
+            logs = super().train_step(data)
+        else:
+            arguments = self._step_arguments()
+            before = [tf.identity(v) for v in arguments["guarded"]]
+            logs = self._logs(engine.settle(self.method, [self._directions(data)], before, **arguments))
         if self.learn_lr:
             logs["eta"] = tf.convert_to_tensor(self.learning_rate)
         return _reducible(logs)
+
+    def _diverged(self, phase: int) -> None:
+        """After a failed hyper-iteration, which changed nothing (the loss logged is NaN): a
+        ``RuntimeWarning`` that says so and where, and ``fit`` stops, as
+        ``keras.callbacks.TerminateOnNaN`` would (the epoch ends and is validated; no error, so
+        that a launcher still scores the model it has)."""
+        self.stop_training = True
+        warnings.warn(self._failure(phase), RuntimeWarning, stacklevel=2)
 
     @tf.autograph.experimental.do_not_convert
     def test_step(self, data: Any) -> dict:
@@ -442,57 +506,9 @@ class HyperRepresentation(keras.Model):
         self.ci_tracker.update_state(accuracies)
         return _reducible({m.name: m.result() for m in self.metrics})
 
-    # -- the gradients of each variant -------------------------------------------------------------
+    # -- the gradients of the other variants ---------------------------------------------------------
 
-    def _problem(self, batch_size: tf.Tensor) -> far.InnerProblem:
-        """far_ho2's inner problem of B = ``batch_size`` heads: Σ_j L_j minimised by gradient
-        descent with step η from W = 0, b = 0 (the heads are set to 0 first: Φ₀ reads them)."""
-        heads = self._heads.variables
-        for h in heads:
-            h.assign(tf.zeros(tf.concat([[batch_size], h.shape[1:]], 0), h.dtype))
-        if self.temperature is None:
-            optimizer = far.GradientDescentOptimizer(_tf_variable(self.learning_rate))
-        else:  # Langevin heads: a new noise sequence at every hyper-iteration (far_ho2.sharding.normal
-            optimizer = self._langevin  # gives each replica its rows of the meta-batch's draw)
-            optimizer.begin_run()
-        return far.InnerProblem(
-            lambda inputs: (episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
-                            + ridge(*heads, self.head_l2)),
-            optimizer, var_list=heads,
-            init_dynamics_dict=[(h, lambda h=h: tf.zeros_like(h)) for h in heads],
-            features=lambda batch: (episode_features(self.network, batch[0]), batch[1]))
-
-    def _bilevel_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
-        """E and ∇_λ E through the T head steps, by far_ho2 (the method ``hypergradient``)."""
-        problem, heads = self._problem(tf.shape(support[0])[0]), self._heads.variables
-
-        def outer_objective(batch):
-            logits = head_logits(*heads, episode_features(self.network, batch[0]))
-            return tf.reduce_mean(episode_cross_entropy(logits, batch[1]))
-
-        method, hypers = self.hypergradient, [_tf_variable(v) for v in self.trainable_variables]
-        batches = far.Batches(support, per_step=False)
-        if method.persistent:  # BOME and the penalty method update w_k: here T head steps from 0
-            inputs = far_inputs.prepare(problem, batches, [])
-            warm = run_steps(problem, empty_trajectory(problem.current_state(), self.steps), inputs.at, 0, self.steps)
-            problem.load(warm.final.w)
-        options = {"tolerance": self._tolerance()} if isinstance(method, far.ImplicitHG) else None
-        result = method.hypergradient(problem, outer_objective, hypers, steps=self.steps, inner_batches=batches,
-                                      outer_batch=outer, options=options)
-        grads = [tf.zeros_like(h) if g is None else g for g, h in zip(result.grads, hypers)]
-        return result.value, grads, all_healthy(result.health)
-
-    def _tolerance(self) -> tf.Tensor:
-        """ImplicitHG's residual target at this hyper-iteration k (a number or a function of k;
-        by default about the square root of the heads' precision)."""
-        tolerance = self.hypergradient.tolerance
-        if tolerance is None:
-            tolerance = 1e-10 if self.learning_rate.dtype == "float64" else 1e-6
-        elif callable(tolerance):
-            tolerance = tolerance(tf.cast(self.optimizer.iterations, tf.float64))
-        return tf.cast(tolerance, tf.float64)
-
-    def _approx_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
+    def _approx_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list]:
         """∂E/∂λ at fixed w_T = fit_heads(h_λ(X^tr)): the inner dynamics are ignored."""
         features = tf.stop_gradient(episode_features(self.network, support[0]))
         heads = fit_heads(features, support[1], ways=self.ways, steps=self.steps,
@@ -500,9 +516,9 @@ class HyperRepresentation(keras.Model):
         with tf.GradientTape() as tape:
             logits = head_logits(*heads, episode_features(self.network, outer[0]))
             loss = tf.reduce_mean(episode_cross_entropy(logits, outer[1]))
-        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
+        return loss, tape.gradient(loss, self.trainable_variables)
 
-    def _classic_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list, tf.Tensor]:
+    def _classic_gradients(self, support: tuple, outer: tuple) -> tuple[tf.Tensor, list]:
         """(1/T) Σ_t ∂L(w_t, λ)/∂λ on the support sets, w_1 … w_T the heads' iterates (held)."""
         images, labels = support
         features = tf.stop_gradient(episode_features(self.network, images))
@@ -512,9 +528,9 @@ class HyperRepresentation(keras.Model):
             current = episode_features(self.network, images)
             loss = tf.add_n([tf.reduce_mean(episode_cross_entropy(head_logits(w, b, current), labels))
                              for w, b in iterates]) / self.steps
-        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
+        return loss, tape.gradient(loss, self.trainable_variables)
 
-    def _multiclass_gradients(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list, tf.Tensor]:
+    def _multiclass_gradients(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list]:
         """∇ of CE(h_λ(X) V + c, Y) over one batch of training images with their class numbers."""
         with tf.GradientTape() as tape:
             features = self.network(tf.cast(images, self.compute_dtype))
@@ -522,4 +538,4 @@ class HyperRepresentation(keras.Model):
                       + self.classifier_bias)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.cast(labels, tf.int32), logits))
-        return loss, tape.gradient(loss, self.trainable_variables), tf.constant(True)
+        return loss, tape.gradient(loss, self.trainable_variables)

@@ -115,12 +115,13 @@ def langevin(strategy: tf.distribute.Strategy) -> dict:
     the whole meta-batch; not the mean of the shares' hypergradients each drawn on one device
     with noise for a batch of its own size (what a split-unaware draw would give)."""
     replicas = strategy.num_replicas_in_sync
-    options = dict(hypergradient=far.StochasticHG("reversed", batches=3), temperature=1e-3)
+    def options() -> dict:  # a method serves one model
+        return dict(hypergradient=far.StochasticHG("reversed", batches=3), temperature=1e-3)
     batches = stream(2 * replicas)
-    batch, model = next(iter(batches)), model_of(**options)
+    batch, model = next(iter(batches)), model_of(**options())
     compute = tf.function(model.hypergradients)
     whole = compute(batch)[1]  # run 1, as the first fit step
-    steps = sgd_step(strategy, batches, **options)[0]
+    steps = sgd_step(strategy, batches, **options())[0]
     shares = []
     for r in range(replicas):
         model._langevin.runs.assign(0)

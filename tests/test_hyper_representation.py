@@ -225,12 +225,60 @@ def test_a_non_finite_hyper_iteration_updates_nothing_and_stops_training():
     model = model_of(seed=0, dtype="float32")
     model.learning_rate.assign(np.inf)  # the heads are NaN after the first step
     before = values(model.weights)
-    history = model.fit(stream(2), steps_per_epoch=3, epochs=2, verbose=0, shuffle=False,
-                        callbacks=[keras.callbacks.TerminateOnNaN()])
+    with pytest.warns(RuntimeWarning, match="ReverseHG, hyper-iteration 0: the run"):
+        history = model.fit(stream(2), steps_per_epoch=3, epochs=2, verbose=0, shuffle=False,
+                            callbacks=[keras.callbacks.TerminateOnNaN()])
     assert np.isnan(history.history["loss"][0]) and len(history.history["loss"]) == 1
     assert int(model.optimizer.iterations) == 0
     for a, b in zip(values(model.weights), before):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant, learning_rate", [("hyper", 1e12), ("approx", np.inf)])
+def test_a_diverging_hyper_iteration_changes_nothing_and_says_so(variant, learning_rate):
+    """Heads that grow without bound (finite: η = 1e12, the guard's growth test) or become NaN
+    ('approx': its own gradient on the same guard): nothing changes, a warning names the step,
+    ``fit`` stops after it without any callback, and the loss logged is NaN."""
+    model = model_of(seed=0, variant=variant)
+    model.learning_rate.assign(learning_rate)
+    before = values(model.weights) + values(model.optimizer.variables)
+    with pytest.warns(RuntimeWarning, match=r"hyper-iteration 0: the run .* keeps its value"):
+        history = model.fit(stream(2), steps_per_epoch=3, epochs=2, verbose=0, shuffle=False)
+    assert np.isnan(history.history["loss"][0]) and len(history.history["loss"]) == 1
+    for a, b in zip(values(model.weights) + values(model.optimizer.variables), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bome_moves_the_heads_by_its_joint_step():
+    """BOME's own step after the update, w ← w_k − ξ_w d_w, from w_k = T gradient steps from 0 on
+    each episode: the heads' displacement from w_k is proportional to ξ_w (the same d_w)."""
+    batch = meta_batch(0, 2)
+    displacements = []
+    for xi in (0.1, 0.3):
+        model = model_of(seed=1, hypergradient=far.BOME(inner_learning_rate=xi))
+        features = heads.episode_features(model.network, batch.support_x)
+        w_k = heads.fit_heads(features, batch.support_y, ways=WAYS, steps=STEPS, learning_rate=0.5)
+        model.fit(tf.data.Dataset.from_tensors(batch), steps_per_epoch=1, verbose=0)
+        displacements.append([(h - w).numpy() / xi for h, w in zip(model._heads.variables, w_k)])
+    for a, b in zip(*displacements):
+        assert np.abs(a).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_the_penalty_stages_advance_and_its_multiplier_restarts_with_the_episodes():
+    """The penalty's stages pass on the meta-batch's statistic (ε large: every step), growing γ
+    and shrinking the outer rate; ν is ν₀ at every step (the heads restart), so the augmented
+    Lagrangian trains as the plain penalty."""
+    trained = []
+    for lagrangian in (True, False):
+        method = far.Penalty(gamma=1e-2, epsilon=1e3, lagrangian=lagrangian)
+        model = model_of(seed=1, hypergradient=method)
+        model.fit(stream(2), steps_per_epoch=3, verbose=0, shuffle=False)
+        assert int(method.stage.numpy()) == 3 and float(method.gamma.numpy()) == pytest.approx(1e-2 * 1.1 ** 3)
+        assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-2 * 0.9 ** 3)
+        trained.append(values(model.trainable_variables))
+    for a, b in zip(*trained):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_fit_heads_is_gradient_descent_on_the_episode_cross_entropy():

@@ -334,6 +334,24 @@ class HyperGradient:
         self.conclude(prepared, results, status, callback=callback)
         return results
 
+    def restart(self) -> None:
+        """The inner problems start afresh (new inner variables' values on new data, e.g. the
+        episodes of a meta-learner): the method's state tied to w returns to its start
+        (in-graph; nothing here)."""
+
+    def resolve_as_given(self) -> None:
+        """Every registered problem taken as given, without ``_resolve``'s eager analysis on a
+        batch: for a door that checks its problems itself (``hyper_repr.HyperRepresentation``).
+
+        Raises:
+            ValueError: for a problem registered without ``var_list`` or ``hyper_list``.
+        """
+        for reg in self._registered:
+            if not (reg.problem.resolved and reg.explicit):
+                raise ValueError(f"{self.name}.resolve_as_given: give every problem's `var_list` and `hyper_list`.")
+            reg.hypers, reg.originals = [v for v, _ in reg.candidates], [o for _, o in reg.candidates]
+        self.ensure_built()
+
     def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
         """Called by ``HyperOptimizer.finalize`` with the outer optimizers (nothing here; a method
         that adapts their step sizes keeps them)."""

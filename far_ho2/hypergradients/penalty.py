@@ -266,11 +266,24 @@ class Penalty(HyperGradient):
     def _build(self) -> None:
         with sharding.local_variables():  # shaped as w: under tf.distribute, each replica's own
             for problem in self.inner_problems:
-                self.nu.append([tf.Variable(tf.fill(v.shape, tf.constant(self.initial["nu"], v.dtype)),
-                                            trainable=False, name="nu") for v in problem.var_list])
+                self.nu.append([tf.Variable(self._initial_nu(v), shape=v.shape, trainable=False, name="nu")
+                                for v in problem.var_list])
                 state = problem.current_state()
                 self.slots.append([tf.Variable(x, trainable=False, name="inner_slot")
                                    for x in tf.nest.flatten(state)[len(problem.var_list):]])
+
+    def _initial_nu(self, variable: tf.Variable) -> tf.Tensor:
+        """ν₀ shaped as ``variable``'s value."""
+        return tf.fill(tf.shape(variable), tf.constant(self.initial["nu"], variable.dtype))
+
+    def restart(self) -> None:
+        """ν ← ν₀ and the inner optimizer's fresh slots, shaped as the inner variables now: a
+        multiplier belongs to the problems it was measured on (the stages go on)."""
+        for problem, nus, slots in zip(self.inner_problems, self.nu, self.slots):
+            for n, v in zip(nus, problem.var_list):
+                n.assign(self._initial_nu(v))
+            for slot, value in zip(slots, tf.nest.flatten(problem.current_state())[len(problem.var_list):]):
+                slot.assign(value)
 
     def use_outer_optimizers(self, optimizers: Sequence[Any]) -> None:
         """The outer optimizers, whose learning rates the stages shrink; a clear error for one
