@@ -22,6 +22,11 @@ TensorBoard, ``evaluate`` (E on an outer batch at the inner solution of an inner
 A failed hyper-iteration (the guard's, ``far_ho2.guard``) changes nothing and stops ``fit`` with a
 ``far.DivergenceError`` naming the hyper-iteration and the part that failed.
 
+Saving: the weights (λ, the Keras inner variables, Φ₀, the optimizer's slots) with
+``save_weights`` or ``BackupAndRestore``, loaded into the model built again in code (after
+``compile`` and ``resolve``); its objectives are callables, so it is not a ``.keras`` file
+(``get_config`` says so), unlike a subclass with a config (``hyper_repr.HyperRepresentation``).
+
 A subclass specialises the step, not rewrites it: ``_prepare_step`` sets the inner problem up for
 each element (e.g. new inner variables' values, ``HyperGradient.restart``), ``_outer_pairs``
 processes the directions the optimizer applies (e.g. clipping the meta-batch's), ``_diverged``
@@ -234,7 +239,7 @@ class BilevelModel(keras.Model):
         """Finds the problem's variables on one element of ``data`` and builds the optimizer, as
         the first ``fit`` does (after ``compile``): then every variable exists, e.g. for a
         checkpoint to be restored into before ``fit``."""
-        self._resolve(next(iter(data)))
+        self._resolve(lambda: next(iter(data)))
 
     def fit(self, x: Any = None, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """``keras.Model.fit`` on a dataset whose elements are ``(inner_batch, outer_batch)``, one
@@ -246,6 +251,24 @@ class BilevelModel(keras.Model):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_Stop()]
         kwargs.setdefault("shuffle", False)  # a dataset is not shuffled by fit
         return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
+    def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        """``keras.Model.load_weights``, into a model whose variables all exist: after ``compile``
+        and ``resolve`` (or a ``fit``)."""
+        if not self.built:
+            raise ValueError("BilevelModel.load_weights: the model's variables do not exist yet; call "
+                             "`compile(optimizer=...)` and `resolve(dataset)` first (as the first `fit` would).")
+        super().load_weights(filepath, *args, **kwargs)
+
+    def get_config(self) -> dict:
+        """A ``BilevelModel`` holds Python callables (its objectives, the problem's variables), which
+        a ``.keras`` file cannot hold: it saves its weights (``save_weights``, ``BackupAndRestore``,
+        ``tf.train.Checkpoint``); a subclass that can rebuild itself from a config (as
+        ``hyper_repr.HyperRepresentation``) overrides this and saves as ``.keras``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be saved as a .keras file: its objectives are Python callables. Save its "
+            f"weights (`save_weights('model.weights.h5')`, BackupAndRestore) and, to load them, build the model "
+            f"in code, `compile`, `resolve(dataset)`, then `load_weights`.")
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
         """Nothing to build: every variable exists before ``fit`` (Keras would trace ``call``)."""

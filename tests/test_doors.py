@@ -177,3 +177,24 @@ def test_keras_fit_resumes_exactly_with_backup_and_restore(tmp_path):
     assert float(log_decay.numpy()) == pytest.approx(expected[0], abs=1e-6) and expected[0] != -3.0
     for got, want in zip(model.inner_layer.weights, expected[1]):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+
+
+def test_keras_weights_save_and_load_into_the_model_built_again_and_a_keras_file_is_refused(tmp_path):
+    """``save_weights`` / ``load_weights`` round-trip λ, w, Φ₀ and Adam's slots into the model built
+    again in code; loading before ``resolve`` and saving as ``.keras`` (callables) are clear errors."""
+    model, log_decay, data = keras_problem()
+    model.fit(data, steps_per_epoch=3, verbose=0)
+    model.save_weights(tmp_path / "model.weights.h5")
+    with pytest.raises(NotImplementedError, match=r"cannot be saved as a \.keras file.*save_weights"):
+        model.save(tmp_path / "model.keras")
+    again, decay_again, data = keras_problem()
+    with pytest.raises(ValueError, match=r"call `compile\(optimizer=\.\.\.\)` and `resolve\(dataset\)` first"):
+        again.load_weights(tmp_path / "model.weights.h5")
+    again.resolve(data)
+    again.load_weights(tmp_path / "model.weights.h5")
+    assert float(decay_again.numpy()) == float(log_decay.numpy()) != -3.0
+    for got, want in zip(again.weights + again.optimizer.variables, model.weights + model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    model.fit(data, steps_per_epoch=2, verbose=0)  # and both continue alike
+    again.fit(data, steps_per_epoch=2, verbose=0)
+    assert float(decay_again.numpy()) == pytest.approx(float(log_decay.numpy()), abs=1e-6)
