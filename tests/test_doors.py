@@ -50,9 +50,18 @@ METHODS = {
 }
 
 
+OTHER_INNER_OPTIMIZERS = {  # other inner dynamics Φ through both doors
+    "reverse+momentum": lambda: (far.ReverseHG(), far.MomentumOptimizer(0.1, 0.9)),
+    "reverse+adam": lambda: (far.ReverseHG(), far.AdamOptimizer(0.05)),
+    "reverse+backtracking": lambda: (far.ReverseHG(), far.BackTrackingGradientDescentOptimizer(1.0)),
+    "forward+momentum": lambda: (far.ForwardHG(), far.MomentumOptimizer(0.1, 0.9)),
+    "bome+adam": lambda: (far.BOME(eta=0.5, inner_learning_rate=0.2), far.AdamOptimizer(0.05)),
+}
+
+
 def through_hyper_optimizer(name: str) -> tuple[np.ndarray, np.ndarray, far.HyperGradient]:
     train, valid, w, lam, inner, outer = ridge_problem()
-    method, optimizer = METHODS[name]()
+    method, optimizer = {**METHODS, **OTHER_INNER_OPTIMIZERS}[name]()
     run = far.HyperOptimizer(method).minimize(outer, keras.optimizers.Adam(0.1), inner, optimizer,
                                              hyper_list=[lam], var_list=[w])
     for _ in range(ITERATIONS):
@@ -62,7 +71,7 @@ def through_hyper_optimizer(name: str) -> tuple[np.ndarray, np.ndarray, far.Hype
 
 def through_keras_fit(name: str) -> tuple[np.ndarray, np.ndarray, far.HyperGradient]:
     train, valid, w, lam, inner, outer = ridge_problem()
-    method, optimizer = METHODS[name]()
+    method, optimizer = {**METHODS, **OTHER_INNER_OPTIMIZERS}[name]()
     model = far.BilevelModel(inner, outer, optimizer, steps=T, hypergradient=method, inner_variables=[w],
                              hyperparameters=[lam])
     model.compile(optimizer=keras.optimizers.Adam(0.1))
@@ -71,7 +80,7 @@ def through_keras_fit(name: str) -> tuple[np.ndarray, np.ndarray, far.HyperGradi
     return lam.numpy(), w.numpy(), method
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(OTHER_INNER_OPTIMIZERS))
 def test_every_method_gives_the_same_hyperparameters_through_hyper_optimizer_and_keras_fit(name):
     lam, w, method = through_hyper_optimizer(name)
     far.clear_hyperparameters()
