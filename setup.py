@@ -3,11 +3,15 @@
 TensorFlow comes from an extra, so that CPU machines do not download the CUDA-enabled wheel:
     pip install ".[cpu]"   # tensorflow-cpu
     pip install ".[gpu]"   # tensorflow[and-cuda]
+Others: ".[test]" (pytest, and the docs' packages), ".[docs]" (mkdocs), ".[bench]" (JAX),
+".[tensorboard]" (to view the launchers' TensorBoard logs).
 """
 
 from setuptools import find_packages, setup
 
 TENSORFLOW = "2.21.*"
+# The documentation site (mkdocs.yml): in `test` too, since tests/test_docs.py builds it.
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
 setup(
     name="far_ho2",
@@ -28,8 +32,10 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW}"],
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", *DOCS],
+        "docs": DOCS,
         "bench": ["jax>=0.4"],
+        "tensorboard": ["tensorboard>=2.20"],  # to view the launchers' logs (TensorFlow writes them)
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -140,7 +140,7 @@ def takes_batch(objective: Callable, argument: str) -> Optional[bool]:
         raise TypeError(f"`{argument}` must be a callable returning a scalar tensor (TF2 has no "
                         f"graph tensors to pass), got {type(objective).__name__}. Write "
                         f"`lambda: loss` as `lambda batch: loss(batch)` or `lambda: loss()`; see "
-                        f"the migration guide in the README.")
+                        f"docs/migration.md.")
     try:
         params = inspect.signature(objective).parameters.values()
     except (TypeError, ValueError):

@@ -109,11 +109,13 @@ class BilevelModel(keras.Model):
             ``far.get_hyperparameter`` variables. Defaults to the registered hyperparameters the
             problem depends on. A Keras layer or Keras variables are saved with the model
             (``.keras``, ``BackupAndRestore``); tf.Variables are not.
-        init_dynamics_dict, features: as ``HyperOptimizer.inner_problem``. With
+        init_dynamics_dict: Φ₀, as in ``HyperOptimizer.inner_problem``. With
             ``inner_variables`` and no ``init_dynamics_dict``, Φ₀ (the values the inner variables
             start every hyper-iteration from: theirs now) is held by the model's non-trainable
             weights ``initial_weights``, saved with it, so that a resumed ``fit`` starts the inner
             problem from the same Φ₀.
+        features: a λ-dependent map of the inner batch evaluated once per run, as in
+            ``HyperOptimizer.inner_problem``.
         per_step: each element's inner batch has a leading axis of T batches, one per inner
             step. Defaults to `False` (one batch for every step).
         name: the model's name.

@@ -3,7 +3,7 @@ not chosen.
 
 On Linux, TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX-512 VNNI or
 BF16, AVX-VNNI or AMX; on the other x86 CPUs (AVX2 only, e.g. many AMD EPYC) it runs its Eigen
-kernels, which were slower for far_ho2's workloads on such a CPU (the README gives the
+kernels, which were slower for far_ho2's workloads on such a CPU (docs/index.md gives the
 measurements; ``benchmarks/`` measures them). The package imports this module before
 anything imports TensorFlow, so ``import far_ho2`` first turns them on; after ``import
 tensorflow`` it is too late (TensorFlow reads the setting when it loads): export

@@ -157,8 +157,10 @@ class HyperOptimizer:
                 stream (``tf.data.Dataset``, iterator) giving one batch per step.
             outer_objective_feed_dicts: the outer batch, a callable ``global_step -> batch``, or
                 a stream giving one batch per hyper-iteration.
-            initializer_feed_dict, optimization_step_feed_dict, session: FAR-HO's; no TF2 meaning
-                (an error says what to write instead).
+            initializer_feed_dict: FAR-HO's; no TF2 meaning (an error says what to write instead).
+            optimization_step_feed_dict: FAR-HO's; no TF2 meaning (an error says what to write
+                instead).
+            session: FAR-HO's; no TF2 meaning (an error says to drop it).
             online: continue the inner state of the previous run instead of restarting from Φ₀
                 (real-time / truncated online modes; ``'wr'`` for ForwardHG's warm restart).
             _skip_hyper_ts: compute the hypergradients without updating (FAR-HO's spelling of

@@ -147,7 +147,7 @@ def set_up_devices(xla: bool, strategy: str = "none", cpu_devices: int = 1) -> t
                           f"here --strategy={strategy} with {len(gpus)} GPU(s) visible.")
     if strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
         raise cli.LaunchError("--strategy=multi_worker needs the TF_CONFIG environment variable: the cluster "
-                          "(every worker's host:port) and this worker's task (see the README).")
+                          "(every worker's host:port) and this worker's task (see docs/distribute.md).")
     if gpus:
         logging.info("Running on %d GPU(s): %s", len(gpus), ", ".join(g.name for g in gpus))
     else:

@@ -19,7 +19,7 @@ is softmax regression or a one-hidden-layer MLP (Keras).
 Each method has its own defaults of T, η, λ's rate, the hyper-iterations, the weighting and of
 its settings (``METHOD_DEFAULTS``, over the registry's; a flag given overrides them): BOME's and
 the penalty method's come from their official hyper-cleaning code where it fixes them, the rest
-was measured here on the digits (seed 0, a third corrupted; the README lists the measurements):
+was measured here on the digits (seed 0, a third corrupted; docs/results/hyper_cleaning.md lists the measurements):
 
 - BOME, github.com/Cranial-XIX/BOME hpo/data_cleaning.py: T = 10 steps of ŵ, φ = value, η = 0.1
   (``--iterations``, the ``u1·q̂`` rule, ``--u1``) and one SGD step with momentum 0.9 on λ and w

@@ -70,7 +70,7 @@ class TransductiveBatchNormalization(keras.layers.Layer):
         scale: whether to learn the scale γ (initialised to 1). If `False`, γ ≡ 1, as in the
             original. Defaults to `False`.
         epsilon: ε, added to the variance. Defaults to `1e-3` (as `tcl.batch_norm` and Keras).
-        **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+        **kwargs (Any): `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Input shape:
         `(batch, ..., channels)`, with at least two axes.
@@ -188,8 +188,9 @@ def omniglot_network(input_shape: Shape = (28, 28, 1), *, batch_norm_scale: bool
 
     Args:
         input_shape: (height, width, channels). Defaults to `(28, 28, 1)`.
-        batch_norm_scale, seed, dtype: as in `build_network`, which lists the errors.
         name: the model's name. Defaults to `"omniglot_network"`.
+
+    `batch_norm_scale`, `seed` and `dtype` are as in `build_network`, which lists the errors.
 
     Returns:
         A functional `keras.Model` with 8 trainable variables (12 with `batch_norm_scale`) and no
@@ -211,8 +212,9 @@ def c4l_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool = Fa
     Args:
         input_shape: (height, width, channels), height and width ≥ 16 (else `build_network`'s
             ValueError). Defaults to `(84, 84, 3)`.
-        batch_norm_scale, seed, dtype, name: as in `omniglot_network` (the name defaults to
-            `"c4l_network"`), with the same 8 (or 12) trainable variables in the model returned.
+
+    `batch_norm_scale`, `seed`, `dtype` and `name` are as in `omniglot_network` (the name
+    defaults to `"c4l_network"`), with the same 8 (or 12) trainable variables in the model returned.
     """
     return _conv4_network(input_shape, filters=32, strides=1, max_pool=True, name=name,
                           min_size=16, seed=seed, dtype=dtype, batch_norm_scale=batch_norm_scale)
@@ -247,8 +249,9 @@ def residual_network(input_shape: Shape = (84, 84, 3), *, batch_norm_scale: bool
     Args:
         input_shape: (height, width, channels), height and width in 81…176 for a 512-d output.
             Defaults to `(84, 84, 3)`.
-        batch_norm_scale, seed, dtype: as in `build_network`.
         name: the model's name. Defaults to `"residual_network"`.
+
+    `batch_norm_scale`, `seed` and `dtype` are as in `build_network`.
 
     Returns:
         A functional `keras.Model` with 36 trainable variables (48 with `batch_norm_scale`):

@@ -220,8 +220,8 @@ def test_launcher_strategy_flags_fail_in_one_line(tmp_path, mini):  # noqa: F811
 
 
 @pytest.mark.long
-def test_the_readme_two_worker_launch_resumes_and_matches_one_process(tmp_path, mini):  # noqa: F811
-    """``python -m flags.miniimagenet --strategy=multi_worker`` on two local workers (the README's
+def test_the_documented_two_worker_launch_resumes_and_matches_one_process(tmp_path, mini):  # noqa: F811
+    """``python -m flags.miniimagenet --strategy=multi_worker`` on two local workers (docs/distribute.md's
     commands): 2 hyper-iterations, relaunched to 3 (the other worker resumes from the chief's
     checkpoint), against 3 in one process. Only the chief prints and writes the run; the other
     worker's temporary folders are gone."""

@@ -102,7 +102,7 @@ def test_few_shot_flags_default_to_the_paper_and_map_onto_the_config():
         with pytest.raises(cli.LaunchError, match="--test_shots must be a comma-separated list of ints ≥ 1"):
             parse(omniglot.PRESET, bad)
     recipe = parse(omniglot.PRESET, f"--flagfile={ROOT / 'flags' / 'omniglot_bundled.flags'}",
-                   "--time_budget=180")  # the README's runs on the bundled data
+                   "--time_budget=180")  # the runs of docs/results/few_shot.md
     assert recipe == dataclasses.replace(
         omniglot.PRESET, ways=40, queries=5, test_ways=5, test_queries=15, steps=1, learning_rate=1.0,
         meta_lr=0.002, eval_every=300, eval_episodes=400, time_budget_seconds=180.0,

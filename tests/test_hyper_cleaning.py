@@ -115,7 +115,7 @@ def test_a_short_run_on_the_digits_down_weights_corrupted_examples(tmp_path):
 
 # -- every --method with its launcher defaults ------------------------------------------------------
 
-# The launcher command of each method that learns the example weights, as the README gives it:
+# The launcher command of each method that learns the example weights, as docs/launchers.md gives it:
 # `python -m flags.hyper_cleaning --logdir … --method M` (and --truncate 25 for truncated reverse).
 DEFAULT_COMMANDS = {
     "reverse": dict(method="reverse"),

@@ -1,5 +1,5 @@
 """Drop-in fidelity for FAR-HO code: what a FAR-HO user writes (cases of the original repository's
-tests and notebooks, ported with the README's migration table) works, or fails with a one-line
+tests and notebooks, ported with the migration table of docs/migration.md) works, or fails with a one-line
 error that says what to write instead."""
 
 import gc

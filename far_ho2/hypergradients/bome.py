@@ -79,9 +79,10 @@ def bome_direction(problem: InnerProblem, outer_objective: Callable, hypers: Seq
     replicas (``far_ho2.sharding``: f = (1/R) Σ_r f^(r), g = Σ_r g^(r)) every replica computes the
     meta-batch's μ and λ direction, and d_w on its own problems.
 
+    ``problem``, ``outer_objective``, ``hypers``, ``steps``, ``inner_batches``, ``outer_batch``
+    and ``offset`` are as in ``reverse_hypergradient``.
+
     Args:
-        problem, outer_objective, hypers, steps, inner_batches, outer_batch, offset: as
-            ``reverse_hypergradient``.
         eta: η, the barrier's strength.
         phi: 'grad_norm' or 'value', the control φ.
         delta: δ, the guard of the denominator.

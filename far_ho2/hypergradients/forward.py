@@ -124,9 +124,10 @@ def forward_hypergradient(problem: InnerProblem, outer_objective: Callable,
     tangents of the state in memory, O(m·|s|) and constant in T: use it for a few scalar
     hyperparameters (learning rate, momentum, a regulariser), reverse mode for many.
 
+    ``problem``, ``outer_objective``, ``hypers``, ``steps``, ``inner_batches``, ``outer_batch``
+    and ``offset`` are as in ``reverse_hypergradient``.
+
     Args:
-        problem, outer_objective, hypers, steps, inner_batches, outer_batch, offset: as
-            ``reverse_hypergradient``.
         initial_state: s_0 when continuing a previous run (online); a constant.
         initial_tangents: Z_0 per component when continuing (RTHO); with ``initial_state`` and
             without it, Z_0 = 0 (warm restart).

@@ -50,9 +50,11 @@ def implicit_hypergradient(problem: InnerProblem, outer_objective: Callable,
     and Φ₀ do not move the solution w*, so they get no hypergradient (with the fixed-point
     solver, only the ∂Φ/∂λ term at s_T, which vanishes at w*).
 
+    ``problem``, ``outer_objective``, ``hypers``, ``steps``, ``inner_batches``, ``outer_batch``,
+    ``initial_state`` and ``offset`` are as in ``reverse_hypergradient``. The system uses the last
+    step's batch.
+
     Args:
-        problem, outer_objective, hypers, steps, inner_batches, outer_batch, initial_state,
-            offset: as ``reverse_hypergradient``. The system uses the last step's batch.
         solver: 'cg' (conjugate gradient; needs ∇²_w L positive definite), 'neumann', or
             'fixed_point'; or a callable ``solve(matvec, b, x0, *, max_iter, tol)`` returning a
             ``linear_solve.SolveResult`` for the Hessian system.

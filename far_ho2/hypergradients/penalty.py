@@ -188,8 +188,10 @@ class Penalty(HyperGradient):
             Defaults to `0.0`.
         lagrangian: update ν (the augmented Lagrangian); False keeps ν = ν₀ (with ν₀ = 0 the
             plain penalty, whose solution is biased by O(1/γ)). Defaults to `True`.
-        gamma_factor, lambda_factor, epsilon_factor, lr_factor: c_γ, c_λ, c_ε and c_lr (the
-            inner optimizer's rate). Default to `1.1`, `0.9`, `0.9`, `0.9` (the official code's).
+        gamma_factor: c_γ. Defaults to `1.1` (the official code's).
+        lambda_factor: c_λ. Defaults to `0.9` (the official code's).
+        epsilon_factor: c_ε. Defaults to `0.9` (the official code's).
+        lr_factor: c_lr, the inner optimizer's rate. Defaults to `0.9` (the official code's).
         outer_lr_factor: the outer optimizer's c_lr. Defaults to `lr_factor` (the official
             code shrinks both). 1 keeps the outer rate: then the outer step must stay stable as the
             surrogate's curvature in λ grows with γ, which a fixed rate does not ensure (on a 1-D

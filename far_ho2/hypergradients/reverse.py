@@ -212,12 +212,12 @@ class ReverseHG(HyperGradient):
             long horizons). Defaults to `None` (store every state).
         unroll: runs of at most this many steps (without ``checkpoint_every``) are unrolled into
             the graph and keep every step's tape for the reverse pass: no step is recomputed
-            (faster; the README measures by how much), for the memory of the activations of the
+            (faster; docs/results/hypergradients.md measures by how much), for the memory of the activations of the
             steps and one trace per T (its time grows with T). Longer runs use compiled loops
             that store one state per step. 0 never unrolls. Defaults to 16.
         jit_compile: compile the inner run and the hypergradient with XLA, which fuses the
             element-wise work of each step, at the price of a compilation per T; the objectives
-            must be made of operations XLA supports (the README compares its speed on CPU).
+            must be made of operations XLA supports (docs/results/hypergradients.md compares its speed on CPU).
             Defaults to `False`.
 
     ``run(..., online=True)`` continues the inner state of the previous run (FAR-HO's TRHO):

@@ -73,7 +73,10 @@ def setting(default: Any, help: str, *, flag: Optional[str] = None, lower: Optio
         default: the field's default.
         help: the flag's help.
         flag: the flag's name, if not the field's.
-        lower, upper: inclusive bounds. positive: > 0. below: an exclusive upper bound.
+        lower: an inclusive lower bound.
+        upper: an inclusive upper bound.
+        positive: the value must be > 0.
+        below: an exclusive upper bound.
         choices: the values of a str field (an enum flag).
         item: the type of a tuple field's items (a list flag's values).
     """

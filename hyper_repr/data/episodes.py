@@ -82,8 +82,9 @@ def check_episode_size(split: Split, *, ways: int, shots: int, queries: int,
 
     Disjoint sampling needs k + q images in every class, legacy sampling max(k, q).
 
+    ``split``, ``ways``, ``shots``, ``queries`` and ``legacy_sampling`` are as in `episode_dataset`.
+
     Args:
-        split, ways, shots, queries, legacy_sampling: as in `episode_dataset`.
         split_name: what the messages call the split. Defaults to `"the split"`.
         names: what the messages call ``ways``, ``shots`` and ``queries`` (e.g. a launcher's
             flags). Defaults to `None`: the argument names.
@@ -206,7 +207,8 @@ def evaluation_episodes(split: Split, *, ways: int, shots: int, queries: int,
         seed: the stream. Defaults to `0`.
         meta_batch_size: stack this many episodes on a leading axis; the last batch is smaller
             when it does not divide ``num_episodes``. Defaults to `None` (single episodes).
-        ways, shots, queries, legacy_sampling: as in `episode_dataset`.
+
+    ``ways``, ``shots``, ``queries`` and ``legacy_sampling`` are as in `episode_dataset`.
 
     Returns:
         A finite `tf.data.Dataset` of `Episode` tuples.
