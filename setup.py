@@ -3,11 +3,14 @@
 TensorFlow comes from an extra, so that CPU machines do not download the CUDA-enabled wheel:
     pip install ".[cpu]"   # tensorflow-cpu
     pip install ".[gpu]"   # tensorflow[and-cuda]
+    pip install ".[tfds]"  # TensorFlow Datasets as a data source of the launchers (docs/data.md)
 """
 
 from setuptools import find_packages, setup
 
 TENSORFLOW = "2.21.*"
+# TensorFlow Datasets as a data source (hyper_repr.data.tfds_source); importlib_resources: etils needs it
+TFDS = ["tensorflow-datasets>=4.9", "importlib_resources"]
 
 setup(
     name="far_ho2",
@@ -28,7 +31,8 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW}"],
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", *TFDS],
+        "tfds": TFDS,
         "bench": ["jax>=0.4"],
     },
     classifiers=[
