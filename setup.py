@@ -3,8 +3,9 @@
 TensorFlow comes from an extra, so that CPU machines do not download the CUDA-enabled wheel:
     pip install ".[cpu]"   # tensorflow-cpu
     pip install ".[gpu]"   # tensorflow[and-cuda]
-Others: ".[test]" (pytest, and the docs' packages), ".[docs]" (mkdocs), ".[bench]" (JAX),
-".[tensorboard]" (to view the launchers' TensorBoard logs).
+    pip install ".[tfds]"  # TensorFlow Datasets as a data source of the launchers (docs/data.md)
+Others: ".[test]" (pytest, and the docs' and TFDS's packages), ".[docs]" (mkdocs), ".[bench]"
+(JAX), ".[tensorboard]" (to view the launchers' TensorBoard logs).
 """
 
 from setuptools import find_packages, setup
@@ -12,6 +13,8 @@ from setuptools import find_packages, setup
 TENSORFLOW = "2.21.*"
 # The documentation site (mkdocs.yml): in `test` too, since tests/test_docs.py builds it.
 DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
+# TensorFlow Datasets as a data source (hyper_repr.data.tfds_source); importlib_resources: etils needs it
+TFDS = ["tensorflow-datasets>=4.9", "importlib_resources"]
 
 setup(
     name="far_ho2",
@@ -32,8 +35,9 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW}"],
-        "test": ["pytest>=8", "pytest-xdist>=3", *DOCS],
+        "test": ["pytest>=8", "pytest-xdist>=3", *DOCS, *TFDS],
         "docs": DOCS,
+        "tfds": TFDS,
         "bench": ["jax>=0.4"],
         "tensorboard": ["tensorboard>=2.20"],  # to view the launchers' logs (TensorFlow writes them)
     },

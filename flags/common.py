@@ -1,17 +1,21 @@
 """Small helpers the launchers share besides ``far_ho2.launch`` (their output folder, callbacks
-and command line): a file-flag check, seeding, PNG plots and plain-text tables."""
+and command line): a file-flag check, the TensorFlow Datasets flags, seeding, PNG plots and
+plain-text tables."""
 
 import contextlib
 import csv
+import dataclasses
 import os
 import pathlib
 import sys
 import zipfile
-from typing import Iterator
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
-from far_ho2.launch.cli import LaunchError
+from far_ho2.launch import cli
+from far_ho2.launch.cli import LaunchError, setting
 
 
 def check_file(path: str, flag: str) -> pathlib.Path:
@@ -21,6 +25,40 @@ def check_file(path: str, flag: str) -> pathlib.Path:
     if not os.path.isfile(path):
         raise LaunchError(f"--{flag}={path}: no such file.")
     return pathlib.Path(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tfds:
+    """Where the launchers that read TensorFlow Datasets find them (``hyper_repr.data.tfds_source``):
+    the same flags, with the same meaning, in each of them."""
+
+    tfds_data_dir: Optional[str] = setting(None, "TensorFlow Datasets data_dir holding the prepared dataset "
+                                           "(default: TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+    tfds_download: bool = setting(False, "Let TFDS download and prepare the dataset into --tfds_data_dir when it "
+                                  "is not prepared there (needs a network).")
+
+
+# the arguments of hyper_repr.data.tfds_source that the Tfds flags give, for its messages
+TFDS_NAMES = {"data_dir": "tfds_data_dir", "download": "tfds_download"}
+TFDS_FLAGS = tuple(cli.flag_names(Tfds).values())
+
+
+def define_tfds_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+    """--tfds_data_dir and --tfds_download (``Tfds``), defined in ``flag_values``."""
+    return cli.define_flags(Tfds, flag_values=flag_values)
+
+
+def tfds_from_flags(holders: Mapping[str, flags.FlagHolder]) -> Tfds:
+    """The ``Tfds`` settings of the parsed flags."""
+    return Tfds(**cli.config_values(Tfds, holders))
+
+
+def check_not_given(holders: Mapping[str, flags.FlagHolder], names: Sequence[str], reason: str) -> None:
+    """A ``LaunchError`` naming the first of the flags ``names`` given on the command line, which
+    do not apply to ``reason`` (e.g. ``"--data_source=folder"``)."""
+    for name in names:
+        if holders[name].present:
+            raise LaunchError(f"--{name} applies to TensorFlow Datasets data, not to {reason}.")
 
 
 @contextlib.contextmanager

@@ -189,7 +189,8 @@ def representation_data(config: Config) -> Data:
         raise FileNotFoundError(f"--representation={config.representation}: no {workdir.RESULTS}; "
                                 f"give the --logdir of a finished `python -m flags.omniglot` run.")
     run_flags = workdir.read_json(results).get("flags", {})  # the run's split, if it had flags
-    split_flags = ("split", "test_alphabets", "val_alphabets", "val_characters")
+    split_flags = ("data_source", "tfds_data_dir", "tfds_splits", "split", "test_alphabets", "val_alphabets",
+                   "val_characters")
     splits = omniglot.load_splits(run_flags.get("data_dir", config.data_dir),
                                   **{k: run_flags[k] for k in split_flags if k in run_flags})
     network = train.load_representation(config.representation, splits)

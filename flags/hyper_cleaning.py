@@ -67,15 +67,22 @@ README.md), pixels 0..16 scaled to [0, 1]. Their fixed test set is every third i
 3, 6, …: 599 images, the same for every seed); training and validation examples are disjoint
 subsets of the other 1198 drawn with ``--seed`` (800 and 200 by default). Or ``--data``: a
 Keras-format MNIST / Fashion-MNIST .npz (x_train, y_train, x_test, y_test: uint8 images
-[n, 28, 28] and integer labels), training and validation drawn from x_train the same way, the
-test set x_test (FAR-HO's demo used 1400 / 140 MNIST examples: ``--n_train 1400 --n_val 140``).
+[n, 28, 28] and integer labels), or a TensorFlow Datasets name (``mnist``, ``fashion_mnist``,
+``kmnist``, …: a dataset of uint8 ``image`` and 10-class ``label`` features with splits train and
+test, prepared in ``--tfds_data_dir``, or downloaded by TFDS with ``--tfds_download``; see
+docs/data.md). ``--data`` is a file when it exists or ends with .npz, else a TFDS name. Training
+and validation are drawn from x_train (TFDS: train) the same way, the test set is x_test (test)
+(FAR-HO's demo used 1400 / 140 MNIST examples: ``--n_train 1400 --n_val 140``). The same images
+in the same order give the same run from a .npz or from TFDS.
 
     python -m flags.hyper_cleaning --logdir /tmp/cleaning                   # reverse mode, the digits
     python -m flags.hyper_cleaning --logdir /tmp/bome --method bome         # any --method, its defaults
     python -m flags.hyper_cleaning --logdir /tmp/bome_60s --method bome --time_budget 60
     python -m flags.hyper_cleaning --data ~/.keras/datasets/mnist.npz --logdir /tmp/mnist
+    python -m flags.hyper_cleaning --data mnist --tfds_data_dir ~/tensorflow_datasets --logdir /tmp/mnist_tfds
 """
 import dataclasses
+import os
 import pathlib
 import sys
 from typing import Any, Callable, NamedTuple, Optional
@@ -91,6 +98,7 @@ from far_ho2.launch import callbacks, cli, workdir
 from far_ho2.launch.cli import setting
 from flags import common
 from far_ho2.launch import method_flags
+from hyper_repr.data import tfds_source
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CLASSES = 10
@@ -112,7 +120,9 @@ class Config:
     in ``define_flags``."""
 
     data: Optional[str] = setting(None, "MNIST or Fashion-MNIST .npz in Keras format (x_train, y_train, x_test, "
-                                  "y_test); default: the bundled 8×8 digits (data/digits).")
+                                  "y_test: a file that exists or ends with .npz), or a TensorFlow Datasets name "
+                                  "(mnist, fashion_mnist, kmnist, ...: see --tfds_data_dir); default: the bundled "
+                                  "8×8 digits (data/digits).")
     n_train: int = setting(800, "Training examples.", lower=1)
     n_val: int = setting(200, "Validation examples (clean labels).", lower=1)
     n_test: int = setting(0, "Test examples (0: all).", lower=0)
@@ -193,6 +203,20 @@ class Data(NamedTuple):
 # -- data --------------------------------------------------------------------------------------
 
 
+def is_npz_path(data: str) -> bool:
+    """Whether ``--data`` names a .npz file (it exists, or its name ends with .npz) rather than a
+    TensorFlow Datasets dataset."""
+    return data.endswith(".npz") or os.path.exists(data)
+
+
+def read_data(data: Optional[str], tfds: common.Tfds = common.Tfds()) -> dict[str, np.ndarray]:
+    """The arrays of ``--data`` as ``read_npz`` returns them: the bundled digits (``None``), a
+    .npz (``is_npz_path``) or a TFDS dataset (``read_tfds``)."""
+    if not data:
+        return read_digits()
+    return read_npz(data) if is_npz_path(data) else read_tfds(data, tfds)
+
+
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """The four arrays of a Keras-format MNIST / Fashion-MNIST .npz, checked: images as float32
     rows in [0, 1] (uint8 pixels / 255), labels as int64."""
@@ -202,10 +226,52 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"--data={path} lacks the arrays {missing}; an MNIST .npz in Keras "
                              f"format has {list(NPZ_KEYS)}.")
         arrays = {k: np.asarray(npz[k]) for k in NPZ_KEYS}
+    return checked(arrays, f"--data={path}")
+
+
+def read_tfds(name: str, tfds: common.Tfds = common.Tfds()) -> dict[str, np.ndarray]:
+    """The splits train and test of the TensorFlow Datasets dataset ``name``, prepared in
+    ``tfds.tfds_data_dir`` (or downloaded, with ``tfds.tfds_download``), as ``read_npz`` returns
+    MNIST: its uint8 "image" and 10-class "label" features, in the prepared files' order.
+
+    Raises:
+        cli.LaunchError: naming --data for a name TFDS does not know, a dataset of other features
+            or without a split train or test, or one not prepared (then naming --tfds_data_dir and
+            --tfds_download).
+    """
+    if not tfds_source.is_dataset_name(name):
+        raise cli.LaunchError(f"--data={name}: no such file, and no TensorFlow Datasets dataset of that name (give "
+                              f"a Keras-format .npz or a TFDS name such as mnist, fashion_mnist, kmnist).")
+    with cli.user_errors(common.TFDS_NAMES, prefix=f"--data={name}: "):
+        builder = tfds_source.prepared_builder(name, tfds.tfds_data_dir, download=tfds.tfds_download)
+    features = {key: builder.info.features[key] for key in builder.info.features.keys()}
+    if (getattr(features.get("image"), "np_dtype", None) != np.uint8
+            or getattr(features.get("label"), "num_classes", None) != CLASSES):
+        raise cli.LaunchError(f"--data={name}: hyper-cleaning reads the uint8 'image' and {CLASSES}-class 'label' "
+                              f"features; TFDS {name} has the features {sorted(features)}.")
+    arrays = {}
+    for split in ("train", "test"):
+        try:
+            batches = list(tfds_source.read_split(builder, split))
+        except ValueError as error:  # TFDS's "Unknown split"
+            raise cli.LaunchError(f"--data={name}: hyper-cleaning reads the splits train and test: {error}") from None
+        arrays[f"x_{split}"] = np.concatenate([b["image"] for b in batches])
+        arrays[f"y_{split}"] = np.concatenate([b["label"] for b in batches])
+    return checked(arrays, f"--data={name}")
+
+
+def checked(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The arrays (x_train, y_train, x_test, y_test: uint8 images, integer labels) of ``source``
+    (as the user named it) as ``normalised`` returns them, once checked.
+
+    Raises:
+        ValueError: naming ``source`` if the images and labels of a split do not pair up, or a
+            label is not in 0..CLASSES − 1.
+    """
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y) or y.ndim != 1 or y.min() < 0 or y.max() >= CLASSES:
-            raise ValueError(f"--data={path}: x_{split} {x.shape} and y_{split} {y.shape} must "
+            raise ValueError(f"{source}: x_{split} {x.shape} and y_{split} {y.shape} must "
                              f"hold as many images as labels in 0..{CLASSES - 1}.")
     return normalised(arrays, 255)
 
@@ -235,8 +301,9 @@ def corrupt(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[n
     return np.where(corrupted, shifted, y), corrupted
 
 
-def load_data(config: Config) -> Data:
-    """The data of ``config``: the bundled digits, or the MNIST .npz of ``config.data``.
+def load_data(config: Config, tfds: common.Tfds = common.Tfds()) -> Data:
+    """The data of ``config``: the bundled digits, or the MNIST .npz or TFDS dataset of
+    ``config.data`` (TFDS's: in ``tfds.tfds_data_dir``; ``read_data``).
 
     Training and validation examples are disjoint subsets of x_train drawn with ``config.seed``
     (so each seed draws other examples and other corruptions); the test set is the first
@@ -245,7 +312,7 @@ def load_data(config: Config) -> Data:
     Raises:
         ValueError: if the sizes exceed the data or the .npz is malformed; FileNotFoundError.
     """
-    arrays = read_npz(config.data) if config.data else read_digits()
+    arrays = read_data(config.data, tfds)
     available, source = len(arrays["x_train"]), config.data or "the bundled digits"
     if config.n_train + config.n_val > available:
         raise ValueError(f"--n_train + --n_val = {config.n_train + config.n_val} exceeds the "
@@ -574,10 +641,12 @@ def run_experiment(config: Config, logdir: Any, *, resume: bool = True, data: Op
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
     """Hyper-cleaning's flags, defined in ``flag_values``: the run's (``cli.define_run_flags``),
-    one per ``setting`` field of ``Config`` (``cli.define_flags``) and the method's."""
+    one per ``setting`` field of ``Config`` (``cli.define_flags``), the TensorFlow Datasets ones
+    (``common.define_tfds_flags``) and the method's."""
     d = Config()
     holders = cli.define_run_flags(flag_values)
     holders.update(cli.define_flags(Config, flag_values=flag_values))
+    holders.update(common.define_tfds_flags(flag_values))
     holders.update(method_flags.define_flags(
         flag_values, default=d.method, defaults={name: m.settings for name, m in METHOD_DEFAULTS.items()},
         method_help="The far_ho2 method: reverse (also learns η), forward (learns η and log ρ only: no "
@@ -604,7 +673,10 @@ def launch(holders: dict[str, flags.FlagHolder]) -> None:
     with cli.user_errors():
         config = config_from_flags(holders)
         check_config(config)
-        data = load_data(config)
+        if not config.data or is_npz_path(config.data):
+            common.check_not_given(holders, common.TFDS_FLAGS,
+                                   f"--data={config.data}" if config.data else "the bundled digits")
+        data = load_data(config, common.tfds_from_flags(holders))
     run_experiment(config, holders["logdir"].value, resume=holders["resume"].value, data=data,
                    checkpoint_seconds=holders["checkpoint_seconds"].value)
 

@@ -43,9 +43,11 @@ def expected_ink(variant: int) -> np.ndarray:
 
 
 def write_omniglot(data_dir, source, characters=CHARACTERS, *, zipped, size=112, offset=0,
-                   reverse=False):
-    """Writes ``source`` in the official layout; drawing d of each character is variant d+offset."""
-    entries = [(f"{source}/{a}/{c}/{c}_{d:02d}.png",
+                   reverse=False, renumber=False):
+    """Writes ``source`` in the official layout; drawing d of each character is variant d+offset,
+    in the file numbered d (``renumber``: DRAWINGS − 1 − d)."""
+    number = (lambda d: DRAWINGS - 1 - d) if renumber else (lambda d: d)
+    entries = [(f"{source}/{a}/{c}/{c}_{number(d):02d}.png",
                 tf.io.encode_png(drawing(size, d + offset)).numpy())
                for a, c in characters for d in range(DRAWINGS)]
     entries = entries[::-1] if reverse else entries
@@ -102,14 +104,17 @@ def test_omniglot_episodes_have_ink_one_on_white_zero(tmp_path):
 
 
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "tree"])
-def test_omniglot_split_is_independent_of_file_order(zipped, tmp_path):
+def test_omniglot_split_is_independent_of_file_order_and_names(zipped, tmp_path):
+    """The same drawings give the same splits, whatever the order and the numbers of their files
+    (TFDS keeps neither): a character's drawings are in the order of their pixels."""
     write_omniglot(tmp_path / "forward", "images_background", zipped=zipped)
     write_omniglot(tmp_path / "reverse", "images_background", zipped=zipped, reverse=True)
+    write_omniglot(tmp_path / "renumbered", "images_background", zipped=zipped, renumber=True)
     forward = load(tmp_path / "forward", tmp_path / "cache", seed=3)
-    reverse = load(tmp_path / "reverse", tmp_path / "cache", seed=3)
-    for a, b in zip(forward, reverse):
-        assert a.class_names == b.class_names
-        np.testing.assert_array_equal(a.images, b.images)
+    for other in ("reverse", "renumbered"):
+        for a, b in zip(forward, load(tmp_path / other, tmp_path / "cache", seed=3)):
+            assert a.class_names == b.class_names
+            np.testing.assert_array_equal(a.images, b.images)
     others = [load(tmp_path / "forward", tmp_path / "cache", seed=s) for s in range(4, 9)]
     assert any(o.test.class_names != forward.test.class_names for o in others)
 

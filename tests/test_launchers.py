@@ -21,7 +21,7 @@ from matplotlib import image as mpimg
 
 import far_ho2 as far
 from far_ho2.launch import cli, workdir
-from flags import effect_of_T
+from flags import common, effect_of_T
 from flags import hyper_cleaning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_launcher_flags_have_help_and_default_to_the_config(launcher):
         assert hyper_cleaning.resolved(config) == hyper_cleaning.resolved(hyper_cleaning.Config())
         methods = [far.registry.get_method(name) for name in far.methods()]
         assert set(holders) == (set(cli.flag_names(hyper_cleaning.Config).values()) | run_flags | {"method"}
-                                | {m.flag(s) for m in methods for s in m.settings})
+                                | {m.flag(s) for m in methods for s in m.settings} | set(common.TFDS_FLAGS))
     else:
         generated = cli.config_values(launcher.Config, holders)
         by_hand = {k: h.value for k, h in holders.items()

@@ -11,8 +11,15 @@ from the zip without extracting or from the extracted folder. A character found 
 sources (Greek and Latin are in both minimal splits) is taken once, from the first source in the
 order above (a folder before its zip).
 
+TensorFlow Datasets' ``omniglot`` (its splits train, test, small1 and small2: the four sources
+above, in that order of precedence) is read by `hyper_repr.data.tfds_source`; it keeps the PNG
+files' bytes, so that its catalog (`Catalog` of `EncodedImage`) gives the same arrays as these
+files.
+
 Each image becomes ink = 1 − pixel/255, area-resized to image_size × image_size × 1 and stored
-as uint8 (255 = ink 1.0; episodes divide by 255). Each character at 0°, 90°, 180° and 270°
+as uint8 (255 = ink 1.0; episodes divide by 255). A character's drawings are ordered by their
+pixels (descending lexicographic order of the uint8 ink images, row by row), an order of the
+images themselves: TFDS does not keep the file names. Each character at 0°, 90°, 180° and 270°
 (counterclockwise, exact `np.rot90`) is four classes. ExperimentManager rotated cumulatively
 with scipy, so its ``rot_180``/``rot_270`` keys held 270°/180°; that mislabelling is not ported.
 
@@ -30,7 +37,7 @@ import contextlib
 import os
 import pathlib
 import zipfile
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -42,7 +49,7 @@ SOURCES = ("images_background", "images_evaluation", "images_background_small1",
            "images_background_small2", "omniglot_resized")
 STANDARD_SPLIT_SIZES = (1200, 100, 323)  # characters: train, val, test (1623 in all)
 ROTATIONS = 4  # 0°, 90°, 180°, 270°
-_CACHE_FORMAT = "omniglot-v1"  # change when the decoding changes, to invalidate caches
+_CACHE_FORMAT = "omniglot-v2"  # change when the arrays change (decoding, order), to invalidate caches
 
 
 class ImageFile(NamedTuple):
@@ -57,13 +64,41 @@ class ImageFile(NamedTuple):
         return self.path if self.member is None else f"{self.member!r} in {self.path}"
 
 
+class EncodedImage(NamedTuple):
+    """One drawing's PNG bytes, read already (a TFDS example)."""
+
+    character: tuple[str, str]  # (alphabet, character)
+    data: bytes
+    origin: str  # where it was read, for messages
+
+    def where(self) -> str:
+        """The example, for messages."""
+        return self.origin
+
+
 class Catalog(NamedTuple):
-    """The de-duplicated drawings of a data folder, character by character."""
+    """The de-duplicated drawings of a data source, character by character."""
 
     characters: tuple[tuple[str, str], ...]  # sorted (alphabet, character) names
-    images: tuple[ImageFile, ...]  # class-contiguous, in `characters` order, by file name
+    images: tuple[ImageFile | EncodedImage, ...]  # class-contiguous, in `characters` order
     class_starts: np.ndarray  # [n_characters + 1] boundaries of each character in `images`
     records: tuple[str, ...]  # names, sizes and mtimes of the source files (the cache key)
+
+
+def catalog_of(sources: Iterable[Sequence[ImageFile | EncodedImage]], records: Sequence[str]) -> Catalog:
+    """The `Catalog` of the drawings of ``sources`` (in precedence order): each character's
+    drawings from the first source holding it, in that source's order; characters sorted."""
+    by_character: dict[tuple[str, str], list[ImageFile | EncodedImage]] = {}
+    for drawings in sources:
+        found: dict[tuple[str, str], list[ImageFile | EncodedImage]] = {}
+        for image in drawings:
+            found.setdefault(image.character, []).append(image)
+        for character, images in found.items():
+            by_character.setdefault(character, images)
+    characters = tuple(sorted(by_character))
+    counts = [len(by_character[c]) for c in characters]
+    return Catalog(characters, tuple(image for c in characters for image in by_character[c]),
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), tuple(records))
 
 
 def find_sources(data_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -121,22 +156,8 @@ def catalog(data_dir: pathlib.Path) -> Catalog:
     Raises:
         FileNotFoundError, ValueError: as `find_sources` and `list_source`.
     """
-    by_character: dict[tuple[str, str], list[ImageFile]] = {}
-    records: list[str] = []
-    for source in find_sources(data_dir):
-        images, source_records = list_source(source, data_dir)
-        records += source_records
-        found: dict[tuple[str, str], list[ImageFile]] = {}
-        for image in images:
-            found.setdefault(image.character, []).append(image)
-        for character, drawings in found.items():
-            by_character.setdefault(character, drawings)
-    characters = tuple(sorted(by_character))
-    counts = [len(by_character[c]) for c in characters]
-    images = tuple(image for c in characters
-                   for image in sorted(by_character[c], key=lambda i: i.member or i.path))
-    return Catalog(characters, images, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                   tuple(records))
+    listed = [list_source(source, data_dir) for source in find_sources(data_dir)]
+    return catalog_of([images for images, _ in listed], [r for _, records in listed for r in records])
 
 
 def decode_png(data: bytes, image_size: int, where: str) -> np.ndarray:
@@ -155,7 +176,7 @@ def decode_png(data: bytes, image_size: int, where: str) -> np.ndarray:
     return np.round(resized.numpy() * 255.0).astype(np.uint8)
 
 
-def decode_images(images: Sequence[ImageFile], image_size: int, out: np.ndarray) -> None:
+def decode_images(images: Sequence[ImageFile | EncodedImage], image_size: int, out: np.ndarray) -> None:
     """Writes `decode_png` of ``images[i]`` to ``out[i]``, opening each zip once.
 
     Raises:
@@ -164,7 +185,9 @@ def decode_images(images: Sequence[ImageFile], image_size: int, out: np.ndarray)
     with contextlib.ExitStack() as stack:
         archives: dict[str, zipfile.ZipFile] = {}
         for i, image in enumerate(images):
-            if image.member is None:
+            if isinstance(image, EncodedImage):
+                data = image.data
+            elif image.member is None:
                 data = pathlib.Path(image.path).read_bytes()
             else:
                 if image.path not in archives:
@@ -175,6 +198,16 @@ def decode_images(images: Sequence[ImageFile], image_size: int, out: np.ndarray)
                     raise ValueError(f"Cannot read the Omniglot image {image.where()}: "
                                      f"{error}.") from None
             out[i] = decode_png(data, image_size, image.where())
+
+
+def sort_drawings(images: np.ndarray, class_starts: np.ndarray) -> None:
+    """Orders each character's drawings in ``images`` (in place) by their pixels: descending
+    lexicographic order of the bytes of each image (row-major), so that the same images give the
+    same array whatever order they were read in; equal images are interchangeable."""
+    for start, stop in zip(class_starts[:-1], class_starts[1:]):
+        drawings = images[start:stop]
+        order = sorted(range(len(drawings)), key=lambda i: drawings[i].tobytes(), reverse=True)
+        drawings[:] = drawings[order]
 
 
 def split_characters(characters: Sequence[tuple[str, str]], *,
@@ -271,18 +304,35 @@ def rotated_split(images: np.ndarray, class_starts: np.ndarray,
     return Split(rotated, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), tuple(names))
 
 
-def load_omniglot(data_dir: cache.PathLike, *, split_sizes: Optional[Sequence[int]] = None,
-                  test_alphabets: Optional[Iterable[str]] = None,
-                  val_alphabets: Optional[Iterable[str]] = None,
-                  val_characters: Optional[int] = None, seed: int = 0, image_size: int = 28, use_cache: bool = True,
-                  cache_dir: Optional[cache.PathLike] = None) -> Splits:
-    """Omniglot train, val and test splits of rotation classes (see the module docstring).
+def load_omniglot(data_dir: cache.PathLike, **options: Any) -> Splits:
+    """Omniglot train, val and test splits of rotation classes from the files in ``data_dir``
+    (see the module docstring); ``options`` are those of `load_catalog`.
+
+    Raises:
+        FileNotFoundError: if ``data_dir`` is missing or holds no Omniglot source.
+        ValueError: for a corrupt image or zip (naming it), or a split that does not fit.
+
+    Example:
+        >>> splits = load_omniglot("data/omniglot", test_alphabets=["Sanskrit", "Tagalog"],
+        ...                        val_alphabets=["Korean"])
+        >>> len(splits.test.class_names)  # 4 rotations × Sanskrit and Tagalog characters
+    """
+    return load_catalog(catalog(pathlib.Path(data_dir)), **options)
+
+
+def load_catalog(found: Catalog, *, split_sizes: Optional[Sequence[int]] = None,
+                 test_alphabets: Optional[Iterable[str]] = None,
+                 val_alphabets: Optional[Iterable[str]] = None,
+                 val_characters: Optional[int] = None, seed: int = 0, image_size: int = 28,
+                 use_cache: bool = True, cache_dir: Optional[cache.PathLike] = None) -> Splits:
+    """Omniglot train, val and test splits of rotation classes of the drawings of ``found`` (a
+    data folder's `catalog`, or TFDS's: `hyper_repr.data.tfds_source`).
 
     Decoded images are cached (see `hyper_repr.data.cache`), keyed by the source files and
     ``image_size``; the split is recomputed at every load, so it is not part of the key.
 
     Args:
-        data_dir: folder holding the sources.
+        found: the drawings.
         split_sizes: train, val and test character counts. Defaults to `None`:
             `STANDARD_SPLIT_SIZES`, unless alphabets are held out.
         test_alphabets: alphabets held out for test (the rest is train). Defaults to `None`.
@@ -298,24 +348,19 @@ def load_omniglot(data_dir: cache.PathLike, *, split_sizes: Optional[Sequence[in
         `Splits` of uint8 [n_images, image_size, image_size, 1] ink images (255 = ink).
 
     Raises:
-        FileNotFoundError: if ``data_dir`` is missing or holds no Omniglot source.
-        ValueError: for a corrupt image or zip (naming it), or a split that does not fit.
-
-    Example:
-        >>> splits = load_omniglot("data/omniglot", test_alphabets=["Sanskrit", "Tagalog"],
-        ...                        val_alphabets=["Korean"])
-        >>> len(splits.test.class_names)  # 4 rotations × Sanskrit and Tagalog characters
+        ValueError: for a corrupt image (naming it), or a split that does not fit.
     """
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"`image_size` must be a positive int, got {image_size!r}.")
-    data_dir = pathlib.Path(data_dir)
-    found = catalog(data_dir)
     parts = split_characters(found.characters, split_sizes=split_sizes,
                              test_alphabets=test_alphabets, val_alphabets=val_alphabets,
                              val_characters=val_characters, seed=seed)
+
+    def fill(out: np.ndarray) -> None:
+        decode_images(found.images, image_size, out)
+        sort_drawings(out, found.class_starts)
     key = cache.fingerprint(found.records + (_CACHE_FORMAT, f"image_size={image_size}"))
     path = cache.cache_file("omniglot", key, use_cache=use_cache, cache_dir=cache_dir)
-    images = cache.cached_array(path, (len(found.images), image_size, image_size, 1), np.uint8,
-                                lambda out: decode_images(found.images, image_size, out))
+    images = cache.cached_array(path, (len(found.images), image_size, image_size, 1), np.uint8, fill)
     return Splits(*(rotated_split(images, found.class_starts, found.characters, part)
                     for part in parts))
