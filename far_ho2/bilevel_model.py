@@ -160,7 +160,7 @@ class BilevelModel(keras.Model):
         self.__dict__["_ready"] = None  # (bounds, guarded) once the problem is resolved
         self._reference = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="guard_reference",
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")  # E of a float64 problem, unrounded
 
     @property
     def metrics(self) -> list:
@@ -364,7 +364,8 @@ class BilevelModel(keras.Model):
         batches = batching.Batches(inner, self.per_step)
         prepared = inputs_lib.prepare(problem, batches, [])
         run_steps(problem, empty_trajectory(problem.initial_state(), self.steps), prepared.at, 0, self.steps)
-        self.loss_tracker.update_state(tf.cast(self(outer), tf.float64))
+        # call, not self(...): Keras's __call__ would cast a float64 batch to the model's float32
+        self.loss_tracker.update_state(tf.cast(self.call(outer), tf.float64))
         return {"loss": self.loss_tracker.result()}
 
     def evaluate(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -207,3 +207,20 @@ def test_keras_weights_save_and_load_into_the_model_built_again_and_a_keras_file
     model.fit(data, steps_per_epoch=2, verbose=0)  # and both continue alike
     again.fit(data, steps_per_epoch=2, verbose=0)
     assert float(decay_again.numpy()) == pytest.approx(float(log_decay.numpy()), abs=1e-6)
+
+
+def test_keras_evaluate_is_the_outer_loss_after_t_inner_steps_in_float64():
+    """``evaluate`` on a float64 problem (Keras would cast a batch given to ``model(...)`` to
+    float32): E at w_T, T gradient steps from Φ₀ = 0 at the current λ, against NumPy."""
+    (X, y), (Xv, yv), w, lam, inner, outer = ridge_problem()
+    model = far.BilevelModel(inner, outer, far.GradientDescentOptimizer(0.3), steps=T, inner_variables=[w],
+                             hyperparameters=[lam])
+    model.compile(optimizer=keras.optimizers.Adam(0.1))
+    data = tf.data.Dataset.from_tensors(((X, y), (Xv, yv))).repeat()
+    model.fit(data, steps_per_epoch=2, verbose=0)
+    got = model.evaluate(data, steps=1, verbose=0, return_dict=True)["loss"]
+    w_t, decay = np.zeros(4), np.exp(lam.numpy())
+    for _ in range(T):
+        w_t = w_t - 0.3 * (X.T @ (X @ w_t - y) / len(y) + decay * w_t)
+    assert got == pytest.approx(0.5 * np.mean((Xv @ w_t - yv) ** 2), rel=1e-12)
+    np.testing.assert_allclose(w.numpy(), w_t, rtol=1e-12)  # the inner variables keep w_T
