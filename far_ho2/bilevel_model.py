@@ -88,7 +88,7 @@ class _Stop(keras.callbacks.Callback):
     ``_diverged``."""
 
     def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
-        phase = int(np.asarray((logs or {}).get("phase", engine.HEALTHY)).item())
+        phase = int(self.model._phase.numpy())
         if phase != engine.HEALTHY:
             self.model._diverged(phase)
 
@@ -160,6 +160,10 @@ class BilevelModel(keras.Model):
         self.__dict__["_ready"] = None  # (bounds, guarded) once the problem is resolved
         self._reference = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="guard_reference",
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # the last step's phase (0: healthy), for fit's stop rule; not a log (a user's CSV, progress
+        # bar and history show E only) and not saved (a run's checkpoints stay as they were)
+        self.__dict__["_phase"] = tf.Variable(engine.HEALTHY, dtype=tf.int32, trainable=False, name="step_phase",
+                                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")  # E of a float64 problem, unrounded
 
     @property
@@ -339,7 +343,7 @@ class BilevelModel(keras.Model):
     def train_step(self, data: Any) -> dict:
         """One hyper-iteration, ``far_ho2.engine.step``: the directions at the current λ, the
         guard, the update of λ by the compiled optimizer, the method's own step; logs E (before
-        the update) and the step's phase (0: healthy)."""
+        the update)."""
         inner, outer = self._prepare_step(data)
         _, status = engine.step(
             self.method, steps=self.method._steps(self.steps), inner_data=inner, per_step=self.per_step,
@@ -348,12 +352,13 @@ class BilevelModel(keras.Model):
         return self._logs(status)
 
     def _logs(self, status: engine.Status) -> dict:
-        """A step's logs: E before the update (NaN after a failed step) and the phase (0:
-        healthy); the guard's reference direction set by the first healthy step."""
+        """A step's logs: E before the update (NaN after a failed step); the step's phase kept
+        for ``fit``'s stop rule, and the guard's reference direction set by the first healthy step."""
         healthy = tf.equal(status.phase, engine.HEALTHY)
         self._reference.assign(tf.where(healthy & (self._reference < 0), status.largest, self._reference))
         self.loss_tracker.update_state(tf.where(healthy, tf.cast(status.value, tf.float64), np.nan))
-        return {"loss": self.loss_tracker.result(), "phase": status.phase}
+        self._phase.assign(status.phase)
+        return {"loss": self.loss_tracker.result()}
 
     @tf.autograph.experimental.do_not_convert
     def test_step(self, data: Any) -> dict:

@@ -569,7 +569,6 @@ class IterationMetrics(keras.callbacks.Callback):
         self.before = hyper_iteration_metrics(self.exp, self.data, self.config)
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        logs.pop("phase", None)
         logs.update(self.before, val_loss=logs.pop("loss"), val_accuracy=accuracy(self.exp.model, *self.val),
                     test_accuracy=accuracy(self.exp.model, *self.test))
 
