@@ -7,13 +7,18 @@ Each script runs from the repository root as ``python -m benchmarks.NAME`` or
 ``python benchmarks/NAME.py``.
 """
 
+import collections
+import dataclasses
+import glob
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -104,3 +109,80 @@ def machine_info(distributions: Sequence[str] = ("tensorflow-cpu", "keras", "jax
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
             "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),  # None: far_ho2's default
             **{d: version(d) for d in distributions}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# -- the machine's limit, and where the time goes ----------------------------------------------------
+
+PEAK_SIZE = 2048  # the matrix product that measures the machine's peak: PEAK_SIZE³, float32
+
+
+def peak_gflops(size: int = PEAK_SIZE, calls: int = 8) -> float:
+    """This machine's measured peak, in GFLOP/s: the best of ``calls`` float32 products of two
+    size × size matrices in TensorFlow (2·size³ operations each), after one warm-up call. The
+    benchmarks divide the arithmetic of each configuration by its time and by this number, in the
+    same process, for the fraction of the peak it reaches."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal([size, size], seed=1), tf.random.normal([size, size], seed=2)
+    product = tf.function(lambda: tf.matmul(a, b)[0, 0])  # the corner needs the whole product
+    product().numpy()
+    best = min(timed(lambda: product().numpy()) for _ in range(calls))
+    return 2 * size**3 / best / 1e9
+
+
+@dataclasses.dataclass
+class Profile:
+    """Where the time of one call goes, from TensorFlow's profiler (``profile``)."""
+
+    wall_ms: float  # per call, while profiled
+    graph_ms: float  # inside the traced function(s) per call; wall − graph = Python and dispatch
+    op_ms: dict  # category -> ms of op time per call, summed over the threads (may exceed the wall)
+
+    def shares(self) -> dict:
+        """Each category's fraction of the op time."""
+        total = sum(self.op_ms.values()) or 1.0
+        return {name: ms / total for name, ms in self.op_ms.items()}
+
+    def describe(self) -> str:
+        """One line: wall, in-graph, Python and dispatch, then the categories' op time."""
+        total = sum(self.op_ms.values()) or 1.0
+        parts = ", ".join(f"{name} {ms:.1f} ms ({ms / total:.0%})"
+                          for name, ms in sorted(self.op_ms.items(), key=lambda kv: -kv[1]))
+        return (f"{self.wall_ms:.1f} ms per call, {self.graph_ms:.1f} in the graph, "
+                f"{self.wall_ms - self.graph_ms:.1f} Python and dispatch; op time: {parts}")
+
+
+def profile(call: Callable[[], None], calls: int, categories: Sequence[tuple[str, str]]) -> Profile:
+    """Runs ``call`` ``calls`` times under TensorFlow's profiler (after the caller's warm-up) and
+    sums each op's duration into the first category whose regular expression matches the op's
+    name, or "other". The names carry far_ho2's name scopes (``features``, ``inner_run``,
+    ``outer``, ``reverse_pass``, ``update``, ``guard``); a gradient op is named ``gradient_tape/``
+    and its forward op's name (``gradient_tape/inner_run/…``: the inner gradient of a step;
+    ``gradient_tape/gradient_tape/inner_run/…``: its derivative in the reverse pass of unrolled
+    steps; the steps of compiled loops keep their loop's scope). Op times add over the threads
+    that ran them."""
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    patterns = [(name, re.compile(pattern)) for name, pattern in categories]
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        wall = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(Path(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0]).read_bytes())
+    op_ps, graph_ps = collections.Counter(), 0
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if name == "KernelAndDeviceFunc::Run":
+                    graph_ps += event.duration_ps
+                elif ":" in name and not name.startswith(("ExecutorState", "EagerLocalExecute")):
+                    op = name.rpartition(":")[0]
+                    category = next((label for label, pattern in patterns if pattern.search(op)), "other")
+                    op_ps[category] += event.duration_ps
+    return Profile(1e3 * wall / calls, graph_ps / 1e9 / calls, {k: v / 1e9 / calls for k, v in op_ps.items()})

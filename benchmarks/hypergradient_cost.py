@@ -33,6 +33,15 @@ float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own proce
   T steps of GD costs a Hessian-vector and a mixed product per step, about three inner steps),
   not the library.
 
+The side-by-side processes also report the arithmetic (``flops_per_call``: the matrix products
+of one hypergradient, counted, the same for both) over the time, next to this machine's peak
+measured in the same process (``harness.peak_gflops``: one 2048³ float32 product), and where
+far_ho2's time goes: TensorFlow's profiler over its calls, the op time per part of the
+computation (the library's name scopes: the features X·H, the inner run, the outer objective,
+the reverse pass, the guard) and the time outside the graph (Python and dispatch); with
+``--side-by-side`` only these processes run (``far.ReverseHG()`` and, above T = 16,
+``far.ReverseHG(unroll=T)``), a few minutes in all.
+
 Reported per T: median ms per call (after warm-up calls), ratios, ms per inner step, peak memory
 (peak RSS above the process's baseline after imports and data set-up, one fresh process per
 subject and T), the memory growth per inner step between the two largest T in units of one
@@ -47,6 +56,7 @@ Run from the repository root (about 20 minutes on 2 cores: 112 processes; JAX is
     python -m benchmarks.hypergradient_cost                     # T ∈ {1, 4, 16, 64, 256}
     python -m benchmarks.hypergradient_cost --steps 16 256 1024 --rounds 3
     python -m benchmarks.hypergradient_cost --quick             # smoke run: T ∈ {1, 4}, 1 repeat
+    python -m benchmarks.hypergradient_cost --side-by-side --steps 16 64 256   # ratios, peak, profile
 
 Between T = 64 and 256 the stored states grow by only 19 MB, about the size of the RSS noise, so
 the hypergradient subjects also run once at the larger ``--memory-steps`` (default 1024 and 2048;
@@ -67,6 +77,7 @@ import argparse
 import csv
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -274,6 +285,9 @@ SUBJECTS: dict[str, Subject] = {
                               reverse_hg()),
     "far_ho2_xla_vs_jax": Subject("jax", "far_ho2 ReverseHG(jit_compile=True) and JAX hoisted, "
                                   "alternating in one process", reverse_hg(jit_compile=True)),
+    "far_ho2_unrolled_vs_jax": Subject("jax", "far_ho2 ReverseHG(unroll=T) and JAX hoisted, alternating in one "
+                                       "process", lambda p, T: build_far_ho2(p, T, features=True, hypergradient=True,
+                                                                             unroll=T)),
     "far_ho2_nofeat": Subject("tensorflow-cpu", "far_ho2 ReverseHG, X·H in L",
                               lambda p, T: build_far_ho2(p, T, features=False, hypergradient=True)),
     "inner": Subject("tensorflow-cpu", "far_ho2 InnerProblem.run, features=",
@@ -307,6 +321,9 @@ class Measurement:
     load_average: float = 0.0  # 1-min load average at the end of the timed calls (other processes)
     malloc_arena_max: Optional[str] = None  # the process's MALLOC_ARENA_MAX (None: glibc's default)
     ratios: Optional[list[float]] = None  # *_vs_jax: far_ho2 / JAX of each pair of adjacent calls
+    jax_times_ms: Optional[list[float]] = None  # *_vs_jax: JAX's calls, adjacent to ``times_ms``
+    peak_gflops: Optional[float] = None  # *_vs_jax: the machine's measured peak (harness.peak_gflops)
+    profile: Optional[dict] = None  # *_vs_jax: harness.Profile of far_ho2's calls
 
 
 def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) -> Measurement:
@@ -324,8 +341,29 @@ def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) ->
     while len(far_ms) < repeats or (time.perf_counter() < timed_until and len(far_ms) < MAX_TIMED_CALLS):
         far_ms.append(1e3 * timed(far.call))
         jax_ms.append(1e3 * timed(jax_.call))
+    where = harness.profile(far.call, max(3, min(PROFILE_CALLS, int(2e3 / statistics.median(far_ms)))),
+                            PROFILE_CATEGORIES)
     return Measurement(subject, steps, round_, far_ms, 0.0, 0.0, 0.0, load_average=os.getloadavg()[0],
-                       ratios=[f / j for f, j in zip(far_ms, jax_ms)])
+                       ratios=[f / j for f, j in zip(far_ms, jax_ms)], jax_times_ms=jax_ms,
+                       peak_gflops=harness.peak_gflops(), profile=dataclasses.asdict(where))
+
+
+PROFILE_CALLS = 20  # far_ho2 calls under TensorFlow's profiler (fewer above 2 s of calls)
+# By name scope (see harness.profile). Unrolled steps (T ≤ 16, unroll=T): their inner gradients and
+# the reverse pass through them are both gradients of the steps' ops, named alike: one category.
+PROFILE_CATEGORIES = [("features X·H and their pull-back", "features/"),
+                      ("unrolled steps' gradients (inner and reverse)", "^gradient_tape/(gradient_tape/)?inner_run/"),
+                      ("reverse pass", "^reverse_pass/"), ("inner run (forward)", "inner_run/"),
+                      ("outer objective E", "outer/"), ("guard", "guard/"), ("update", "update/")]
+
+
+def flops_per_call(steps: int) -> float:
+    """The products of one hypergradient, counted (multiply-adds as 2 operations), the same for
+    every subject: per step 2 products of n×d by d×c forward (Z·w, Zᵀ·r) and 4 backward (the
+    Hessian-vector product Zᵀ(Z·v) and the mixed ∂/∂Z: r·vᵀ, Z·v·wᵀ); once, Z = X·H and Xv·H and
+    their two backward products for ∂/∂H. Element-wise work is not counted."""
+    n = C * PER_CLASS
+    return steps * 6 * (2.0 * n * D * C) + 4 * (2.0 * n * D * D)
 
 
 def measure(subject: str, steps: int, repeats: int, round_: int = 0) -> Measurement:
@@ -377,7 +415,7 @@ def run_all(subjects: Sequence[str], steps: Sequence[int], repeats: int, rounds:
     subjects once at each of ``memory_steps`` (one timed call, one malloc arena: for memory)."""
     schedule = [(r, T, name, repeats, None) for r in range(rounds) for T in steps
                 for name in (subjects if r % 2 == 0 else list(reversed(subjects)))
-                if name != "far_ho2_unrolled" or T > DEFAULT_UNROLL]
+                if not name.startswith("far_ho2_unrolled") or T > DEFAULT_UNROLL]
     schedule += [(0, T, name, 1, MEMORY_ENV) for T in memory_steps for name in subjects
                  if name in HYPERGRADIENT_SUBJECTS]
     results, start = [], time.perf_counter()
@@ -538,6 +576,42 @@ def time_section(summary: dict, steps: Sequence[int]) -> Report:
         "skipped (no JAX)"})
 
 
+def arithmetic_section(results: Sequence[Measurement], steps: Sequence[int]) -> Report:
+    """far_ho2 and JAX side by side: time, arithmetic rate, fraction of the machine's peak, and
+    where far_ho2's time goes (the ``far_ho2_vs_jax`` processes)."""
+    rows, profiles, verdicts = [], [], []
+    for T, subject in itertools.product(steps, ("far_ho2_vs_jax", "far_ho2_unrolled_vs_jax")):
+        pairs = [m for m in results if m.subject == subject and m.steps == T]
+        if not pairs:
+            continue
+        setting = "unroll=T" if "unrolled" in subject else "default"
+        far_ms = statistics.median(t for m in pairs for t in m.times_ms)
+        jax_ms = statistics.median(t for m in pairs for t in m.jax_times_ms)
+        ratio = statistics.median(r for m in pairs for r in m.ratios)
+        peak = statistics.median(m.peak_gflops for m in pairs)
+        flops = flops_per_call(T)
+        cell = verdict(ratio <= 1, ratio <= NOISE)
+        if setting == "default":
+            verdicts.append(cell)
+        rows.append([str(T), setting, f"{far_ms:.2f}", f"{jax_ms:.2f}", f"{ratio:.3f} {cell}",
+                     str(sum(len(m.ratios) for m in pairs)), f"{flops / 1e9:.3f}", f"{flops / far_ms / 1e6:.0f}",
+                     f"{flops / jax_ms / 1e6:.0f}", f"{peak:.0f}", f"{flops / far_ms / 1e6 / peak:.0%}",
+                     f"{flops / jax_ms / 1e6 / peak:.0%}"])
+        profiles.append(f"  T={T:<4d} {setting:<8s} {harness.Profile(**pairs[0].profile).describe()}")
+    if not rows:
+        return Report([], {})
+    lines = ["", "far.ReverseHG() and JAX side by side (one process, alternating calls), and the machine's limit",
+             table(["T", "ReverseHG", "far_ho2 ms", "JAX ms", "far_ho2/JAX", "pairs", "GFLOP/call", "far_ho2 GFLOP/s",
+                    "JAX GFLOP/s", "peak GFLOP/s", "far_ho2 of peak", "JAX of peak"], rows),
+             f"  ReverseHG: far.ReverseHG() (it unrolls T ≤ {DEFAULT_UNROLL}), or far.ReverseHG(unroll=T);"
+             " far_ho2/JAX: median ratio of adjacent calls; GFLOP/call: the products of one hypergradient, "
+             "counted (flops_per_call);", f"  peak: one {harness.PEAK_SIZE}³ float32 matrix product in "
+             "TensorFlow, best of 8, in the same process",
+             "", "Where far_ho2's time goes (TensorFlow's profiler; op time adds over the 2 threads, so it can "
+             "exceed the wall time):"] + profiles
+    return Report(lines, {"far.ReverseHG() ≤ JAX side by side at every T (this section)": overall(verdicts)})
+
+
 def memory_section(summary: dict, steps: Sequence[int]) -> tuple[Report, dict]:
     names = [n for n in ("far_ho2", "far_ho2_xla", "far_ho2_nofeat", "inner", "inner_nofeat", "jax_naive",
                          "jax_hoisted", "jax_inner")
@@ -586,11 +660,15 @@ def error_section(summary: dict, steps: Sequence[int]) -> Report:
     return Report(lines, {f"error vs the unrolled hypergradient ≤ {MAX_UNROLLED_ERROR:g}": overall(checks)})
 
 
-def report(summary: dict, steps: Sequence[int], info: dict, problem: Problem, args: argparse.Namespace,
-           has_jax: bool) -> tuple[str, dict]:
+def report(summary: dict, results: Sequence[Measurement], steps: Sequence[int], info: dict, problem: Problem,
+           args: argparse.Namespace, has_jax: bool) -> tuple[str, dict]:
     """The printed report, and the verdicts and memory growths for the JSON file."""
+    if args.side_by_side:
+        section = arithmetic_section(results, steps)
+        lines = header(info, problem, args, has_jax) + section.lines
+        return "\n".join(lines), {"targets": section.verdicts}
     memory, growth = memory_section(summary, steps)
-    sections = [time_section(summary, steps), memory, error_section(summary, steps)]
+    sections = [time_section(summary, steps), arithmetic_section(results, steps), memory, error_section(summary, steps)]
     targets = {name: result for section in sections for name, result in section.verdicts.items()}
     lines = header(info, problem, args, has_jax) + [line for section in sections for line in section.lines]
     lines += ["", "Targets"] + [f"  {name:<62s} {result}" for name, result in targets.items()]
@@ -621,14 +699,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"larger T for the memory growth, hypergradients only (default {DEFAULT_MEMORY_STEPS})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: T in {QUICK_STEPS}, 1 repeat, 1 round (unless given)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="only far_ho2 and JAX side by side, the fraction of the peak and the profile "
+                             "(--rounds processes per T; no memory processes)")
     parser.add_argument("--worker", choices=list(SUBJECTS), help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.side_by_side and args.memory_steps:
+        parser.error("--side-by-side measures no memory: drop --memory-steps")
     args.steps = sorted(set(args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)))
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     if args.memory_steps is None:
-        args.memory_steps = [] if args.quick else list(DEFAULT_MEMORY_STEPS)
+        args.memory_steps = [] if args.quick or args.side_by_side else list(DEFAULT_MEMORY_STEPS)
     args.memory_steps = sorted(set(args.memory_steps) - set(args.steps))
     if min(args.steps + args.memory_steps) < 1 or args.repeats < 1 or args.rounds < 1:
         parser.error("--steps, --memory-steps, --repeats and --rounds must be positive")
@@ -644,12 +727,17 @@ def main(argv: Sequence[str]) -> None:
     has_jax = any(SUBJECTS[n].framework == "jax" for n in subjects)
     if not has_jax:
         print("JAX is not installed: the JAX subjects are skipped (pip install -e .[bench]).", file=sys.stderr)
+        if args.side_by_side:
+            sys.exit("--side-by-side needs JAX (pip install -e .[bench]).")
+    if args.side_by_side:
+        subjects = ["far_ho2_vs_jax", "far_ho2_unrolled_vs_jax"]
     info = harness.machine_info()
     results = run_all(subjects, args.steps, args.repeats, args.rounds, args.memory_steps)
     summary = summarize(results)
-    text, verdicts = report(summary, args.steps, info, make_problem(), args, has_jax)
+    text, verdicts = report(summary, results, args.steps, info, make_problem(), args, has_jax)
     print(text)
-    prefix = harness.RESULTS_DIR / ("hypergradient_cost_quick" if args.quick else "hypergradient_cost")
+    prefix = harness.RESULTS_DIR / ("hypergradient_cost_side_by_side" if args.side_by_side else
+                                    "hypergradient_cost_quick" if args.quick else "hypergradient_cost")
     write_results(prefix, summary, results, {"machine": info, "steps": args.steps, "repeats": args.repeats,
                                              "rounds": args.rounds, "memory_steps": args.memory_steps,
                                              **verdicts})

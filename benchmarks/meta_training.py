@@ -85,6 +85,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -210,6 +211,9 @@ class Measurement:
     gpus_visible: int  # GPUs TensorFlow sees on this machine (hidden in CPU workers)
     tensorflow: str
     load_average: float  # 1-min load average at the end (other processes)
+    flops_per_step: float = 0.0  # the step's counted arithmetic (``step_flops``)
+    peak_gflops: float = 0.0  # this machine's measured peak, in the same process (``harness.peak_gflops``)
+    profile: Optional[dict] = None  # ``harness.Profile`` of PROFILE_CALLS step-only calls
 
 
 def chunk(call: Callable[[], None], seconds: float) -> tuple[int, float, float, list[float]]:
@@ -295,11 +299,55 @@ def measure(device: str, meta_batch_size: int, steps: int, timing: Timing) -> Me
     resumed_first_batch_s = timed(lambda: next(resumed))
 
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if device == "gpu" else None)
+    where = harness.profile(step_only, PROFILE_CALLS, profile_categories(model.network.name))
+    extra = dict(flops_per_step=step_flops(model.network, meta_batch_size, steps),
+                 peak_gflops=harness.peak_gflops(), profile=dataclasses.asdict(where))
     return Measurement(device, meta_batch_size, steps, **m, pipeline_alone_ms=statistics.median(pipeline_alone),
                        first_batch_s=first_batch_s, resumed_first_batch_s=resumed_first_batch_s,
                        first_call_s=first_call_s, setup_s=setup_s, baseline_mb=baseline,
                        memory_mb=max_rss_mb() - baseline, gpu_peak_mb=gpu_peak, gpus_visible=gpus,
-                       tensorflow=tf.__version__, load_average=os.getloadavg()[0])
+                       tensorflow=tf.__version__, load_average=os.getloadavg()[0], **extra)
+
+
+def step_flops(network: Any, meta_batch_size: int, steps: int) -> float:
+    """The arithmetic of one hyper-iteration, counted (multiply-adds as 2 operations): the network's
+    convolutions and dense products on the B·N·(K + Q) images, forward and backward (the kernels'
+    gradients, and the inputs' except for the first layer, whose input is the images), plus the
+    heads' products: T steps of 2 products of B·NK×d by d×N forward, 4 per step in the reverse
+    pass (a Hessian-vector and a mixed product), the query logits and their 2 backward products.
+    Normalisations, activations and the optimizer's element-wise work are not counted."""
+    import keras
+
+    forward = backward = 0.0
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            flops = 2.0 * h * w * cout * kh * kw * cin
+            backward += flops * (1 if forward == 0 else 2)
+            forward += flops
+        elif isinstance(layer, keras.layers.Dense):
+            flops = 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+            backward += 2 * flops
+            forward += flops
+    images = meta_batch_size * WAYS * (SHOTS + QUERIES)
+    dim = int(network.output.shape[-1])
+    head = 2.0 * meta_batch_size * dim * WAYS  # one product per example
+    heads = steps * (2 + 4) * head * WAYS * SHOTS + 3 * head * WAYS * QUERIES
+    return images * (forward + backward) + heads
+
+
+PROFILE_CALLS = 10  # step-only calls under TensorFlow's profiler, after the timed chunks
+
+
+def profile_categories(network_name: str) -> list[tuple[str, str]]:
+    """``harness.profile``'s categories for a meta-training step, by the ops' name scopes. The T
+    head steps are unrolled (T ≤ 16): their inner gradients and the reverse pass through them are
+    gradients of the same operations, named alike, so they share a category."""
+    network = re.escape(network_name)
+    return [("network backward", f"^gradient_tape/.*{network}"), ("network forward", network),
+            ("head steps and the reverse pass through them", "inner_run/|^reverse_pass/"),
+            ("query loss", "outer/"), ("outer update", "update/"), ("guard", "guard/")]
 
 
 # -- workers 2 and 3: the PyTorch subject and its check --------------------------------------------
@@ -781,6 +829,9 @@ class Summary:
     first_batch_s: float
     resumed_first_batch_s: float
     load_average: float
+    gflops: float  # the counted arithmetic per step over the median step time
+    peak_fraction: float  # gflops / the machine's measured peak
+    profile: Optional[dict]
 
 
 def summarize(m: Measurement) -> Summary:
@@ -790,7 +841,8 @@ def summarize(m: Measurement) -> Summary:
                    (max(m.step_rates) - min(m.step_rates)) / step, ms, statistics.median(m.step_cpu_ms),
                    statistics.median(m.fit_cpu_ms), ms / m.meta_batch_size, m.pipeline_alone_ms,
                    m.first_call_s, m.memory_mb, m.gpu_peak_mb, m.baseline_mb, m.first_batch_s,
-                   m.resumed_first_batch_s, m.load_average)
+                   m.resumed_first_batch_s, m.load_average, m.flops_per_step / ms / 1e6,
+                   m.flops_per_step / ms / 1e6 / m.peak_gflops if m.peak_gflops else 0.0, m.profile)
 
 
 def pytorch_rate(s: Summary, pytorch: Sequence[TorchMeasurement]) -> Optional[float]:
@@ -811,7 +863,7 @@ def speed_report(summaries: Sequence[Summary], pytorch: Sequence[TorchMeasuremen
                      f"{s.peak_mb:.0f}", fmt(s.gpu_peak_mb, ".0f"), fmt(rate, ".1f"),
                      fmt(rate and s.step_episodes_per_s / rate, ".2f"),
                      fmt(rate and s.fit_episodes_per_s / rate, ".2f"),
-                     f"{s.load_average:.1f}"])
+                     f"{s.gflops:.0f}", f"{100 * s.peak_fraction:.0f}%", f"{s.load_average:.1f}"])
     resumed = max(s.resumed_first_batch_s for s in summaries)
     started = max(s.first_batch_s for s in summaries)
     lines = [
@@ -823,7 +875,8 @@ def speed_report(summaries: Sequence[Summary], pytorch: Sequence[TorchMeasuremen
         f"  after the first call and {args.timing.warmup_seconds:g} s of warm-up; one fresh process per row.",
         "",
         table(["device", "B", "T", "episodes/s", "fit", "fit cost", "ms/step", "CPU ms/step", "ms/episode",
-               "pipe ms/batch", "first call s", "peak MB", "GPU MB", "PyTorch", "ratio", "ratio fit", "load"], rows),
+               "pipe ms/batch", "first call s", "peak MB", "GPU MB", "PyTorch", "ratio", "ratio fit", "GFLOP/s", "of peak", "load"],
+              rows),
         "  episodes/s: the training step alone (train_on_batch) on pre-drawn meta-batches; fit: Keras fit on the",
         "  live episode_dataset (its epochs alternate with the step-only chunks); fit cost: 1 − fit/(episodes/s);",
         "  CPU ms/step: CPU time of the process (all threads) per step, step-only / fit (less sensitive to",
@@ -836,7 +889,18 @@ def speed_report(summaries: Sequence[Summary], pytorch: Sequence[TorchMeasuremen
         "  (> 1: hyper_repr is faster).",
         f"  The first meta-batch of a stream takes ≤ {started:.3f} s from episode 0 and ≤ {resumed:.3f} s from "
         f"episode {RESUME_EPISODE:,} (resuming skips nothing).",
+        "  GFLOP/s: the step's convolutions and matrix products, counted (step_flops), over its median time; of",
+        f"  peak: that over one {harness.PEAK_SIZE}³ float32 matrix product in the same process "
+        f"({min(s.gflops / s.peak_fraction for s in summaries if s.peak_fraction):.0f}-"
+        f"{max(s.gflops / s.peak_fraction for s in summaries if s.peak_fraction):.0f} GFLOP/s).",
+        "",
+        f"Where a step's time goes (TensorFlow's profiler, {PROFILE_CALLS} step-only calls per row; op time adds",
+        "over the 2 threads, so it can exceed the wall time; first call = tracing + one step):",
     ]
+    for s in summaries:
+        if s.profile:
+            where = harness.Profile(**s.profile)
+            lines.append(f"  B={s.meta_batch_size:<3d} T={s.steps:<3d} first call {s.first_call_s:.1f} s; {where.describe()}")
     return lines
 
 

@@ -335,7 +335,7 @@ class BilevelModel(keras.Model):
         apply_constraints(registration.originals)  # Keras variables' too
         slots = [v for v in guard.variables_of(self.optimizer) if v.dtype.is_floating]
         healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[i]) for i, v in enumerate(hypers)]
-                                         + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
+                                         + [guard.all_finite(v) for v in slots]))
         moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
         return moved, healthy
 

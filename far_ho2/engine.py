@@ -54,8 +54,8 @@ class Status(NamedTuple):
 def result_healthy(method: Any, result: RunResult) -> tf.Tensor:
     """Whether ``result``'s inner states stayed healthy (finite, within their growth bounds), E
     and every direction are finite, and the method's own test passes (in-graph)."""
-    checks = [all_healthy(result.health), tf.reduce_all(tf.math.is_finite(result.value)), method.health(result)]
-    checks += [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
+    checks = [all_healthy(result.health), guard.all_finite(result.value), method.health(result)]
+    checks += [guard.all_finite(g) for g in result.grads if g is not None]
     return tf.reduce_all(tf.stack(checks))
 
 
@@ -115,14 +115,17 @@ def settle(method: Any, results: list[RunResult], before: Sequence[tf.Tensor], *
            update: Optional[Update], inner_bounds: tf.Tensor, guarded: Sequence[tf.Variable]) -> Status:
     """``step`` after its directions, for ``results`` computed from the values ``before`` of
     ``guarded``: the guard, the update, the method's own step, the restore (traced)."""
-    largest = sharding.maximum(largest_direction(results))
-    healthy = sharding.agree(tf.reduce_all(tf.stack([result_healthy(method, r) for r in results]
-                                                    + [largest <= grad_bound])))
+    with tf.name_scope("guard"):
+        largest = sharding.maximum(largest_direction(results))
+        healthy = sharding.agree(tf.reduce_all(tf.stack([result_healthy(method, r) for r in results]
+                                                        + [largest <= grad_bound])))
     phase, moved = tf.where(healthy, HEALTHY, RUN), tf.zeros((), tf.float64)
     if update is not None:
-        applied, moved = apply(method, results, update, inner_bounds)
+        with tf.name_scope("update"):
+            applied, moved = apply(method, results, update, inner_bounds)
         phase = tf.where(healthy, applied, phase)
-    restore(guarded, before, tf.equal(phase, HEALTHY))
+    with tf.name_scope("guard"):
+        restore(guarded, before, tf.equal(phase, HEALTHY))
     return Status(_value(results), phase, largest, moved)
 
 

@@ -270,7 +270,7 @@ class HyperOptimizer:
                 apply_constraints(flatten_hyperparameters([v for _, v in pairs]))
         slots = [v for optimizer in self._optimizers() for v in guard.variables_of(optimizer) if v.dtype.is_floating]
         healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
-                                         + [tf.reduce_all(tf.math.is_finite(v)) for v in slots]))
+                                         + [guard.all_finite(v) for v in slots]))
         moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
         return moved, healthy
 

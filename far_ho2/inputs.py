@@ -62,5 +62,6 @@ def prepare(problem: Any, batches: Batches, hypers: Sequence[tf.Variable], *, pu
         return InnerInputs(problem, batches, None, [], None)
     with tf.GradientTape(watch_accessed_variables=False, persistent=pull_backs > 1) as tape:
         tape.watch(list(hypers))
-        fixed = problem.inputs(batches.data)
+        with tf.name_scope("features"):
+            fixed = problem.inputs(batches.data)
     return InnerInputs(problem, batches, fixed, floating(fixed), tape)

@@ -28,7 +28,7 @@ def empty_trajectory(state: NamedTuple, steps: tf.Tensor) -> Trajectory:
     components of s_0 that are not finite are marked ``INITIAL``; the weights' growth bound is
     G·max(‖w_0‖∞, 1) (G = ``guard.current_limit()``), the other components' ∞."""
     flat = tf.nest.flatten(state)
-    finite = tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in flat])
+    finite = tf.stack([guard.all_finite(x) for x in flat])
     n_weights = len(state.w)
     limit = guard.current_limit()
     bounds = tf.stack([guard.bound(x, limit) if i < n_weights else tf.constant(np.inf, tf.float64)
@@ -57,7 +57,7 @@ def stored_state(trajectory: Trajectory, index: Any) -> NamedTuple:
 def mark_unhealthy(health: Health, t: Any, new_flat: list) -> Health:
     """``health`` with step t recorded for the components of s_{t+1} that are first NaN/Inf, or
     beyond their growth bound, now."""
-    finite = tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in new_flat])
+    finite = tf.stack([guard.all_finite(x) for x in new_flat])
     within = tf.stack([guard.max_abs(x) for x in new_flat]) <= health.bound
     first = tf.equal(health.first_bad, -1) & ~(finite & within)
     return Health(tf.where(first, tf.cast(t, tf.int32), health.first_bad),

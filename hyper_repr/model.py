@@ -295,10 +295,12 @@ class HyperRepresentation(far.BilevelModel):
         def outer_objective(batch: tuple) -> tf.Tensor:
             return tf.reduce_mean(episode_cross_entropy(head_logits(*heads, episode_features(network, batch[0])),
                                                         batch[1]))
+        def inner_objective(inputs: tuple) -> tf.Tensor:  # without γ, no ridge operations in the T steps
+            loss = episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
+            return loss + ridge(*heads, head_l2) if head_l2 else loss
         hypers = ([eta] if learn_lr else []) + classifier + list(network.trainable_variables)
         super().__init__(
-            lambda inputs: episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1]) + ridge(*heads, head_l2),
-            outer_objective, optimizer, steps=int(steps), hypergradient=method, inner_variables=heads,
+            inner_objective, outer_objective, optimizer, steps=int(steps), hypergradient=method, inner_variables=heads,
             hyperparameters=hypers or None,  # none: a fixed network (e.g. raw pixels), evaluated only
             init_dynamics_dict=[(h, lambda h=h: tf.zeros_like(h)) for h in heads],
             features=lambda batch: (episode_features(network, batch[0]), batch[1]), name=name, dtype=dtype, **kwargs)

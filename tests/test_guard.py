@@ -74,6 +74,31 @@ def steepening_ridge(method: far.HyperGradient, learning_rate: float = 0.45):
     return ho, run, optimizer, log_rho
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_finiteness_and_size_checks_are_exact_at_the_edges(dtype):
+    """``all_finite`` (Σ 0·x is NaN exactly when some x_i is NaN or ±∞) and ``max_abs``, in and out
+    of a graph: huge finite values are finite (0·x = 0, no overflow), a single NaN, +∞ or −∞
+    anywhere is not, an empty tensor is finite with ‖x‖∞ = 0."""
+    from far_ho2 import guard
+
+    huge = np.finfo(dtype).max
+    x = np.full((37, 11), huge, dtype)
+    x[::2] *= -1
+    for check in (lambda v: guard.all_finite(v), tf.function(lambda v: guard.all_finite(v))):
+        assert bool(check(tf.constant(x)))
+        for position in [(0, 0), (17, 5), (36, 10)]:
+            for bad in (np.nan, np.inf, -np.inf):
+                y = x.copy()
+                y[position] = bad
+                assert not bool(check(tf.constant(y)))
+        assert bool(check(tf.zeros([0, 3], dtype)))
+    assert float(guard.max_abs(tf.constant(np.array([-3.0, 2.0], dtype)))) == 3.0
+    assert guard.max_abs(tf.constant(x)).dtype == tf.float64 and float(guard.max_abs(tf.constant(x))) == float(huge)
+    assert float(guard.max_abs(tf.zeros([0], dtype))) == 0.0
+    unknown = tf.function(lambda v: guard.max_abs(v), input_signature=[tf.TensorSpec(None, dtype)])
+    assert float(unknown(tf.zeros([0], dtype))) == 0.0 and float(unknown(tf.constant([[-5.0]], dtype))) == 5.0
+
+
 def test_hyperparameters_that_make_the_inner_loop_unstable_stop_with_one_error_and_nothing_changed():
     """Each hyper-iteration's implicit hypergradient is the exact one (∇_ρ F by the implicit
     function theorem at w*(λ), in NumPy) until ρ makes gradient descent unstable; that

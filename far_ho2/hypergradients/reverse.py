@@ -89,20 +89,23 @@ def reverse_hypergradient(problem: InnerProblem, outer_objective: Callable,
         return (tf.nest.flatten(vjp.state), autodiff.accumulate(total, vjp.hypers, connected),
                 autodiff.accumulate(total_x, vjp.extra, x_connected))
 
-    if unrolled:
-        if not isinstance(steps, int) or checkpoint_every is not None:
-            raise ValueError("`unrolled` needs `steps` a Python int and no `checkpoint_every`.")
-        forward = _taped_forward(problem, s0, inputs_at, steps, truncate, offset, hypers, x_sources, accumulate)
-    else:
-        forward = _stored_forward(problem, s0, inputs_at, steps, truncate, checkpoint_every, offset, hypers,
-                                  x_sources, accumulate)
+    if unrolled and (not isinstance(steps, int) or checkpoint_every is not None):
+        raise ValueError("`unrolled` needs `steps` a Python int and no `checkpoint_every`.")
+    with tf.name_scope("inner_run"):  # the scopes name the parts in TensorFlow's profiler
+        if unrolled:
+            forward = _taped_forward(problem, s0, inputs_at, steps, truncate, offset, hypers, x_sources, accumulate)
+        else:
+            forward = _stored_forward(problem, s0, inputs_at, steps, truncate, checkpoint_every, offset, hypers,
+                                      x_sources, accumulate)
     problem.load(forward.final.w)
-    outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
+    with tf.name_scope("outer"):
+        outer = autodiff.outer_gradient(problem, outer_objective, outer_batch, hypers)
     alpha = autodiff.state_cotangent(forward.final, outer.weights)
     total = autodiff.accumulate(autodiff.zeros_for_none([None] * len(hypers), hypers),
                                 outer.hypers, connected)
-    alpha_flat, total, total_x = forward.backward(tf.nest.flatten(alpha), total,
-                                                  [tf.zeros_like(x) for x in x_sources])
+    with tf.name_scope("reverse_pass"):
+        alpha_flat, total, total_x = forward.backward(tf.nest.flatten(alpha), total,
+                                                      [tf.zeros_like(x) for x in x_sources])
     cotangents = [a * tf.cast(forward.reached_start, a.dtype) for a in alpha_flat]
     total = autodiff.accumulate(total, init_tape.gradient(tf.nest.flatten(s0), hypers, output_gradients=cotangents),
                                 connected)
