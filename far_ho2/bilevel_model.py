@@ -333,11 +333,7 @@ class BilevelModel(keras.Model):
             pairs = [(g / replicas, v) for g, v in pairs]
         self.optimizer.apply_gradients(self._outer_pairs(pairs))
         apply_constraints(registration.originals)  # Keras variables' too
-        slots = [v for v in guard.variables_of(self.optimizer) if v.dtype.is_floating]
-        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[i]) for i, v in enumerate(hypers)]
-                                         + [guard.all_finite(v) for v in slots]))
-        moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
-        return moved, healthy
+        return guard.check_update(hypers, before, bounds, [self.optimizer])
 
     @tf.autograph.experimental.do_not_convert  # far_ho2's code is written for tracing as is
     def train_step(self, data: Any) -> dict:

@@ -28,7 +28,7 @@ before the hyper-iteration (``far_ho2.engine.step`` restores them).
 
 import contextlib
 import threading
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import keras
 import numpy as np
@@ -100,6 +100,16 @@ def bound(reference: tf.Tensor, growth_limit: Optional[float]) -> tf.Tensor:
 def healthy(x: tf.Tensor, largest: tf.Tensor) -> tf.Tensor:
     """Whether x is finite and ‖x‖∞ ≤ ``largest``."""
     return all_finite(x) & (max_abs(x) <= largest)
+
+
+def check_update(hypers: Sequence[tf.Variable], before: Sequence[tf.Tensor], bounds: Any,
+                 optimizers: Sequence[Any]) -> tuple[tf.Tensor, tf.Tensor]:
+    """After an outer update (traced): (max_i ‖λ_i − λ_i before‖∞ as float64, whether every λ_i is
+    finite with ‖λ_i‖∞ ≤ ``bounds[i]`` and every floating variable of the ``optimizers`` finite)."""
+    slots = [v for optimizer in optimizers for v in variables_of(optimizer) if v.dtype.is_floating]
+    ok = tf.reduce_all(tf.stack([healthy(v, bounds[i]) for i, v in enumerate(hypers)] + [all_finite(v) for v in slots]))
+    moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [max_abs(v - b) for v, b in zip(hypers, before)]))
+    return moved, ok
 
 
 def variables_of(obj: Any) -> list[tf.Variable]:

@@ -268,11 +268,7 @@ class HyperOptimizer:
             if pairs:
                 optimizer.apply_gradients(pairs)
                 apply_constraints(flatten_hyperparameters([v for _, v in pairs]))
-        slots = [v for optimizer in self._optimizers() for v in guard.variables_of(optimizer) if v.dtype.is_floating]
-        healthy = tf.reduce_all(tf.stack([guard.healthy(v, bounds[0][i]) for i, v in enumerate(hypers)]
-                                         + [guard.all_finite(v) for v in slots]))
-        moved = tf.reduce_max(tf.stack([tf.zeros((), tf.float64)] + [guard.max_abs(v - b) for v, b in zip(hypers, before)]))
-        return moved, healthy
+        return guard.check_update(hypers, before, bounds[0], self._optimizers())
 
     def _setup(self) -> None:
         """Once the problems are resolved (after the first ``prepare``): the outer optimizers

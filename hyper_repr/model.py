@@ -295,6 +295,7 @@ class HyperRepresentation(far.BilevelModel):
         def outer_objective(batch: tuple) -> tf.Tensor:
             return tf.reduce_mean(episode_cross_entropy(head_logits(*heads, episode_features(network, batch[0])),
                                                         batch[1]))
+
         def inner_objective(inputs: tuple) -> tf.Tensor:  # without γ, no ridge operations in the T steps
             loss = episode_cross_entropy(head_logits(*heads, inputs[0]), inputs[1])
             return loss + ridge(*heads, head_l2) if head_l2 else loss
