@@ -152,6 +152,11 @@ class Profile:
                 f"{self.wall_ms - self.graph_ms:.1f} Python and dispatch; op time: {parts}")
 
 
+# One run of an XLA-compiled function on the CPU (a ``jit_compile=True`` function inside a graph): its
+# fused kernels are not TensorFlow ops, so ``profile`` books the run whole as XLA_CODE
+XLA_EXECUTION, XLA_CODE = "CpuExecutable::ExecuteAsyncOnStream", "XLA-compiled code"
+
+
 def profile(call: Callable[[], None], calls: int, categories: Sequence[tuple[str, str]]) -> Profile:
     """Runs ``call`` ``calls`` times under TensorFlow's profiler (after the caller's warm-up) and
     sums each op's duration into the first category whose regular expression matches the op's
@@ -177,11 +182,15 @@ def profile(call: Callable[[], None], calls: int, categories: Sequence[tuple[str
     op_ps, graph_ps = collections.Counter(), 0
     for plane in space.planes:
         for line in plane.lines:
+            if line.name.startswith("tf_numa"):  # XLA's own worker threads: inside XLA_EXECUTION already
+                continue
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
                 if name == "KernelAndDeviceFunc::Run":
                     graph_ps += event.duration_ps
-                elif ":" in name and not name.startswith(("ExecutorState", "EagerLocalExecute")):
+                elif name == XLA_EXECUTION:
+                    op_ps[XLA_CODE] += event.duration_ps
+                elif ":" in name and "::" not in name and not name.startswith(("ExecutorState", "EagerLocalExecute")):
                     op = name.rpartition(":")[0]
                     category = next((label for label, pattern in patterns if pattern.search(op)), "other")
                     op_ps[category] += event.duration_ps

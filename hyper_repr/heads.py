@@ -13,17 +13,50 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.models.functional import Functional  # the class of keras.Model(inputs, outputs)
+
+from hyper_repr.models import TransductiveBatchNormalization, grouped_statistics
 
 
 def episode_features(network: keras.Model, images: tf.Tensor) -> tf.Tensor:
     """h_λ applied to each episode on its own: [B, n, H, W, C] -> [B, n, d].
 
-    ``tf.vectorized_map`` over the episode axis keeps per-episode normalisation statistics (one
-    batched convolution per layer, not B of them); images and features are cast to the dtype of
-    the network's variables (float32 under mixed precision, where the layers compute in bfloat16).
+    Each episode's transductive normalisation has its own statistics. A network of per-image
+    layers and ``TransductiveBatchNormalization`` (``per_image``: the built-in ones) runs once on
+    the B·n images, its normalisation in B groups (``models.grouped_statistics``); any other
+    network runs on each episode through ``tf.vectorized_map`` (still one batched convolution per
+    layer, but its operations are not fused). Images and features are cast to the dtype of the
+    network's variables (float32 under mixed precision, where the layers compute in bfloat16).
     """
     dtype = variable_dtype(network)
-    return tf.cast(tf.vectorized_map(network, tf.cast(images, dtype)), dtype)
+    images = tf.cast(images, dtype)
+    if not per_image(network):
+        return tf.cast(tf.vectorized_map(network, images), dtype)
+    episodes, size = _dims(images)[:2]
+    with grouped_statistics(episodes):
+        features = network(tf.reshape(images, [-1, *_dims(images)[2:]]))
+    return tf.cast(tf.reshape(features, [episodes, size, *_dims(features)[1:]]), dtype)
+
+
+def _dims(x: tf.Tensor) -> list:
+    """x's dimensions: the static ones as ints (a reshape keeps them), the others as tensors."""
+    return [d if d is not None else tf.shape(x)[i] for i, d in enumerate(x.shape)]
+
+
+# Layers that map each image on its own (the batch axis untouched), besides the normalisation
+PER_IMAGE_LAYERS = (keras.layers.InputLayer, keras.layers.Conv2D, keras.layers.Dense, keras.layers.ReLU,
+                    keras.layers.LeakyReLU, keras.layers.Activation, keras.layers.MaxPooling2D,
+                    keras.layers.AveragePooling2D, keras.layers.Flatten, keras.layers.Add)
+
+
+def per_image(network: keras.layers.Layer) -> bool:
+    """Whether ``network`` couples the images of a batch only through ``TransductiveBatchNormalization``:
+    every layer (nested models included) is one of ``PER_IMAGE_LAYERS`` or that normalisation."""
+    if type(network) in PER_IMAGE_LAYERS + (TransductiveBatchNormalization,):  # not a subclass: its call may differ
+        return True
+    # a functional or sequential model runs its layers and nothing else (a subclass's own call may not)
+    return (type(network).call in (Functional.call, keras.Sequential.call)
+            and all(per_image(layer) for layer in network.layers))
 
 
 def variable_dtype(network: keras.Model) -> str:

@@ -143,6 +143,11 @@ def _tf_variable(variable: Any) -> tf.Variable:
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+# why the training step is not compiled by XLA as a whole
+_NO_XLA = ("HyperRepresentation's training step cannot be compiled by XLA (its heads' variables take the size of "
+           "each meta-batch; the networks' normalisation is XLA-compiled already)")
+
+
 def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> far.HyperGradient:
     """The hypergradient method, or a clear error for one this model cannot run."""
     if method is None:
@@ -159,8 +164,7 @@ def _check_method(method: Any, variant: str, learn_lr: bool, head_l2: float) -> 
                          f"weight of the network here); use far.ReverseHG(), far.ImplicitHG(), or "
                          f"far.StochasticHG('reversed' or 'score').")
     if getattr(method, "jit_compile", False):
-        raise ValueError("`hypergradient` has jit_compile=True: the model compiles its training "
-                         "step as a whole; pass `jit_compile=True` to `model.compile` instead.")
+        raise ValueError(f"`hypergradient={method.name}` has jit_compile=True: {_NO_XLA}; use it without jit_compile.")
     if learn_lr and not method.differentiates_dynamics:
         raise ValueError(f"{method.name} differentiates λ where it enters the objectives, not the heads' "
                          f"learning rate η: use learn_lr=False with it.")
@@ -345,10 +349,13 @@ class HyperRepresentation(far.BilevelModel):
         self._test_steps, self.test_function = int(value), None
 
     def compile(self, optimizer: Any = "adam", *, jit_compile: Any = False, **kwargs) -> None:
-        """``keras.Model.compile`` (no loss: the model has its own); ``jit_compile`` defaults to
-        `False` (Keras's "auto" would pick XLA on a GPU, which this step has not been tested with).
+        """``keras.Model.compile`` (no loss: the model has its own) without XLA: ``jit_compile``
+        may be `False` or `"auto"` (both mean `False`), `True` raises a ValueError (the step's
+        heads take each meta-batch's size; the networks' normalisation is compiled by XLA already).
         The optimizer is built and the guard fixed here: every variable exists already."""
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        if jit_compile not in (False, "auto", None):
+            raise ValueError(f"`jit_compile={jit_compile!r}`: {_NO_XLA}; use jit_compile=False.")
+        super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         if self.trainable_variables:
             self.optimizer.build(self.trainable_variables)  # before tracing: one trace, not two
             self._resolve(lambda: None)

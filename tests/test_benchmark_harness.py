@@ -29,6 +29,24 @@ def test_profile_sums_op_time_by_name_scope_and_separates_python_from_the_graph(
     assert 0 < profile.graph_ms <= profile.wall_ms
     assert abs(sum(profile.shares().values()) - 1) < 1e-9
     assert "Python and dispatch" in profile.describe()
+    assert harness.XLA_CODE not in profile.op_ms  # nothing compiled by XLA here
+
+
+def test_profile_books_xla_compiled_functions_as_one_category():
+    a = tf.random.normal([200, 200], seed=0)
+    fused = tf.function(lambda x: tf.reduce_sum(tf.tanh(x * 2.0 + 1.0) * x), jit_compile=True)
+
+    @tf.function
+    def step():
+        with tf.name_scope("features"):
+            x = a @ a
+        return [fused(x + float(i)) for i in range(20)]
+
+    step()
+    profile = harness.profile(lambda: [t.numpy() for t in step()], 3, [("features", "features/")])
+    assert profile.op_ms[harness.XLA_CODE] > 0 and profile.op_ms["features"] > 0
+    # its internals (the executor, its threads' kernels) are not counted a second time as "other"
+    assert profile.op_ms.get("other", 0.0) < profile.op_ms[harness.XLA_CODE]
 
 
 def test_peak_is_a_plausible_rate():

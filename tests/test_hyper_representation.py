@@ -64,6 +64,42 @@ def values(variables) -> list[np.ndarray]:
 
 # -- the hypergradient ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name, shape", [("omniglot", SHAPE), ("c4l", (84, 84, 3)), ("rn", (84, 84, 3))])
+def test_episode_features_normalise_each_episode_on_its_own(name, shape):
+    """The built-in networks run once on the B·n images with B groups of statistics: features and
+    ∇λ of a random projection equal the network's on each episode alone (float64 round-off)."""
+    network = build_network(name, shape, seed=0, dtype="float64")
+    rng = np.random.default_rng(8)
+    images = tf.constant(rng.random((3, 4, *shape)))
+    probe = tf.constant(rng.normal(size=(3, 4, network.output_shape[-1])))
+    assert heads.per_image(network)
+    results = []
+    for features in (lambda: heads.episode_features(network, images),
+                     lambda: tf.stack([network(images[j]) for j in range(3)])):
+        with tf.GradientTape() as tape:
+            value = features()
+            projection = tf.reduce_sum(probe * value)
+        results.append([value, *tape.gradient(projection, network.trainable_variables)])
+    for ours, each in zip(*results):
+        np.testing.assert_allclose(ours, each, rtol=1e-10, atol=1e-12 * np.abs(each).max())
+
+
+def test_episode_features_of_other_networks_keep_per_episode_results():
+    """A network whose layers may couple images otherwise (Keras's BatchNormalization, a subclassed
+    layer) is not run on the flattened meta-batch: its features are still each episode's own."""
+    inputs = keras.Input(SHAPE, dtype="float64")
+    hidden = keras.layers.Conv2D(4, 3, dtype="float64")(inputs)
+    network = keras.Model(inputs, keras.layers.Flatten(dtype="float64")(
+        keras.layers.BatchNormalization(dtype="float64")(hidden)))
+
+    class Conv(keras.layers.Conv2D):
+        pass
+    assert not heads.per_image(network) and not heads.per_image(Conv(2, 3))
+    images = tf.constant(np.random.default_rng(9).random((2, 5, *SHAPE)))
+    np.testing.assert_allclose(heads.episode_features(network, images),
+                               tf.stack([network(images[j]) for j in range(2)]), rtol=1e-12, atol=1e-12)
+
+
 def test_meta_batch_hypergradient_is_the_mean_of_the_episodes_hypergradients():
     hypergradients = compiled(model_of(learn_lr=True))
     value, grads, finite = hypergradients(meta_batch(0, 3))
@@ -341,11 +377,15 @@ def test_invalid_options_name_the_argument():
                              (dict(hypergradient=far.ImplicitHG(), learn_lr=True), "learn_lr=False"),
                              (dict(hypergradient=far.ImplicitHG()), "head_l2 > 0"),
                              (dict(variant="approx", hypergradient=far.ReverseHG()), "hypergradient"),
+                             (dict(hypergradient=far.ReverseHG(jit_compile=True)), "jit_compile=True: "),
                              (dict(clip=0.0), "clip")):
         with pytest.raises(ValueError, match=message):
             HyperRepresentation(network, **({"ways": WAYS, "steps": STEPS} | options))
     with pytest.raises(TypeError, match="hypergradient"):
         HyperRepresentation(network, ways=WAYS, steps=STEPS, hypergradient="reverse")
+    model = HyperRepresentation(network, ways=WAYS, steps=STEPS)
+    with pytest.raises(ValueError, match="^`jit_compile=True`: .*cannot be compiled by XLA"):
+        model.compile(optimizer="adam", jit_compile=True)
 
 
 def test_saved_model_reloads_with_identical_features_and_scores(tmp_path):

@@ -206,6 +206,51 @@ def test_normalisation_gradient_matches_finite_differences():
     assert np.all(np.abs(grad_gamma) > 0)
 
 
+def test_grouped_statistics_normalise_each_group_with_its_own_statistics():
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(1.0, 2.0, size=(3 * 4, 5, 5, 2)))  # 3 groups of 4
+    layer = TransductiveBatchNormalization(scale=True, dtype="float64")
+    layer.build(x.shape)
+    layer.gamma.assign(rng.normal(size=2))
+    layer.beta.assign(rng.normal(size=2))
+    with models.grouped_statistics(3):
+        grouped = layer(x).numpy()
+        with models.grouped_statistics(1):  # nested: the inner count, then the outer one again
+            whole = layer(x).numpy()
+        again = tf.function(layer)(x).numpy()  # traced inside the block: the same groups
+    each = np.concatenate([layer(x[4 * g:4 * g + 4]).numpy() for g in range(3)])
+    np.testing.assert_allclose(grouped, each, rtol=1e-12, atol=1e-12)  # same formula, round-off
+    np.testing.assert_allclose(again, grouped, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(whole, layer(x).numpy())  # outside any block: the whole batch
+    assert np.abs(grouped - whole).max() > 0.1
+
+
+def test_grouped_normalisation_second_derivatives_match_finite_differences():
+    """H·v of Σ p·y(x) in 2 groups, by differentiating the compiled formula's gradient, against the
+    central difference of ⟨∇_x, v⟩ (float64): what a hypergradient through the network needs."""
+    rng = np.random.default_rng(7)
+    x0, probe, v = (rng.normal(size=(2 * 3, 2, 2, 2)) for _ in range(3))
+    layer = TransductiveBatchNormalization(scale=True, dtype="float64")
+    layer.build(x0.shape)
+    layer.gamma.assign(rng.normal(size=2))
+    layer.beta.assign(rng.normal(size=2))
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with models.grouped_statistics(2):
+                value = tf.reduce_sum(probe * layer(x))
+        return tape.gradient(value, x)
+
+    x = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        directional = tf.reduce_sum(gradient(x) * v)
+    hessian_v = tape.gradient(directional, x)
+    expected = oracles.central_difference(lambda z: float(tf.reduce_sum(gradient(tf.constant(z)) * v)), x0)
+    np.testing.assert_allclose(hessian_v, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("name", ["omniglot", "c4l"])
 def test_features_of_an_example_depend_on_the_rest_of_its_batch(name):
     model = models.build_network(name, seed=0)
