@@ -33,9 +33,10 @@ It has no moving averages, so the networks hold no state besides λ. This means:
 Within `grouped_statistics(G)` the layer normalises its batch as G equal consecutive groups, each
 with its own μ and σ² (the episodes of a flattened meta-batch [B·n, ...], see
 `heads.episode_features`): one batched convolution per layer for the whole meta-batch, the
-statistics of each episode. The formula runs as one XLA-compiled function (TensorFlow's
-`jit_compile`), forward and backward: its element-wise passes fused, which made a meta-training
-step 7-13 % faster on a CPU than the same formula as separate TensorFlow operations.
+statistics of each episode. On inputs of `XLA_MIN_ELEMENTS` or more (or of unknown size) the
+formula runs as one XLA-compiled function (TensorFlow's `jit_compile`), forward and backward: its
+element-wise passes fused, which made a meta-training step 4-12 % faster on a CPU than the same
+formula as separate TensorFlow operations; smaller inputs skip XLA's compilation.
 
 The original learned only the offsets β (`tcl.batch_norm` defaults to `scale=False`). The scale γ
 is therefore fixed at 1 unless `batch_norm_scale=True`; a learnable γ was reported to hurt.
@@ -85,12 +86,17 @@ def grouped_statistics(groups: int | tf.Tensor) -> Iterator[None]:
         _GROUPS.count = outer
 
 
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _normalise(x: tf.Tensor, beta: tf.Tensor, gamma: tf.Tensor | None, epsilon: float) -> tf.Tensor:
     """y = γ·(x − μ)/√(σ² + ε) + β of x [G, m, C], with μ, σ² [G, 1, C] over axis 1 (two passes)."""
     centred = x - tf.reduce_mean(x, axis=1, keepdims=True)
     normalised = centred * tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axis=1, keepdims=True) + epsilon)
     return (normalised if gamma is None else normalised * gamma) + beta
+
+
+_normalise_compiled = tf.function(_normalise, jit_compile=True, reduce_retracing=True, autograph=False)
+# Inputs with fewer elements than this (statically known) skip XLA: each new shape costs a
+# compilation (0.1-0.3 s on a CPU), more than fusing saves on a small tensor
+XLA_MIN_ELEMENTS = 2**16
 
 
 @keras.saving.register_keras_serializable(package="hyper_repr")
@@ -137,7 +143,9 @@ class TransductiveBatchNormalization(keras.layers.Layer):
         groups = getattr(_GROUPS, "count", None)
         groups = 1 if groups is None else groups
         beta, gamma = (None if v is None else tf.cast(v, self.variable_dtype) for v in (self.beta, self.gamma))
-        y = _normalise(tf.reshape(x, [groups, -1, x.shape[-1]]), beta, gamma, self.epsilon)
+        size = x.shape.num_elements()
+        normalise = _normalise if size is not None and size < XLA_MIN_ELEMENTS else _normalise_compiled
+        y = normalise(tf.reshape(x, [groups, -1, x.shape[-1]]), beta, gamma, self.epsilon)
         return tf.cast(tf.reshape(y, tf.shape(x)), self.compute_dtype)
 
     def get_config(self):
