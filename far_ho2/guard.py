@@ -77,10 +77,11 @@ def current_limit() -> Optional[float]:
 def max_abs(x: tf.Tensor) -> tf.Tensor:
     """‖x‖∞ as float64 (0 for an empty tensor); one pass over x."""
     x = tf.convert_to_tensor(x)
-    if x.shape.num_elements() == 0:
+    size = x.shape.num_elements()  # None: known only when the graph runs
+    if size == 0:
         return tf.zeros((), tf.float64)
     largest = tf.cast(tf.reduce_max(tf.abs(x)), tf.float64)
-    return largest if x.shape.num_elements() else tf.where(tf.size(x) > 0, largest, 0.0)
+    return largest if size else tf.where(tf.size(x) > 0, largest, 0.0)
 
 
 def all_finite(x: tf.Tensor) -> tf.Tensor:

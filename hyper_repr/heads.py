@@ -32,9 +32,9 @@ def episode_features(network: keras.Model, images: tf.Tensor) -> tf.Tensor:
     images = tf.cast(images, dtype)
     if not per_image(network):
         return tf.cast(tf.vectorized_map(network, images), dtype)
-    episodes, size = _dims(images)[:2]
+    episodes, size, *image_shape = _dims(images)
     with grouped_statistics(episodes):
-        features = network(tf.reshape(images, [-1, *_dims(images)[2:]]))
+        features = network(tf.reshape(images, [-1, *image_shape]))
     return tf.cast(tf.reshape(features, [episodes, size, *_dims(features)[1:]]), dtype)
 
 
