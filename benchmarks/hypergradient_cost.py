@@ -35,7 +35,9 @@ float32 on the same arrays (NumPy seed 0). Subjects, each timed in its own proce
 
 The side-by-side processes also report the arithmetic (``flops_per_call``: the matrix products
 of one hypergradient, counted, the same for both) over the time, next to this machine's peak
-measured in the same process (``harness.peak_gflops``: one 2048³ float32 product), and where
+measured in the same process (``harness.peak_gflops``: one 2048³ float32 product), the step's
+products alone in TensorFlow and in JAX (``product_rates``: chains of dependent products of the
+problem's shapes, the bound of the ratio where both run the same products), and where
 far_ho2's time goes: TensorFlow's profiler over its calls, the op time per part of the
 computation (the library's name scopes: the features X·H, the inner run, the outer objective,
 the reverse pass, the guard) and the time outside the graph (Python and dispatch); with
@@ -324,6 +326,7 @@ class Measurement:
     jax_times_ms: Optional[list[float]] = None  # *_vs_jax: JAX's calls, adjacent to ``times_ms``
     peak_gflops: Optional[float] = None  # *_vs_jax: the machine's measured peak (harness.peak_gflops)
     profile: Optional[dict] = None  # *_vs_jax: harness.Profile of far_ho2's calls
+    product_gflops: Optional[dict] = None  # far_ho2_vs_jax: product_rates(), chain -> [TensorFlow, JAX]
 
 
 def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) -> Measurement:
@@ -345,7 +348,56 @@ def measure_side_by_side(subject: str, steps: int, repeats: int, round_: int) ->
                             PROFILE_CATEGORIES)
     return Measurement(subject, steps, round_, far_ms, 0.0, 0.0, 0.0, load_average=os.getloadavg()[0],
                        ratios=[f / j for f, j in zip(far_ms, jax_ms)], jax_times_ms=jax_ms,
-                       peak_gflops=harness.peak_gflops(), profile=dataclasses.asdict(where))
+                       peak_gflops=harness.peak_gflops(), profile=dataclasses.asdict(where),
+                       product_gflops=product_rates(problem) if subject == "far_ho2_vs_jax" else None)
+
+
+CHAIN_PAIRS, CHAIN_CALLS = 32, 15  # product_rates: 64 dependent products per call, median of 15 calls
+PRODUCT_CHAINS = {"Zᵀ(Z·v)": "n×d·d×c, then d×n·n×c (transposed Z)", "(r·wᵀ)·w": "n×c·c×d, then n×d·d×c"}
+
+
+def product_rates(problem: Problem) -> dict[str, list[float]]:
+    """GFLOP/s of the step's matrix products alone, in TensorFlow (oneDNN) and JAX (XLA), called
+    alternately in this process: chains of 2·``CHAIN_PAIRS`` dependent products of the problem's
+    shapes with no other operation, v ← Zᵀ(Z·v) (the Hessian-vector pair of the reverse pass and
+    the forward step's pair) and r ← (r·wᵀ)·w (the mixed ∂/∂Z form, then the forward form); Z and
+    w are scaled to unit spectral norm so that the chains stay normal numbers. Where both run the
+    same products, as at T ≤ 16, the ratio of these rates bounds far_ho2 / JAX."""
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    Z = (problem.X @ problem.H0).astype(np.float64)
+    Z = (Z / np.linalg.norm(Z, ord=2)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(D, C))
+    w = (w / np.linalg.norm(w, ord=2)).astype(np.float32)
+    v, r = np.ones((D, C), np.float32), np.ones((C * PER_CLASS, C), np.float32)
+
+    def hvp_chain(matmul: Callable, Z: Any, v: Any) -> Any:
+        for _ in range(CHAIN_PAIRS):
+            v = matmul(Z, matmul(Z, v), transpose_a=True)
+        return v[0, 0]
+
+    def mixed_chain(matmul: Callable, w: Any, r: Any) -> Any:
+        for _ in range(CHAIN_PAIRS):
+            r = matmul(matmul(r, w, transpose_b=True), w)
+        return r[0, 0]
+
+    def jax_matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+        return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+
+    flops = 2 * CHAIN_PAIRS * 2.0 * C * PER_CLASS * D * C
+
+    def rates(chain: Callable, args: tuple) -> list[float]:
+        tf_call = tf.function(lambda *a: chain(tf.linalg.matmul, *a), autograph=False)
+        jax_call = jax.jit(lambda *a: chain(jax_matmul, *a))
+        tf_args, jax_args = [tf.constant(a) for a in args], [jnp.asarray(a) for a in args]
+        calls = (lambda: tf_call(*tf_args).numpy(), lambda: jax_call(*jax_args).block_until_ready())
+        for call in calls:
+            call()
+        times = [[timed(call) for call in calls] for _ in range(CHAIN_CALLS)]
+        return [flops / statistics.median(t[i] for t in times) / 1e9 for i in range(2)]
+    return {"Zᵀ(Z·v)": rates(hvp_chain, (Z, v)), "(r·wᵀ)·w": rates(mixed_chain, (w, r))}
 
 
 PROFILE_CALLS = 20  # far_ho2 calls under TensorFlow's profiler (fewer above 2 s of calls)
@@ -607,9 +659,27 @@ def arithmetic_section(results: Sequence[Measurement], steps: Sequence[int]) -> 
              " far_ho2/JAX: median ratio of adjacent calls; GFLOP/call: the products of one hypergradient, "
              "counted (flops_per_call);", f"  peak: one {harness.PEAK_SIZE}³ float32 matrix product in "
              "TensorFlow, best of 8, in the same process",
+             ""] + product_lines(results) + [
              "", "Where far_ho2's time goes (TensorFlow's profiler; op time adds over the 2 threads, so it can "
              "exceed the wall time):"] + profiles
     return Report(lines, {"far.ReverseHG() ≤ JAX side by side at every T (this section)": overall(verdicts)})
+
+
+def product_lines(results: Sequence[Measurement]) -> list[str]:
+    """The table of ``product_rates`` over the default side-by-side processes (medians)."""
+    measured = [m.product_gflops for m in results if m.product_gflops]
+    if not measured:
+        return []
+    rows = []
+    for name, shapes in PRODUCT_CHAINS.items():
+        tf_rate, jax_rate = (statistics.median(m[name][i] for m in measured) for i in range(2))
+        rows.append([name, shapes, f"{tf_rate:.0f}", f"{jax_rate:.0f}", f"{jax_rate / tf_rate:.3f}"])
+    return [f"The step's products alone (product_rates: chains of {2 * CHAIN_PAIRS} dependent products, n = "
+            f"{C * PER_CLASS}, d = {D}, c = {C}, nothing else; median of {CHAIN_CALLS} alternating calls in "
+            f"each of {len(measured)} process(es)):",
+            table(["chain", "shapes", "TensorFlow GFLOP/s", "JAX GFLOP/s", "TF time / JAX time"], rows),
+            "  Where far_ho2 and JAX run the same products (T ≤ 16, or unroll=T), far_ho2 / JAX cannot go much "
+            "below the time ratio of these rates; the rest is the element-wise work, which XLA fuses."]
 
 
 def memory_section(summary: dict, steps: Sequence[int]) -> tuple[Report, dict]:
