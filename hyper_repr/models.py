@@ -67,7 +67,13 @@ import tensorflow as tf
 Shape = tuple[int, int, int]
 
 
-_GROUPS = threading.local()  # the number of groups of the calls traced in this thread (None: 1)
+class _Groups(threading.local):
+    """The number of groups of the normalisations traced in this thread (``grouped_statistics``)."""
+
+    count: int | tf.Tensor = 1
+
+
+_GROUPS = _Groups()
 
 
 @contextlib.contextmanager
@@ -79,7 +85,7 @@ def grouped_statistics(groups: int | tf.Tensor) -> Iterator[None]:
         with grouped_statistics(B):
             features = network(tf.reshape(images, [B * n, *images.shape[2:]]))
     """
-    outer, _GROUPS.count = getattr(_GROUPS, "count", None), groups
+    outer, _GROUPS.count = _GROUPS.count, groups
     try:
         yield
     finally:
@@ -140,12 +146,10 @@ class TransductiveBatchNormalization(keras.layers.Layer):
     def call(self, inputs):
         # the statistics in the variables' dtype (float32 under mixed precision, as Keras's own)
         x = tf.cast(inputs, self.variable_dtype)
-        groups = getattr(_GROUPS, "count", None)
-        groups = 1 if groups is None else groups
         beta, gamma = (None if v is None else tf.cast(v, self.variable_dtype) for v in (self.beta, self.gamma))
         size = x.shape.num_elements()
         normalise = _normalise if size is not None and size < XLA_MIN_ELEMENTS else _normalise_compiled
-        y = normalise(tf.reshape(x, [groups, -1, x.shape[-1]]), beta, gamma, self.epsilon)
+        y = normalise(tf.reshape(x, [_GROUPS.count, -1, x.shape[-1]]), beta, gamma, self.epsilon)
         return tf.cast(tf.reshape(y, tf.shape(x)), self.compute_dtype)
 
     def get_config(self):
