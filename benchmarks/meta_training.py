@@ -43,7 +43,10 @@ load average of each process is reported; PyTorch's OpenMP threads suffer far mo
 from competing processes, a step 10 times slower at nice 19 beside a 2-thread job, so compare on
 an otherwise idle machine). First, a check process copies the TF network's initial
 weights into it and compares E, ∇E and the first Adam update on one meta-batch (B = the first
-meta-batch size, T = the largest). PyTorch is not a dependency (its Linux wheel on PyPI brings
+meta-batch size, T = the largest), then ∇E of both run in float64 from the same weights: the
+verdict "the same function" takes E in float32 and every hyperparameter's ∇E in float64 (the
+float32 gradients of two correct ReLU networks can differ by 1 % where a normalised value lies
+within round-off of the kink, which flips its mask). PyTorch is not a dependency (its Linux wheel on PyPI brings
 CUDA): ``pip install torch --index-url https://download.pytorch.org/whl/cpu`` installs the CPU
 build; without it the script says so and skips the subject.
 
@@ -120,7 +123,10 @@ QUICK_BATCH_SIZES, QUICK_STEPS = (4,), (1, 5)
 META_LR, META_LR_DECAY = 1e-3, 1e-5  # the launchers' outer Adam: meta_lr / (1 + decay·iteration)
 ADAM_EPSILON, ADAM_BETA2 = 1e-7, 0.999  # Keras's Adam defaults
 NORM_EPSILON, MIN_LR = 1e-3, 1e-6  # TransductiveBatchNormalization's ε; η's constraint η ≥ 1e-6
-CHECK_TOLERANCE = 1e-4  # relative: E and ‖∇E‖ of hyper_repr and the PyTorch subject
+CHECK_TOLERANCE = 1e-4  # relative: E of hyper_repr and the PyTorch subject in float32
+# relative, every hyperparameter's ∇E of both in float64: float32 gradients can differ by far more where a
+# normalised value lies within round-off of a ReLU kink (its mask flips), which float64 settles
+FLOAT64_TOLERANCE = 1e-9
 PRE_DRAWN = 16  # meta-batches drawn before timing, cycled by the step-only calls
 RESUME_EPISODE = 400_000  # first_episode of the resumed stream (iteration 100,000 at B = 4)
 TARGET_RATIO = 2.0  # the target: hyper_repr ≥ 2 × the PyTorch subject's episodes/s
@@ -611,15 +617,20 @@ class TorchCheck:
     worst_error: float  # max over the hyperparameters of ‖∇_TF − ∇_PyTorch‖ / ‖∇_TF‖
     lr_hypergradient: tuple[float, float]  # ∂E/∂η
     update_error: float  # ‖Δλ_TF − Δλ_PyTorch‖ / ‖Δλ_TF‖ of the first meta_step (Adam)
+    float64_worst_error: float  # worst_error of both learners run in float64 from the same weights
 
     @property
     def agree(self) -> bool:
-        return max(self.loss_error, self.norm_error) <= CHECK_TOLERANCE
+        return self.loss_error <= CHECK_TOLERANCE and self.float64_worst_error <= FLOAT64_TOLERANCE
 
 
 def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
     """E, ∇E and the first hyper-iteration of both learners on meta-batch 1 of the training stream,
-    the TF network's initial weights copied into the PyTorch one."""
+    the TF network's initial weights copied into the PyTorch one; then E's hypergradient of both
+    in float64 from the same weights, which tests that they compute the same function."""
+    from hyper_repr import HyperRepresentation
+    from hyper_repr.models import build_network
+
     batch = pre_drawn(meta_batch_size, count=1)[0]
     model = build_model(steps, load_splits())
     hypers = model.network.trainable_variables + [model.learning_rate]  # kernel, offset, …, η
@@ -651,9 +662,29 @@ def check_torch(meta_batch_size: int, steps: int) -> TorchCheck:
     losses = (float(loss), torch_loss.item())
     norms = tuple(float(np.sqrt(sum(np.sum(g**2) for g in gs))) for gs in (grads, torch_grads))
     worst = max(error([a], [b]) for a, b in zip(grads, torch_grads))
+
+    network = build_network("omniglot", dtype="float64")  # the same function in float64
+    for variable, value in zip(network.trainable_variables, weights):
+        variable.assign(value.astype(np.float64))
+    model64 = HyperRepresentation(network, ways=WAYS, steps=steps, learning_rate=LEARNING_RATE, learn_lr=LEARN_LR)
+    _, grads64, _ = model64.hypergradients(batch)  # the images are cast to the network's float64
+    by_variable = {id(v): g for v, g in zip(model64.trainable_variables, grads64)}
+    torch = subject.torch
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # η and the heads of the subject below
+    try:
+        subject64 = TorchMetaLearner(steps, [w.astype(np.float64) for w in weights[0::2]],
+                                     [w.astype(np.float64) for w in weights[1::2]])
+        _, torch_grads64 = subject64.hypergradients(tuple(x.double() if x.is_floating_point() else x
+                                                          for x in torch_batch))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    float64_worst = max(error([a], [b]) for a, b in zip(
+        tf_values([by_variable[id(v)] for v in network.trainable_variables + [model64.learning_rate]]),
+        torch_values(torch_grads64)))
     return TorchCheck(meta_batch_size, steps, losses, abs(losses[1] / losses[0] - 1), norms,
                       abs(norms[1] / norms[0] - 1), worst,
-                      (float(grads[-1]), float(torch_grads[-1])), error(update, torch_update))
+                      (float(grads[-1]), float(torch_grads[-1])), error(update, torch_update), float64_worst)
 
 
 # -- worker 4: the launchers' training run, timed by a Keras callback -----------------------------------
@@ -1008,8 +1039,10 @@ def pytorch_report(pytorch: Sequence[TorchMeasurement], check: Optional[TorchChe
             f"‖∇E‖ {norm:.6f} / {torch_norm:.6f} ({c.norm_error:.1e}),",
             f"  worst hyperparameter ‖∇_TF − ∇_PyTorch‖/‖∇_TF‖ {c.worst_error:.1e}, ∂E/∂η "
             f"{c.lr_hypergradient[0]:.6f} / {c.lr_hypergradient[1]:.6f},",
-            f"  first Adam update ‖Δλ_TF − Δλ_PyTorch‖/‖Δλ_TF‖ {c.update_error:.1e}: {verdict} "
-            f"(tolerance {CHECK_TOLERANCE:.0e} on E and ‖∇E‖)."]
+            f"  first Adam update ‖Δλ_TF − Δλ_PyTorch‖/‖Δλ_TF‖ {c.update_error:.1e}; both in float64, worst "
+            f"hyperparameter {c.float64_worst_error:.1e}:",
+            f"  {verdict} (tolerances {CHECK_TOLERANCE:.0e} on E in float32, {FLOAT64_TOLERANCE:.0e} on every "
+            "hyperparameter's ∇E in float64)."]
 
 
 def loop_breakdown(m: LoopMeasurement) -> dict:
@@ -1228,7 +1261,8 @@ def main(argv: Sequence[str]) -> None:
         B, T = args.meta_batch_sizes[0], max(args.steps)
         check = TorchCheck(**worker(["--worker", "check", "--meta-batch-sizes", str(B), "--steps", str(T)], "check"))
         print(f"[check] B={B} T={T}: relative differences E {check.loss_error:.1e}, ‖∇E‖ "
-              f"{check.norm_error:.1e}  ({time.perf_counter() - start:4.0f} s)",
+              f"{check.norm_error:.1e}, float64 ∇E {check.float64_worst_error:.1e}  "
+              f"({time.perf_counter() - start:4.0f} s)",
               file=sys.stderr, flush=True)
     devices = ["cpu"]
     for device in devices:  # "gpu" is appended when a CPU worker saw one
@@ -1333,8 +1367,8 @@ def side_by_side_report(pairs: Sequence[PairMeasurement], check: TorchCheck, inf
         "  timed after each pair); bound: PyTorch's step over it (median of the pairs), the ratio hyper_repr would reach",
         "  if everything else in its step (heads, loss, update, far_ho2, Python) took no time.",
         f"  Check (B = {c.meta_batch_size}, T = {c.steps}, the TF network's initial weights copied): relative "
-        f"differences E {c.loss_error:.1e}, ‖∇E‖ {c.norm_error:.1e}, worst hyperparameter {c.worst_error:.1e}: "
-        f"{'the same function' if c.agree else 'DIFFERENT functions'}."]
+        f"differences E {c.loss_error:.1e}, ‖∇E‖ {c.norm_error:.1e}, worst hyperparameter {c.worst_error:.1e}; in "
+        f"float64 {c.float64_worst_error:.1e}: {'the same function' if c.agree else 'DIFFERENT functions'}."]
 
 
 def strategy_main(args: argparse.Namespace) -> None:
