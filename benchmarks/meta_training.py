@@ -46,9 +46,9 @@ weights into it and compares E, ∇E and the first Adam update on one meta-batch
 meta-batch size, T = the largest), then ∇E of both run in float64 from the same weights: the
 verdict "the same function" takes E in float32 and every hyperparameter's ∇E in float64 (the
 float32 gradients of two correct ReLU networks can differ by 1 % where a normalised value lies
-within round-off of the kink, which flips its mask). PyTorch is not a dependency (its Linux wheel on PyPI brings
-CUDA): ``pip install torch --index-url https://download.pytorch.org/whl/cpu`` installs the CPU
-build; without it the script says so and skips the subject.
+within round-off of the kink, which flips its mask). PyTorch is not a dependency (its Linux wheel
+on PyPI brings CUDA): ``pip install torch --index-url https://download.pytorch.org/whl/cpu``
+installs the CPU build; without it the script says so and skips the subject.
 
 Then the launchers' training run, ``hyper_repr.train.meta_train`` (Keras ``fit`` with the
 launchers' callbacks: B = 4, T = 5, 500 iterations, an epoch of 250 iterations ended by a
